@@ -1,0 +1,178 @@
+// nanobind bindings: deltapack._core. Thin: arrays in (numpy or DLPack, zero-copy), arrays out
+// (numpy owning the C++ buffer or viewing the file mapping). The Python API is python/deltapack.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include "deltapack/deltapack.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace deltapack;
+
+using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+static DType dtype_of(const AnyArray& a) {
+    nb::dlpack::dtype t = a.dtype();
+    if (t.lanes == 1) {
+        if (t.code == uint8_t(nb::dlpack::dtype_code::Float)) {
+            if (t.bits == 32) return DType::F32;
+            if (t.bits == 16) return DType::F16;
+            if (t.bits == 64) return DType::F64;
+        }
+        if (t.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && t.bits == 16) return DType::BF16;
+        if (t.code == uint8_t(nb::dlpack::dtype_code::Int)) {
+            if (t.bits == 64) return DType::I64;
+            if (t.bits == 32) return DType::I32;
+            if (t.bits == 8) return DType::I8;
+        }
+        if (t.code == uint8_t(nb::dlpack::dtype_code::UInt)) {
+            if (t.bits == 8) return DType::U8;
+            if (t.bits == 16) return DType::BF16;  // numpy has no bfloat16: deltapack keeps bf16 bits as uint16
+        }
+    }
+    throw std::invalid_argument("unsupported array dtype (code " + std::to_string(t.code) + ", " +
+                                std::to_string(t.bits) + " bits)");
+}
+
+static ArrayRef ref_of(const AnyArray& a) {
+    ArrayRef r;
+    r.data = a.data();
+    r.dtype = dtype_of(a);
+    for (size_t i = 0; i < a.ndim(); ++i) r.shape.push_back(a.shape(i));
+    return r;
+}
+
+static nb::dlpack::dtype numpy_dtype(DType t) {
+    switch (t) {
+        case DType::F32: return nb::dtype<float>();
+        case DType::F16: return {uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+        case DType::BF16: return nb::dtype<uint16_t>();
+        case DType::F64: return nb::dtype<double>();
+        case DType::I64: return nb::dtype<int64_t>();
+        case DType::I32: return nb::dtype<int32_t>();
+        case DType::I8: return nb::dtype<int8_t>();
+        case DType::U8: return nb::dtype<uint8_t>();
+    }
+    return nb::dtype<uint8_t>();
+}
+
+static nb::object to_numpy(const ArrayRef& r, nb::handle owner, bool readonly) {
+    std::vector<size_t> shape(r.shape.begin(), r.shape.end());
+    if (readonly)
+        return nb::cast(nb::ndarray<nb::numpy, nb::ro>(r.data, shape.size(), shape.data(), owner, nullptr,
+                                                       numpy_dtype(r.dtype)));
+    return nb::cast(nb::ndarray<nb::numpy>(r.data, shape.size(), shape.data(), owner, nullptr, numpy_dtype(r.dtype)));
+}
+
+static nb::object owned_numpy(const Array& a) {
+    auto* keep = new Array(a);
+    nb::capsule owner(keep, [](void* p) noexcept { delete static_cast<Array*>(p); });
+    return to_numpy(a.ref, owner, false);
+}
+
+// (name, codec, params, shape, dtype, components) as passed from Python.
+using PyEncoded = std::tuple<std::string, std::string, std::string, std::vector<int64_t>, std::string,
+                             std::map<std::string, AnyArray>>;
+
+static EncodedRef ref_of(const PyEncoded& e) {
+    EncodedRef r;
+    r.name = std::get<0>(e);
+    r.codec = std::get<1>(e);
+    r.params = std::get<2>(e);
+    r.shape = std::get<3>(e);
+    r.dtype = dtype_from_name(std::get<4>(e));
+    for (auto& kv : std::get<5>(e)) r.components[kv.first] = ref_of(kv.second);
+    return r;
+}
+
+NB_MODULE(_core, m) {
+    m.doc() = "deltapack C++ core";
+    m.attr("__version__") = DELTAPACK_VERSION;
+    nb::exception<FormatError>(m, "FormatError", PyExc_ValueError);
+
+    m.def("codec_names", &codec_names);
+    m.def("canonical_params", &canonical_params, "codec"_a, "params"_a);
+    m.def("set_simd", &set_simd, "path"_a);
+    m.def("simd", &simd);
+    m.def("simd_available", &simd_available);
+    m.def("set_default_threads", &set_default_threads, "threads"_a);
+    m.def("default_threads", &default_threads);
+    m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, "data"_a, "crc"_a = 0);
+
+    m.def(
+        "encode",
+        [](const std::string& codec, const std::string& params, const AnyArray& delta, int threads) {
+            ArrayRef in = ref_of(delta);
+            Encoded enc;
+            {
+                nb::gil_scoped_release nogil;
+                enc = encode(codec, params, in, threads);
+            }
+            nb::dict comps;
+            for (auto& kv : enc.components) comps[kv.first.c_str()] = owned_numpy(kv.second);
+            return nb::make_tuple(enc.params, comps);
+        },
+        "codec"_a, "params"_a, "delta"_a, "threads"_a = 0);
+
+    m.def("validate", [](const PyEncoded& e) { validate(ref_of(e)); }, "encoded"_a);
+
+    m.def(
+        "apply",
+        [](const PyEncoded& e, const AnyArray& base, AnyArray out, float alpha, int threads) {
+            EncodedRef r = ref_of(e);
+            ArrayRef b = ref_of(base), o = ref_of(out);
+            ApplyParams p = apply_default_params();
+            p.alpha = alpha;
+            p.threads = threads;
+            nb::gil_scoped_release nogil;
+            apply(r, b, o, p);
+        },
+        "encoded"_a, "base"_a, "out"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0);
+
+    m.def(
+        "decode",
+        [](const PyEncoded& e, AnyArray out, int threads) {
+            EncodedRef r = ref_of(e);
+            ArrayRef o = ref_of(out);
+            nb::gil_scoped_release nogil;
+            decode(r, o, threads);
+        },
+        "encoded"_a, "out"_a.noconvert(), "threads"_a = 0);
+
+    m.def(
+        "save",
+        [](const std::string& path, const std::vector<PyEncoded>& tensors, const std::string& extra) {
+            std::vector<EncodedRef> refs;
+            for (auto& t : tensors) refs.push_back(ref_of(t));
+            nb::gil_scoped_release nogil;
+            save(path, refs, extra);
+        },
+        "path"_a, "tensors"_a, "extra_manifest"_a = "{}");
+
+    nb::class_<DeltaFile>(m, "DeltaFile")
+        .def_static("open", &DeltaFile::open, "path"_a)
+        .def_prop_ro("path", &DeltaFile::path)
+        .def_prop_ro("manifest", &DeltaFile::manifest)
+        .def("keys", &DeltaFile::keys)
+        .def("__contains__", &DeltaFile::contains)
+        .def(
+            "get",
+            [](nb::handle self, const std::string& name, bool verify) {
+                const DeltaFile& f = nb::cast<const DeltaFile&>(self);
+                EncodedRef r;
+                {
+                    nb::gil_scoped_release nogil;
+                    r = f.get(name, verify);
+                }
+                nb::dict comps;
+                for (auto& kv : r.components) comps[kv.first.c_str()] = to_numpy(kv.second, self, true);
+                return nb::make_tuple(r.codec, r.params, r.shape, std::string(dtype_name(r.dtype)), comps);
+            },
+            "name"_a, "verify"_a = true);
+}

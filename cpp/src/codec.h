@@ -1,0 +1,98 @@
+// The codec interface and registry. A codec validates and canonicalises its parameters, encodes a
+// matrix, and prepares a row decoder over validated components. Adding a codec = one file plus
+// one line in registry.cpp.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deltapack/deltapack.h"
+#include "json.h"
+#include "kernels.h"
+
+namespace deltapack {
+
+// The (rows, cols) view of a tensor: rows = prod(shape[:-1]), cols = shape[-1]; 0-d is (1, 1).
+struct Matrix {
+    int64_t rows = 1, cols = 1;
+    static Matrix of(const std::vector<int64_t>& shape);
+};
+
+// Decodes blocks of rows of one tensor into f32 (dst is nrows x cols, row-major).
+struct RowDecoder {
+    virtual ~RowDecoder() = default;
+    virtual int rows_per_block() const { return 1; }
+    virtual void decode(int64_t row0, int nrows, float* dst, const Kernels& k) const = 0;
+};
+
+// A tensor to encode: f32/f16/bf16 matrix; rows are converted to f32 on demand.
+struct EncodeInput {
+    const ArrayRef& a;
+    Matrix m;
+    void row(int64_t r, float* dst, const Kernels& k) const {
+        k.to_f32(static_cast<const uint8_t*>(a.data) + size_t(r * m.cols) * dtype_size(a.dtype), a.dtype,
+                 dst, size_t(m.cols));
+    }
+};
+
+class Codec {
+public:
+    virtual ~Codec() = default;
+    virtual const char* name() const = 0;
+    // Checks keys, types and ranges; fills defaults. Throws std::invalid_argument.
+    virtual json::Value canonical(const json::Value& params) const = 0;
+    // Encodes; may add encoder-chosen values to `params`.
+    virtual std::map<std::string, Array> encode(json::Value& params, const EncodeInput& in,
+                                                int threads) const = 0;
+    // Validates the components against shape and params (throws FormatError) and returns a decoder.
+    virtual std::unique_ptr<RowDecoder> prepare(const EncodedRef& e, const json::Value& params,
+                                                const Matrix& m) const = 0;
+};
+
+const Codec& find_codec(const std::string& name);  // throws std::invalid_argument if unknown
+const std::vector<const Codec*>& all_codecs();
+
+// ------------------------------------------------------------------- parameter helpers
+
+// Reads a params object: each accessor consumes a key; finish() rejects unknown keys.
+class ParamReader {
+public:
+    ParamReader(const char* codec, const json::Value& params);
+    int64_t integer(const char* key, int64_t def, int64_t lo, int64_t hi);
+    double number(const char* key, double def, double lo, double hi_exclusive);
+    std::string choice(const char* key, const std::string& def, const std::vector<std::string>& allowed);
+    json::Value finish();  // the canonical object (keys in accessor order)
+
+private:
+    [[noreturn]] void fail(const std::string& msg) const;
+    const json::Value* take(const char* key);
+    std::string codec_;
+    const json::Value& in_;
+    std::vector<std::string> used_;
+    json::Value out_ = json::Value::make_object();
+};
+
+int64_t param_int(const json::Value& params, const char* key);
+double param_num(const json::Value& params, const char* key);
+std::string param_str(const json::Value& params, const char* key);
+
+// ------------------------------------------------------------------- component helpers
+
+// Fetches a component and checks dtype and exact shape. Throws FormatError naming tensor/component.
+const ArrayRef& need(const EncodedRef& e, const char* comp, DType dtype, const std::vector<int64_t>& shape);
+// Fetches a 1-D component of any length with the given dtype.
+const ArrayRef& need_1d(const EncodedRef& e, const char* comp, DType dtype);
+[[noreturn]] void bad_component(const EncodedRef& e, const std::string& what);
+
+inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
+
+// Runs fn(row_begin, row_end) over [0, rows) on up to `threads` threads (0 = default).
+void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
+                   const std::function<void(int64_t, int64_t)>& fn);
+
+// Per-row float64 sums combined sequentially in row order (reference.rows_then_sum).
+double sum_in_row_order(const std::vector<double>& per_row);
+
+}  // namespace deltapack

@@ -1,0 +1,104 @@
+// sign (BitDelta): 1-bit signs + mean |delta| per tensor, row, or group of columns.
+#include "common.h"
+
+namespace deltapack {
+namespace {
+
+struct SignDecoder : RowDecoder {
+    const uint8_t* signs;
+    const float* scales;
+    int64_t cols, row_bytes, group, ngroups;
+    int scope;  // 0 tensor, 1 row, 2 group
+    void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+        for (int i = 0; i < nrows; ++i) {
+            int64_t r = r0 + i;
+            const uint8_t* bits = signs + size_t(r * row_bytes);
+            float* out = dst + size_t(i) * size_t(cols);
+            if (scope < 2) {
+                k.sign_expand(bits, size_t(cols), scope == 0 ? scales[0] : scales[r], out);
+                continue;
+            }
+            for (int64_t g = 0; g < ngroups; ++g) {
+                int64_t c0 = g * group, len = std::min(group, cols - c0);
+                k.sign_expand(bits + c0 / 8, size_t(len), scales[r * ngroups + g], out + c0);
+            }
+        }
+    }
+};
+
+class SignCodec : public Codec {
+public:
+    const char* name() const override { return "sign"; }
+
+    json::Value canonical(const json::Value& params) const override {
+        ParamReader r("sign", params);
+        r.choice("scope", "tensor", {"tensor", "row", "group"});
+        int64_t g = r.integer("group", 128, 8, int64_t(1) << 30);
+        if (g % 8) throw std::invalid_argument("codec 'sign': group=" + std::to_string(g) + " must be a multiple of 8");
+        return r.finish();
+    }
+
+    static std::vector<int64_t> scale_shape(const std::string& scope, const Matrix& m, int64_t group) {
+        if (scope == "tensor") return {1};
+        if (scope == "row") return {m.rows};
+        return {m.rows, (m.cols + group - 1) / group};
+    }
+
+    std::map<std::string, Array> encode(json::Value& p, const EncodeInput& in, int threads) const override {
+        const Matrix m = in.m;
+        const std::string scope = param_str(p, "scope");
+        const int64_t group = param_int(p, "group"), rb = packed_row_bytes(m.cols, 1);
+        const int64_t ngroups = (m.cols + group - 1) / group;
+        Array signs = Array::zeros(DType::U8, {m.rows, rb});
+        Array scales = Array::zeros(DType::F32, scale_shape(scope, m, group));
+        auto* sg = static_cast<uint8_t*>(signs.ref.data);
+        auto* sc = static_cast<float*>(scales.ref.data);
+        std::vector<double> row_sums(size_t(m.rows));
+        const Kernels& k = kernels();
+        parallel_rows(m.rows, m.cols, threads, [&](int64_t r0, int64_t r1) {
+            std::vector<float> buf(size_t(m.cols));
+            for (int64_t r = r0; r < r1; ++r) {
+                in.row(r, buf.data(), k);
+                check_finite(buf.data(), m.cols, r);
+                k.pack_signs(buf.data(), size_t(m.cols), sg + size_t(r * rb));
+                if (scope != "group") {
+                    row_sums[size_t(r)] = k.abs_sum(buf.data(), size_t(m.cols));
+                    continue;
+                }
+                for (int64_t g = 0; g < ngroups; ++g) {
+                    int64_t c0 = g * group, len = std::min(group, m.cols - c0);
+                    sc[r * ngroups + g] = float(k.abs_sum(buf.data() + c0, size_t(len)) / double(len));
+                }
+            }
+        });
+        if (scope == "tensor") {
+            double n = double(m.rows) * double(m.cols);
+            sc[0] = n > 0 ? float(sum_in_row_order(row_sums) / n) : 0.0f;
+        } else if (scope == "row") {
+            for (int64_t r = 0; r < m.rows; ++r) sc[r] = float(row_sums[size_t(r)] / double(m.cols));
+        }
+        return {{"signs", signs}, {"scales", scales}};
+    }
+
+    std::unique_ptr<RowDecoder> prepare(const EncodedRef& e, const json::Value& p, const Matrix& m) const override {
+        auto d = std::make_unique<SignDecoder>();
+        const std::string scope = param_str(p, "scope");
+        d->group = param_int(p, "group");
+        d->cols = m.cols;
+        d->row_bytes = packed_row_bytes(m.cols, 1);
+        d->ngroups = (m.cols + d->group - 1) / d->group;
+        d->scope = scope == "tensor" ? 0 : scope == "row" ? 1 : 2;
+        d->signs = static_cast<const uint8_t*>(need(e, "signs", DType::U8, {m.rows, d->row_bytes}).data);
+        d->scales = static_cast<const float*>(need(e, "scales", DType::F32, scale_shape(scope, m, d->group)).data);
+        return d;
+    }
+};
+
+}  // namespace
+
+const Codec& sign_codec() {
+    static SignCodec c;
+    return c;
+}
+
+}  // namespace deltapack

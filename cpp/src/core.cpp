@@ -1,0 +1,194 @@
+// Basics: dtypes, arrays, SIMD dispatch, thread count, CRC-32C.
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+
+#include "kernels.h"
+
+#if defined(DELTAPACK_X86)
+#include <nmmintrin.h>
+#endif
+
+namespace deltapack {
+
+const char* dtype_name(DType t) {
+    switch (t) {
+        case DType::F32: return "f32";
+        case DType::F16: return "f16";
+        case DType::BF16: return "bf16";
+        case DType::F64: return "f64";
+        case DType::I64: return "i64";
+        case DType::I32: return "i32";
+        case DType::I8: return "i8";
+        case DType::U8: return "u8";
+    }
+    return "?";
+}
+
+DType dtype_from_name(const std::string& n) {
+    if (n == "f32" || n == "F32" || n == "float32") return DType::F32;
+    if (n == "f16" || n == "F16" || n == "float16") return DType::F16;
+    if (n == "bf16" || n == "BF16" || n == "bfloat16") return DType::BF16;
+    if (n == "f64" || n == "F64" || n == "float64") return DType::F64;
+    if (n == "i64" || n == "I64" || n == "int64") return DType::I64;
+    if (n == "i32" || n == "I32" || n == "int32") return DType::I32;
+    if (n == "i8" || n == "I8" || n == "int8") return DType::I8;
+    if (n == "u8" || n == "U8" || n == "uint8") return DType::U8;
+    throw std::invalid_argument("unknown dtype '" + n + "'");
+}
+
+size_t dtype_size(DType t) {
+    switch (t) {
+        case DType::F64: case DType::I64: return 8;
+        case DType::F32: case DType::I32: return 4;
+        case DType::F16: case DType::BF16: return 2;
+        default: return 1;
+    }
+}
+
+int64_t ArrayRef::numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+}
+
+Array Array::zeros(DType dtype, std::vector<int64_t> shape) {
+    Array a;
+    a.ref.dtype = dtype;
+    a.ref.shape = std::move(shape);
+    size_t nbytes = a.ref.nbytes();
+    a.storage = std::shared_ptr<uint8_t[]>(new uint8_t[nbytes ? nbytes : 1]());
+    a.ref.data = a.storage.get();
+    return a;
+}
+
+// ---------------------------------------------------------------------------- SIMD dispatch
+
+static bool cpu_has(const std::string& path) {
+    if (path == "scalar") return true;
+#if defined(DELTAPACK_X86)
+    __builtin_cpu_init();
+    if (path == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    if (path == "avx512")
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+#endif
+    return false;
+}
+
+static const Kernels* table_for(const std::string& path) {
+#if defined(DELTAPACK_X86)
+    if (path == "avx512") return &kAvx512Kernels;
+    if (path == "avx2") return &kAvx2Kernels;
+#endif
+    if (path == "scalar") return &kScalarKernels;
+    return nullptr;
+}
+
+std::vector<std::string> simd_available() {
+    std::vector<std::string> out;
+    for (const char* p : {"scalar", "avx2", "avx512"})
+        if (table_for(p) && cpu_has(p)) out.push_back(p);
+    return out;
+}
+
+static const Kernels* best() {
+    auto avail = simd_available();
+    return table_for(avail.back());
+}
+
+static std::atomic<const Kernels*> g_active{nullptr};
+
+void set_simd(const std::string& path) {
+    if (path == "auto") { g_active = best(); return; }
+    const Kernels* k = table_for(path);
+    if (!k || !cpu_has(path)) {
+        std::string avail;
+        for (auto& p : simd_available()) avail += (avail.empty() ? "" : ", ") + p;
+        throw std::invalid_argument("SIMD path '" + path + "' is not available here (available: " + avail + ", auto)");
+    }
+    g_active = k;
+}
+
+const Kernels& kernels() {
+    const Kernels* k = g_active.load();
+    if (!k) {
+        const char* env = std::getenv("DELTAPACK_SIMD");
+        set_simd(env && *env ? env : "auto");
+        k = g_active.load();
+    }
+    return *k;
+}
+
+std::string simd() { return kernels().name; }
+
+static std::atomic<int> g_threads{0};
+void set_default_threads(int t) {
+    if (t < 0) throw std::invalid_argument("threads must be >= 0");
+    g_threads = t;
+}
+int default_threads() {
+    int t = g_threads.load();
+    if (t > 0) return t;
+    unsigned h = std::thread::hardware_concurrency();
+    return h ? int(h) : 1;
+}
+
+// ---------------------------------------------------------------------------- CRC-32C
+
+static uint32_t crc_table[8][256];
+static bool init_table() {
+    for (uint32_t i = 0; i < 256; ++i) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+        for (int t = 1; t < 8; ++t) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+    return true;
+}
+
+static uint32_t crc32c_soft(uint32_t crc, const uint8_t* p, size_t n) {
+    static const bool ready = init_table();
+    (void)ready;
+    while (n >= 8) {
+        uint64_t w;
+        std::memcpy(&w, p, 8);
+        w ^= crc;
+        crc = crc_table[7][w & 0xff] ^ crc_table[6][(w >> 8) & 0xff] ^ crc_table[5][(w >> 16) & 0xff] ^
+              crc_table[4][(w >> 24) & 0xff] ^ crc_table[3][(w >> 32) & 0xff] ^ crc_table[2][(w >> 40) & 0xff] ^
+              crc_table[1][(w >> 48) & 0xff] ^ crc_table[0][w >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xff];
+    return crc;
+}
+
+#if defined(DELTAPACK_X86)
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t* p, size_t n) {
+    uint64_t c = crc;
+    while (n >= 8) {
+        uint64_t w;
+        std::memcpy(&w, p, 8);
+        c = _mm_crc32_u64(c, w);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = uint32_t(c);
+    while (n--) c32 = _mm_crc32_u8(c32, *p++);
+    return c32;
+}
+#endif
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    crc = ~crc;
+#if defined(DELTAPACK_X86)
+    static const bool hw = (__builtin_cpu_init(), __builtin_cpu_supports("sse4.2"));
+    if (hw) return ~crc32c_hw(crc, p, n);
+#endif
+    return ~crc32c_soft(crc, p, n);
+}
+
+}  // namespace deltapack

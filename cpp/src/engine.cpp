@@ -1,0 +1,279 @@
+// The reconstruction engine (apply / decode), encode and validate entry points, parameter and
+// component helpers shared by the codecs.
+#include <algorithm>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "codec.h"
+
+namespace deltapack {
+
+Matrix Matrix::of(const std::vector<int64_t>& shape) {
+    Matrix m;
+    if (shape.empty()) return m;
+    m.cols = shape.back();
+    m.rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) m.rows *= shape[i];
+    return m;
+}
+
+static std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+}
+
+// ---------------------------------------------------------------------------- params
+
+ParamReader::ParamReader(const char* codec, const json::Value& params) : codec_(codec), in_(params) {
+    if (params.kind != json::Value::Object) fail("parameters must be a JSON object");
+}
+
+void ParamReader::fail(const std::string& msg) const {
+    throw std::invalid_argument("codec '" + codec_ + "': " + msg);
+}
+
+const json::Value* ParamReader::take(const char* key) {
+    used_.push_back(key);
+    return in_.find(key);
+}
+
+int64_t ParamReader::integer(const char* key, int64_t def, int64_t lo, int64_t hi) {
+    const json::Value* v = take(key);
+    int64_t x = def;
+    if (v) {
+        if (v->kind != json::Value::Number || !v->is_integer) fail(std::string(key) + " must be an integer");
+        x = v->integer;
+    }
+    if (x < lo || x > hi)
+        fail(std::string(key) + "=" + std::to_string(x) + " is out of range [" + std::to_string(lo) + ", " +
+             std::to_string(hi) + "]");
+    out_.set(key, json::Value::make_int(x));
+    return x;
+}
+
+double ParamReader::number(const char* key, double def, double lo, double hi_exclusive) {
+    const json::Value* v = take(key);
+    double x = def;
+    if (v) {
+        if (v->kind != json::Value::Number) fail(std::string(key) + " must be a number");
+        x = v->num;
+    }
+    if (!(x >= lo && x < hi_exclusive))
+        fail(std::string(key) + "=" + std::to_string(x) + " is out of range [" + std::to_string(lo) + ", " +
+             std::to_string(hi_exclusive) + ")");
+    out_.set(key, json::Value::make_number(x));
+    return x;
+}
+
+std::string ParamReader::choice(const char* key, const std::string& def, const std::vector<std::string>& allowed) {
+    const json::Value* v = take(key);
+    std::string x = def;
+    if (v) {
+        if (v->kind != json::Value::String) fail(std::string(key) + " must be a string");
+        x = v->str;
+    }
+    if (std::find(allowed.begin(), allowed.end(), x) == allowed.end()) {
+        std::string opts;
+        for (auto& a : allowed) opts += (opts.empty() ? "" : ", ") + a;
+        fail(std::string(key) + "='" + x + "' is not one of: " + opts);
+    }
+    out_.set(key, json::Value::make_string(x));
+    return x;
+}
+
+json::Value ParamReader::finish() {
+    for (auto& kv : in_.obj)
+        if (std::find(used_.begin(), used_.end(), kv.first) == used_.end()) {
+            std::string known;
+            for (auto& u : used_) known += (known.empty() ? "" : ", ") + u;
+            fail("unknown parameter '" + kv.first + "' (known: " + known + ")");
+        }
+    return out_;
+}
+
+int64_t param_int(const json::Value& p, const char* key) { return p.find(key)->integer; }
+double param_num(const json::Value& p, const char* key) { return p.find(key)->num; }
+std::string param_str(const json::Value& p, const char* key) { return p.find(key)->str; }
+
+// ---------------------------------------------------------------------------- components
+
+void bad_component(const EncodedRef& e, const std::string& what) {
+    throw FormatError("tensor '" + e.name + "' (" + e.codec + "): " + what);
+}
+
+static const ArrayRef& get_component(const EncodedRef& e, const char* comp, DType dtype) {
+    auto it = e.components.find(comp);
+    if (it == e.components.end()) bad_component(e, std::string("missing component '") + comp + "'");
+    if (it->second.dtype != dtype)
+        bad_component(e, std::string("component '") + comp + "' has dtype " + dtype_name(it->second.dtype) +
+                             ", expected " + dtype_name(dtype));
+    return it->second;
+}
+
+const ArrayRef& need(const EncodedRef& e, const char* comp, DType dtype, const std::vector<int64_t>& shape) {
+    const ArrayRef& a = get_component(e, comp, dtype);
+    if (a.shape != shape)
+        bad_component(e, std::string("component '") + comp + "' has shape " + shape_str(a.shape) + ", expected " +
+                             shape_str(shape));
+    return a;
+}
+
+const ArrayRef& need_1d(const EncodedRef& e, const char* comp, DType dtype) {
+    const ArrayRef& a = get_component(e, comp, dtype);
+    if (a.shape.size() != 1) bad_component(e, std::string("component '") + comp + "' must be 1-D");
+    return a;
+}
+
+// ---------------------------------------------------------------------------- threading
+
+void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
+                   const std::function<void(int64_t, int64_t)>& fn) {
+    if (rows <= 0) return;
+    int64_t t = threads > 0 ? threads : default_threads();
+    int64_t by_work = std::max<int64_t>(1, (rows * std::max<int64_t>(work_per_row, 1)) >> 16);
+    t = std::min({t, rows, by_work});
+    if (t <= 1) { fn(0, rows); return; }
+    std::vector<std::thread> pool;
+    std::exception_ptr error;
+    std::mutex mu;
+    for (int64_t i = 0; i < t; ++i) {
+        int64_t r0 = rows * i / t, r1 = rows * (i + 1) / t;
+        pool.emplace_back([&, r0, r1] {
+            try {
+                fn(r0, r1);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(mu);
+                if (!error) error = std::current_exception();
+            }
+        });
+    }
+    for (auto& th : pool) th.join();
+    if (error) std::rethrow_exception(error);
+}
+
+double sum_in_row_order(const std::vector<double>& per_row) {
+    double total = 0.0;
+    for (double v : per_row) total = total + v;
+    return total;
+}
+
+// ---------------------------------------------------------------------------- entry points
+
+std::vector<std::string> codec_names() {
+    std::vector<std::string> out;
+    for (const Codec* c : all_codecs()) out.push_back(c->name());
+    return out;
+}
+
+static json::Value parse_params(const std::string& codec, const std::string& text) {
+    try {
+        return json::parse(text.empty() ? "{}" : text);
+    } catch (const std::exception& ex) {
+        throw std::invalid_argument("codec '" + codec + "': parameters are not valid JSON: " + ex.what());
+    }
+}
+
+std::string canonical_params(const std::string& codec, const std::string& params) {
+    return json::dump(find_codec(codec).canonical(parse_params(codec, params)));
+}
+
+static bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+Encoded encode(const std::string& codec, const std::string& params, const ArrayRef& delta, int threads) {
+    const Codec& c = find_codec(codec);
+    if (!is_float_dtype(delta.dtype))
+        throw std::invalid_argument(std::string("encode: delta dtype ") + dtype_name(delta.dtype) +
+                                    " is not supported (f32, f16, bf16)");
+    json::Value p = c.canonical(parse_params(codec, params));
+    EncodeInput in{delta, Matrix::of(delta.shape)};
+    Encoded out;
+    out.components = c.encode(p, in, threads);
+    out.codec = codec;
+    out.params = json::dump(p);
+    return out;
+}
+
+struct Prepared {
+    Matrix m;
+    std::unique_ptr<RowDecoder> dec;
+};
+
+static Prepared prepare(const EncodedRef& e) {
+    const Codec& c = find_codec(e.codec);
+    json::Value p;
+    try {
+        p = c.canonical(parse_params(e.codec, e.params));
+    } catch (const std::invalid_argument& ex) {
+        throw FormatError("tensor '" + e.name + "': " + ex.what());
+    }
+    for (int64_t d : e.shape)
+        if (d < 0) throw FormatError("tensor '" + e.name + "': negative dimension in shape " + shape_str(e.shape));
+    uint64_t numel = 1;
+    for (int64_t d : e.shape)
+        if (__builtin_mul_overflow(numel, uint64_t(d), &numel) || numel > (uint64_t(1) << 48))
+            throw FormatError("tensor '" + e.name + "': shape " + shape_str(e.shape) + " is implausibly large");
+    Prepared out;
+    out.m = Matrix::of(e.shape);
+    out.dec = c.prepare(e, p, out.m);
+    return out;
+}
+
+void validate(const EncodedRef& e) { prepare(e); }
+
+ApplyParams apply_default_params() { return ApplyParams{}; }
+
+// Rows per decode step: about 16K floats of scratch (stays in L1/L2), a multiple of the block.
+static int64_t rows_per_step(const Matrix& m, int block) {
+    int64_t r = std::max<int64_t>(1, 16384 / std::max<int64_t>(m.cols, 1));
+    return std::max<int64_t>(block, r / block * block);
+}
+
+void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, ApplyParams params) {
+    for (const ArrayRef* a : {&base, &out}) {
+        if (!is_float_dtype(a->dtype))
+            throw std::invalid_argument("tensor '" + e.name + "': " + (a == &base ? "base" : "out") + " dtype " +
+                                        dtype_name(a->dtype) + " is not supported (f32, f16, bf16)");
+        if (a->shape != e.shape)
+            throw std::invalid_argument("tensor '" + e.name + "': " + (a == &base ? "base" : "out") + " shape " +
+                                        shape_str(a->shape) + " does not match the delta's shape " +
+                                        shape_str(e.shape));
+    }
+    const uint8_t* b0 = static_cast<const uint8_t*>(base.data);
+    uint8_t* o0 = static_cast<uint8_t*>(out.data);
+    bool same = b0 == o0;
+    if (same && base.dtype != out.dtype)
+        throw std::invalid_argument("tensor '" + e.name + "': in-place apply needs out and base of the same dtype");
+    if (!same && o0 < b0 + base.nbytes() && b0 < o0 + out.nbytes())
+        throw std::invalid_argument("tensor '" + e.name + "': out partially overlaps base");
+    Prepared p = prepare(e);
+    const Kernels& k = kernels();
+    const int64_t cols = p.m.cols, step = rows_per_step(p.m, p.dec->rows_per_block());
+    const size_t bsz = dtype_size(base.dtype), osz = dtype_size(out.dtype);
+    parallel_rows(p.m.rows, cols, params.threads, [&](int64_t r0, int64_t r1) {
+        std::vector<float> scratch(size_t(step * cols));
+        for (int64_t r = r0; r < r1; r += step) {
+            int n = int(std::min(step, r1 - r));
+            p.dec->decode(r, n, scratch.data(), k);
+            k.add_round(b0 + size_t(r * cols) * bsz, base.dtype, scratch.data(), params.alpha,
+                        o0 + size_t(r * cols) * osz, out.dtype, size_t(n * cols));
+        }
+    });
+}
+
+void decode(const EncodedRef& e, const ArrayRef& out, int threads) {
+    if (out.dtype != DType::F32 || out.numel() != Matrix::of(e.shape).rows * Matrix::of(e.shape).cols)
+        throw std::invalid_argument("tensor '" + e.name + "': decode output must be f32 with " +
+                                    std::to_string(ArrayRef{nullptr, DType::F32, e.shape}.numel()) + " elements");
+    Prepared p = prepare(e);
+    const Kernels& k = kernels();
+    const int64_t cols = p.m.cols, step = rows_per_step(p.m, p.dec->rows_per_block());
+    float* o = static_cast<float*>(out.data);
+    parallel_rows(p.m.rows, cols, threads, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r += step)
+            p.dec->decode(r, int(std::min(step, r1 - r)), o + size_t(r * cols), k);
+    });
+}
+
+}  // namespace deltapack

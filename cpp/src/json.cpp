@@ -1,0 +1,235 @@
+#include "json.h"
+
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace deltapack::json {
+
+const Value* Value::find(const std::string& key) const {
+    for (auto& kv : obj)
+        if (kv.first == key) return &kv.second;
+    return nullptr;
+}
+
+Value& Value::set(const std::string& key, Value v) {
+    for (auto& kv : obj)
+        if (kv.first == key) return kv.second = std::move(v);
+    obj.emplace_back(key, std::move(v));
+    return obj.back().second;
+}
+
+Value Value::make_string(std::string s) { Value v; v.kind = String; v.str = std::move(s); return v; }
+Value Value::make_int(int64_t i) {
+    Value v; v.kind = Number; v.num = double(i); v.is_integer = true; v.integer = i; return v;
+}
+Value Value::make_number(double d) { Value v; v.kind = Number; v.num = d; return v; }
+Value Value::make_object() { Value v; v.kind = Object; return v; }
+Value Value::make_array() { Value v; v.kind = Array; return v; }
+
+namespace {
+
+struct Parser {
+    const std::string& s;
+    size_t i = 0;
+
+    [[noreturn]] void fail(const char* what) const {
+        throw std::runtime_error(std::string("invalid JSON: ") + what + " at byte " + std::to_string(i));
+    }
+    void ws() { while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i; }
+    bool eat(char c) { ws(); if (i < s.size() && s[i] == c) { ++i; return true; } return false; }
+    void expect(char c) { if (!eat(c)) fail((std::string("expected '") + c + "'").c_str()); }
+
+    void literal(const char* word) {
+        for (const char* p = word; *p; ++p, ++i)
+            if (i >= s.size() || s[i] != *p) fail("bad literal");
+    }
+
+    static void put_utf8(std::string& out, uint32_t cp) {
+        if (cp < 0x80) out += char(cp);
+        else if (cp < 0x800) { out += char(0xC0 | (cp >> 6)); out += char(0x80 | (cp & 0x3F)); }
+        else if (cp < 0x10000) {
+            out += char(0xE0 | (cp >> 12)); out += char(0x80 | ((cp >> 6) & 0x3F)); out += char(0x80 | (cp & 0x3F));
+        } else {
+            out += char(0xF0 | (cp >> 18)); out += char(0x80 | ((cp >> 12) & 0x3F));
+            out += char(0x80 | ((cp >> 6) & 0x3F)); out += char(0x80 | (cp & 0x3F));
+        }
+    }
+
+    uint32_t hex4() {
+        if (i + 4 > s.size()) fail("short \\u escape");
+        uint32_t v = 0;
+        for (int k = 0; k < 4; ++k) {
+            char c = s[i++];
+            v <<= 4;
+            if (c >= '0' && c <= '9') v |= uint32_t(c - '0');
+            else if (c >= 'a' && c <= 'f') v |= uint32_t(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v |= uint32_t(c - 'A' + 10);
+            else fail("bad \\u escape");
+        }
+        return v;
+    }
+
+    std::string string() {
+        ws();
+        if (i >= s.size() || s[i] != '"') fail("expected string");
+        ++i;
+        std::string out;
+        while (true) {
+            if (i >= s.size()) fail("unterminated string");
+            unsigned char c = (unsigned char)s[i++];
+            if (c == '"') return out;
+            if (c < 0x20) fail("control character in string");
+            if (c != '\\') { out += char(c); continue; }
+            if (i >= s.size()) fail("unterminated escape");
+            char e = s[i++];
+            switch (e) {
+                case '"': out += '"'; break;
+                case '\\': out += '\\'; break;
+                case '/': out += '/'; break;
+                case 'b': out += '\b'; break;
+                case 'f': out += '\f'; break;
+                case 'n': out += '\n'; break;
+                case 'r': out += '\r'; break;
+                case 't': out += '\t'; break;
+                case 'u': {
+                    uint32_t cp = hex4();
+                    if (cp >= 0xD800 && cp < 0xDC00) {
+                        if (i + 2 > s.size() || s[i] != '\\' || s[i + 1] != 'u') fail("lone surrogate");
+                        i += 2;
+                        uint32_t lo = hex4();
+                        if (lo < 0xDC00 || lo >= 0xE000) fail("bad surrogate pair");
+                        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                    } else if (cp >= 0xDC00 && cp < 0xE000) fail("lone surrogate");
+                    put_utf8(out, cp);
+                    break;
+                }
+                default: fail("bad escape");
+            }
+        }
+    }
+
+    Value number() {
+        size_t start = i;
+        bool integer = true;
+        if (s[i] == '-') ++i;
+        if (i >= s.size() || !isdigit((unsigned char)s[i])) fail("bad number");
+        if (s[i] == '0') ++i; else while (i < s.size() && isdigit((unsigned char)s[i])) ++i;
+        if (i < s.size() && s[i] == '.') {
+            integer = false; ++i;
+            if (i >= s.size() || !isdigit((unsigned char)s[i])) fail("bad number");
+            while (i < s.size() && isdigit((unsigned char)s[i])) ++i;
+        }
+        if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+            integer = false; ++i;
+            if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+            if (i >= s.size() || !isdigit((unsigned char)s[i])) fail("bad number");
+            while (i < s.size() && isdigit((unsigned char)s[i])) ++i;
+        }
+        std::string lit = s.substr(start, i - start);
+        Value v;
+        v.kind = Value::Number;
+        v.num = std::strtod(lit.c_str(), nullptr);
+        if (integer) {
+            errno = 0;
+            long long x = std::strtoll(lit.c_str(), nullptr, 10);
+            if (errno == 0) { v.is_integer = true; v.integer = x; }
+        }
+        return v;
+    }
+
+    Value value(int depth) {
+        if (depth > 64) fail("nesting too deep");
+        ws();
+        if (i >= s.size()) fail("unexpected end");
+        char c = s[i];
+        Value v;
+        if (c == '{') {
+            ++i; v.kind = Value::Object;
+            if (eat('}')) return v;
+            do {
+                std::string key = string();
+                if (v.find(key)) fail(("duplicate key \"" + key + "\"").c_str());
+                expect(':');
+                v.obj.emplace_back(std::move(key), value(depth + 1));
+            } while (eat(','));
+            expect('}');
+        } else if (c == '[') {
+            ++i; v.kind = Value::Array;
+            if (eat(']')) return v;
+            do { v.arr.push_back(value(depth + 1)); } while (eat(','));
+            expect(']');
+        } else if (c == '"') {
+            v.kind = Value::String; v.str = string();
+        } else if (c == 't') { literal("true"); v.kind = Value::Bool; v.b = true; }
+        else if (c == 'f') { literal("false"); v.kind = Value::Bool; }
+        else if (c == 'n') { literal("null"); }
+        else v = number();
+        return v;
+    }
+};
+
+void dump_string(std::string& out, const std::string& s) {
+    out += '"';
+    for (unsigned char c : s) {
+        if (c == '"') out += "\\\"";
+        else if (c == '\\') out += "\\\\";
+        else if (c < 0x20) { char buf[8]; std::snprintf(buf, sizeof buf, "\\u%04x", c); out += buf; }
+        else out += char(c);
+    }
+    out += '"';
+}
+
+void dump_to(std::string& out, const Value& v) {
+    switch (v.kind) {
+        case Value::Null: out += "null"; break;
+        case Value::Bool: out += v.b ? "true" : "false"; break;
+        case Value::Number: {
+            if (v.is_integer) { out += std::to_string(v.integer); break; }
+            if (!std::isfinite(v.num)) throw std::invalid_argument("JSON cannot hold a non-finite number");
+            char buf[32];
+            std::snprintf(buf, sizeof buf, "%.17g", v.num);
+            std::string t = buf;
+            if (t.find_first_of(".eE") == std::string::npos) t += ".0";
+            out += t;
+            break;
+        }
+        case Value::String: dump_string(out, v.str); break;
+        case Value::Array:
+            out += '[';
+            for (size_t k = 0; k < v.arr.size(); ++k) { if (k) out += ','; dump_to(out, v.arr[k]); }
+            out += ']';
+            break;
+        case Value::Object:
+            out += '{';
+            for (size_t k = 0; k < v.obj.size(); ++k) {
+                if (k) out += ',';
+                dump_string(out, v.obj[k].first);
+                out += ':';
+                dump_to(out, v.obj[k].second);
+            }
+            out += '}';
+            break;
+    }
+}
+
+}  // namespace
+
+Value parse(const std::string& text) {
+    Parser p{text};
+    Value v = p.value(0);
+    p.ws();
+    if (p.i != text.size()) p.fail("trailing characters");
+    return v;
+}
+
+std::string dump(const Value& v) {
+    std::string out;
+    dump_to(out, v);
+    return out;
+}
+
+}  // namespace deltapack::json

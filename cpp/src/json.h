@@ -1,0 +1,37 @@
+// A small strict JSON value, parser and writer: enough for safetensors headers and the manifest.
+// Hand-written because the core must build with no system packages; it bounds depth and size and
+// never trusts its input.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace deltapack::json {
+
+struct Value {
+    enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
+    bool b = false;
+    double num = 0;
+    bool is_integer = false;  // the literal had no fraction or exponent
+    int64_t integer = 0;      // valid when is_integer (and it fitted)
+    std::string str;
+    std::vector<Value> arr;
+    std::vector<std::pair<std::string, Value>> obj;  // insertion order kept
+
+    const Value* find(const std::string& key) const;
+    Value& set(const std::string& key, Value v);  // replace or append
+    static Value make_string(std::string s);
+    static Value make_int(int64_t v);
+    static Value make_number(double v);
+    static Value make_object();
+    static Value make_array();
+};
+
+// Throws std::runtime_error("...at byte N") on malformed input, duplicate keys, depth > 64.
+Value parse(const std::string& text);
+std::string dump(const Value& v);  // compact, deterministic (insertion order)
+
+}  // namespace deltapack::json

@@ -1,0 +1,120 @@
+// The SIMD kernel table. Each path (scalar, AVX2, AVX-512) fills one Kernels struct; they must
+// give bit-identical results (no FMA, no reassociation; the fixed lane order of abs_sum).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "deltapack/deltapack.h"
+
+namespace deltapack {
+
+struct Kernels {
+    const char* name;
+    // dst[i] = exact f32 value of src[i]; src dtype f32, f16 or bf16.
+    void (*to_f32)(const void* src, DType t, float* dst, size_t n);
+    // out[i] = round_ot(f32(base[i]) + alpha * d[i]) with one f32 product and one f32 sum.
+    void (*add_round)(const void* base, DType bt, const float* d, float alpha, void* out, DType ot,
+                      size_t n);
+    // dst[j] = bit j of `bits` (LSB-first) ? s : -s.
+    void (*sign_expand)(const uint8_t* bits, size_t n, float s, float* dst);
+    // bits j = (x[j] > 0), LSB-first; the last byte is zero-padded.
+    void (*pack_signs)(const float* x, size_t n, uint8_t* bits);
+    // Sum of |x[j]| in float64 in the 16-lane order of reference.lane_sum.
+    double (*abs_sum)(const float* x, size_t n);
+    // dst[j] = float(code j) - offset, codes `w` bits wide (1..8) packed LSB-first from `row`.
+    void (*unpack_codes)(const uint8_t* row, int w, size_t n, float offset, float* dst);
+    // dst[j] *= s.
+    void (*scale)(float* dst, size_t n, float s);
+    // dst (nr x cols) = U (nr x r) @ V (r x cols), summing k = 0..r-1 in order, unfused.
+    void (*lowrank_rows)(const float* U, const float* V, int r, size_t cols, int nr, float* dst);
+};
+
+extern const Kernels kScalarKernels;
+#ifdef DELTAPACK_X86
+extern const Kernels kAvx2Kernels;
+extern const Kernels kAvx512Kernels;
+#endif
+
+const Kernels& kernels();  // the active path
+
+// ---------------------------------------------------------------- scalar conversions (shared)
+
+inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return bits_to_f32(sign | 0x7f800000u | (m << 13));
+    if (e == 0) {
+        if (m == 0) return bits_to_f32(sign);
+        float v = float(m) * (1.0f / 16777216.0f);  // m * 2^-24, exact
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+inline uint16_t f32_to_f16(float f) {
+    uint32_t x = f32_to_bits(f);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return uint16_t(sign | (ax > 0x7f800000u ? 0x7e00u | ((ax >> 13) & 0x3ffu) : 0x7c00u));
+    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to infinity
+    if (ax >= 0x38800000u) {                                  // normal half
+        uint32_t v = ax - 0x38000000u;
+        v += 0xfffu + ((v >> 13) & 1u);
+        return uint16_t(sign | (v >> 13));
+    }
+    uint32_t e = ax >> 23;
+    if (e < 102) return uint16_t(sign);  // below 2^-25: rounds to zero
+    uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return uint16_t(sign | q);
+}
+
+inline float load_one(const void* p, DType t, size_t i) {
+    switch (t) {
+        case DType::F32: return static_cast<const float*>(p)[i];
+        case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+        default: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    }
+}
+
+inline void store_one(void* p, DType t, size_t i, float v) {
+    switch (t) {
+        case DType::F32: static_cast<float*>(p)[i] = v; break;
+        case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+        default: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    }
+}
+
+inline uint32_t read_code(const uint8_t* row, int w, size_t j) {
+    size_t bit = j * size_t(w);
+    uint32_t v = row[bit >> 3] >> (bit & 7);
+    int have = 8 - int(bit & 7);
+    if (have < w) v |= uint32_t(row[(bit >> 3) + 1]) << have;
+    return v & ((1u << w) - 1u);
+}
+
+// Scalar versions, used by every path for tails.
+namespace scalar {
+void to_f32(const void* src, DType t, float* dst, size_t n);
+void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n);
+void sign_expand(const uint8_t* bits, size_t n, float s, float* dst);
+void pack_signs(const float* x, size_t n, uint8_t* bits);
+void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst);
+void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst);
+void fold_lanes(double lanes[16]);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
+}  // namespace scalar
+
+}  // namespace deltapack

@@ -1,0 +1,195 @@
+// AVX2 + F16C path (8 lanes). Tails go to the scalar code, which computes the same bits.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace deltapack::avx2 {
+
+static inline __m256 load8(const void* p, DType t, size_t i) {
+    switch (t) {
+        case DType::F32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+        case DType::F16:
+            return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+        default: {
+            __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+            return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+    }
+}
+
+static inline __m128i to_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    // NaN: |u| > 0x7f800000 (as signed ints this is safe: |u| < 2^31).
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, q, nan);
+    __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit half: r0-3 r0-3 | r4-7 r4-7
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+static inline void store8(void* p, DType t, size_t i, __m256 v) {
+    switch (t) {
+        case DType::F32: _mm256_storeu_ps(static_cast<float*>(p) + i, v); break;
+        case DType::F16:
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                             _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            break;
+        default: _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), to_bf16(v)); break;
+    }
+}
+
+static void to_f32(const void* src, DType t, float* dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src, t, i));
+    for (; i < n; ++i) dst[i] = load_one(src, t, i);
+}
+
+template <DType BT, DType OT>
+static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n) {
+    const __m256 a = _mm256_set1_ps(alpha);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        store8(out, OT, i, _mm256_add_ps(load8(base, BT, i), _mm256_mul_ps(a, _mm256_loadu_ps(d + i))));
+    for (; i < n; ++i) store_one(out, OT, i, load_one(base, BT, i) + alpha * d[i]);
+}
+
+template <DType BT>
+static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n) {
+    switch (ot) {
+        case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n);
+        case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n);
+        default: return add_round_t<BT, DType::BF16>(base, d, alpha, out, n);
+    }
+}
+
+static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+    switch (bt) {
+        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n);
+        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n);
+        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n);
+    }
+}
+
+static void sign_expand(const uint8_t* bits, size_t n, float s, float* dst) {
+    const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+    const __m256i sel = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[j / 8]), sel);
+        __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
+        _mm256_storeu_ps(dst + j, _mm256_blendv_ps(neg, pos, m));
+    }
+    scalar::sign_expand(bits + j / 8, n - j, s, dst + j);
+}
+
+static void pack_signs(const float* x, size_t n, uint8_t* bits) {
+    const __m256 zero = _mm256_setzero_ps();
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        bits[j / 8] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), zero, _CMP_GT_OQ)));
+    scalar::pack_signs(x + j, n - j, bits + j / 8);
+}
+
+static double abs_sum(const float* x, size_t n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256d l0 = _mm256_setzero_pd(), l4 = l0, l8 = l0, l12 = l0;  // lanes 0-3, 4-7, 8-11, 12-15
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + j), absmask);
+        __m256 b = _mm256_and_ps(_mm256_loadu_ps(x + j + 8), absmask);
+        l0 = _mm256_add_pd(l0, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+        l4 = _mm256_add_pd(l4, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+        l8 = _mm256_add_pd(l8, _mm256_cvtps_pd(_mm256_castps256_ps128(b)));
+        l12 = _mm256_add_pd(l12, _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1)));
+    }
+    double lanes[16];
+    _mm256_storeu_pd(lanes, l0);
+    _mm256_storeu_pd(lanes + 4, l4);
+    _mm256_storeu_pd(lanes + 8, l8);
+    _mm256_storeu_pd(lanes + 12, l12);
+    for (size_t k = 0; j + k < n; ++k) lanes[k] += double(x[j + k] < 0 ? -x[j + k] : x[j + k]);
+    scalar::fold_lanes(lanes);
+    return lanes[0];
+}
+
+static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
+    const __m256 off = _mm256_set1_ps(offset);
+    size_t j = 0;
+    if (w == 8) {
+        for (; j + 8 <= n; j += 8) {
+            __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+        }
+    } else if (w == 4) {
+        const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+        for (; j + 8 <= n; j += 8) {
+            uint32_t word;
+            std::memcpy(&word, row + j / 2, 4);
+            __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts), _mm256_set1_epi32(15));
+            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+        }
+    } else if (w == 2) {
+        const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+        for (; j + 8 <= n; j += 8) {
+            uint32_t word = uint32_t(row[j / 4]) | (uint32_t(row[j / 4 + 1]) << 8);
+            __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts), _mm256_set1_epi32(3));
+            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+        }
+    }
+    // j is a multiple of 8, so the bit position j*w is byte aligned for any width.
+    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, dst + j);
+}
+
+static void scale(float* dst, size_t n, float s) {
+    const __m256 v = _mm256_set1_ps(s);
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(dst + j), v));
+    for (; j < n; ++j) dst[j] *= s;
+}
+
+template <int NR>
+static void lowrank_block(const float* U, const float* V, int r, size_t cols, float* dst) {
+    size_t j = 0;
+    for (; j + 16 <= cols; j += 16) {
+        __m256 acc[NR][2];
+        for (int i = 0; i < NR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int k = 0; k < r; ++k) {
+            const float* v = V + size_t(k) * cols + j;
+            __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+            for (int i = 0; i < NR; ++i) {
+                __m256 u = _mm256_broadcast_ss(U + size_t(i) * r + k);
+                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_mul_ps(u, v0));
+                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_mul_ps(u, v1));
+            }
+        }
+        for (int i = 0; i < NR; ++i) {
+            _mm256_storeu_ps(dst + size_t(i) * cols + j, acc[i][0]);
+            _mm256_storeu_ps(dst + size_t(i) * cols + j + 8, acc[i][1]);
+        }
+    }
+    if (j < cols) {
+        // Column tail: the scalar kernel on a strided view would be awkward; do it element-wise.
+        for (int i = 0; i < NR; ++i)
+            for (size_t c = j; c < cols; ++c) {
+                float acc = 0.0f;
+                for (int k = 0; k < r; ++k) acc = acc + U[size_t(i) * r + k] * V[size_t(k) * cols + c];
+                dst[size_t(i) * cols + c] = acc;
+            }
+    }
+}
+
+static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {
+    int i = 0;
+    for (; i + 4 <= nr; i += 4) lowrank_block<4>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
+    for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
+}
+
+}  // namespace deltapack::avx2
+
+namespace deltapack {
+const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_expand,
+                              avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
+                              avx2::scale, avx2::lowrank_rows};
+}

@@ -1,0 +1,202 @@
+// AVX-512 (F, BW, VL) path. bf16 rounding is done with integer ops rather than VCVTNEPS2BF16,
+// which flushes denormals and so would not match the reference bit for bit.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace deltapack::avx512 {
+
+static inline __mmask16 tail_mask(size_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+
+static inline __m512 load16(const void* p, DType t, size_t i, __mmask16 m) {
+    switch (t) {
+        case DType::F32: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+        case DType::F16:
+            return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+        default: {
+            __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+            return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
+    }
+}
+
+static inline __m256i to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline void store16(void* p, DType t, size_t i, __m512 v, __mmask16 m) {
+    switch (t) {
+        case DType::F32: _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v); break;
+        case DType::F16:
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m,
+                                     _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            break;
+        default: _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v)); break;
+    }
+}
+
+static void to_f32(const void* src, DType t, float* dst, size_t n) {
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(dst + i, m, load16(src, t, i, m));
+    }
+}
+
+template <DType BT, DType OT>
+static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 t = _mm512_mul_ps(a, _mm512_loadu_ps(d + i));
+        store16(out, OT, i, _mm512_add_ps(load16(base, BT, i, 0xffff), t), 0xffff);
+    }
+    if (i < n) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 t = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, d + i));
+        store16(out, OT, i, _mm512_add_ps(load16(base, BT, i, m), t), m);
+    }
+}
+
+template <DType BT>
+static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n) {
+    switch (ot) {
+        case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n);
+        case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n);
+        default: return add_round_t<BT, DType::BF16>(base, d, alpha, out, n);
+    }
+}
+
+static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+    switch (bt) {
+        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n);
+        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n);
+        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n);
+    }
+}
+
+static void sign_expand(const uint8_t* bits, size_t n, float s, float* dst) {
+    const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        uint16_t m;
+        std::memcpy(&m, bits + j / 8, 2);
+        _mm512_storeu_ps(dst + j, _mm512_mask_blend_ps(__mmask16(m), neg, pos));
+    }
+    scalar::sign_expand(bits + j / 8, n - j, s, dst + j);
+}
+
+static void pack_signs(const float* x, size_t n, uint8_t* bits) {
+    const __m512 zero = _mm512_setzero_ps();
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        uint16_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), zero, _CMP_GT_OQ);
+        std::memcpy(bits + j / 8, &m, 2);
+    }
+    scalar::pack_signs(x + j, n - j, bits + j / 8);
+}
+
+static double abs_sum(const float* x, size_t n) {
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();  // lanes 0-7, 8-15
+    for (size_t j = 0; j < n; j += 16) {
+        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+        lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    }
+    __m512d s8 = _mm512_add_pd(lo, hi);
+    __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(s8), _mm512_extractf64x4_pd(s8, 1));
+    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+}
+
+static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
+    const __m512 off = _mm512_set1_ps(offset);
+    size_t j = 0;
+    if (w == 8) {
+        for (; j + 16 <= n; j += 16) {
+            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+        }
+    } else if (w == 4) {
+        const __m128i low4 = _mm_set1_epi8(0x0f);
+        for (; j + 16 <= n; j += 16) {
+            __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j / 2));
+            __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            __m512i c = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+        }
+    } else if (w == 2) {
+        const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        for (; j + 16 <= n; j += 16) {
+            uint32_t word;
+            std::memcpy(&word, row + j / 4, 4);
+            __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), _mm512_set1_epi32(3));
+            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+        }
+    }
+    // Other widths, and tails: j is a multiple of 16, so the bit position j*w is byte aligned.
+    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, dst + j);
+}
+
+static void scale(float* dst, size_t n, float s) {
+    const __m512 v = _mm512_set1_ps(s);
+    for (size_t j = 0; j < n; j += 16) {
+        __mmask16 m = tail_mask(n - j);
+        _mm512_mask_storeu_ps(dst + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dst + j), v));
+    }
+}
+
+// NR rows x 64 columns per step: 4*NR accumulators stay in registers while k runs.
+template <int NR>
+static void lowrank_block(const float* U, const float* V, int r, size_t cols, float* dst) {
+    size_t j = 0;
+    for (; j + 64 <= cols; j += 64) {
+        __m512 acc[NR][4];
+        for (int i = 0; i < NR; ++i)
+            for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+        for (int k = 0; k < r; ++k) {
+            const float* v = V + size_t(k) * cols + j;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                   v3 = _mm512_loadu_ps(v + 48);
+            for (int i = 0; i < NR; ++i) {
+                __m512 u = _mm512_set1_ps(U[size_t(i) * r + k]);
+                acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_mul_ps(u, v0));
+                acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_mul_ps(u, v1));
+                acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_mul_ps(u, v2));
+                acc[i][3] = _mm512_add_ps(acc[i][3], _mm512_mul_ps(u, v3));
+            }
+        }
+        for (int i = 0; i < NR; ++i)
+            for (int q = 0; q < 4; ++q) _mm512_storeu_ps(dst + size_t(i) * cols + j + 16 * q, acc[i][q]);
+    }
+    for (; j < cols; j += 16) {
+        __mmask16 m = tail_mask(cols - j);
+        __m512 acc[NR];
+        for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+        for (int k = 0; k < r; ++k) {
+            __m512 v = _mm512_maskz_loadu_ps(m, V + size_t(k) * cols + j);
+            for (int i = 0; i < NR; ++i)
+                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(U[size_t(i) * r + k]), v));
+        }
+        for (int i = 0; i < NR; ++i) _mm512_mask_storeu_ps(dst + size_t(i) * cols + j, m, acc[i]);
+    }
+}
+
+static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {
+    int i = 0;
+    for (; i + 4 <= nr; i += 4) lowrank_block<4>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
+    for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
+}
+
+}  // namespace deltapack::avx512
+
+namespace deltapack {
+const Kernels kAvx512Kernels = {"avx512", avx512::to_f32, avx512::add_round, avx512::sign_expand,
+                                avx512::pack_signs, avx512::abs_sum, avx512::unpack_codes,
+                                avx512::scale, avx512::lowrank_rows};
+}

@@ -1,0 +1,71 @@
+// The portable path: plain C++, the reference every SIMD path is tested against.
+#include <cmath>
+
+#include "kernels.h"
+
+namespace deltapack::scalar {
+
+void to_f32(const void* src, DType t, float* dst, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = load_one(src, t, i);
+}
+
+void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        float t = alpha * d[i];
+        float s = load_one(base, bt, i) + t;
+        store_one(out, ot, i, s);
+    }
+}
+
+void sign_expand(const uint8_t* bits, size_t n, float s, float* dst) {
+    for (size_t j = 0; j < n; ++j) dst[j] = ((bits[j >> 3] >> (j & 7)) & 1) ? s : -s;
+}
+
+void pack_signs(const float* x, size_t n, uint8_t* bits) {
+    size_t nb = (n + 7) / 8;
+    for (size_t b = 0; b < nb; ++b) {
+        uint8_t v = 0;
+        for (size_t k = 0; k < 8 && b * 8 + k < n; ++k) v |= uint8_t(x[b * 8 + k] > 0.0f) << k;
+        bits[b] = v;
+    }
+}
+
+void fold_lanes(double lanes[16]) {
+    for (int half = 8; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
+}
+
+static double abs_sum(const float* x, size_t n) {
+    double lanes[16] = {0};
+    for (size_t j = 0; j < n; ++j) lanes[j & 15] += double(std::fabs(x[j]));
+    fold_lanes(lanes);
+    return lanes[0];
+}
+
+void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
+    for (size_t j = 0; j < n; ++j) dst[j] = float(read_code(row, w, j)) - offset;
+}
+
+static void scale(float* dst, size_t n, float s) {
+    for (size_t j = 0; j < n; ++j) dst[j] *= s;
+}
+
+void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {
+    for (int i = 0; i < nr; ++i) {
+        float* out = dst + size_t(i) * cols;
+        for (size_t j = 0; j < cols; ++j) out[j] = 0.0f;
+        for (int k = 0; k < r; ++k) {
+            const float u = U[size_t(i) * r + k];
+            const float* v = V + size_t(k) * cols;
+            for (size_t j = 0; j < cols; ++j) out[j] = out[j] + u * v[j];
+        }
+    }
+}
+
+}  // namespace deltapack::scalar
+
+namespace deltapack {
+const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, scalar::sign_expand,
+                                scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
+                                scalar::scale, scalar::lowrank_rows};
+}

@@ -1,0 +1,14 @@
+"""deltapack: compact fine-tune deltas, edited with the paper's operations, rebuilt fast on load.
+
+    import deltapack as dp
+    enc = dp.encode(delta, "sign", scope="row")
+    w = dp.apply(base, enc)                 # base + delta, in base's dtype
+    dp.save("ft.dpk", {"layer.weight": enc}, metadata={"task": "gsm8k"})
+    f = dp.open("ft.dpk"); f["layer.weight"]
+"""
+from ._api import (DeltaFile, Encoded, FormatError, apply, decode, encode, open, save, set_simd,
+                   set_threads, simd, simd_available)
+from ._core import __version__, codec_names
+
+__all__ = ["DeltaFile", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
+           "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__"]

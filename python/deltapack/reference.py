@@ -1,0 +1,400 @@
+"""The executable specification of every deltapack codec, in plain numpy.
+
+This module is deliberately slow and simple. The C++ core must produce exactly the same bits as
+these functions (components on encode, f32 values on decode, output bits on apply); the tests
+compare them on every SIMD path. docs/FORMAT.md describes the same rules in prose.
+
+Conventions shared by all codecs:
+- A tensor of shape (..., cols) is viewed as a matrix (rows, cols), rows = prod(shape[:-1]);
+  a 0-d tensor is (1, 1).
+- Inputs are taken as exact float32 values (bf16/f16 widen exactly). Arithmetic is float32 with
+  one rounding per operation, no fused multiply-add, unless a step says float64.
+- Bit streams are packed LSB-first along a row; every row starts on a byte boundary.
+- "lane sum" (see `lane_sum`) is the one summation order used wherever a mean is taken.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+F32, F64 = np.float32, np.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def as_matrix(x: np.ndarray) -> np.ndarray:
+    """View any tensor as (rows, cols) float32."""
+    x = np.asarray(x, dtype=F32)
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def lane_sum(a: np.ndarray) -> np.ndarray:
+    """Sum float64 values along the last axis in deltapack's fixed order.
+
+    Element j goes to lane j % 16; each lane adds its elements in index order; the 16 lanes are
+    then folded as lane[i] += lane[i+8], then [i] += [i+4], [i] += [i+2], [0] += [1]. This is the
+    order a 16-wide SIMD loop produces, so every path gets the same bits.
+    """
+    a = np.asarray(a, dtype=F64)
+    n = a.shape[-1]
+    pad = (-n) % 16
+    if pad:
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), F64)], axis=-1)
+    a = a.reshape(a.shape[:-1] + (-1, 16))
+    lanes = np.zeros(a.shape[:-2] + (16,), F64)
+    for j in range(a.shape[-2]):
+        lanes = lanes + a[..., j, :]
+    for half in (8, 4, 2, 1):
+        lanes = lanes[..., :half] + lanes[..., half:2 * half]
+    return lanes[..., 0]
+
+
+def rows_then_sum(per_row: np.ndarray) -> F64:
+    """Combine per-row float64 sums sequentially in row order."""
+    total = F64(0.0)
+    for v in np.asarray(per_row, F64):
+        total = F64(total + v)
+    return total
+
+
+def pack_bits(codes: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned codes (rows, cols) of `width` bits LSB-first per row -> uint8 (rows, nbytes)."""
+    codes = np.asarray(codes, dtype=np.uint32)
+    rows, cols = codes.shape
+    bits = ((codes[:, :, None] >> np.arange(width, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(rows, cols * width), axis=-1, bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, width: int, cols: int) -> np.ndarray:
+    """Inverse of pack_bits -> uint32 codes (rows, cols)."""
+    bits = np.unpackbits(packed, axis=-1, bitorder="little")[:, :cols * width]
+    bits = bits.reshape(packed.shape[0], cols, width).astype(np.uint32)
+    return (bits << np.arange(width, dtype=np.uint32)).sum(axis=-1).astype(np.uint32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even, NaN stays a quiet NaN."""
+    u = np.asarray(x, dtype=F32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(F32)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> storage of `dtype` ('f32', 'f16' as float16, 'bf16' as uint16 bits)."""
+    x = np.asarray(x, dtype=F32)
+    if dtype == "f32":
+        return x.copy()
+    if dtype == "f16":
+        return x.astype(np.float16)
+    if dtype == "bf16":
+        return round_bf16(x)
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def widen(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage of `dtype` -> exact float32 values."""
+    if dtype == "bf16":
+        return bf16_to_f32(stored)
+    return np.asarray(stored).astype(F32)
+
+
+def sign_bits(m: np.ndarray) -> np.ndarray:
+    """1 where the value is > 0 (zero and negatives give 0)."""
+    return np.packbits(m > 0, axis=-1, bitorder="little")
+
+
+def sign_plus_minus(bits: np.ndarray, cols: int) -> np.ndarray:
+    pos = np.unpackbits(bits, axis=-1, bitorder="little")[:, :cols].astype(bool)
+    return pos
+
+
+# ----------------------------------------------------------------------------- sign
+
+def encode_sign(x, scope="tensor", group=128):
+    """BitDelta: signs + mean |x| over the scope (tensor, row, or groups of `group` columns)."""
+    m = as_matrix(x)
+    rows, cols = m.shape
+    a = np.abs(m).astype(F64)
+    if scope == "tensor":
+        mean = rows_then_sum(lane_sum(a)) / F64(m.size) if m.size else F64(0)
+        scales = np.array([mean], F64).astype(F32)
+    elif scope == "row":
+        scales = (lane_sum(a) / F64(cols)).astype(F32)
+    elif scope == "group":
+        ng = -(-cols // group)
+        padded = np.zeros((rows, ng * group), F64)
+        padded[:, :cols] = a
+        counts = np.full(ng, group, F64)
+        counts[-1] = cols - (ng - 1) * group
+        scales = (lane_sum(padded.reshape(rows, ng, group)) / counts).astype(F32)
+    else:
+        raise ValueError(scope)
+    return {"signs": sign_bits(m), "scales": scales}
+
+
+def decode_sign(comps, shape, scope="tensor", group=128):
+    rows, cols = _rc(shape)
+    pos = sign_plus_minus(comps["signs"], cols)
+    s = comps["scales"].astype(F32)
+    if scope == "tensor":
+        mag = np.broadcast_to(s[0], (rows, cols))
+    elif scope == "row":
+        mag = np.broadcast_to(s[:, None], (rows, cols))
+    else:
+        mag = np.repeat(s.reshape(rows, -1), group, axis=1)[:, :cols]
+    return np.where(pos, mag, -mag).astype(F32)
+
+
+# ----------------------------------------------------------------------------- levels
+
+def encode_levels(x, bits=2):
+    """Multi-bit BitDelta (paper Sec. 5.3): 2^(bits-1) equal-count magnitude blocks + signs.
+
+    Magnitudes are ranked ascending (ties: lower flat index first); block k holds ranks
+    [k*n//K, (k+1)*n//K). Each block is represented by the mean of its magnitudes, summed in the
+    same row/lane order as `sign` (so bits=1 equals sign with scope=tensor exactly).
+    """
+    m = as_matrix(x)
+    rows, cols = m.shape
+    K = 1 << (bits - 1)
+    mag = np.abs(m).reshape(-1)
+    n = mag.size
+    order = np.argsort(mag, kind="stable")
+    block_of_rank = (np.arange(K + 1, dtype=np.int64) * n) // K
+    idx = np.empty(n, np.int64)
+    for k in range(K):
+        idx[order[block_of_rank[k]:block_of_rank[k + 1]]] = k
+    idx = idx.reshape(rows, cols)
+    a = np.abs(m).astype(F64)
+    levels = np.zeros(K, F32)
+    for k in range(K):
+        count = block_of_rank[k + 1] - block_of_rank[k]
+        if count:
+            total = rows_then_sum(lane_sum(np.where(idx == k, a, 0.0)))
+            levels[k] = F32(total / F64(count))
+    out = {"signs": sign_bits(m), "levels": levels}
+    if bits > 1:
+        out["codes"] = pack_bits(idx, bits - 1)
+    return out
+
+
+def decode_levels(comps, shape, bits=2):
+    rows, cols = _rc(shape)
+    pos = sign_plus_minus(comps["signs"], cols)
+    if bits > 1:
+        idx = unpack_bits(comps["codes"], bits - 1, cols)
+    else:
+        idx = np.zeros((rows, cols), np.uint32)
+    mag = comps["levels"].astype(F32)[idx]
+    return np.where(pos, mag, -mag).astype(F32)
+
+
+# ----------------------------------------------------------------------------- quant
+
+def quant_scale_exp(x, bits, group):
+    """The power of two that brings the largest group scale into [2^14, 2^15) for f16 storage."""
+    m = as_matrix(x)
+    smax = F32(np.abs(m).max()) / F32((1 << (bits - 1)) - 1) if m.size else F32(0)
+    if smax == 0:
+        return 0
+    return int(np.frexp(smax)[1]) - 15
+
+
+def encode_quant(x, bits=4, group=128):
+    """Symmetric k-bit group quantization along the last dimension.
+
+    qmax = 2^(bits-1) - 1; per group scale = f16(max|x| / qmax / 2^e) (e = scale_exp, one per
+    tensor); effective scale sc = f32(scale) * 2^e; q = clip(rint(x / sc), -qmax, qmax) (0 when
+    sc == 0); stored code = q + qmax, `bits` wide.
+    """
+    m = as_matrix(x)
+    rows, cols = m.shape
+    qmax = F32((1 << (bits - 1)) - 1)
+    e = quant_scale_exp(x, bits, group)
+    ng = -(-cols // group)
+    padded = np.zeros((rows, ng * group), F32)
+    padded[:, :cols] = np.abs(m)
+    amax = padded.reshape(rows, ng, group).max(axis=-1)
+    scales16 = np.ldexp(amax / qmax, -e).astype(F32).astype(np.float16)
+    if not np.isfinite(scales16).all():
+        raise ValueError("quant: a group scale overflows float16")
+    sc = np.ldexp(scales16.astype(F32), e).astype(F32)
+    sc_full = np.repeat(sc, group, axis=1)[:, :cols]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(sc_full > 0, np.clip(np.rint(m / sc_full), -qmax, qmax), F32(0))
+    codes = (q + qmax).astype(np.uint32)
+    return {"codes": pack_bits(codes, bits), "scales": scales16}, {"scale_exp": e}
+
+
+def decode_quant(comps, shape, bits=4, group=128, scale_exp=0):
+    rows, cols = _rc(shape)
+    qmax = (1 << (bits - 1)) - 1
+    q = unpack_bits(comps["codes"], bits, cols).astype(np.int64) - qmax
+    sc = np.ldexp(comps["scales"].astype(F32), scale_exp).astype(F32)
+    sc_full = np.repeat(sc, group, axis=1)[:, :cols]
+    return (q.astype(F32) * sc_full).astype(F32)
+
+
+# ----------------------------------------------------------------------------- sparse
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def dare_uniform(seed: int, n: int) -> np.ndarray:
+    """Counter-based uniforms in [0, 1): splitmix64 of seed + (i+1)*golden, top 24 bits."""
+    with np.errstate(over="ignore"):
+        i = np.arange(1, n + 1, dtype=np.uint64)
+        z = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + i * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)).astype(F64) * 2.0 ** -24
+
+
+def sparse_keep_mask(m, p, mode, seed):
+    n = m.size
+    if mode == "random":
+        return (dare_uniform(seed, n) >= p).reshape(m.shape)
+    n_keep = n - int(round(p * n))
+    order = np.argsort(-np.abs(m).reshape(-1), kind="stable")
+    keep = np.zeros(n, bool)
+    keep[order[:n_keep]] = True
+    return keep.reshape(m.shape)
+
+
+def encode_sparse(x, p=0.9, mode="random", seed=0, values="f16", index="auto"):
+    """DARE (random drop, kept values * f32(1/(1-p))) or magnitude top-k (ties: lower index)."""
+    m = as_matrix(x)
+    rows, cols = m.shape
+    keep = sparse_keep_mask(m, p, mode, seed)
+    rescale = F32(1.0 / (1.0 - p)) if mode == "random" else F32(1.0)
+    v = (m * rescale).astype(F32)
+    # Entries: (row, col, value) in row-major order; gap encoding inserts zero-valued fillers.
+    nnz_row = keep.sum(axis=1)
+    bitmap_bytes = rows * (-(-cols // 8))
+    gap_entries = []
+    for r in range(rows):
+        prev, ents = -1, []
+        for c in np.flatnonzero(keep[r]):
+            while c - prev - 1 > 255:
+                prev += 256
+                ents.append((prev, False))
+            ents.append((c, True))
+            prev = c
+        gap_entries.append(ents)
+    n_gap = sum(len(e) for e in gap_entries)
+    vsize = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1}[values]
+    use_gaps = index == "gaps" or (
+        index == "auto" and n_gap * (1 + vsize) < bitmap_bytes + int(nnz_row.sum()) * vsize)
+    out = {}
+    if use_gaps:
+        cols_list, real, rowptr = [], [], [0]
+        for r, ents in enumerate(gap_entries):
+            prev = -1
+            for c, is_real in ents:
+                cols_list.append((r, c, c - prev - 1, is_real))
+                prev = c
+            rowptr.append(rowptr[-1] + len(ents))
+        gaps = np.array([g for _, _, g, _ in cols_list], np.uint8)
+        vals = np.array([v[r, c] if real else 0.0 for r, c, _, real in cols_list], F32)
+        out["gaps"] = gaps
+    else:
+        vals = v[keep]
+        rowptr = np.concatenate([[0], np.cumsum(nnz_row)])
+        out["mask"] = np.packbits(keep, axis=-1, bitorder="little")
+    out["rowptr"] = np.asarray(rowptr, np.int64)
+    if values == "int8":
+        starts = out["rowptr"]
+        vscale = np.zeros(rows, F32)
+        q = np.zeros(vals.size, np.int8)
+        for r in range(rows):
+            seg = vals[starts[r]:starts[r + 1]]
+            if seg.size:
+                vscale[r] = F32(np.abs(seg).max()) / F32(127)
+                if vscale[r] > 0:
+                    q[starts[r]:starts[r + 1]] = np.clip(np.rint(seg / vscale[r]), -127, 127)
+        out["values"], out["vscale"] = q, vscale
+    else:
+        out["values"] = round_to(vals, values)
+    return out, {"index": "gaps" if use_gaps else "bitmap"}
+
+
+def decode_sparse(comps, shape, values="f16", index="bitmap", **_):
+    rows, cols = _rc(shape)
+    rowptr = comps["rowptr"]
+    if values == "int8":
+        vals = np.empty(comps["values"].size, F32)
+        for r in range(rows):
+            s, e = rowptr[r], rowptr[r + 1]
+            vals[s:e] = comps["values"][s:e].astype(F32) * comps["vscale"][r]
+    else:
+        vals = widen(comps["values"], values)
+    out = np.zeros((rows, cols), F32)
+    if index == "bitmap":
+        keep = np.unpackbits(comps["mask"], axis=-1, bitorder="little")[:, :cols].astype(bool)
+        out[keep] = vals
+    else:
+        gaps = comps["gaps"].astype(np.int64)
+        for r in range(rows):
+            s, e = rowptr[r], rowptr[r + 1]
+            c = np.cumsum(gaps[s:e] + 1) - 1
+            out[r, c] = vals[s:e]
+    return out
+
+
+# ----------------------------------------------------------------------------- lowrank
+
+def encode_lowrank(x, rank=16, dtype="f16"):
+    """Truncated SVD: u = U_r*sqrt(S_r) (rows, r), v = sqrt(S_r)*V_r^T (r, cols)."""
+    m = as_matrix(x)
+    U, S, Vt = np.linalg.svd(m, full_matrices=False)
+    root = np.sqrt(S[:rank]).astype(F32)
+    return {"u": round_to(U[:, :rank] * root, dtype), "v": round_to(root[:, None] * Vt[:rank], dtype)}
+
+
+def decode_lowrank(comps, shape, rank=16, dtype="f16"):
+    u, v = widen(comps["u"], dtype), widen(comps["v"], dtype)
+    acc = np.zeros((u.shape[0], v.shape[1]), F32)
+    for k in range(u.shape[1]):  # sequential over k, product and sum each rounded to f32
+        acc = (acc + (u[:, k:k + 1] * v[k:k + 1, :]).astype(F32)).astype(F32)
+    return acc
+
+
+# ----------------------------------------------------------------------------- dense
+
+def encode_dense(x, dtype="f32"):
+    return {"values": round_to(as_matrix(x), dtype)}
+
+
+def decode_dense(comps, shape, dtype="f32"):
+    return widen(comps["values"], dtype).reshape(_rc(shape))
+
+
+# ----------------------------------------------------------------------------- apply
+
+def apply(base_f32: np.ndarray, delta_f32: np.ndarray, alpha: float, out_dtype: str) -> np.ndarray:
+    """out = round_to(f32(base) + f32(alpha) * d): one f32 product, one f32 sum, one rounding."""
+    b = np.asarray(base_f32, F32)
+    t = (F32(alpha) * np.asarray(delta_f32, F32).reshape(b.shape)).astype(F32)
+    return round_to((b + t).astype(F32), out_dtype)
+
+
+def _rc(shape):
+    shape = tuple(shape)
+    if not shape:
+        return 1, 1
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows, cols
+
+
+ENCODERS = {"sign": encode_sign, "levels": encode_levels, "quant": encode_quant,
+            "sparse": encode_sparse, "lowrank": encode_lowrank, "dense": encode_dense}
+DECODERS = {"sign": decode_sign, "levels": decode_levels, "quant": decode_quant,
+            "sparse": decode_sparse, "lowrank": decode_lowrank, "dense": decode_dense}

@@ -369,7 +369,7 @@ def decode_lowrank(comps, shape, rank=16, dtype="f16"):
 # ----------------------------------------------------------------------------- dense
 
 def encode_dense(x, dtype="f32"):
-    return {"values": round_to(as_matrix(x), dtype)}
+    return {"values": round_to(np.asarray(x, dtype=F32), dtype)}
 
 
 def decode_dense(comps, shape, dtype="f32"):

@@ -6,7 +6,7 @@
 #include "kernels.h"
 
 #if defined(DELTAPACK_X86)
-#include <nmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace deltapack {
@@ -121,6 +121,12 @@ const Kernels& kernels() {
 }
 
 std::string simd() { return kernels().name; }
+
+void store_fence() {
+#if defined(DELTAPACK_X86)
+    _mm_sfence();
+#endif
+}
 
 static std::atomic<int> g_threads{0};
 void set_default_threads(int t) {

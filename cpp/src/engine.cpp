@@ -224,9 +224,9 @@ void validate(const EncodedRef& e) { prepare(e); }
 
 ApplyParams apply_default_params() { return ApplyParams{}; }
 
-// Rows per decode step: about 16K floats of scratch (stays in L1/L2), a multiple of the block.
+// Rows per decode step: about 4K floats (16 KiB) of scratch, so it stays in L1; a multiple of the block.
 static int64_t rows_per_step(const Matrix& m, int block) {
-    int64_t r = std::max<int64_t>(1, 16384 / std::max<int64_t>(m.cols, 1));
+    int64_t r = std::max<int64_t>(1, 4096 / std::max<int64_t>(m.cols, 1));
     return std::max<int64_t>(block, r / block * block);
 }
 
@@ -251,14 +251,18 @@ void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, Apply
     const Kernels& k = kernels();
     const int64_t cols = p.m.cols, step = rows_per_step(p.m, p.dec->rows_per_block());
     const size_t bsz = dtype_size(base.dtype), osz = dtype_size(out.dtype);
+    // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
+    // read-for-ownership traffic). In place, the lines are already cached by the base read.
+    const bool stream = !same && out.nbytes() >= (size_t(8) << 20);
     parallel_rows(p.m.rows, cols, params.threads, [&](int64_t r0, int64_t r1) {
         std::vector<float> scratch(size_t(step * cols));
         for (int64_t r = r0; r < r1; r += step) {
             int n = int(std::min(step, r1 - r));
             p.dec->decode(r, n, scratch.data(), k);
             k.add_round(b0 + size_t(r * cols) * bsz, base.dtype, scratch.data(), params.alpha,
-                        o0 + size_t(r * cols) * osz, out.dtype, size_t(n * cols));
+                        o0 + size_t(r * cols) * osz, out.dtype, size_t(n * cols), stream);
         }
+        if (stream) store_fence();
     });
 }
 

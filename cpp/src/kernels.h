@@ -15,16 +15,25 @@ struct Kernels {
     // dst[i] = exact f32 value of src[i]; src dtype f32, f16 or bf16.
     void (*to_f32)(const void* src, DType t, float* dst, size_t n);
     // out[i] = round_ot(f32(base[i]) + alpha * d[i]) with one f32 product and one f32 sum.
+    // stream: use non-temporal stores for out (large out-of-place outputs; caller fences).
     void (*add_round)(const void* base, DType bt, const float* d, float alpha, void* out, DType ot,
-                      size_t n);
+                      size_t n, bool stream);
     // dst[j] = bit j of `bits` (LSB-first) ? s : -s.
     void (*sign_expand)(const uint8_t* bits, size_t n, float s, float* dst);
     // bits j = (x[j] > 0), LSB-first; the last byte is zero-padded.
     void (*pack_signs)(const float* x, size_t n, uint8_t* bits);
     // Sum of |x[j]| in float64 in the 16-lane order of reference.lane_sum.
     double (*abs_sum)(const float* x, size_t n);
-    // dst[j] = float(code j) - offset, codes `w` bits wide (1..8) packed LSB-first from `row`.
-    void (*unpack_codes)(const uint8_t* row, int w, size_t n, float offset, float* dst);
+    // dst[j] = (float(code j) - offset) * scale, codes `w` bits wide (1..8) packed LSB-first from `row`.
+    void (*unpack_codes)(const uint8_t* row, int w, size_t n, float offset, float scale, float* dst);
+    // dst[j] = bit j of mask ? next value : 0; values f32/f16/bf16, or i8 times vscale.
+    void (*sparse_expand)(const uint8_t* mask, const void* values, DType vt, float vscale, size_t n, float* dst);
+    // dst[j] = (sign bit j ? 1 : -1) * table[code j], codes `w` bits wide (0..7; 0 = all code 0).
+    void (*levels_expand)(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
+                          float* dst);
+    // Sum of the bytes, and number of set bits (sparse index validation).
+    uint64_t (*sum_bytes)(const uint8_t* p, size_t n);
+    uint64_t (*popcount_bytes)(const uint8_t* p, size_t n);
     // dst[j] *= s.
     void (*scale)(float* dst, size_t n, float s);
     // dst (nr x cols) = U (nr x r) @ V (r x cols), summing k = 0..r-1 in order, unfused.
@@ -38,6 +47,7 @@ extern const Kernels kAvx512Kernels;
 #endif
 
 const Kernels& kernels();  // the active path
+void store_fence();        // orders streaming stores before returning to the caller
 
 // ---------------------------------------------------------------- scalar conversions (shared)
 
@@ -90,6 +100,12 @@ inline float load_one(const void* p, DType t, size_t i) {
     }
 }
 
+// Sparse value i as f32: f32/f16/bf16 widen exactly; i8 is multiplied by its row's scale.
+inline float sparse_value(const void* p, DType t, size_t i, float vscale) {
+    if (t == DType::I8) return float(static_cast<const int8_t*>(p)[i]) * vscale;
+    return load_one(p, t, i);
+}
+
 inline void store_one(void* p, DType t, size_t i, float v) {
     switch (t) {
         case DType::F32: static_cast<float*>(p)[i] = v; break;
@@ -109,12 +125,18 @@ inline uint32_t read_code(const uint8_t* row, int w, size_t j) {
 // Scalar versions, used by every path for tails.
 namespace scalar {
 void to_f32(const void* src, DType t, float* dst, size_t n);
-void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n);
+void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+               bool stream);
 void sign_expand(const uint8_t* bits, size_t n, float s, float* dst);
 void pack_signs(const float* x, size_t n, uint8_t* bits);
-void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst);
+void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float scale, float* dst);
+void sparse_expand(const uint8_t* mask, const void* values, DType vt, float vscale, size_t n, float* dst);
 void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst);
-void fold_lanes(double lanes[16]);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
+void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
+                   float* dst);
+void fold_lanes(double lanes[16]);
+uint64_t sum_bytes(const uint8_t* p, size_t n);
+uint64_t popcount_bytes(const uint8_t* p, size_t n);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
 }  // namespace scalar
 
 }  // namespace deltapack

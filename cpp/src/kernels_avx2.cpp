@@ -1,6 +1,8 @@
 // AVX2 + F16C path (8 lanes). Tails go to the scalar code, which computes the same bits.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels.h"
 
 namespace deltapack::avx2 {
@@ -47,28 +49,47 @@ static void to_f32(const void* src, DType t, float* dst, size_t n) {
 }
 
 template <DType BT, DType OT>
-static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n) {
+static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
     const __m256 a = _mm256_set1_ps(alpha);
+    constexpr size_t osz = OT == DType::F32 ? 4 : 2;
     size_t i = 0;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+    if (stream && addr % osz == 0) {
+        // Plain stores up to a 32-byte boundary, then streaming stores.
+        const size_t head = std::min(n, ((32 - addr % 32) % 32) / osz);
+        for (; i < head; ++i) store_one(out, OT, i, load_one(base, BT, i) + alpha * d[i]);
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_add_ps(load8(base, BT, i), _mm256_mul_ps(a, _mm256_loadu_ps(d + i)));
+            if (OT == DType::F32) {
+                _mm256_stream_ps(static_cast<float*>(out) + i, v);
+            } else {
+                __m128i h = OT == DType::F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                             : to_bf16(v);
+                if ((addr + i * osz) % 16 == 0) _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), h);
+                else _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), h);
+            }
+        }
+    }
     for (; i + 8 <= n; i += 8)
         store8(out, OT, i, _mm256_add_ps(load8(base, BT, i), _mm256_mul_ps(a, _mm256_loadu_ps(d + i))));
     for (; i < n; ++i) store_one(out, OT, i, load_one(base, BT, i) + alpha * d[i]);
 }
 
 template <DType BT>
-static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n) {
+static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
     switch (ot) {
-        case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n);
-        case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n);
-        default: return add_round_t<BT, DType::BF16>(base, d, alpha, out, n);
+        case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n, st);
+        case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n, st);
+        default: return add_round_t<BT, DType::BF16>(base, d, alpha, out, n, st);
     }
 }
 
-static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+                      bool stream) {
     switch (bt) {
-        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n);
-        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n);
-        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n);
+        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n, stream);
+        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n, stream);
+        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n, stream);
     }
 }
 
@@ -114,13 +135,13 @@ static double abs_sum(const float* x, size_t n) {
     return lanes[0];
 }
 
-static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
-    const __m256 off = _mm256_set1_ps(offset);
+static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float scale, float* dst) {
+    const __m256 off = _mm256_set1_ps(offset), sc = _mm256_set1_ps(scale);
     size_t j = 0;
     if (w == 8) {
         for (; j + 8 <= n; j += 8) {
             __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
-            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+            _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), off), sc));
         }
     } else if (w == 4) {
         const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
@@ -128,18 +149,60 @@ static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, floa
             uint32_t word;
             std::memcpy(&word, row + j / 2, 4);
             __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts), _mm256_set1_epi32(15));
-            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+            _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), off), sc));
         }
     } else if (w == 2) {
         const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
         for (; j + 8 <= n; j += 8) {
             uint32_t word = uint32_t(row[j / 4]) | (uint32_t(row[j / 4 + 1]) << 8);
             __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts), _mm256_set1_epi32(3));
-            _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtepi32_ps(c), off));
+            _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), off), sc));
         }
     }
     // j is a multiple of 8, so the bit position j*w is byte aligned for any width.
-    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, dst + j);
+    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, scale, dst + j);
+}
+
+static void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
+                          float* dst) {
+    size_t j = 0;
+    if (w <= 4) {
+        const __m256i shifts = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(w));
+        const __m256i mask = _mm256_set1_epi32((1 << w) - 1), sel = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+        const __m256 signbit = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+        const size_t code_bytes = (n * size_t(w) + 7) / 8;
+        for (; j + 8 <= n && (w == 0 || j * size_t(w) / 8 + 4 <= code_bytes); j += 8) {
+            uint32_t word = 0;
+            if (w) std::memcpy(&word, codes + j * size_t(w) / 8, 4);
+            __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts), mask);
+            __m256 v = _mm256_i32gather_ps(table, c, 4);
+            __m256i b = _mm256_and_si256(_mm256_set1_epi32(signs[j / 8]), sel);
+            __m256 pos = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
+            _mm256_storeu_ps(dst + j, _mm256_blendv_ps(_mm256_xor_ps(v, signbit), v, pos));
+        }
+    }
+    scalar::levels_expand(signs + j / 8, codes + j * size_t(w) / 8, w, n - j, table, dst + j);
+}
+
+static uint64_t sum_bytes(const uint8_t* p, size_t n) {
+    __m256i acc = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), _mm256_setzero_si256()));
+    uint64_t lanes[4], s = 0;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    for (uint64_t v : lanes) s += v;
+    return s + scalar::sum_bytes(p + i, n - i);
+}
+
+static uint64_t popcount_bytes(const uint8_t* p, size_t n) {
+    uint64_t c = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        c += uint64_t(__builtin_popcountll(w));
+    }
+    return c + scalar::popcount_bytes(p + i, n - i);
 }
 
 static void scale(float* dst, size_t n, float s) {
@@ -191,5 +254,5 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 namespace deltapack {
 const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_expand,
                               avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
-                              avx2::scale, avx2::lowrank_rows};
+                              scalar::sparse_expand, avx2::levels_expand, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows};
 }

@@ -2,6 +2,8 @@
 // which flushes denormals and so would not match the reference bit for bit.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels.h"
 
 namespace deltapack::avx512 {
@@ -9,6 +11,16 @@ namespace deltapack::avx512 {
 static inline __mmask16 tail_mask(size_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
 
 static inline __m512 load16(const void* p, DType t, size_t i, __mmask16 m) {
+    if (m == 0xffff) {  // plain loads where possible
+        switch (t) {
+            case DType::F32: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+            case DType::F16:
+                return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+            default:
+                return _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i))), 16));
+        }
+    }
     switch (t) {
         case DType::F32: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
         case DType::F16:
@@ -41,42 +53,106 @@ static inline void store16(void* p, DType t, size_t i, __m512 v, __mmask16 m) {
     }
 }
 
-static void to_f32(const void* src, DType t, float* dst, size_t n) {
-    for (size_t i = 0; i < n; i += 16) {
+template <DType T>
+static void to_f32_t(const void* src, float* dst, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src, T, i, 0xffff));
+    if (i < n) {  // masked loads and stores are slow on some cores: only for the tail
         __mmask16 m = tail_mask(n - i);
-        _mm512_mask_storeu_ps(dst + i, m, load16(src, t, i, m));
+        _mm512_mask_storeu_ps(dst + i, m, load16(src, T, i, m));
     }
 }
 
-template <DType BT, DType OT>
-static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n) {
-    const __m512 a = _mm512_set1_ps(alpha);
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 t = _mm512_mul_ps(a, _mm512_loadu_ps(d + i));
-        store16(out, OT, i, _mm512_add_ps(load16(base, BT, i, 0xffff), t), 0xffff);
+static void to_f32(const void* src, DType t, float* dst, size_t n) {
+    switch (t) {
+        case DType::F32: return to_f32_t<DType::F32>(src, dst, n);
+        case DType::F16: return to_f32_t<DType::F16>(src, dst, n);
+        default: return to_f32_t<DType::BF16>(src, dst, n);
     }
-    if (i < n) {
+}
+
+// VCVTNE2PS2BF16 rounds to nearest even like the reference but treats denormal inputs as zero,
+// so it is used only on vectors without denormals (almost always); the rest take to_bf16.
+static const bool kHasBf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+
+static inline bool has_denormal(__m512 v) {
+    __m512i a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fffff)) != 0;
+}
+
+__attribute__((target("avx512bf16"))) static inline __m512i bf16_line_hw(__m512 v0, __m512 v1) {
+    return (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+}
+
+// 32 values -> one 64-byte line of f16 or bf16.
+template <DType OT>
+static inline __m512i pack_line(__m512 v0, __m512 v1) {
+    if (OT == DType::F16)
+        return _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+            _mm512_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 1);
+    if (kHasBf16 && !has_denormal(v0) && !has_denormal(v1)) return bf16_line_hw(v0, v1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(v0)), to_bf16(v1), 1);
+}
+
+template <DType BT, DType OT, bool ALPHA_ONE>
+static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    auto value = [&](size_t i, __mmask16 m) {
+        __m512 dv = m == 0xffff ? _mm512_loadu_ps(d + i) : _mm512_maskz_loadu_ps(m, d + i);
+        return _mm512_add_ps(load16(base, BT, i, m), ALPHA_ONE ? dv : _mm512_mul_ps(a, dv));
+    };
+    constexpr size_t osz = OT == DType::F32 ? 4 : 2;
+    size_t i = 0;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
+    stream = stream && addr % osz == 0;
+    if (stream) {  // plain stores up to a 64-byte boundary, then whole lines with streaming stores
+        const size_t head = std::min(n, ((64 - addr % 64) % 64) / osz);
+        for (; i < head; i += 16) {
+            __mmask16 m = tail_mask(head - i);
+            store16(out, OT, i, value(i, m), m);
+        }
+        i = head;
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m512 v0 = value(i, 0xffff), v1 = value(i + 16, 0xffff);
+        if (OT == DType::F32) {
+            float* o = static_cast<float*>(out) + i;
+            if (stream) { _mm512_stream_ps(o, v0); _mm512_stream_ps(o + 16, v1); }
+            else { _mm512_storeu_ps(o, v0); _mm512_storeu_ps(o + 16, v1); }
+        } else {
+            __m512i line = pack_line<OT>(v0, v1);
+            auto* o = reinterpret_cast<__m512i*>(static_cast<uint16_t*>(out) + i);
+            if (stream) _mm512_stream_si512(o, line); else _mm512_storeu_si512(o, line);
+        }
+    }
+    for (; i < n; i += 16) {
         __mmask16 m = tail_mask(n - i);
-        __m512 t = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, d + i));
-        store16(out, OT, i, _mm512_add_ps(load16(base, BT, i, m), t), m);
+        store16(out, OT, i, value(i, m), m);
     }
 }
 
 template <DType BT>
-static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n) {
+static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
     switch (ot) {
-        case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n);
-        case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n);
-        default: return add_round_t<BT, DType::BF16>(base, d, alpha, out, n);
+        case DType::F32:
+            return alpha == 1.0f ? add_round_t<BT, DType::F32, true>(base, d, alpha, out, n, st)
+                                 : add_round_t<BT, DType::F32, false>(base, d, alpha, out, n, st);
+        case DType::F16:
+            return alpha == 1.0f ? add_round_t<BT, DType::F16, true>(base, d, alpha, out, n, st)
+                                 : add_round_t<BT, DType::F16, false>(base, d, alpha, out, n, st);
+        default:
+            return alpha == 1.0f ? add_round_t<BT, DType::BF16, true>(base, d, alpha, out, n, st)
+                                 : add_round_t<BT, DType::BF16, false>(base, d, alpha, out, n, st);
     }
 }
 
-static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+                      bool stream) {
     switch (bt) {
-        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n);
-        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n);
-        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n);
+        case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n, stream);
+        case DType::F16: return add_round_b<DType::F16>(base, d, alpha, out, ot, n, stream);
+        default: return add_round_b<DType::BF16>(base, d, alpha, out, ot, n, stream);
     }
 }
 
@@ -104,7 +180,7 @@ static void pack_signs(const float* x, size_t n, uint8_t* bits) {
 static double abs_sum(const float* x, size_t n) {
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();  // lanes 0-7, 8-15
     for (size_t j = 0; j < n; j += 16) {
-        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+        __m512 v = _mm512_abs_ps(j + 16 <= n ? _mm512_loadu_ps(x + j) : _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
         lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
         hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
     }
@@ -114,13 +190,13 @@ static double abs_sum(const float* x, size_t n) {
     return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
 }
 
-static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
-    const __m512 off = _mm512_set1_ps(offset);
+static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float scale, float* dst) {
+    const __m512 off = _mm512_set1_ps(offset), sc = _mm512_set1_ps(scale);
     size_t j = 0;
     if (w == 8) {
         for (; j + 16 <= n; j += 16) {
             __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+            _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), off), sc));
         }
     } else if (w == 4) {
         const __m128i low4 = _mm_set1_epi8(0x0f);
@@ -128,7 +204,7 @@ static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, floa
             __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j / 2));
             __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
             __m512i c = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+            _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), off), sc));
         }
     } else if (w == 2) {
         const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -136,16 +212,96 @@ static void unpack_codes(const uint8_t* row, int w, size_t n, float offset, floa
             uint32_t word;
             std::memcpy(&word, row + j / 4, 4);
             __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), _mm512_set1_epi32(3));
-            _mm512_storeu_ps(dst + j, _mm512_sub_ps(_mm512_cvtepi32_ps(c), off));
+            _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), off), sc));
         }
     }
     // Other widths, and tails: j is a multiple of 16, so the bit position j*w is byte aligned.
-    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, dst + j);
+    scalar::unpack_codes(row + j * size_t(w) / 8, w, n - j, offset, scale, dst + j);
+}
+
+// 16 codes of width w (1..8) starting at a byte boundary: two 8-code halves of w bytes each.
+static inline __m512i codes16(const uint8_t* p, int w, __m512i shifts, __m512i mask) {
+    uint64_t a, b;
+    std::memcpy(&a, p, 8);
+    std::memcpy(&b, p + w, 8);
+    __m512i lo = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64(int64_t(a)), shifts), mask);
+    __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64(int64_t(b)), shifts), mask);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+}
+
+static void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
+                          float* dst) {
+    alignas(64) float tab[32] = {0};
+    std::memcpy(tab, table, sizeof(float) << (w < 5 ? w : 5));
+    const __m512 t0 = _mm512_load_ps(tab), t1 = _mm512_load_ps(tab + 16);
+    const __m512i shifts = _mm512_set_epi64(7 * w, 6 * w, 5 * w, 4 * w, 3 * w, 2 * w, w, 0);
+    const __m512i mask = _mm512_set1_epi64((int64_t(1) << w) - 1), signbit = _mm512_set1_epi32(int(0x80000000u));
+    const size_t code_bytes = (n * size_t(w) + 7) / 8;
+    size_t j = 0;
+    // Each step reads 8 bytes at offset j*w/8 + w: stay inside the packed row.
+    for (; j + 16 <= n && (w == 0 || j * size_t(w) / 8 + size_t(w) + 8 <= code_bytes); j += 16) {
+        __m512 v;
+        if (w == 0) v = _mm512_set1_ps(tab[0]);
+        else {
+            __m512i c = codes16(codes + j * size_t(w) / 8, w, shifts, mask);
+            v = w <= 4 ? _mm512_permutexvar_ps(c, t0)
+                       : w == 5 ? _mm512_permutex2var_ps(t0, c, t1) : _mm512_i32gather_ps(c, table, 4);
+        }
+        uint16_t m;
+        std::memcpy(&m, signs + j / 8, 2);
+        __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), signbit));
+        _mm512_storeu_ps(dst + j, _mm512_mask_blend_ps(__mmask16(m), neg, v));
+    }
+    scalar::levels_expand(signs + j / 8, codes + j * size_t(w) / 8, w, n - j, table, dst + j);
+}
+
+static void sparse_expand(const uint8_t* mask, const void* values, DType vt, float vscale, size_t n, float* dst) {
+    const __m512 vs = _mm512_set1_ps(vscale);
+    size_t j = 0, e = 0;
+    for (; j + 16 <= n; j += 16) {
+        uint16_t m;
+        std::memcpy(&m, mask + j / 8, 2);
+        const int c = __builtin_popcount(m);
+        const __mmask16 lm = __mmask16((1u << c) - 1u);
+        __m512 v;
+        if (vt == DType::I8) {
+            __m128i q = _mm_maskz_loadu_epi8(lm, static_cast<const int8_t*>(values) + e);
+            v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), vs);
+        } else {
+            v = load16(values, vt, e, lm);
+        }
+        _mm512_storeu_ps(dst + j, _mm512_maskz_expand_ps(__mmask16(m), v));
+        e += size_t(c);
+    }
+    for (; j < n; ++j) dst[j] = ((mask[j >> 3] >> (j & 7)) & 1) ? sparse_value(values, vt, e++, vscale) : 0.0f;
+}
+
+static uint64_t sum_bytes(const uint8_t* p, size_t n) {
+    __m512i acc = _mm512_setzero_si512();
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + i), _mm512_setzero_si512()));
+    uint64_t lanes[8], s = 0;
+    _mm512_storeu_si512(lanes, acc);
+    for (uint64_t v : lanes) s += v;
+    return s + scalar::sum_bytes(p + i, n - i);
+}
+
+static uint64_t popcount_bytes(const uint8_t* p, size_t n) {
+    uint64_t c = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        c += uint64_t(__builtin_popcountll(w));
+    }
+    return c + scalar::popcount_bytes(p + i, n - i);
 }
 
 static void scale(float* dst, size_t n, float s) {
     const __m512 v = _mm512_set1_ps(s);
-    for (size_t j = 0; j < n; j += 16) {
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_loadu_ps(dst + j), v));
+    if (j < n) {
         __mmask16 m = tail_mask(n - j);
         _mm512_mask_storeu_ps(dst + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dst + j), v));
     }
@@ -198,5 +354,5 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 namespace deltapack {
 const Kernels kAvx512Kernels = {"avx512", avx512::to_f32, avx512::add_round, avx512::sign_expand,
                                 avx512::pack_signs, avx512::abs_sum, avx512::unpack_codes,
-                                avx512::scale, avx512::lowrank_rows};
+                                avx512::sparse_expand, avx512::levels_expand, avx512::sum_bytes, avx512::popcount_bytes, avx512::scale, avx512::lowrank_rows};
 }

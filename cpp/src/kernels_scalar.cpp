@@ -9,7 +9,7 @@ void to_f32(const void* src, DType t, float* dst, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] = load_one(src, t, i);
 }
 
-void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n) {
+void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n, bool) {
     for (size_t i = 0; i < n; ++i) {
         float t = alpha * d[i];
         float s = load_one(base, bt, i) + t;
@@ -30,6 +30,14 @@ void pack_signs(const float* x, size_t n, uint8_t* bits) {
     }
 }
 
+void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
+                   float* dst) {
+    for (size_t j = 0; j < n; ++j) {
+        float v = table[w ? read_code(codes, w, j) : 0];
+        dst[j] = ((signs[j >> 3] >> (j & 7)) & 1) ? v : -v;
+    }
+}
+
 void fold_lanes(double lanes[16]) {
     for (int half = 8; half >= 1; half /= 2)
         for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
@@ -42,8 +50,26 @@ static double abs_sum(const float* x, size_t n) {
     return lanes[0];
 }
 
-void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float* dst) {
-    for (size_t j = 0; j < n; ++j) dst[j] = float(read_code(row, w, j)) - offset;
+void unpack_codes(const uint8_t* row, int w, size_t n, float offset, float scale, float* dst) {
+    for (size_t j = 0; j < n; ++j) dst[j] = (float(read_code(row, w, j)) - offset) * scale;
+}
+
+void sparse_expand(const uint8_t* mask, const void* values, DType vt, float vscale, size_t n, float* dst) {
+    size_t e = 0;
+    for (size_t j = 0; j < n; ++j)
+        dst[j] = ((mask[j >> 3] >> (j & 7)) & 1) ? sparse_value(values, vt, e++, vscale) : 0.0f;
+}
+
+uint64_t sum_bytes(const uint8_t* p, size_t n) {
+    uint64_t s = 0;
+    for (size_t i = 0; i < n; ++i) s += p[i];
+    return s;
+}
+
+uint64_t popcount_bytes(const uint8_t* p, size_t n) {
+    uint64_t c = 0;
+    for (size_t i = 0; i < n; ++i) c += uint64_t(__builtin_popcount(p[i]));
+    return c;
 }
 
 static void scale(float* dst, size_t n, float s) {
@@ -67,5 +93,5 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 namespace deltapack {
 const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, scalar::sign_expand,
                                 scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
-                                scalar::scale, scalar::lowrank_rows};
+                                scalar::sparse_expand, scalar::levels_expand, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows};
 }

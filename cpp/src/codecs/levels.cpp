@@ -17,16 +17,8 @@ struct LevelsDecoder : RowDecoder {
         for (int i = 0; i < nrows; ++i) {
             int64_t r = r0 + i;
             float* out = dst + size_t(i) * size_t(cols);
-            const uint8_t* sg = signs + size_t(r * sign_bytes);
-            if (width == 0) {
-                k.sign_expand(sg, size_t(cols), levels[0], out);
-                continue;
-            }
-            k.unpack_codes(codes + size_t(r * code_bytes), width, size_t(cols), 0.0f, out);
-            for (int64_t j = 0; j < cols; ++j) {
-                float v = levels[int(out[j])];
-                out[j] = ((sg[j >> 3] >> (j & 7)) & 1) ? v : -v;
-            }
+            k.levels_expand(signs + size_t(r * sign_bytes), width ? codes + size_t(r * code_bytes) : nullptr, width,
+                            size_t(cols), levels, out);
         }
     }
 };

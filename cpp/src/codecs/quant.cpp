@@ -18,10 +18,14 @@ struct QuantDecoder : RowDecoder {
         for (int i = 0; i < nrows; ++i) {
             int64_t r = r0 + i;
             float* out = dst + size_t(i) * size_t(cols);
-            k.unpack_codes(codes + size_t(r * row_bytes), bits, size_t(cols), qmax, out);
+            const uint8_t* row = codes + size_t(r * row_bytes);
+            const bool byte_aligned_groups = (group * bits) % 8 == 0;
+            if (!byte_aligned_groups) k.unpack_codes(row, bits, size_t(cols), qmax, 1.0f, out);
             for (int64_t g = 0; g < ngroups; ++g) {
                 int64_t c0 = g * group, len = std::min(group, cols - c0);
-                k.scale(out + c0, size_t(len), std::ldexp(f16_to_f32(scales[r * ngroups + g]), scale_exp));
+                const float s = std::ldexp(f16_to_f32(scales[r * ngroups + g]), scale_exp);
+                if (byte_aligned_groups) k.unpack_codes(row + c0 * bits / 8, bits, size_t(len), qmax, s, out + c0);
+                else k.scale(out + c0, size_t(len), s);
             }
         }
     }

@@ -1,4 +1,6 @@
 // sign (BitDelta): 1-bit signs + mean |delta| per tensor, row, or group of columns.
+#include <cmath>
+
 #include "common.h"
 
 namespace deltapack {
@@ -59,15 +61,18 @@ public:
             std::vector<float> buf(size_t(m.cols));
             for (int64_t r = r0; r < r1; ++r) {
                 in.row(r, buf.data(), k);
-                check_finite(buf.data(), m.cols, r);
                 k.pack_signs(buf.data(), size_t(m.cols), sg + size_t(r * rb));
+                // A NaN or infinity makes the sum of |x| non-finite: that is the finiteness check.
                 if (scope != "group") {
                     row_sums[size_t(r)] = k.abs_sum(buf.data(), size_t(m.cols));
+                    if (!std::isfinite(row_sums[size_t(r)])) check_finite(buf.data(), m.cols, r);
                     continue;
                 }
                 for (int64_t g = 0; g < ngroups; ++g) {
                     int64_t c0 = g * group, len = std::min(group, m.cols - c0);
-                    sc[r * ngroups + g] = float(k.abs_sum(buf.data() + c0, size_t(len)) / double(len));
+                    double sum = k.abs_sum(buf.data() + c0, size_t(len));
+                    if (!std::isfinite(sum)) check_finite(buf.data(), m.cols, r);
+                    sc[r * ngroups + g] = float(sum / double(len));
                 }
             }
         });

@@ -23,26 +23,28 @@ struct SparseDecoder : RowDecoder {
     const float* vscale = nullptr;
     DType vt;
     int64_t cols, mask_bytes;
-    float value(int64_t r, int64_t e) const {
-        if (vt == DType::I8) return float(reinterpret_cast<const int8_t*>(values)[e]) * vscale[r];
-        return load_one(values, vt, size_t(e));
-    }
-    void decode(int64_t r0, int nrows, float* dst, const Kernels&) const override {
-        std::fill(dst, dst + size_t(nrows) * size_t(cols), 0.0f);
+    void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+        const size_t vsize = dtype_size(vt);
         for (int i = 0; i < nrows; ++i) {
-            int64_t r = r0 + i, e = rowptr[r];
+            const int64_t r = r0 + i, e0 = rowptr[r], count = rowptr[r + 1] - e0;
+            const float vs = vscale ? vscale[r] : 1.0f;
+            const uint8_t* vals = values + size_t(e0) * vsize;
             float* out = dst + size_t(i) * size_t(cols);
             if (mask) {
-                const uint8_t* m = mask + size_t(r * mask_bytes);
-                for (int64_t b = 0; b < mask_bytes; ++b)
-                    for (unsigned v = m[b]; v; v &= v - 1) out[b * 8 + __builtin_ctz(v)] = value(r, e++);
-            } else {
-                int64_t c = -1;
-                for (; e < rowptr[r + 1]; ++e) {
-                    c += int64_t(gaps[e]) + 1;
-                    out[c] = value(r, e);
-                }
+                k.sparse_expand(mask + size_t(r * mask_bytes), vals, vt, vs, size_t(cols), out);
+                continue;
             }
+            // Gaps -> this row's bitmap, then the same SIMD expansion as the bitmap index.
+            thread_local std::vector<uint8_t> row_mask_storage;  // TLS lookup once per row, not per entry
+            row_mask_storage.assign(size_t(mask_bytes), 0);
+            uint8_t* row_mask = row_mask_storage.data();
+            const uint8_t* g = gaps + e0;
+            int64_t c = -1;
+            for (int64_t q = 0; q < count; ++q) {
+                c += int64_t(g[q]) + 1;
+                row_mask[c >> 3] |= uint8_t(1u << (c & 7));
+            }
+            k.sparse_expand(row_mask, vals, vt, vs, size_t(cols), out);
         }
     }
 };
@@ -192,10 +194,10 @@ public:
         if (index == "bitmap") {
             d->mask = static_cast<const uint8_t*>(need(e, "mask", DType::U8, {m.rows, d->mask_bytes}).data);
             const int tail_bits = int(m.cols % 8);
+            const Kernels& k = kernels();
             for (int64_t r = 0; r < m.rows; ++r) {
                 const uint8_t* row = d->mask + size_t(r * d->mask_bytes);
-                int64_t cnt = 0;
-                for (int64_t b = 0; b < d->mask_bytes; ++b) cnt += __builtin_popcount(row[b]);
+                const int64_t cnt = int64_t(k.popcount_bytes(row, size_t(d->mask_bytes)));
                 if (tail_bits && (row[d->mask_bytes - 1] >> tail_bits))
                     bad_component(e, "mask has bits set past the last column in row " + std::to_string(r));
                 if (cnt != d->rowptr[r + 1] - d->rowptr[r])
@@ -203,10 +205,12 @@ public:
             }
         } else {
             d->gaps = static_cast<const uint8_t*>(need(e, "gaps", DType::U8, {entries}).data);
+            // The last column of a row is sum(gap + 1) - 1 over its entries.
+            const Kernels& k = kernels();
             for (int64_t r = 0; r < m.rows; ++r) {
-                int64_t c = -1;
-                for (int64_t q = d->rowptr[r]; q < d->rowptr[r + 1]; ++q) c += int64_t(d->gaps[q]) + 1;
-                if (c >= m.cols) bad_component(e, "gaps run past the last column in row " + std::to_string(r));
+                const int64_t count = d->rowptr[r + 1] - d->rowptr[r];
+                const uint64_t span = k.sum_bytes(d->gaps + d->rowptr[r], size_t(count)) + uint64_t(count);
+                if (span > uint64_t(m.cols)) bad_component(e, "gaps run past the last column in row " + std::to_string(r));
             }
         }
         return d;

@@ -15,9 +15,11 @@ namespace nb = nanobind;
 using namespace nb::literals;
 using namespace deltapack;
 
-using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;            // writable (outputs)
+using InArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;    // read-only views accepted
 
-static DType dtype_of(const AnyArray& a) {
+template <class A>
+static DType dtype_of(const A& a) {
     nb::dlpack::dtype t = a.dtype();
     if (t.lanes == 1) {
         if (t.code == uint8_t(nb::dlpack::dtype_code::Float)) {
@@ -40,9 +42,10 @@ static DType dtype_of(const AnyArray& a) {
                                 std::to_string(t.bits) + " bits)");
 }
 
-static ArrayRef ref_of(const AnyArray& a) {
+template <class A>
+static ArrayRef ref_of(const A& a) {
     ArrayRef r;
-    r.data = a.data();
+    r.data = const_cast<void*>(static_cast<const void*>(a.data()));
     r.dtype = dtype_of(a);
     for (size_t i = 0; i < a.ndim(); ++i) r.shape.push_back(a.shape(i));
     return r;
@@ -56,8 +59,13 @@ static nb::dlpack::dtype numpy_dtype(DType t) {
         case DType::F64: return nb::dtype<double>();
         case DType::I64: return nb::dtype<int64_t>();
         case DType::I32: return nb::dtype<int32_t>();
+        case DType::I16: return nb::dtype<int16_t>();
         case DType::I8: return nb::dtype<int8_t>();
-        case DType::U8: return nb::dtype<uint8_t>();
+        case DType::U64: return nb::dtype<uint64_t>();
+        case DType::U32: return nb::dtype<uint32_t>();
+        case DType::U16: return nb::dtype<uint16_t>();
+        case DType::BOOL: return nb::dtype<bool>();
+        default: return nb::dtype<uint8_t>();  // u8 and the f8 formats (raw bytes)
     }
     return nb::dtype<uint8_t>();
 }
@@ -78,7 +86,7 @@ static nb::object owned_numpy(const Array& a) {
 
 // (name, codec, params, shape, dtype, components) as passed from Python.
 using PyEncoded = std::tuple<std::string, std::string, std::string, std::vector<int64_t>, std::string,
-                             std::map<std::string, AnyArray>>;
+                             std::map<std::string, InArray>>;
 
 static EncodedRef ref_of(const PyEncoded& e) {
     EncodedRef r;
@@ -107,7 +115,7 @@ NB_MODULE(_core, m) {
 
     m.def(
         "encode",
-        [](const std::string& codec, const std::string& params, const AnyArray& delta, int threads) {
+        [](const std::string& codec, const std::string& params, const InArray& delta, int threads) {
             ArrayRef in = ref_of(delta);
             Encoded enc;
             {
@@ -124,7 +132,7 @@ NB_MODULE(_core, m) {
 
     m.def(
         "apply",
-        [](const PyEncoded& e, const AnyArray& base, AnyArray out, float alpha, int threads) {
+        [](const PyEncoded& e, const InArray& base, AnyArray out, float alpha, int threads) {
             EncodedRef r = ref_of(e);
             ArrayRef b = ref_of(base), o = ref_of(out);
             ApplyParams p = apply_default_params();

@@ -26,8 +26,15 @@ static const char* st_dtype(DType t) {
         case DType::F64: return "F64";
         case DType::I64: return "I64";
         case DType::I32: return "I32";
+        case DType::I16: return "I16";
         case DType::I8: return "I8";
+        case DType::U64: return "U64";
+        case DType::U32: return "U32";
+        case DType::U16: return "U16";
         case DType::U8: return "U8";
+        case DType::BOOL: return "BOOL";
+        case DType::F8_E4M3: return "F8_E4M3";
+        case DType::F8_E5M2: return "F8_E5M2";
     }
     return "?";
 }
@@ -39,10 +46,6 @@ struct DeltaFile::Entry {
     std::vector<std::pair<std::string, ArrayRef>> components;
     uint32_t crc = 0;
 };
-
-DeltaFile::~DeltaFile() {
-    if (map_) munmap(const_cast<uint8_t*>(map_), size_);
-}
 
 static std::vector<int64_t> read_shape(const json::Value* v, const std::function<void(const std::string&)>& fail) {
     if (!v || v->kind != json::Value::Array) fail("shape must be an array");
@@ -63,8 +66,22 @@ static bool checked_nbytes(const std::vector<int64_t>& shape, size_t elem, uint6
     return true;
 }
 
-std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
-    std::unique_ptr<DeltaFile> f(new DeltaFile());
+// ---------------------------------------------------------------------------- safetensors
+
+SafetensorsFile::~SafetensorsFile() {
+    if (map_) munmap(const_cast<uint8_t*>(map_), size_);
+}
+
+std::vector<std::string> SafetensorsFile::keys() const { return order_; }
+
+const ArrayRef& SafetensorsFile::get(const std::string& name) const {
+    auto it = arrays_.find(name);
+    if (it == arrays_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "'");
+    return it->second;
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
     f->path_ = path;
     auto fail = [&](const std::string& msg) -> void { throw FormatError(path + ": " + msg); };
 
@@ -72,6 +89,7 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
     if (fd < 0) fail(std::string("cannot open: ") + std::strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) { ::close(fd); fail(std::string("cannot stat: ") + std::strerror(errno)); }
+    if (!S_ISREG(st.st_mode)) { ::close(fd); fail("not a regular file"); }
     f->size_ = size_t(st.st_size);
     if (f->size_ < 8) { ::close(fd); fail("truncated: " + std::to_string(f->size_) + " bytes is shorter than the 8-byte header length"); }
     void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -95,12 +113,16 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
     const uint8_t* data = f->map_ + 8 + hlen;
     const uint64_t data_size = f->size_ - 8 - hlen;
 
-    // safetensors entries: dtype, shape, offsets in bounds, sizes consistent, no overlap.
-    std::map<std::string, ArrayRef> arrays;
-    std::vector<std::pair<uint64_t, uint64_t>> spans;
-    const json::Value* meta = nullptr;
+    std::vector<std::pair<std::pair<uint64_t, uint64_t>, std::string>> spans;
     for (auto& kv : header.obj) {
-        if (kv.first == "__metadata__") { meta = &kv.second; continue; }
+        if (kv.first == "__metadata__") {
+            if (kv.second.kind != json::Value::Object) fail("corrupt header: __metadata__ is not an object");
+            for (auto& mv : kv.second.obj) {
+                if (mv.second.kind != json::Value::String) fail("corrupt header: __metadata__ values must be strings");
+                f->metadata_[mv.first] = mv.second.str;
+            }
+            continue;
+        }
         auto efail = [&](const std::string& m) { fail("corrupt header: tensor '" + kv.first + "': " + m); };
         const json::Value& t = kv.second;
         if (t.kind != json::Value::Object) efail("entry is not an object");
@@ -125,18 +147,32 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
             efail("shape and dtype need " + std::to_string(nbytes) + " bytes but data_offsets span " +
                   std::to_string(e - b));
         a.data = const_cast<uint8_t*>(data + b);
-        arrays[kv.first] = a;
-        spans.emplace_back(b, e);
+        f->arrays_[kv.first] = a;
+        spans.push_back({{b, e}, kv.first});
     }
     std::sort(spans.begin(), spans.end());
     for (size_t i = 1; i < spans.size(); ++i)
-        if (spans[i].first < spans[i - 1].second) fail("corrupt header: tensor data regions overlap");
+        if (spans[i].first.first < spans[i - 1].first.second)
+            fail("corrupt header: the data of tensors '" + spans[i - 1].second + "' and '" + spans[i].second + "' overlap");
+    for (auto& sp : spans) f->order_.push_back(sp.second);
+    return f;
+}
+
+// ---------------------------------------------------------------------------- delta files
+
+DeltaFile::~DeltaFile() = default;
+
+std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
+    std::unique_ptr<DeltaFile> f(new DeltaFile());
+    f->path_ = path;
+    auto fail = [&](const std::string& msg) -> void { throw FormatError(path + ": " + msg); };
+    f->file_ = SafetensorsFile::open(path);
+    const SafetensorsFile& st = *f->file_;
 
     // The manifest.
-    const json::Value* mtext = meta && meta->kind == json::Value::Object ? meta->find("deltapack") : nullptr;
-    if (!mtext || mtext->kind != json::Value::String)
-        fail("not a deltapack file: the safetensors __metadata__ has no 'deltapack' manifest");
-    f->manifest_ = mtext->str;
+    auto mit = st.metadata().find("deltapack");
+    if (mit == st.metadata().end()) fail("not a deltapack file: the safetensors __metadata__ has no 'deltapack' manifest");
+    f->manifest_ = mit->second;
     json::Value man;
     try {
         man = json::parse(f->manifest_);
@@ -181,9 +217,9 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
         if (!comps || comps->kind != json::Value::Array) tfail("components must be an array");
         for (auto& c : comps->arr) {
             if (c.kind != json::Value::String) tfail("component names must be strings");
-            auto it = arrays.find(name + ":" + c.str);
-            if (it == arrays.end()) tfail("component '" + c.str + "' is listed but not stored");
-            entry->components.emplace_back(c.str, it->second);
+            const std::string key = name + ":" + c.str;
+            if (!st.contains(key)) tfail("component '" + c.str + "' is listed but not stored");
+            entry->components.emplace_back(c.str, st.get(key));
         }
         const json::Value* crc = t.find("crc32c");
         if (!crc || crc->kind != json::Value::String || crc->str.size() != 8 ||
@@ -277,27 +313,40 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
         e.set("crc32c", json::Value::make_string(hex));
         tmap.set(t.name, e);
     }
-    // Larger elements first keeps every component aligned to its element size.
-    std::stable_sort(items.begin(), items.end(),
-                     [](const Item& a, const Item& b) { return dtype_size(a.a->dtype) > dtype_size(b.a->dtype); });
+    std::vector<std::pair<std::string, ArrayRef>> arrays;
+    for (auto& it : items) arrays.emplace_back(it.key, *it.a);
+    write_safetensors(path, arrays, {{"deltapack", json::dump(man)}});
+}
 
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+    // Larger elements first keeps every tensor aligned to its element size.
+    std::vector<const std::pair<std::string, ArrayRef>*> items;
+    for (auto& t : tensors) items.push_back(&t);
+    std::stable_sort(items.begin(), items.end(), [](auto* a, auto* b) {
+        return dtype_size(a->second.dtype) > dtype_size(b->second.dtype);
+    });
     json::Value header = json::Value::make_object();
-    json::Value meta = json::Value::make_object();
-    meta.set("deltapack", json::Value::make_string(json::dump(man)));
-    header.set("__metadata__", meta);
+    if (!metadata.empty()) {
+        json::Value meta = json::Value::make_object();
+        for (auto& kv : metadata) meta.set(kv.first, json::Value::make_string(kv.second));
+        header.set("__metadata__", meta);
+    }
     uint64_t off = 0;
-    for (auto& it : items) {
+    for (auto* it : items) {
+        if (it->first == "__metadata__" || header.find(it->first))
+            throw std::invalid_argument("write_safetensors: tensor name '" + it->first + "' is reserved or repeated");
         json::Value e = json::Value::make_object();
-        e.set("dtype", json::Value::make_string(st_dtype(it.a->dtype)));
+        e.set("dtype", json::Value::make_string(st_dtype(it->second.dtype)));
         json::Value shape = json::Value::make_array();
-        for (int64_t d : it.a->shape) shape.arr.push_back(json::Value::make_int(d));
+        for (int64_t d : it->second.shape) shape.arr.push_back(json::Value::make_int(d));
         e.set("shape", shape);
         json::Value offs = json::Value::make_array();
         offs.arr.push_back(json::Value::make_int(int64_t(off)));
-        off += it.a->nbytes();
+        off += it->second.nbytes();
         offs.arr.push_back(json::Value::make_int(int64_t(off)));
         e.set("data_offsets", offs);
-        header.set(it.key, e);
+        header.set(it->first, e);
     }
     std::string htext = json::dump(header);
     htext.append((8 - htext.size() % 8) % 8, ' ');
@@ -313,7 +362,7 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
         for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(htext.size()) >> (8 * i));
         write_all(fp, len, 8, tmp);
         write_all(fp, htext.data(), htext.size(), tmp);
-        for (auto& it : items) write_all(fp, it.a->data, it.a->nbytes(), tmp);
+        for (auto* it : items) write_all(fp, it->second.data, it->second.nbytes(), tmp);
         if (std::fflush(fp) != 0 || fsync(fileno(fp)) != 0)
             throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(errno));
         if (std::fclose(fp) != 0) { fp = nullptr; throw std::runtime_error("cannot close " + tmp + ": " + std::strerror(errno)); }

@@ -19,8 +19,15 @@ const char* dtype_name(DType t) {
         case DType::F64: return "f64";
         case DType::I64: return "i64";
         case DType::I32: return "i32";
+        case DType::I16: return "i16";
         case DType::I8: return "i8";
+        case DType::U64: return "u64";
+        case DType::U32: return "u32";
+        case DType::U16: return "u16";
         case DType::U8: return "u8";
+        case DType::BOOL: return "bool";
+        case DType::F8_E4M3: return "f8_e4m3";
+        case DType::F8_E5M2: return "f8_e5m2";
     }
     return "?";
 }
@@ -34,14 +41,21 @@ DType dtype_from_name(const std::string& n) {
     if (n == "i32" || n == "I32" || n == "int32") return DType::I32;
     if (n == "i8" || n == "I8" || n == "int8") return DType::I8;
     if (n == "u8" || n == "U8" || n == "uint8") return DType::U8;
+    if (n == "i16" || n == "I16" || n == "int16") return DType::I16;
+    if (n == "u16" || n == "U16" || n == "uint16") return DType::U16;
+    if (n == "u32" || n == "U32" || n == "uint32") return DType::U32;
+    if (n == "u64" || n == "U64" || n == "uint64") return DType::U64;
+    if (n == "bool" || n == "BOOL") return DType::BOOL;
+    if (n == "f8_e4m3" || n == "F8_E4M3") return DType::F8_E4M3;
+    if (n == "f8_e5m2" || n == "F8_E5M2") return DType::F8_E5M2;
     throw std::invalid_argument("unknown dtype '" + n + "'");
 }
 
 size_t dtype_size(DType t) {
     switch (t) {
-        case DType::F64: case DType::I64: return 8;
-        case DType::F32: case DType::I32: return 4;
-        case DType::F16: case DType::BF16: return 2;
+        case DType::F64: case DType::I64: case DType::U64: return 8;
+        case DType::F32: case DType::I32: case DType::U32: return 4;
+        case DType::F16: case DType::BF16: case DType::I16: case DType::U16: return 2;
         default: return 1;
     }
 }

@@ -21,7 +21,9 @@ namespace deltapack {
 
 // ----------------------------------------------------------------------------------- basics
 
-enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I8, U8 };
+// Float types the engine computes with, plus the integer/byte types of components and of
+// other tensors a safetensors file may hold.
+enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2 };
 
 const char* dtype_name(DType t);                 // "f32", "f16", "bf16", "f64", "i64", ...
 DType dtype_from_name(const std::string& name);  // accepts deltapack and safetensors spellings
@@ -110,6 +112,34 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
 // ----------------------------------------------------------------------------------- files
 
+// Any safetensors file, opened read-only and memory-mapped. Checked before use: header length,
+// JSON, dtypes, shape * dtype size == byte span, offsets in bounds, no overlapping regions.
+class SafetensorsFile {
+public:
+    static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+    ~SafetensorsFile();
+
+    const std::string& path() const { return path_; }
+    std::vector<std::string> keys() const;                      // in data-offset order
+    bool contains(const std::string& name) const { return arrays_.count(name) != 0; }
+    const ArrayRef& get(const std::string& name) const;         // throws std::out_of_range
+    const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+private:
+    SafetensorsFile() = default;
+    std::string path_;
+    std::map<std::string, ArrayRef> arrays_;
+    std::vector<std::string> order_;
+    std::map<std::string, std::string> metadata_;
+    const uint8_t* map_ = nullptr;
+    size_t size_ = 0;
+};
+
+// Writes a safetensors file atomically (temporary name, fsync, rename). Tensors are laid out
+// larger element sizes first (so each is aligned to its element size), otherwise in the given order.
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
 // A delta file opened read-only and memory-mapped. Everything is checked before use: header
 // length, JSON, dtypes, offsets in bounds and non-overlapping, manifest entries, component sizes.
 class DeltaFile {
@@ -131,8 +161,7 @@ private:
     std::string path_, manifest_;
     std::vector<std::string> order_;
     std::map<std::string, std::shared_ptr<Entry>> entries_;
-    const uint8_t* map_ = nullptr;
-    size_t size_ = 0;
+    std::unique_ptr<SafetensorsFile> file_;
 };
 
 // Writes a delta file atomically (a temporary name in the same directory, fsync, rename).

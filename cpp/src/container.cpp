@@ -219,7 +219,13 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
             if (c.kind != json::Value::String) tfail("component names must be strings");
             const std::string key = name + ":" + c.str;
             if (!st.contains(key)) tfail("component '" + c.str + "' is listed but not stored");
-            entry->components.emplace_back(c.str, st.get(key));
+            for (auto& prev : entry->components)
+                if (prev.first == c.str) tfail("component '" + c.str + "' is listed twice");
+            const ArrayRef& a = st.get(key);
+            // Decoders read components through typed pointers: they must be aligned.
+            if (reinterpret_cast<uintptr_t>(a.data) % dtype_size(a.dtype) != 0)
+                tfail("component '" + c.str + "' is not aligned to its element size");
+            entry->components.emplace_back(c.str, a);
         }
         const json::Value* crc = t.find("crc32c");
         if (!crc || crc->kind != json::Value::String || crc->str.size() != 8 ||
@@ -287,7 +293,8 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
     man.set("version", json::Value::make_int(kFormatVersion));
     man.set("tool", json::Value::make_string("deltapack " DELTAPACK_VERSION));
     for (auto& kv : extra.obj)
-        if (kv.first != "format" && kv.first != "version" && kv.first != "tensors") man.set(kv.first, kv.second);
+        if (kv.first != "format" && kv.first != "version" && kv.first != "tool" && kv.first != "tensors")
+            man.set(kv.first, kv.second);
     json::Value& tmap = man.set("tensors", json::Value::make_object());
     for (const EncodedRef& t : tensors) {
         if (t.name.empty()) throw std::invalid_argument("save: a tensor has an empty name");
@@ -369,6 +376,11 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
         fp = nullptr;
         if (std::rename(tmp.c_str(), path.c_str()) != 0)
             throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
+        // Make the rename itself durable.
+        const size_t slash = path.find_last_of('/');
+        const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+        int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) { fsync(dfd); ::close(dfd); }
     } catch (...) {
         if (fp) std::fclose(fp);
         std::remove(tmp.c_str());

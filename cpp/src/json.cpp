@@ -191,7 +191,11 @@ void dump_to(std::string& out, const Value& v) {
             if (v.is_integer) { out += std::to_string(v.integer); break; }
             if (!std::isfinite(v.num)) throw std::invalid_argument("JSON cannot hold a non-finite number");
             char buf[32];
-            std::snprintf(buf, sizeof buf, "%.17g", v.num);
+            // Shortest of %.15g / %.16g / %.17g that reads back exactly (0.9, not 0.90000000000000002).
+            for (int prec = 15; prec <= 17; ++prec) {
+                std::snprintf(buf, sizeof buf, "%.*g", prec, v.num);
+                if (std::strtod(buf, nullptr) == v.num) break;
+            }
             std::string t = buf;
             if (t.find_first_of(".eE") == std::string::npos) t += ".0";
             out += t;

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -11,6 +12,9 @@ import time
 import numpy as np
 
 import deltapack as dp
+
+# Modules that add subcommands (each defines register(subparsers)); kept in one list here.
+PLUGIN_MODULES: list[str] = []
 
 DEMO_RECIPES = ["sign", "sign:scope=row", "levels:bits=2", "levels:bits=4", "quant:bits=4", "quant:bits=2",
                 "sparse:p=0.9", "sparse:p=0.9,mode=magnitude", "lowrank:rank=32", "dense:dtype=bf16"]
@@ -128,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of each tensor")
     i.set_defaults(fn=cmd_info)
+
+    # Feature modules add their own subcommands: each has register(subparsers).
+    for module in PLUGIN_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as ex:  # an optional dependency of that feature is missing
+            if ex.name and ex.name.split(".")[0] == "deltapack":
+                raise
+            continue
+        mod.register(sub)
     return p
 
 

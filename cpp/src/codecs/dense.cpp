@@ -35,7 +35,7 @@ public:
                 in.row(r, buf.data(), k);
                 check_finite(buf.data(), m.cols, r);
                 void* row = out + size_t(r * m.cols) * dtype_size(dt);
-                for (int64_t j = 0; j < m.cols; ++j) store_one(row, dt, size_t(j), buf[size_t(j)]);
+                for (int64_t j = 0; j < m.cols; ++j) store_checked(row, dt, size_t(j), buf[size_t(j)], "dense");
             }
         });
         return {{"values", values}};

@@ -80,7 +80,7 @@ public:
             double n = double(m.rows) * double(m.cols);
             sc[0] = n > 0 ? float(sum_in_row_order(row_sums) / n) : 0.0f;
         } else if (scope == "row") {
-            for (int64_t r = 0; r < m.rows; ++r) sc[r] = float(row_sums[size_t(r)] / double(m.cols));
+            for (int64_t r = 0; r < m.rows; ++r) sc[r] = m.cols ? float(row_sums[size_t(r)] / double(m.cols)) : 0.0f;
         }
         return {{"signs", signs}, {"scales", scales}};
     }

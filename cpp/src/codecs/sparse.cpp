@@ -157,7 +157,7 @@ public:
                 }
                 void* vdst = static_cast<uint8_t*>(values.ref.data) + size_t(rp[r]) * size_t(vsize);
                 if (vt != DType::I8) {
-                    for (size_t q = 0; q < vals.size(); ++q) store_one(vdst, vt, q, vals[q]);
+                    for (size_t q = 0; q < vals.size(); ++q) store_checked(vdst, vt, q, vals[q], "sparse");
                     continue;
                 }
                 float mx = 0.0f;

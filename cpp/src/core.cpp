@@ -80,6 +80,9 @@ Array Array::zeros(DType dtype, std::vector<int64_t> shape) {
 
 static bool cpu_has(const std::string& path) {
     if (path == "scalar") return true;
+#if defined(DELTAPACK_ARM)
+    if (path == "neon") return true;  // Advanced SIMD is mandatory on AArch64
+#endif
 #if defined(DELTAPACK_X86)
     __builtin_cpu_init();
     if (path == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
@@ -91,6 +94,9 @@ static bool cpu_has(const std::string& path) {
 }
 
 static const Kernels* table_for(const std::string& path) {
+#if defined(DELTAPACK_ARM)
+    if (path == "neon") return &kNeonKernels;
+#endif
 #if defined(DELTAPACK_X86)
     if (path == "avx512") return &kAvx512Kernels;
     if (path == "avx2") return &kAvx2Kernels;
@@ -101,7 +107,7 @@ static const Kernels* table_for(const std::string& path) {
 
 std::vector<std::string> simd_available() {
     std::vector<std::string> out;
-    for (const char* p : {"scalar", "avx2", "avx512"})
+    for (const char* p : {"scalar", "neon", "avx2", "avx512"})
         if (table_for(p) && cpu_has(p)) out.push_back(p);
     return out;
 }

@@ -45,6 +45,9 @@ extern const Kernels kScalarKernels;
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
 #endif
+#ifdef DELTAPACK_ARM
+extern const Kernels kNeonKernels;
+#endif
 
 const Kernels& kernels();  // the active path
 void store_fence();        // orders streaming stores before returning to the caller

@@ -217,7 +217,7 @@ def open(path, verify: bool = True) -> DeltaFile:  # noqa: A001 - mirrors safete
 
 
 def set_simd(path: str) -> None:
-    """Force a SIMD path: 'auto', 'scalar', 'avx2', 'avx512' (also env DELTAPACK_SIMD)."""
+    """Force a SIMD path: 'auto', 'scalar', 'avx2', 'avx512', 'neon' (also env DELTAPACK_SIMD)."""
     _core.set_simd(path)
 
 

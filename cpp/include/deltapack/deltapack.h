@@ -101,7 +101,7 @@ void apply(const EncodedRef& enc, const ArrayRef& base, const ArrayRef& out,
 void decode(const EncodedRef& enc, const ArrayRef& out, int threads = 0);
 
 // SIMD path: "auto" (best available; default, or from env DELTAPACK_SIMD), "scalar", "avx2",
-// "avx512". Throws std::invalid_argument for a path this CPU or build lacks.
+// "avx512" (x86-64), "neon" (AArch64). Throws std::invalid_argument for a path this CPU or build lacks.
 void set_simd(const std::string& path);
 std::string simd();                              // the path in use
 std::vector<std::string> simd_available();       // paths this CPU and build can run

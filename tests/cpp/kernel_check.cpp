@@ -1,0 +1,135 @@
+// Compares every kernel of every SIMD path this CPU runs against the scalar path, bit for bit,
+// on random data with awkward lengths and special values. Exit status 0 = all identical.
+// Built and run by tests/test_kernels_native.py (natively, and for AArch64 under qemu-user).
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+
+using namespace deltapack;
+
+static int failures = 0;
+static std::mt19937_64 rng(1234);
+
+static void check(bool ok, const char* path, const char* what, size_t n) {
+    if (!ok && failures++ < 20) std::printf("MISMATCH %s %s n=%zu\n", path, what, n);
+}
+
+static std::vector<float> random_floats(size_t n, bool special) {
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_int_distribution<int> ex(-30, 10);
+    std::vector<float> v(n);
+    const float specials[] = {0.0f, -0.0f, 1e-40f, -3e-39f, 65504.0f, 65520.0f, 1e30f, 6.1e-5f, 5.9e-8f};
+    for (size_t i = 0; i < n; ++i) {
+        v[i] = std::ldexp(nd(rng), ex(rng));
+        if (special && i % 7 == 3) v[i] = specials[(i / 7) % 9];
+    }
+    return v;
+}
+
+template <class T>
+static bool same(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+static std::vector<uint8_t> random_bytes(size_t n) {
+    std::vector<uint8_t> b(n);
+    for (auto& x : b) x = uint8_t(rng());
+    return b;
+}
+
+static void check_path(const Kernels& k) {
+    const Kernels& s = kScalarKernels;
+    const DType fts[] = {DType::F32, DType::F16, DType::BF16};
+    for (size_t n : {size_t(0), size_t(1), size_t(7), size_t(16), size_t(31), size_t(33), size_t(100), size_t(257), size_t(1000)}) {
+        auto x = random_floats(n, true);
+        // Inputs of each dtype.
+        for (DType t : fts) {
+            std::vector<uint8_t> src(n * dtype_size(t) + 1);
+            for (size_t i = 0; i < n; ++i) store_one(src.data(), t, i, x[i]);
+            std::vector<float> a(n), b(n);
+            s.to_f32(src.data(), t, a.data(), n);
+            k.to_f32(src.data(), t, b.data(), n);
+            check(same(a, b), k.name, "to_f32", n);
+            auto d = random_floats(n, false);
+            for (DType ot : fts)
+                for (float alpha : {1.0f, 0.37f, -2.0f})
+                    for (bool stream : {false, true}) {
+                        std::vector<uint8_t> o1(n * dtype_size(ot) + 64), o2(o1.size());
+                        s.add_round(src.data(), t, d.data(), alpha, o1.data(), ot, n, stream);
+                        k.add_round(src.data(), t, d.data(), alpha, o2.data(), ot, n, stream);
+                        if (stream) store_fence();
+                        check(same(o1, o2), k.name, "add_round", n);
+                    }
+        }
+        auto bits = random_bytes((n + 7) / 8 + 16);
+        {
+            std::vector<float> a(n), b(n);
+            s.sign_expand(bits.data(), n, 0.25f, a.data());
+            k.sign_expand(bits.data(), n, 0.25f, b.data());
+            check(same(a, b), k.name, "sign_expand", n);
+            std::vector<uint8_t> p1((n + 7) / 8), p2((n + 7) / 8);
+            s.pack_signs(x.data(), n, p1.data());
+            k.pack_signs(x.data(), n, p2.data());
+            check(same(p1, p2), k.name, "pack_signs", n);
+            auto y = random_floats(n, false);
+            double s1 = s.abs_sum(y.data(), n), s2 = k.abs_sum(y.data(), n);
+            check(std::memcmp(&s1, &s2, 8) == 0, k.name, "abs_sum", n);
+        }
+        for (int w = 1; w <= 8; ++w) {
+            auto codes = random_bytes((n * size_t(w) + 7) / 8 + 16);
+            std::vector<float> a(n), b(n);
+            s.unpack_codes(codes.data(), w, n, 7.0f, 0.125f, a.data());
+            k.unpack_codes(codes.data(), w, n, 7.0f, 0.125f, b.data());
+            check(same(a, b), k.name, "unpack_codes", n);
+            float table[256];
+            for (int i = 0; i < 256; ++i) table[i] = float(i) * 0.01f;
+            s.levels_expand(bits.data(), codes.data(), w - 1, n, table, a.data());
+            k.levels_expand(bits.data(), codes.data(), w - 1, n, table, b.data());
+            check(same(a, b), k.name, "levels_expand", n);
+        }
+        for (DType vt : {DType::F32, DType::F16, DType::BF16, DType::I8}) {
+            std::vector<uint8_t> vals(n * 4 + 8);
+            for (size_t i = 0; i < n; ++i) {
+                if (vt == DType::I8) vals[i] = uint8_t(rng());
+                else store_one(vals.data(), vt, i, x[i]);
+            }
+            std::vector<float> a(n), b(n);
+            s.sparse_expand(bits.data(), vals.data(), vt, 0.5f, n, a.data());
+            k.sparse_expand(bits.data(), vals.data(), vt, 0.5f, n, b.data());
+            check(same(a, b), k.name, "sparse_expand", n);
+        }
+        check(s.sum_bytes(bits.data(), bits.size()) == k.sum_bytes(bits.data(), bits.size()), k.name, "sum_bytes", n);
+        check(s.popcount_bytes(bits.data(), bits.size()) == k.popcount_bytes(bits.data(), bits.size()), k.name,
+              "popcount_bytes", n);
+        {
+            auto a = random_floats(n, false), b = a;
+            s.scale(a.data(), n, 0.3f);
+            k.scale(b.data(), n, 0.3f);
+            check(same(a, b), k.name, "scale", n);
+        }
+        for (int r : {1, 3, 8}) {
+            for (int nr : {1, 4, 5}) {
+                auto U = random_floats(size_t(nr * r), false), V = random_floats(size_t(r) * n, false);
+                std::vector<float> a(size_t(nr) * n), b(a.size());
+                s.lowrank_rows(U.data(), V.data(), r, n, nr, a.data());
+                k.lowrank_rows(U.data(), V.data(), r, n, nr, b.data());
+                check(same(a, b), k.name, "lowrank_rows", n);
+            }
+        }
+    }
+}
+
+int main() {
+    for (const std::string& path : simd_available()) {
+        if (path == "scalar") continue;
+        set_simd(path);
+        check_path(kernels());
+        std::printf("checked %s against scalar\n", path.c_str());
+    }
+    std::printf(failures ? "%d mismatches\n" : "all kernels identical\n", failures);
+    return failures ? 1 : 0;
+}

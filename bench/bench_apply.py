@@ -86,6 +86,8 @@ def torch_reference(enc: dp.Encoded, base: torch.Tensor):
             return (base.float() + u.float() @ v.float()).to(torch.bfloat16)
     else:
         vals = torch.from_numpy(c["values"])
+        if p["dtype"] == "bf16":  # numpy keeps bf16 as uint16 bit patterns
+            vals = torch.from_numpy(c["values"].view(np.int16)).view(torch.bfloat16)
 
         def run():
             return (base.float() + vals.float()).to(torch.bfloat16)

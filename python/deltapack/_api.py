@@ -130,19 +130,20 @@ def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None 
     if _is_torch(base):
         base_c = _contiguous(base)
         if out is None:
-            out = torch_empty_like(base_c)
+            out = _torch_empty_like(base_c)
     else:
         base_c = np.ascontiguousarray(base)
         if out is None:
             out = np.empty_like(base_c)
     _dtype_name(out)
-    if (out.is_contiguous() if _is_torch(out) else out.flags.c_contiguous) is False:
-        raise ValueError("out must be C-contiguous")
+    contiguous = out.is_contiguous() if _is_torch(out) else out.flags.c_contiguous
+    if not contiguous:
+        raise ValueError(f"tensor '{enc.name}': out must be C-contiguous")
     _core.apply(enc._core(), base_c, out, float(alpha), _threads(threads))
     return out
 
 
-def torch_empty_like(t):
+def _torch_empty_like(t):
     import torch
 
     return torch.empty_like(t, memory_format=torch.contiguous_format)

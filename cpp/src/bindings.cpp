@@ -112,6 +112,15 @@ NB_MODULE(_core, m) {
     m.def("set_default_threads", &set_default_threads, "threads"_a);
     m.def("default_threads", &default_threads);
     m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, "data"_a, "crc"_a = 0);
+    m.def(
+        "crc32c",
+        [](const InArray& a, uint32_t crc) {
+            const void* p = a.data();
+            size_t n = a.nbytes();
+            nb::gil_scoped_release nogil;
+            return crc32c(p, n, crc);
+        },
+        "data"_a, "crc"_a = 0, "CRC-32C of a contiguous array's bytes (no copy).");
 
     m.def(
         "encode",

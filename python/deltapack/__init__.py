@@ -9,6 +9,7 @@
 from ._api import (DeltaFile, Encoded, FormatError, apply, decode, encode, open, save, set_simd,
                    set_threads, simd, simd_available)
 from ._core import __version__, codec_names
+from .checkpoint import load, load_into
 
 __all__ = ["DeltaFile", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
-           "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__"]
+           "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__", "load", "load_into"]

@@ -14,7 +14,7 @@ import numpy as np
 import deltapack as dp
 
 # Modules that add subcommands (each defines register(subparsers)); kept in one list here.
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = ["deltapack.cli_export", "deltapack.cli_analyze"]
 
 DEMO_RECIPES = ["sign", "sign:scope=row", "levels:bits=2", "levels:bits=4", "quant:bits=4", "quant:bits=2",
                 "sparse:p=0.9", "sparse:p=0.9,mode=magnitude", "lowrank:rank=32", "dense:dtype=bf16"]
@@ -82,18 +82,35 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Per-tensor codec, parameters, shape and bits per parameter of a delta file."""
+    """Per-tensor codec, parameters, shape and bits per parameter of a delta file; for a checkpoint
+    delta also what changed (added, removed, resized tensors) and the compression ratio."""
     f = dp.open(args.file, verify=not args.no_verify)
+    ckpt = None
+    if isinstance(f.metadata, dict) and "checkpoint" in f.metadata:
+        from . import checkpoint
+        ckpt = checkpoint.describe(f)
+        ops = {n: s["op"] for n, s in f.metadata["checkpoint"]["tensors"].items()}
     tensors, total_params, total_bytes = [], 0, 0
     for name in f.keys():
         enc = f.get(name)
-        tensors.append({"name": name, "codec": enc.codec, "params": enc.params, "shape": list(enc.shape),
-                        "dtype": enc.dtype, "bytes": enc.nbytes, "bits_per_param": enc.bits_per_param})
+        row = {"name": name, "codec": enc.codec, "params": enc.params, "shape": list(enc.shape),
+               "dtype": enc.dtype, "bytes": enc.nbytes, "bits_per_param": enc.bits_per_param}
+        if ckpt is not None:
+            row["op"] = ops.get(name, "new_rows" if name.endswith("#new_rows") else "?")
+        tensors.append(row)
         total_params += enc.numel
         total_bytes += enc.nbytes
+    metadata = {k: v for k, v in f.metadata.items() if k != "checkpoint"} if isinstance(f.metadata, dict) \
+        else f.metadata
+    base = f.base
+    if isinstance(base, dict) and isinstance(base.get("tensors"), dict):  # a fingerprint: summarise it
+        base = {k: v for k, v in base.items() if k != "tensors"} | {"tensors": len(base["tensors"])}
     summary = {"file": args.file, "file_bytes": f.nbytes, "tensors": len(tensors), "params": total_params,
-               "bits_per_param": 8.0 * total_bytes / max(total_params, 1), "metadata": f.metadata,
-               "base": f.base, "tool": f.manifest.get("tool")}
+               "bits_per_param": 8.0 * total_bytes / max(total_params, 1), "metadata": metadata,
+               "base": base, "tool": f.manifest.get("tool")}
+    if ckpt is not None:
+        summary["checkpoint"] = ckpt
+        summary["compression_ratio"] = ckpt["ratio"]
     if args.json:
         print(json.dumps({**summary, "tensor_list": tensors}, indent=1))
         return 0
@@ -102,12 +119,90 @@ def cmd_info(args) -> int:
     for t in tensors:
         shape = "x".join(map(str, t["shape"])) or "scalar"
         params = ",".join(f"{k}={v}" for k, v in t["params"].items())
-        print(f"{t['name']:{w}s}  {t['codec']:8s} {shape:>16s} {t['dtype']:5s} {t['bits_per_param']:10.3f}  {params}")
+        op = f"  [{t['op']}]" if t.get("op") not in (None, "delta") else ""
+        print(f"{t['name']:{w}s}  {t['codec']:8s} {shape:>16s} {t['dtype']:5s} {t['bits_per_param']:10.3f}  "
+              f"{params}{op}")
     print(f"{len(tensors)} tensors, {total_params:,} parameters, {f.nbytes:,} bytes on disk, "
           f"{summary['bits_per_param']:.3f} bits/param")
-    if f.metadata:
-        print(f"metadata: {json.dumps(f.metadata)}")
+    if ckpt is not None:
+        print(f"fine-tune: {ckpt['tensors']} tensors, {ckpt['ft_bytes']:,} bytes; compression ratio "
+              f"{ckpt['ratio']:.2f}x; {ckpt['unchanged']} unchanged (not stored), {ckpt['delta']} as deltas")
+        for label, key in (("added/replaced", "added_or_replaced"), ("removed", "removed")):
+            if ckpt[key]:
+                print(f"{label}: {', '.join(ckpt[key])}")
+        for n, r in ckpt["resized"].items():
+            print(f"resized: {n} {r['base_shape']} -> {r['shape']}")
+        for n, src in ckpt["sources"].items():
+            print(f"rebuilt from another base tensor: {n} <- {src} (untied embeddings)")
+        if ckpt["files"]:
+            print(f"kept files: {', '.join(ckpt['files'])}")
+    if metadata:
+        print(f"metadata: {json.dumps(metadata)}")
     return 0
+
+
+def _metadata_arg(items):
+    meta = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--metadata {item!r}: expected KEY=VALUE")
+        meta[key] = value
+    return meta
+
+
+def cmd_compress(args) -> int:
+    """Store a fine-tune as a delta against its base: one tensor at a time, per-tensor recipes."""
+    from . import checkpoint
+    checkpoint._install_sigterm()
+    s = checkpoint.compress(args.base, args.ft, args.output, args.recipe, min_size=args.min_size,
+                            metadata=_metadata_arg(args.metadata), threads=args.threads or None,
+                            quiet=args.quiet)
+    if args.json:
+        print(json.dumps(s, indent=1))
+    elif not args.quiet:
+        print(f"wrote {s['file']}: {s['file_bytes']:,} bytes, {s['ratio']:.2f}x smaller than the fine-tune "
+              f"({s['ft_bytes']:,} bytes); {s['delta']} deltas, {s['new']} added, {s['resized']} resized, "
+              f"{s['removed']} removed, {s['same']} unchanged")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    """Rebuild the fine-tune (base + alpha*delta) as a Hugging Face directory sharded like the base."""
+    from . import checkpoint
+    checkpoint._install_sigterm()
+    s = checkpoint.apply_checkpoint(args.base, args.delta, args.output, alpha=args.alpha, dtype=args.dtype,
+                                    force=args.force, overwrite=args.overwrite, threads=args.threads or None,
+                                    quiet=args.quiet, fsync=not args.no_fsync)
+    if not args.quiet:
+        print(f"wrote {s['out']}: {s['tensors']} tensors, {s['bytes']:,} bytes")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Rebuild every tensor and compare with the real fine-tune; exit 3 past the thresholds."""
+    from . import checkpoint
+    rows = checkpoint.verify(args.base, args.ft, args.delta, force=args.force, threads=args.threads or None,
+                             quiet=args.quiet)
+    bad = [r for r in rows if r["rel_error"] > args.max_rel_error or r["delta_cosine"] < args.min_cosine]
+    if args.json:
+        print(json.dumps({"ok": not bad, "max_rel_error": args.max_rel_error, "min_cosine": args.min_cosine,
+                          "tensors": rows}, indent=1))
+    else:
+        if not args.quiet:
+            w = max([len(r["name"]) for r in rows] + [6])
+            print(f"{'tensor':{w}s}  {'op':8s} {'rel.error':>10s} {'cosine':>10s} {'Δ rel.err':>10s} "
+                  f"{'Δ cosine':>9s}")
+            for r in rows:
+                flag = "  <-- over threshold" if r in bad else ""
+                print(f"{r['name']:{w}s}  {r['op']:8s} {r['rel_error']:10.3e} {r['cosine']:10.7f} "
+                      f"{r['delta_rel_error']:10.4f} {r['delta_cosine']:9.5f}{flag}")
+        worst = max(rows, key=lambda r: r["rel_error"], default=None)
+        if worst is not None:
+            print(f"{len(rows)} tensors; worst relative error {worst['rel_error']:.3e} ({worst['name']}); "
+                  f"{sum(r['exact'] for r in rows)} bit-exact; "
+                  + (f"{len(bad)} over threshold" if bad else "all within threshold"))
+    return 3 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,11 +222,62 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(fn=cmd_demo)
 
-    i = sub.add_parser("info", help="list the tensors of a delta file", description=cmd_info.__doc__)
+    i = sub.add_parser("info", help="list the tensors of a delta file (and, for a checkpoint, what changed)",
+                       description=cmd_info.__doc__)
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of each tensor")
     i.set_defaults(fn=cmd_info)
+
+    c = sub.add_parser("compress", help="store a fine-tune checkpoint as a delta against its base",
+                       description=cmd_compress.__doc__ + " BASE and FT are Hugging Face model directories "
+                       "(model.safetensors or shards + index.json) or single .safetensors files.")
+    c.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
+    c.add_argument("ft", metavar="FT", help="fine-tuned model directory or .safetensors file")
+    c.add_argument("-o", "--output", required=True, metavar="FILE", help="delta file to write")
+    c.add_argument("--recipe", default="sign", help="recipe or per-tensor rules 'pattern=recipe;...' for "
+                   "matrices, e.g. '*.mlp.*=lowrank:rank=64;*=sign' (default: sign). 1-D and small tensors "
+                   "are stored dense where they changed; unchanged tensors are not stored")
+    c.add_argument("--min-size", type=int, default=4096, metavar="N",
+                   help="tensors with fewer elements are stored dense (default 4096)")
+    c.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    c.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(fn=cmd_compress)
+
+    a = sub.add_parser("apply", help="rebuild a fine-tune (base + alpha*delta) as a Hugging Face directory",
+                       description=cmd_apply.__doc__ + " Config and tokenizer files kept in the delta are "
+                       "written too. A single-file base gives a single .safetensors output.")
+    a.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
+    a.add_argument("delta", metavar="FILE", help="delta file made by `deltapack compress`")
+    a.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (or file)")
+    a.add_argument("--alpha", type=float, default=1.0,
+                   help="scale of the delta: 1 = the fine-tune, >1 extrapolates, <1 interpolates (default 1)")
+    a.add_argument("--dtype", choices=["bf16", "f16", "f32"], help="output dtype (default: the fine-tune's)")
+    a.add_argument("--force", action="store_true", help="apply even if BASE does not match the delta's base")
+    a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    a.add_argument("--no-fsync", action="store_true", help="do not flush the files to disk before renaming "
+                   "OUT into place (still atomic if killed, not on power loss; faster on slow disks)")
+    a.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    a.set_defaults(fn=cmd_apply)
+
+    v = sub.add_parser("verify", help="compare a rebuilt fine-tune with the real one, per tensor",
+                       description=cmd_verify.__doc__ + " rel.error = |rebuilt - ft| / |ft| per tensor; "
+                       "cosine of the weights, and relative error and cosine of the deltas (vs the base).")
+    v.add_argument("base", metavar="BASE")
+    v.add_argument("ft", metavar="FT")
+    v.add_argument("delta", metavar="FILE")
+    v.add_argument("--max-rel-error", type=float, default=0.05,
+                   help="fail (exit 3) if a tensor's weight relative error is above this (default 0.05)")
+    v.add_argument("--min-cosine", type=float, default=-1.0,
+                   help="fail (exit 3) if a tensor's delta cosine is below this (default: off)")
+    v.add_argument("--force", action="store_true", help="skip the base fingerprint check")
+    v.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
+    v.set_defaults(fn=cmd_verify)
 
     # Feature modules add their own subcommands: each has register(subparsers).
     for module in PLUGIN_MODULES:

@@ -1,0 +1,228 @@
+"""Peak memory and throughput of `deltapack compress` / `deltapack apply` at Llama-3-8B tensor shapes.
+
+    python bench/bench_checkpoint.py [--layers 4 8] [--dir /tmp] [--recipe sign]
+
+Builds a synthetic bf16 checkpoint pair (embeddings 128256x4096, attention 4096x4096 and 1024x4096,
+MLP 14336x4096, norms; embed_tokens and lm_head) as ~2 GiB shards, then for each layer count:
+  - peak RSS of `deltapack compress` and `deltapack apply` (os.wait4 of the subprocess), against the
+    bound 1 GiB + 3 x the largest tensor;
+  - their wall time against, in the same run, reading the same bytes with safetensors (compress:
+    base + fine-tune; apply: base read + output written with safetensors.torch.save_file).
+Needs ~3 x 5.6 GiB of disk at 8 layers; everything is deleted afterwards. Results go to
+bench/results/checkpoint.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HIDDEN, KV, INTER, VOCAB = 4096, 1024, 14336, 128256
+SHARD_BYTES = 2 << 30
+
+
+def layer_shapes(n_layers):
+    yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (HIDDEN,)
+        for proj, rows in (("q_proj", HIDDEN), ("k_proj", KV), ("v_proj", KV), ("o_proj", HIDDEN)):
+            yield p + f"self_attn.{proj}.weight", (rows, HIDDEN)
+        yield p + "post_attention_layernorm.weight", (HIDDEN,)
+        yield p + "mlp.gate_proj.weight", (INTER, HIDDEN)
+        yield p + "mlp.up_proj.weight", (INTER, HIDDEN)
+        yield p + "mlp.down_proj.weight", (HIDDEN, INTER)
+    yield "model.norm.weight", (HIDDEN,)
+    yield "lm_head.weight", (VOCAB, HIDDEN)
+
+
+def _pattern(n, seed):
+    """bf16 bit patterns of N(0, 0.02)-like weights (sign, exponent near 2^-6, random mantissa)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def write_checkpoint(path, n_layers, fine_tune):
+    """Stream a sharded bf16 checkpoint to disk (one tensor in memory at a time)."""
+    os.makedirs(path)
+    block = _pattern(1 << 24, 0)
+    flip = np.random.default_rng(1).integers(0, 4, 1 << 24, dtype=np.uint16)  # low mantissa bits
+    shapes = list(layer_shapes(n_layers))
+    shards, cur, size = [], [], 0
+    for name, shape in shapes:
+        nbytes = int(np.prod(shape)) * 2
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += nbytes
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in shard:
+            n = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+            weight_map[name] = fname
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(os.path.join(path, fname), "wb") as fh:
+            fh.write(len(text).to_bytes(8, "little") + text)
+            for j, (name, shape) in enumerate(shard):
+                n = int(np.prod(shape))
+                reps = -(-n // block.size)
+                t = np.tile(np.roll(block, 7919 * (j + 1) + i), reps)[:n]
+                if fine_tune and len(shape) == 2:
+                    t ^= np.tile(flip, reps)[:n]
+                fh.write(t.tobytes())
+                total += n * 2
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "torch_dtype": "bfloat16", "num_hidden_layers": n_layers}, fh)
+    return total, max(int(np.prod(s)) * 2 for _, s in shapes)
+
+
+_LAUNCHER = ("import os, subprocess, sys, time; t = time.perf_counter(); p = subprocess.Popen(sys.argv[1:], "
+             "stdout=subprocess.DEVNULL); _, st, ru = os.wait4(p.pid, 0); "
+             "print(st, time.perf_counter() - t, ru.ru_maxrss)")
+
+
+def run_measured(cmd):
+    """Wall time and peak RSS (bytes) of a subprocess. It is started by a small launcher process: Linux
+    folds the spawning process's own peak RSS into a child's ru_maxrss at exec, and this one is large."""
+    r = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    status, wall, maxrss = r.stdout.split()
+    if int(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr}")
+    return float(wall), int(maxrss) * 1024
+
+
+def safetensors_read(dirs):
+    """Seconds to read every tensor of the given HF directories with safetensors (copy out of the mmap)."""
+    from safetensors import safe_open
+    t0 = time.perf_counter()
+    for d in dirs:
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                with safe_open(os.path.join(d, f), framework="pt") as st:
+                    for k in st.keys():
+                        st.get_tensor(k).clone()  # get_tensor may be a lazy view of the mmap: copy it out
+    return time.perf_counter() - t0
+
+
+def safetensors_read_write(src, dst):
+    """Seconds to read each shard of src and write it to dst with safetensors.torch.save_file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    os.makedirs(dst)
+    t0 = time.perf_counter()
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(src, f), framework="pt") as st:
+                tensors = {k: st.get_tensor(k) for k in st.keys()}
+            save_file(tensors, os.path.join(dst, f), metadata={"format": "pt"})
+            del tensors
+    t = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return t
+
+
+def bench(n_layers, workdir, recipe, repeats):
+    root = tempfile.mkdtemp(prefix=f"dpk-bench-{n_layers}-", dir=workdir)
+    try:
+        t0 = time.perf_counter()
+        total, largest = write_checkpoint(os.path.join(root, "base"), n_layers, False)
+        write_checkpoint(os.path.join(root, "ft"), n_layers, True)
+        print(f"[{n_layers} layers] built 2 x {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+        base, ft, delta, out = (os.path.join(root, x) for x in ("base", "ft", "d.dpk", "out"))
+        cli = [sys.executable, "-m", "deltapack.cli"]
+        safetensors_read([base, ft])  # warm the page cache so both sides read from memory
+        t_read, t_c, t_rw, t_a, t_nf, rss_c, rss_a = [], [], [], [], [], 0, 0
+        for rep in range(repeats):  # alternate baseline and deltapack; each step starts with no dirty pages
+            os.sync()
+            t_read.append(safetensors_read([base, ft]))
+            os.sync()
+            if os.path.exists(delta):
+                os.unlink(delta)
+            t, rss1 = run_measured(cli + ["compress", base, ft, "-o", delta, "--recipe", recipe, "-q"])
+            t_c.append(t)
+            rss_c = max(rss_c, rss1)
+            os.sync()
+            t_rw.append(safetensors_read_write(base, os.path.join(root, "st_out")))
+            os.sync()
+            shutil.rmtree(out, ignore_errors=True)
+            t, rss = run_measured(cli + ["apply", base, delta, "-o", out, "-q"])
+            t_a.append(t)
+            rss_a = max(rss_a, rss)
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            t_nf.append(run_measured(cli + ["apply", base, delta, "-o", out, "-q", "--no-fsync"])[0])
+            os.sync()
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  compress {t_c[-1]:.1f} s (peak RSS {rss1 / 2**30:.2f} GiB) vs safetensors read "
+                  f"{t_read[-1]:.1f} s;"
+                  f" apply {t_a[-1]:.1f} s (peak RSS {rss / 2**30:.2f} GiB; --no-fsync {t_nf[-1]:.1f} s) vs "
+                  f"safetensors read+write {t_rw[-1]:.1f} s", file=sys.stderr)
+        t_read, t_c, t_rw, t_a, t_nf = (float(np.median(x)) for x in (t_read, t_c, t_rw, t_a, t_nf))
+        bound = (1 << 30) + 3 * largest
+        return {"layers": n_layers, "recipe": recipe, "repeats": repeats, "model_bytes": total,
+                "largest_tensor_bytes": largest,
+                "delta_bytes": os.path.getsize(delta), "rss_bound_bytes": bound,
+                "compress_s": t_c, "compress_peak_rss_bytes": rss_c, "safetensors_read_s": t_read,
+                "compress_vs_read": t_read / t_c, "apply_s": t_a, "apply_peak_rss_bytes": rss_a,
+                "safetensors_read_write_s": t_rw, "apply_vs_read_write": t_rw / t_a,
+                "apply_no_fsync_s": t_nf, "apply_no_fsync_vs_read_write": t_rw / t_nf,
+                "compress_gbps": 2 * total / t_c / 1e9, "apply_gbps": 2 * total / t_a / 1e9}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--recipe", default="sign")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per step (median reported)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "checkpoint"))
+    args = ap.parse_args()
+    rows = [bench(n, args.dir, args.recipe, args.repeats) for n in args.layers]
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "results": rows}, fh, indent=1)
+    gib = 2 ** 30
+    lines = ["| layers | model GiB | delta MiB | compress s | vs read | compress peak RSS GiB | apply s | "
+             "vs read+write | apply --no-fsync s | vs read+write | apply peak RSS GiB | RSS bound GiB |",
+             "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['layers']} | {r['model_bytes'] / gib:.2f} | {r['delta_bytes'] / 2**20:.0f} | "
+                     f"{r['compress_s']:.1f} | {r['compress_vs_read']:.2f}x | "
+                     f"{r['compress_peak_rss_bytes'] / gib:.2f} | "
+                     f"{r['apply_s']:.1f} | {r['apply_vs_read_write']:.2f}x | {r['apply_no_fsync_s']:.1f} | "
+                     f"{r['apply_no_fsync_vs_read_write']:.2f}x | {r['apply_peak_rss_bytes'] / gib:.2f} | "
+                     f"{r['rss_bound_bytes'] / gib:.2f} |")
+    text = (f"# deltapack compress / apply at Llama-3-8B shapes (bf16, recipe `{args.recipe}`)\n\n"
+            f"{meta}\n\n" + "\n".join(lines) + "\n\n'vs read' = time to read base + fine-tune with safetensors "
+            "/ compress time; 'vs read+write' = time to read the base and write the same bytes with safetensors "
+            "/ apply time (>= 0.5x is the target). Median of the repeats; peak RSS = max over repeats of the subprocess (os.wait4 in a small launcher). apply includes fsync of every shard (safetensors' save_file does not fsync).\n")
+    with open(args.out + ".md", "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1289 @@
+"""Compress and rebuild Hugging Face checkpoints (safetensors), one tensor at a time.
+
+    summary = compress("base_dir", "ft_dir", "ft.dpk", recipe="*.mlp.*=lowrank:rank=64;*=sign")
+    apply_checkpoint("base_dir", "ft.dpk", "out_dir", alpha=1.0, dtype=None)   # a loadable HF dir
+    sd = load("base_dir", "ft.dpk")                  # state dict of torch tensors
+    load_into(model, "ft.dpk", base="base_dir")      # rebuild a torch module's parameters in place
+
+Memory: tensors are read with pread() into one buffer per tensor (not through a long-lived mmap,
+whose touched pages would stay resident for the whole run), so peak memory follows the largest
+tensor, not the model. The delta file is written by a streaming writer that produces exactly the
+bytes `deltapack.save` would (docs/FORMAT.md): components are spilled to unnamed temporary files
+by element size, then header + spills are assembled and renamed into place.
+
+How a fine-tune is recorded (docs/checkpoints.md): the manifest's `metadata["checkpoint"]` lists
+every tensor of the fine-tune with its dtype, shape and how to rebuild it (`op`):
+  same     copy the base tensor `source` (unchanged; nothing stored)
+  delta    base[source] + alpha * delta[name]
+  new      the stored values, as is (added tensors, or changed shape / exactness fallback)
+  resized  rows [:k] = base[source][:k] + alpha * delta[name], rows [k:] = delta[name#new_rows]
+plus `removed` (base tensors the fine-tune lacks) and `files` (config.json, tokenizer, ...).
+The manifest's `base` holds the base fingerprint: per tensor dtype, shape, CRC-32 (zlib) of its bytes.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _api, _core, reference
+from .recipes import Rules
+
+CHECKPOINT_VERSION = 1
+NEW_ROWS = "#new_rows"
+# safetensors dtype -> (deltapack float name or None, numpy dtype used to hold the bytes, size)
+_ST_DTYPES = {
+    "F64": (None, np.float64, 8), "F32": ("f32", np.float32, 4), "F16": ("f16", np.float16, 2),
+    "BF16": ("bf16", np.uint16, 2), "I64": (None, np.int64, 8), "I32": (None, np.int32, 4),
+    "I16": (None, np.int16, 2), "I8": (None, np.int8, 1), "U64": (None, np.uint64, 8),
+    "U32": (None, np.uint32, 4), "U16": (None, np.uint16, 2), "U8": (None, np.uint8, 1),
+    "BOOL": (None, np.bool_, 1), "F8_E4M3": (None, np.uint8, 1), "F8_E5M2": (None, np.uint8, 1),
+}
+_FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+_NP_COMPONENT_ST = {np.dtype(np.int64): "I64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                    np.dtype(np.uint16): "BF16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
+_MAX_HEADER = 100 << 20
+_CHUNK = 16 << 20  # elements per streaming chunk (64 MiB of f32)
+_IO_CHUNK = 1 << 30  # bytes per read()/write() system call (Linux caps one call near 2 GiB)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_MAX_KEPT_FILE = 32 << 20
+_REOPEN = 256 << 20  # bytes of delta read before the delta file is reopened (see _Rebuilder._enc)
+_OUTPUT_EMBEDDINGS = ("lm_head.weight",)
+_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
+                     "transformer.word_embeddings.weight", "embed_tokens.weight")
+
+
+class BaseMismatchError(ValueError):
+    """The base given to apply is not the one the delta was made from."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _no_duplicates(where):
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise _api.FormatError(f"{where}: key '{k}' is listed twice")
+            seen[k] = v
+        return seen
+    return hook
+
+
+def _pread_into(fd, mv, offset, path):
+    """Fill memoryview `mv` from file offset, in calls of at most _IO_CHUNK bytes."""
+    done, n = 0, len(mv)
+    while done < n:
+        got = os.preadv(fd, [mv[done:done + _IO_CHUNK]], offset + done)
+        if got == 0:
+            raise _api.FormatError(f"{path}: file ends early (truncated?) at byte {offset + done}")
+        done += got
+
+
+def _write_all(fd, data, path):
+    mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    done = 0
+    try:
+        while done < len(mv):
+            done += os.write(fd, mv[done:done + _IO_CHUNK])
+    except OSError as ex:
+        what = "disk full" if ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ex.strerror
+        raise OSError(ex.errno, f"writing {path}: {what} ({ex.strerror})") from None
+
+
+@dataclass
+class TensorInfo:
+    """Where one tensor lives: its shard file, safetensors dtype, shape and absolute byte range."""
+
+    name: str
+    path: str
+    dtype: str
+    shape: tuple
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def float_name(self):
+        return _ST_DTYPES[self.dtype][0]
+
+    @property
+    def np_dtype(self):
+        return np.dtype(_ST_DTYPES[self.dtype][1])
+
+
+def read_safetensors_header(path) -> tuple[dict, dict[str, TensorInfo]]:
+    """Parse and check a safetensors header (sizes, offsets, overlaps): (metadata, tensors in data order)."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise _api.FormatError(f"{path}: not a safetensors file (only {size} bytes)")
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        if n > _MAX_HEADER or n > size - 8:
+            raise _api.FormatError(f"{path}: not a safetensors file (header length {n} is invalid for "
+                                   f"a file of {size} bytes)")
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+        raise _api.FormatError(f"{path}: safetensors header is not valid JSON ({ex})") from None
+    if not isinstance(header, dict):
+        raise _api.FormatError(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors = []
+    for name, e in header.items():
+        bad = f"{path}: tensor '{name}':"
+        if not isinstance(e, dict) or e.get("dtype") not in _ST_DTYPES:
+            raise _api.FormatError(f"{bad} unknown or missing dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise _api.FormatError(f"{bad} bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_size):
+            raise _api.FormatError(f"{bad} data_offsets {offs!r} fall outside the file's {data_size} data bytes "
+                                   "(truncated file?)")
+        if math.prod(shape) * _ST_DTYPES[e["dtype"]][2] != offs[1] - offs[0]:
+            raise _api.FormatError(f"{bad} {e['dtype']} {shape} needs {math.prod(shape) * _ST_DTYPES[e['dtype']][2]} "
+                                   f"bytes but data_offsets span {offs[1] - offs[0]}")
+        tensors.append(TensorInfo(name, path, e["dtype"], tuple(shape), data_start + offs[0], data_start + offs[1]))
+    tensors.sort(key=lambda t: t.start)
+    for a, b in zip(tensors, tensors[1:]):
+        if b.start < a.end:
+            raise _api.FormatError(f"{path}: tensors '{a.name}' and '{b.name}' overlap")
+    return meta, {t.name: t for t in tensors}
+
+
+class Checkpoint:
+    """A model: a directory (model.safetensors, or shards + model.safetensors.index.json) or one
+    .safetensors file. Lists tensors (in shard and data order) and reads them one at a time."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            self.dir = self.path
+            index = os.path.join(self.path, "model.safetensors.index.json")
+            single = os.path.join(self.path, "model.safetensors")
+            if os.path.exists(index):
+                self.shards, self.weight_map, self.index_metadata = self._read_index(index)
+            elif os.path.exists(single):
+                self.shards, self.weight_map, self.index_metadata = ["model.safetensors"], None, None
+            else:
+                raise FileNotFoundError(errno.ENOENT, f"{self.path}: no model.safetensors or "
+                                        "model.safetensors.index.json in this directory")
+        elif os.path.exists(self.path):
+            self.dir = None
+            self.shards, self.weight_map, self.index_metadata = [self.path], None, None
+        else:
+            raise FileNotFoundError(errno.ENOENT, f"{self.path}: no such file or directory")
+        self.tensors: dict[str, TensorInfo] = {}
+        self.shard_metadata: dict[str, dict] = {}
+        self.shard_of: dict[str, str] = {}
+        for shard in self.shards:
+            full = self._full(shard)
+            try:
+                meta, tensors = read_safetensors_header(full)
+            except (IsADirectoryError, PermissionError, FileNotFoundError) as ex:
+                raise type(ex)(ex.errno, f"{full}: cannot read shard ({ex.strerror})") from None
+            self.shard_metadata[shard] = meta
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    raise _api.FormatError(f"{self.path}: tensor '{name}' is stored twice, in "
+                                           f"{os.path.basename(self.tensors[name].path)} and {shard}")
+                self.tensors[name] = info
+                self.shard_of[name] = shard
+        if self.weight_map is not None:
+            for name, shard in self.weight_map.items():
+                if self.shard_of.get(name) != shard:
+                    where = self.shard_of.get(name)
+                    raise _api.FormatError(f"{self.path}: index lists tensor '{name}' in {shard}, but "
+                                           + (f"it is in {where}" if where else "that shard does not hold it"))
+            extra = [n for n in self.tensors if n not in self.weight_map]
+            if extra:
+                raise _api.FormatError(f"{self.path}: tensor '{extra[0]}' is in "
+                                       f"{self.shard_of[extra[0]]} but not in the index")
+        self.config = self._read_json("config.json") if self.dir else None
+
+    def _full(self, shard):
+        return os.path.join(self.dir, shard) if self.dir else shard
+
+    def _read_index(self, index):
+        with open(index, "rb") as fh:
+            try:
+                data = json.loads(fh.read().decode("utf-8"), object_pairs_hook=_no_duplicates(index))
+            except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+                raise _api.FormatError(f"{index}: not valid JSON ({ex})") from None
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise _api.FormatError(f"{index}: no 'weight_map' object of tensor name -> shard file")
+        shards = list(dict.fromkeys(wm.values()))
+        for shard in shards:
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise _api.FormatError(f"{index}: shard name {shard!r} is not a plain file name")
+            if not os.path.exists(os.path.join(self.path, shard)):
+                raise FileNotFoundError(errno.ENOENT, f"{index}: points at shard {shard}, which does not exist")
+        return sorted(shards), wm, data.get("metadata")
+
+    def _read_json(self, name):
+        p = os.path.join(self.dir, name)
+        if not os.path.exists(p):
+            return None
+        with open(p, encoding="utf-8") as fh:
+            try:
+                return json.load(fh)
+            except json.JSONDecodeError as ex:
+                raise _api.FormatError(f"{p}: not valid JSON ({ex})") from None
+
+    def keys(self):
+        return list(self.tensors)
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __getitem__(self, name) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name, out=None, start=0, stop=None) -> np.ndarray:
+        """Elements [start, stop) of tensor `name` (flat), into `out` if given (numpy, bytes-compatible)."""
+        info = self.tensors[name]
+        size = info.np_dtype.itemsize
+        stop = info.numel if stop is None else stop
+        if out is None:
+            out = np.empty(stop - start, info.np_dtype)
+        mv = memoryview(out).cast("B")
+        if len(mv) != (stop - start) * size:
+            raise ValueError(f"tensor '{name}': read buffer holds {len(mv)} bytes, need {(stop - start) * size}")
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            _pread_into(fd, mv, info.start + start * size, info.path)
+        finally:
+            os.close(fd)
+        return out
+
+    def read_tensor(self, name) -> np.ndarray:
+        """The whole tensor as a numpy array of its shape (bf16 as uint16 bits)."""
+        return self.read(name).reshape(self.tensors[name].shape)
+
+    def tied_source(self, name):
+        """For an output embedding missing here (tied to the input embedding), the input embedding's name."""
+        if name not in _OUTPUT_EMBEDDINGS or name in self.tensors:
+            return None
+        if self.config is not None and self.config.get("tie_word_embeddings") is False:
+            return None
+        return next((n for n in _INPUT_EMBEDDINGS if n in self.tensors), None)
+
+
+def _crc32c(arr, crc=0) -> int:
+    """CRC-32C (the container's checksum) of an array's bytes."""
+    return _core.crc32c(np.ascontiguousarray(arr).reshape(-1).view(np.uint8), crc)
+
+
+def _crc32(arr, crc=0) -> int:
+    """zlib CRC-32 of an array's bytes, for the base fingerprint (no copy: about 3x faster than _crc32c here)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"), crc)
+
+
+def _as_checkpoint(x):
+    return x if isinstance(x, Checkpoint) else Checkpoint(x)
+
+
+def _as_delta(x):
+    return x if isinstance(x, _api.DeltaFile) else _api.open(x)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def _fsync_dir(d):
+    fd = os.open(d or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_fd(fd, path):
+    """Give the unnamed file open as `fd` a name: linkat(AT_EMPTY_PATH), else via /proc/self/fd."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", -100, os.fsencode(path), 0x1000) == 0:  # AT_FDCWD, AT_EMPTY_PATH
+        return
+    os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+
+
+_LINKABLE: dict[str, bool] = {}
+
+
+def _can_link_tmpfile(directory) -> bool:
+    """Whether an O_TMPFILE in `directory` can later be linked to a name (probed once per directory)."""
+    if directory not in _LINKABLE:
+        ok = False
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644)
+            probe = os.path.join(directory, f".deltapack-probe-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                _link_fd(fd, probe)
+                os.unlink(probe)
+                ok = True
+            finally:
+                os.close(fd)
+        except (AttributeError, OSError):
+            pass
+        _LINKABLE[directory] = ok
+    return _LINKABLE[directory]
+
+
+class _AtomicFile:
+    """A file that appears under its final name only when commit() succeeds.
+
+    Uses an unnamed O_TMPFILE where the file system has it (nothing is left behind if the process
+    is killed), else a hidden temporary name removed on failure."""
+
+    def __init__(self, path, anonymous_only=False):
+        self.path = os.fspath(path)
+        self.dir = os.path.dirname(os.path.abspath(self.path))
+        self.tmpname = None
+        try:
+            if not (anonymous_only or _can_link_tmpfile(self.dir)):
+                raise OSError(errno.EOPNOTSUPP, "no linkable O_TMPFILE here")
+            self.fd = os.open(self.dir, os.O_TMPFILE | os.O_RDWR, 0o644)
+        except (AttributeError, OSError):
+            if anonymous_only:
+                import tempfile
+                self.fd, name = tempfile.mkstemp(dir=self.dir, prefix=".deltapack-spill-")
+                os.unlink(name)  # still anonymous: the open descriptor keeps the data
+            else:
+                self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
+                self.fd = os.open(self.tmpname, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+
+    def write(self, data):
+        _write_all(self.fd, data, self.path)
+
+    def commit(self, fsync=True):
+        if fsync:
+            os.fsync(self.fd)
+        if self.tmpname is None:
+            self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
+            _link_fd(self.fd, self.tmpname)
+        os.close(self.fd)
+        self.fd = None
+        try:
+            os.replace(self.tmpname, self.path)
+        except OSError:
+            os.unlink(self.tmpname)
+            raise
+        self.tmpname = None
+        if fsync:
+            _fsync_dir(self.dir)
+
+    def abort(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmpname is not None and os.path.exists(self.tmpname):
+            os.unlink(self.tmpname)
+            self.tmpname = None
+
+
+class _AtomicDir:
+    """An output directory built under a hidden temporary name and renamed into place."""
+
+    def __init__(self, path, overwrite=False):
+        self.path = os.path.abspath(os.fspath(path))
+        parent, leaf = os.path.split(self.path)
+        if os.path.exists(self.path) and not overwrite:
+            raise FileExistsError(errno.EEXIST, f"{self.path} already exists (use --overwrite to replace it)")
+        os.makedirs(parent, exist_ok=True)
+        self._remove_stale(parent, leaf)
+        self.tmp = os.path.join(parent, f".{leaf}.deltapack-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(self.tmp)
+        self.overwrite = overwrite
+
+    @staticmethod
+    def _remove_stale(parent, leaf):
+        """Remove temporary directories left by killed runs (their process no longer exists)."""
+        prefix = f".{leaf}.deltapack-tmp-"
+        for entry in os.listdir(parent):
+            if entry.startswith(prefix):
+                try:
+                    os.kill(int(entry[len(prefix):].split("-")[0]), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                except (ValueError, PermissionError):
+                    pass
+
+    def commit(self, fsync=True):
+        if fsync:  # contents durable before the rename makes them visible
+            for entry in os.listdir(self.tmp):
+                fd = os.open(os.path.join(self.tmp, entry), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(self.tmp)
+        old = None
+        if os.path.exists(self.path):
+            old = f"{self.tmp}-old"
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        if fsync:
+            _fsync_dir(os.path.dirname(self.path))
+        if old:
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            else:
+                os.unlink(old)
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- delta writer
+
+def _float_repr(x: float) -> str:
+    for digits in (15, 16, 17):
+        s = f"{x:.{digits}g}"
+        if float(s) == x:
+            break
+    return s if any(c in s for c in ".eEn") else s + ".0"
+
+
+def _dumps(obj) -> str:
+    """Compact JSON as deltapack's C++ writer emits it (raw UTF-8, shortest 15-17 digit reals)."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return json.dumps(obj, ensure_ascii=False)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"cannot store non-finite number {obj} in a manifest")
+        return _float_repr(obj)
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{_dumps(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(_dumps(v) for v in obj) + "]"
+    raise TypeError(f"cannot store {type(obj).__name__} in a manifest")
+
+
+class DeltaWriter:
+    """Writes a delta file tensor by tensor, holding only one tensor's components in memory.
+
+    The bytes are those `deltapack.save` writes for the same tensors (docs/FORMAT.md §1): components
+    go to one spill file per element size (8, 4, 2, 1 bytes) as they come; close() writes the header
+    and concatenates the spills into the final file, atomically."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.final = _AtomicFile(self.path)
+        self.spills = {}
+        self.entries = {}  # tensor name -> manifest entry
+        self.layout = []  # (component key, st dtype, shape, size class, nbytes) in arrival order
+        self.spill_size = {8: 0, 4: 0, 2: 0, 1: 0}
+
+    def add(self, name: str, enc) -> None:
+        if name in self.entries:
+            raise ValueError(f"{self.path}: tensor '{name}' added twice")
+        if ":" in name:
+            raise ValueError(f"{self.path}: tensor name '{name}' contains ':' (reserved for components)")
+        _core.validate(enc._core(name))
+        comps = sorted(enc.components, key=lambda c: c.encode())
+        crc = 0
+        for c in comps:
+            arr = np.ascontiguousarray(enc.components[c])
+            if arr.dtype not in _NP_COMPONENT_ST:
+                raise ValueError(f"tensor '{name}': component {c} has unsupported dtype {arr.dtype}")
+            crc = _crc32c(arr, crc)
+            size = arr.dtype.itemsize
+            if size not in self.spills:
+                self.spills[size] = _AtomicFile(self.path, anonymous_only=True)
+            self.spills[size].write(arr)
+            self.layout.append((f"{name}:{c}", _NP_COMPONENT_ST[arr.dtype], list(arr.shape), size, arr.nbytes))
+            self.spill_size[size] += arr.nbytes
+        self.entries[name] = {"codec": enc.codec, "params": enc.params, "shape": list(enc.shape),
+                              "dtype": enc.dtype, "components": comps, "crc32c": f"{crc:08x}"}
+
+    def close(self, metadata=None, base=None) -> int:
+        """Write header + data and rename into place; returns the file size."""
+        from . import __version__
+        manifest = {"format": "deltapack", "version": 1, "tool": f"deltapack {__version__}"}
+        if metadata is not None:
+            manifest["metadata"] = metadata
+        if base is not None:
+            manifest["base"] = base
+        manifest["tensors"] = self.entries
+        header = {"__metadata__": {"deltapack": _dumps(manifest)}}
+        offset = 0
+        for size in (8, 4, 2, 1):
+            for key, st, shape, s, nbytes in self.layout:
+                if s == size:
+                    header[key] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+        text = _dumps(header).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        if len(text) > _MAX_HEADER:
+            raise ValueError(f"{self.path}: manifest is {len(text)} bytes, over the format's 100 MiB limit "
+                             "(too many kept files?)")
+        self.final.write(len(text).to_bytes(8, "little") + text)
+        for size in (8, 4, 2, 1):
+            if size in self.spills:
+                self._copy_spill(self.spills[size].fd, self.spill_size[size])
+        self.final.commit()
+        self.abort()
+        return 8 + len(text) + offset
+
+    def _copy_spill(self, src_fd, nbytes):
+        buf = np.empty(min(nbytes, 64 << 20), np.uint8)
+        done = 0
+        while done < nbytes:
+            n = min(len(buf), nbytes - done)
+            _pread_into(src_fd, memoryview(buf)[:n], done, "<spill>")
+            self.final.write(memoryview(buf)[:n])
+            done += n
+
+    def abort(self):
+        for f in self.spills.values():
+            f.abort()
+        self.spills = {}
+        self.final.abort()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _progress(total, desc, quiet):
+    """A tqdm bar over bytes if tqdm is installed and not quiet; else a no-op object."""
+    if not quiet:
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                        file=sys.stderr)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _dense_enc(values: np.ndarray, float_name: str) -> _api.Encoded:
+    """An in-memory dense encoding that holds `values` as they are (no copy)."""
+    return _api.Encoded("dense", {"dtype": float_name}, tuple(values.shape), float_name, {"values": values})
+
+
+def _widen_into(x, float_name, out):
+    """Exact float32 values of f32/f16/bf16 storage, into `out` (float32)."""
+    if float_name == "bf16":  # bf16 bits are the high half of the f32 bits
+        bits = out.view(np.uint32)
+        bits[...] = x
+        bits <<= 16
+    else:
+        out[...] = x
+
+
+def _delta_into(ft_chunk, ft_name, base_chunk, base_name, out, block=1 << 20):
+    """out = f32(ft) - f32(base), one IEEE f32 subtraction per element, in cache-sized blocks."""
+    tmp = np.empty(min(block, out.size), np.float32)
+    for s in range(0, out.size, block):
+        e = min(out.size, s + block)
+        _widen_into(ft_chunk[s:e], ft_name, out[s:e])
+        _widen_into(base_chunk[s:e], base_name, tmp[:e - s])
+        np.subtract(out[s:e], tmp[:e - s], out=out[s:e])
+
+
+def _round_to(values_f32, float_name):
+    return reference.round_to(values_f32, float_name)
+
+
+def _convert(arr, src_float, dst_float):
+    """Convert a float array between f32/f16/bf16 storage with one round-to-nearest-even."""
+    if src_float == dst_float:
+        return arr
+    return _round_to(reference.widen(arr, src_float), dst_float)
+
+
+def _keep_files(ft: Checkpoint) -> dict:
+    """The fine-tune's non-weight files (config, tokenizer, generation config ...) to store in the manifest."""
+    files = {}
+    if not ft.dir:
+        return files
+    for entry in sorted(os.listdir(ft.dir)):
+        full = os.path.join(ft.dir, entry)
+        if (entry.startswith(".") or not os.path.isfile(full) or entry.endswith(_WEIGHT_SUFFIXES)
+                or entry.endswith(".index.json")):
+            continue
+        if os.path.getsize(full) > _MAX_KEPT_FILE:
+            print(f"deltapack: not keeping {full} ({os.path.getsize(full)} bytes, over "
+                  f"{_MAX_KEPT_FILE >> 20} MiB)", file=sys.stderr)
+            continue
+        with open(full, "rb") as fh:
+            data = fh.read()
+        try:
+            files[entry] = {"text": data.decode("utf-8")}
+        except UnicodeDecodeError:
+            files[entry] = {"base64": base64.b64encode(data).decode("ascii")}
+    return files
+
+
+def _fingerprint(base: Checkpoint, crcs: dict) -> dict:
+    tensors = {}
+    for name, info in base.tensors.items():
+        entry = {"dtype": info.dtype, "shape": list(info.shape)}
+        if name in crcs:
+            entry["crc32"] = f"{crcs[name]:08x}"
+        tensors[name] = entry
+    return {"fingerprint": "crc32", "tensors": tensors,
+            "config": {k: base.config[k] for k in ("model_type", "_name_or_path") if k in base.config}
+            if base.config else None}
+
+
+# ----------------------------------------------------------------------------- compress
+
+def _plan(base: Checkpoint, ft: Checkpoint) -> dict:
+    """How each fine-tune tensor relates to the base: {name: {op, dtype, shape, source?, base_shape?}}."""
+    plan = {}
+    for name, fi in ft.tensors.items():
+        src = name if name in base else base.tied_source(name)
+        spec = {"dtype": fi.dtype, "shape": list(fi.shape)}
+        bi = base[src] if src else None
+        if bi is not None and src != name:
+            spec["source"] = src
+        if fi.float_name is None or (bi is not None and bi.float_name is None):
+            if bi is None or bi.dtype != fi.dtype or bi.shape != fi.shape:
+                raise ValueError(f"{ft.path}: tensor '{name}' ({fi.dtype}) is not a float tensor and differs "
+                                 "from the base; deltapack stores only f32/f16/bf16 changes")
+            spec["op"] = "same"  # checked byte for byte while compressing
+        elif bi is None:
+            spec["op"] = "new"
+        elif bi.shape == fi.shape:
+            spec["op"] = "delta"
+        elif len(bi.shape) == len(fi.shape) >= 1 and bi.shape[1:] == fi.shape[1:]:
+            spec["op"] = "resized"
+            spec["base_shape"] = list(bi.shape)
+        else:
+            spec["op"] = "new"
+            spec["base_shape"] = list(bi.shape)
+        plan[name] = spec
+    return plan
+
+
+def _choose(rules: Rules, name: str, shape, min_size: int):
+    """Codec for a tensor's delta: the recipe for 2-D+ tensors of at least min_size elements, else dense f32."""
+    if len(shape) >= 2 and math.prod(shape) >= min_size:
+        found = rules.recipe_for(name)
+        if found is not None:
+            return found
+    return "dense", {"dtype": "f32"}
+
+
+class _Compressor:
+    def __init__(self, base, ft, rules, min_size, threads, bar):
+        self.base, self.ft, self.rules, self.min_size = base, ft, rules, min_size
+        self.threads, self.bar = threads, bar
+        self.crcs = {}
+        self._scratch = np.empty(0, np.float32)
+
+    def _base_crc(self, name, crc):
+        self.crcs.setdefault(name, crc)
+
+    def delta_of(self, name, src, n, check_exact):
+        """Delta of the first n elements of ft[name] vs base[src]; None when identical.
+        Returns (delta f32 flat, exact) where exact says base + delta rounds back to ft exactly.
+        (A read-ahead thread was tried: with numpy and pread sharing the GIL and 2 cores it cost more CPU.)"""
+        fi, bi = self.ft[name], self.base[src]
+        if self._scratch.size < n:  # one buffer reused for every tensor: no page faults per tensor
+            self._scratch = None
+            self._scratch = np.empty(n, np.float32)
+        delta = self._scratch[:n]
+        bbuf = np.empty(min(n, _CHUNK), bi.np_dtype)
+        fbuf = np.empty(min(n, _CHUNK), fi.np_dtype)
+        identical = bi.dtype == fi.dtype
+        exact = True
+        crc = 0
+        for s in range(0, n, _CHUNK):
+            e = min(n, s + _CHUNK)
+            b, f = bbuf[:e - s], fbuf[:e - s]
+            self.base.read(src, b, s, e)
+            self.ft.read(name, f, s, e)
+            crc = _crc32(b, crc)
+            if identical:
+                identical = np.array_equal(b.view(np.uint8), f.view(np.uint8))
+            _delta_into(f, fi.float_name, b, bi.float_name, delta[s:e])
+            if check_exact:
+                back = np.empty(e - s, fi.np_dtype)
+                _api.apply(b, _dense_enc(delta[s:e], "f32"), out=back, threads=self.threads)
+                exact = exact and np.array_equal(back.view(np.uint8), f.view(np.uint8))
+            self.bar.update(b.nbytes + f.nbytes)
+        if n < bi.numel:  # rows the fine-tune dropped: read only for the fingerprint
+            rest = np.empty(min(bi.numel - n, _CHUNK), bi.np_dtype)
+            for s in range(n, bi.numel, _CHUNK):
+                e = min(bi.numel, s + _CHUNK)
+                crc = _crc32(self.base.read(src, rest[:e - s], s, e), crc)
+                self.bar.update((e - s) * bi.np_dtype.itemsize)
+        self._base_crc(src, crc)
+        return (None if identical else delta), exact
+
+    def encode(self, name, values_f32, shape):
+        codec, params = _choose(self.rules, name, shape, self.min_size)
+        try:
+            return _api.encode(values_f32.reshape(shape), codec, threads=self.threads, **params)
+        except ValueError as ex:
+            raise ValueError(f"tensor '{name}' {list(shape)}: {codec}: {ex}") from None
+
+    def raw(self, name, start_row=0):
+        """Fine-tune rows [start_row:] stored exactly (dense in the fine-tune's own dtype)."""
+        fi = self.ft[name]
+        shape = (fi.shape[0] - start_row,) + fi.shape[1:] if start_row else fi.shape
+        vals = self.ft.read(name, start=start_row * math.prod(fi.shape[1:])).reshape(shape)
+        self.bar.update(vals.nbytes)
+        try:
+            return _api.encode(vals, "dense", dtype=fi.float_name)
+        except ValueError as ex:
+            raise ValueError(f"{self.ft.path}: tensor '{name}': {ex}") from None
+
+
+def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metadata: dict | None = None,
+             threads: int | None = None, quiet: bool = True, keep_files: bool = True) -> dict:
+    """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
+
+    recipe: per-tensor rules `pattern=recipe;...` applied to tensors with >= 2 dims and >= min_size
+    elements; the others are stored `dense` (f32) where they changed. Unchanged tensors are not stored.
+    Returns a summary dict (counts, bytes, ratio).
+    """
+    base, ft = _as_checkpoint(base), _as_checkpoint(ft)
+    rules = Rules(recipe)
+    plan = _plan(base, ft)
+    total = sum(ft[n].nbytes + (base[s.get("source", n)].nbytes if s["op"] in ("delta", "resized") else 0)
+                for n, s in plan.items())
+    bar = _progress(total, "compress", quiet)
+    c = _Compressor(base, ft, rules, min_size, threads, bar)
+    writer = DeltaWriter(out)
+    try:
+        for name, spec in plan.items():
+            fi = ft[name]
+            src = spec.get("source", name)
+            if spec["op"] == "same":  # a non-float tensor: must be byte-identical
+                a, b = ft.read(name), base.read(src)
+                if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+                    raise ValueError(f"{ft.path}: tensor '{name}' ({fi.dtype}) differs from the base; "
+                                     "deltapack stores only f32/f16/bf16 changes")
+                c._base_crc(src, _crc32(b))
+                bar.update(a.nbytes + b.nbytes)
+            elif spec["op"] == "new":
+                writer.add(name, c.raw(name))
+            elif spec["op"] == "delta":
+                codec, params = _choose(rules, name, fi.shape, min_size)
+                check = codec == "dense" and params.get("dtype", "f32") == "f32"
+                delta, exact = c.delta_of(name, src, fi.numel, check)
+                if delta is None:
+                    spec["op"] = "same"
+                elif check and not exact:  # f32 rounding would not give the fine-tune's bits back
+                    spec["op"] = "new"
+                    writer.add(name, c.raw(name))
+                else:
+                    writer.add(name, c.encode(name, delta, fi.shape))
+            else:  # resized along dim 0: delta on the shared rows, new rows as they are
+                k = min(fi.shape[0], base[src].shape[0])
+                inner = math.prod(fi.shape[1:])
+                shared = (k,) + fi.shape[1:]
+                codec, params = _choose(rules, name, shared, min_size)
+                check = codec == "dense" and params.get("dtype", "f32") == "f32"
+                delta, exact = c.delta_of(name, src, k * inner, check)
+                if delta is not None and check and not exact:
+                    spec["op"] = "new"
+                    writer.add(name, c.raw(name))
+                    continue
+                if delta is None:
+                    delta = np.zeros(k * inner, np.float32)
+                writer.add(name, c.encode(name, delta, shared))
+                if fi.shape[0] > k:
+                    spec["new_rows"] = name + NEW_ROWS
+                    writer.add(name + NEW_ROWS, c.raw(name, start_row=k))
+        for name, spec in plan.items():  # op is final now
+            if spec.get("source") in (None, name):
+                spec.pop("source", None)
+        record = {"version": CHECKPOINT_VERSION, "tensors": plan,
+                  "removed": [n for n in base.tensors if n not in ft.tensors],
+                  "ft_bytes": sum(i.nbytes for i in ft.tensors.values()),
+                  "files": _keep_files(ft) if keep_files else {}}
+        meta = dict(metadata or {})
+        meta["checkpoint"] = record
+        size = writer.close(metadata=meta, base=_fingerprint(base, c.crcs))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    ops = [s["op"] for s in plan.values()]
+    return {"file": os.fspath(out), "file_bytes": size, "ft_bytes": record["ft_bytes"],
+            "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer.entries),
+            **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
+
+
+# ----------------------------------------------------------------------------- rebuild
+
+def checkpoint_record(delta) -> dict:
+    """The fine-tune layout stored in a delta file made by compress()."""
+    d = _as_delta(delta)
+    rec = d.metadata.get("checkpoint") if isinstance(d.metadata, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("tensors"), dict):
+        raise _api.FormatError(f"{d.path}: not a checkpoint delta (no metadata['checkpoint'] record; "
+                               "it was not made by `deltapack compress`)")
+    if rec.get("version") != CHECKPOINT_VERSION:
+        raise _api.FormatError(f"{d.path}: checkpoint record version {rec.get('version')!r} is not supported")
+    return rec
+
+
+def check_base(base: Checkpoint, delta) -> None:
+    """Names, dtypes and shapes of `base` against the delta's fingerprint; raises naming the first difference."""
+    d = _as_delta(delta)
+    fp = (d.base or {}).get("tensors")
+    if not isinstance(fp, dict):
+        return
+    for name, e in fp.items():
+        if name not in base:
+            raise BaseMismatchError(f"{base.path}: this is not the delta's base: tensor '{name}' is missing "
+                                    "(use --force / force=True to apply anyway)")
+        info = base[name]
+        if info.dtype != e.get("dtype") or list(info.shape) != e.get("shape"):
+            raise BaseMismatchError(f"{base.path}: this is not the delta's base: tensor '{name}' is "
+                                    f"{info.dtype} {list(info.shape)}, the delta was made against "
+                                    f"{e.get('dtype')} {e.get('shape')} (use --force to apply anyway)")
+    extra = [n for n in base.tensors if n not in fp]
+    if extra:
+        raise BaseMismatchError(f"{base.path}: this is not the delta's base: it has tensor '{extra[0]}' that "
+                                "the delta's base lacked (use --force to apply anyway)")
+
+
+class _Rebuilder:
+    """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file."""
+
+    def __init__(self, base, delta, alpha=1.0, force=False, threads=None):
+        self.base, self.delta = _as_checkpoint(base), _as_delta(delta)
+        self._delta_arg, self._mapped = delta, 0
+        self.record = checkpoint_record(self.delta)
+        self.alpha, self.force, self.threads = float(alpha), force, threads
+        fp = (self.delta.base or {}).get("tensors") or {}
+        self.want_crc = {n: int(e["crc32"], 16) for n, e in fp.items() if "crc32" in e}
+        if not force:
+            check_base(self.base, self.delta)
+        for name, spec in self.record["tensors"].items():
+            src = spec.get("source", name)
+            if spec["op"] != "new" and src not in self.base:
+                raise BaseMismatchError(f"{self.base.path}: tensor '{src}', needed for '{name}', is not in the base")
+
+    def specs(self):
+        return self.record["tensors"]
+
+    def _enc(self, name):
+        """An encoded tensor. The delta file is memory-mapped and touched pages stay resident while
+        it is open, so it is reopened every _REOPEN bytes: memory stays flat however big the delta."""
+        if self._mapped > _REOPEN and isinstance(self._delta_arg, (str, os.PathLike)):
+            self.delta = _api.open(self.delta.path, self.delta.verify)
+            self._mapped = 0
+        enc = self.delta[name]
+        self._mapped += enc.nbytes
+        return enc
+
+    def _base_tensor(self, src, out=None) -> np.ndarray:
+        info = self.base[src]
+        arr = self.base.read(src, out=out)
+        if not self.force and src in self.want_crc:
+            got = _crc32(arr)
+            if got != self.want_crc[src]:
+                raise BaseMismatchError(f"{self.base.path}: this is not the delta's base: tensor '{src}' has "
+                                        f"different contents (CRC-32 {got:08x}, expected "
+                                        f"{self.want_crc[src]:08x}; use --force to apply anyway)")
+        return arr.reshape(info.shape)
+
+    def out_float(self, name, dtype=None):
+        spec = self.specs()[name]
+        native = _ST_DTYPES[spec["dtype"]][0]
+        return native if (dtype is None or native is None) else dtype
+
+    def rebuild(self, name, dtype=None, out=None) -> np.ndarray:
+        """Tensor `name` of the fine-tune as a numpy array (bf16 as uint16), in `dtype` (default: its own).
+
+        `out` (optional): a C-contiguous numpy array of the right shape and dtype to fill."""
+        spec = self.specs()[name]
+        shape = tuple(spec["shape"])
+        dst = self.out_float(name, dtype)
+        np_dst = np.dtype(_ST_DTYPES[_FLOAT_ST.get(dst, spec["dtype"])][1])
+        if out is not None and (tuple(out.shape) != shape or out.dtype != np_dst):
+            raise ValueError(f"tensor '{name}': destination is {out.dtype} {list(out.shape)}, "
+                             f"need {np_dst} {list(shape)}")
+        op, src = spec["op"], spec.get("source", name)
+        if op == "same":
+            binfo = self.base[src]
+            if binfo.dtype == _FLOAT_ST.get(dst, binfo.dtype):
+                return self._base_tensor(src, out=out.reshape(-1) if out is not None else None).reshape(shape)
+            res = _convert(self._base_tensor(src), binfo.float_name, dst)
+        elif op == "new":
+            res = _round_to(_api.decode(self._enc(name), threads=self.threads), dst)
+        elif op == "delta":
+            binfo = self.base[src]
+            enc = self._enc(name)
+            if binfo.float_name == dst:  # in place in the base's buffer: one tensor-sized buffer
+                b = self._base_tensor(src, out=out.reshape(-1) if out is not None else None)
+                _api.apply(b, enc, alpha=self.alpha, out=b, threads=self.threads)
+                return b.reshape(shape)
+            b = self._base_tensor(src)
+            res = out if out is not None else np.empty(shape, np_dst)
+            _api.apply(b, enc, alpha=self.alpha, out=res, threads=self.threads)
+            return res
+        elif op == "resized":
+            b = self._base_tensor(src)
+            enc = self._enc(name)
+            k = enc.shape[0]
+            res = out if out is not None else np.empty(shape, np_dst)
+            _api.apply(b[:k], enc, alpha=self.alpha, out=res[:k], threads=self.threads)
+            if shape[0] > k:
+                res[k:] = _round_to(_api.decode(self._enc(spec["new_rows"]), threads=self.threads), dst)
+            return res
+        else:
+            raise _api.FormatError(f"{self.delta.path}: tensor '{name}': unknown op {op!r}")
+        res = res.reshape(shape)
+        if out is not None:
+            out[...] = res
+            return out
+        return res
+
+
+def _output_layout(rb: _Rebuilder):
+    """Output shards like the base: each tensor goes where its base tensor (or source) lives; new ones last."""
+    base = rb.base
+    shards = {s: [] for s in base.shards}
+    last = base.shards[-1]
+    for name, spec in rb.specs().items():
+        src = spec.get("source", name)
+        shard = base.shard_of.get(name) or base.shard_of.get(src) or last
+        shards[shard].append(name)
+    return shards
+
+
+def _scratch_view(rb, entry):
+    """An output buffer for one tensor, carved from one reused allocation (kept on the rebuilder):
+    fresh pages would be faulted in again for every tensor."""
+    nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+    if getattr(rb, "_scratch", None) is None or rb._scratch.size < nbytes:
+        rb._scratch = None
+        rb._scratch = np.empty(nbytes, np.uint8)
+    return rb._scratch[:nbytes].view(_ST_DTYPES[entry["dtype"]][1]).reshape(entry["shape"])
+
+
+def _write_shard(fd, path, names, rb, dtype, bar, shard_meta, fsync=True):
+    """Write one safetensors shard tensor by tensor: header first (shapes and dtypes are known), then
+    each rebuilt tensor; writeback to disk is started after each so the final fsync has little left."""
+    header, offset = {"__metadata__": {**shard_meta, "format": "pt"}}, 0
+    for name in names:
+        spec = rb.specs()[name]
+        st = _FLOAT_ST.get(rb.out_float(name, dtype), spec["dtype"])
+        nbytes = math.prod(spec["shape"]) * _ST_DTYPES[st][2]
+        header[name] = {"dtype": st, "shape": spec["shape"], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    _write_all(fd, len(text).to_bytes(8, "little") + text, path)
+    for name in names:
+        arr = rb.rebuild(name, dtype, out=_scratch_view(rb, header[name]))
+        _write_all(fd, np.ascontiguousarray(arr), path)
+        bar.update(arr.nbytes)
+        del arr
+        if fsync and hasattr(os, "posix_fadvise"):  # DONTNEED on dirty pages starts their writeback now
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return offset
+
+
+def _config_files(rb, dtype) -> dict[str, bytes]:
+    files = {}
+    for fname, entry in (rb.record.get("files") or {}).items():
+        if os.path.basename(fname) != fname:
+            raise _api.FormatError(f"{rb.delta.path}: kept file name {fname!r} is not a plain file name")
+        data = entry["text"].encode("utf-8") if "text" in entry else base64.b64decode(entry["base64"])
+        if fname == "config.json" and dtype is not None:
+            cfg = json.loads(data)
+            name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = name
+            data = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+        files[fname] = data
+    if not files and rb.base.dir:  # nothing kept: fall back to the base's own config/tokenizer files
+        for entry in os.listdir(rb.base.dir):
+            full = os.path.join(rb.base.dir, entry)
+            if (os.path.isfile(full) and not entry.startswith(".") and not entry.endswith(_WEIGHT_SUFFIXES)
+                    and not entry.endswith(".index.json")):
+                with open(full, "rb") as fh:
+                    files[entry] = fh.read()
+    return files
+
+
+def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = None, *, force: bool = False,
+                     overwrite: bool = False, threads: int | None = None, quiet: bool = True,
+                     fsync: bool = True) -> dict:
+    """Rebuild the fine-tune as a Hugging Face directory `out` (sharded like the base, with the kept
+    config/tokenizer files), or as one .safetensors file when `base` is a file. Written atomically.
+
+    alpha: base + alpha*delta (1 = the fine-tune; the paper's extrapolation > 1, interpolation < 1);
+    added tensors and new rows are written as stored. dtype: 'bf16' | 'f16' | 'f32' (default: the fine-tune's).
+    fsync=False skips flushing to disk before the rename: still atomic if the process is killed, not
+    if the machine loses power; faster on slow disks.
+    """
+    if dtype not in (None, "bf16", "f16", "f32"):
+        raise ValueError(f"dtype {dtype!r}: use bf16, f16 or f32")
+    rb = _Rebuilder(base, delta, alpha, force, threads)
+    layout = _output_layout(rb)
+    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_FLOAT_ST.get(rb.out_float(n, dtype), s["dtype"])][2]
+                for n, s in rb.specs().items())
+    bar = _progress(total, "apply", quiet)
+    try:
+        if rb.base.dir is None:
+            f = _AtomicFile(out)
+            try:
+                if os.path.isdir(os.fspath(out)):
+                    raise IsADirectoryError(errno.EISDIR, f"{out}: is a directory (the base is one file, so "
+                                            "the output is one .safetensors file)")
+                if os.path.exists(os.fspath(out)) and not overwrite:
+                    raise FileExistsError(errno.EEXIST, f"{out} already exists (use --overwrite to replace it)")
+                _write_shard(f.fd, os.fspath(out), layout[rb.base.shards[0]], rb, dtype, bar,
+                             rb.base.shard_metadata[rb.base.shards[0]], fsync)
+                f.commit(fsync)
+            except BaseException:
+                f.abort()
+                raise
+            return {"out": os.fspath(out), "tensors": len(rb.specs()), "bytes": total}
+        d = _AtomicDir(out, overwrite)
+        try:
+            weight_map, sizes = {}, 0
+            for shard, names in layout.items():
+                path = os.path.join(d.tmp, shard)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
+                    sizes += _write_shard(fd, os.path.join(os.fspath(out), shard),
+                                          names, rb, dtype, bar, rb.base.shard_metadata[shard], fsync)
+                finally:
+                    os.close(fd)
+                weight_map.update({n: shard for n in names})
+            if rb.base.weight_map is not None:
+                meta = dict(rb.base.index_metadata or {})
+                meta["total_size"] = sizes
+                with open(os.path.join(d.tmp, "model.safetensors.index.json"), "w") as fh:
+                    json.dump({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
+            for fname, data in _config_files(rb, dtype).items():
+                with open(os.path.join(d.tmp, fname), "wb") as fh:
+                    fh.write(data)
+            d.commit(fsync)
+        except BaseException:
+            d.abort()
+            raise
+    finally:
+        bar.close()
+    return {"out": os.fspath(out), "tensors": len(rb.specs()), "bytes": total}
+
+
+def _to_torch(arr, float_name):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.view(torch.bfloat16) if float_name == "bf16" else t
+
+
+def load(base, delta, alpha: float = 1.0, dtype: str | None = None, force: bool = False,
+         threads: int | None = None) -> dict:
+    """The fine-tune's state dict (torch tensors), rebuilt from `base` (dir or file) and a delta file."""
+    rb = _Rebuilder(base, delta, alpha, force, threads)
+    out = {}
+    for name in rb.specs():
+        arr = rb.rebuild(name, dtype)
+        out[name] = _to_torch(arr, rb.out_float(name, dtype))
+    return out
+
+
+def _numpy_view(t):
+    """A numpy view of a CPU torch tensor's memory (bf16 as uint16 bits) and its float name."""
+    import torch
+
+    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    if t.dtype not in names:
+        return None, None
+    data = t.detach()
+    if data.device.type != "cpu" or not data.is_contiguous():
+        raise ValueError("load_into needs CPU, contiguous parameters")
+    if t.dtype == torch.bfloat16:
+        return data.view(torch.int16).numpy().view(np.uint16), "bf16"
+    return data.numpy(), names[t.dtype]
+
+
+def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False, strict: bool = True,
+              threads: int | None = None):
+    """Rebuild a torch module's parameters/buffers in place (no second copy of the model).
+
+    base=None: the module already holds the base weights (e.g. from_pretrained(base)); each changed
+    tensor gets base + alpha*delta in place, after its bytes are checked against the delta's base
+    fingerprint. base=path: every tensor is read from the base checkpoint straight into the module's
+    memory first (the module may then be built from the fine-tune's config with any init).
+    Resized tensors must already have the fine-tune's shape (e.g. model.resize_token_embeddings(n)).
+    Returns the module.
+    """
+    d = _as_delta(delta)
+    record = checkpoint_record(d)
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets.update(dict(module.named_buffers(remove_duplicate=False)))
+    specs = record["tensors"]
+    missing = [n for n in specs if n not in targets]
+    if missing and strict:
+        raise KeyError(f"load_into: the module has no tensor '{missing[0]}' (of {len(missing)} missing)")
+    # Two names sharing one storage (tied embeddings) can hold only one value.
+    seen = {}
+    for name in specs:
+        if name in targets:
+            ptr = targets[name].data_ptr()
+            if ptr in seen and (specs[name]["op"] != "same" or specs[seen[ptr]]["op"] != "same"):
+                raise ValueError(f"load_into: the module ties '{seen[ptr]}' and '{name}', but the fine-tune "
+                                 "stores them separately; build the module from the fine-tune's config")
+            seen[ptr] = name
+    rb = _Rebuilder(base, d, alpha, force, threads) if base is not None else None
+    fp = (d.base or {}).get("tensors") or {}
+    done = set()
+    for name, spec in specs.items():
+        if name not in targets:
+            continue
+        t = targets[name]
+        if list(t.shape) != spec["shape"]:
+            raise ValueError(f"load_into: tensor '{name}' is {list(t.shape)} in the module, the fine-tune has "
+                             f"{spec['shape']}" + (" (resize the embeddings first)" if spec["op"] == "resized" else ""))
+        view, fname = _numpy_view(t)
+        if view is None:
+            if spec["op"] != "same":
+                raise ValueError(f"load_into: tensor '{name}' is {t.dtype}; only float tensors can change")
+            continue
+        if t.data_ptr() in done:
+            continue
+        done.add(t.data_ptr())
+        if rb is not None:
+            rb.rebuild(name, fname, out=view)
+            continue
+        op, src = spec["op"], spec.get("source", name)
+        if op == "same":
+            continue
+        if (op == "delta" and not force and src == name and "crc32" in fp.get(src, {})
+                and _FLOAT_ST[fname] == fp[src]["dtype"] and _crc32(view) != int(fp[src]["crc32"], 16)):
+            raise BaseMismatchError(f"load_into: the module's '{name}' is not the delta's base tensor "
+                                    "(CRC-32 differs; pass force=True to apply anyway)")
+        if op == "delta":
+            if src != name:
+                raise ValueError(f"load_into: '{name}' is rebuilt from base tensor '{src}'; pass base=...")
+            _api.apply(view, d[name], alpha=alpha, out=view, threads=threads)
+        elif op == "new":
+            view[...] = _round_to(_api.decode(d[name], threads=threads), fname).reshape(view.shape)
+        elif op == "resized":
+            enc = d[name]
+            k = enc.shape[0]
+            _api.apply(view[:k], enc, alpha=alpha, out=view[:k], threads=threads)
+            if view.shape[0] > k:
+                view[k:] = _round_to(_api.decode(d[spec["new_rows"]], threads=threads), fname).reshape(view[k:].shape)
+    return module
+
+
+# ----------------------------------------------------------------------------- verify / info
+
+def verify(base, ft, delta, force: bool = False, threads: int | None = None, quiet: bool = True) -> list[dict]:
+    """Rebuild every fine-tune tensor and compare with the real one: per tensor rel_error =
+    |rebuilt - ft| / |ft|, cosine(rebuilt, ft), and the same for the deltas (rebuilt - base vs ft - base)."""
+    rb = _Rebuilder(base, delta, 1.0, force, threads)
+    ftc = _as_checkpoint(ft)
+    specs = rb.specs()
+    for name in ftc.tensors:
+        if name not in specs:
+            raise ValueError(f"{ftc.path}: tensor '{name}' is not in the delta's fine-tune layout")
+    rows = []
+    bar = _progress(sum(ftc[n].nbytes for n in specs if n in ftc), "verify", quiet)
+    try:
+        for name, spec in specs.items():
+            if name not in ftc:
+                raise ValueError(f"{ftc.path}: the fine-tune has no tensor '{name}', which the delta rebuilds")
+            fi = ftc[name]
+            if list(fi.shape) != spec["shape"]:
+                raise ValueError(f"{ftc.path}: tensor '{name}' is {list(fi.shape)}, the delta rebuilds {spec['shape']}")
+            got = rb.rebuild(name)
+            want = ftc.read(name).reshape(fi.shape)
+            if fi.float_name is None:
+                same = np.array_equal(got.view(np.uint8), want.view(np.uint8))
+                rows.append({"name": name, "op": spec["op"], "rel_error": 0.0 if same else 1.0,
+                             "cosine": 1.0 if same else 0.0, "delta_rel_error": 0.0, "delta_cosine": 1.0,
+                             "exact": same})
+                continue
+            g = reference.widen(got, fi.float_name).astype(np.float64).reshape(-1)
+            w = reference.widen(want, fi.float_name).astype(np.float64).reshape(-1)
+            src = spec.get("source", name)
+            b = np.zeros_like(w)
+            if spec["op"] != "new" and src in rb.base:
+                bv = reference.widen(rb.base.read(src), rb.base[src].float_name).astype(np.float64)
+                n = min(bv.size, w.size)
+                b[:n] = bv[:n]
+            rows.append({"name": name, "op": spec["op"], **_errors(g, w, b),
+                         "exact": bool(np.array_equal(got.view(np.uint8), want.view(np.uint8)))})
+            bar.update(fi.nbytes)
+    finally:
+        bar.close()
+    return rows
+
+
+def _errors(g, w, b):
+    def cos(x, y):
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        if nx == 0 and ny == 0:
+            return 1.0
+        return float(x @ y / (nx * ny)) if nx and ny else 0.0
+
+    nw, dt = np.linalg.norm(w), np.linalg.norm(w - b)
+    err = np.linalg.norm(g - w)
+    return {"rel_error": float(err / nw) if nw else float(err), "cosine": cos(g, w),
+            "delta_rel_error": float(err / dt) if dt else float(err), "delta_cosine": cos(g - b, w - b)}
+
+
+def describe(delta) -> dict:
+    """A summary of a checkpoint delta: tensors by op, added/removed/resized, tied sources, kept files."""
+    d = _as_delta(delta)
+    rec = checkpoint_record(d)
+    specs = rec["tensors"]
+    by = lambda op: [n for n, s in specs.items() if s["op"] == op]  # noqa: E731
+    return {"ft_bytes": rec.get("ft_bytes"), "ratio": (rec.get("ft_bytes") or 0) / max(d.nbytes, 1),
+            "tensors": len(specs), "unchanged": len(by("same")), "delta": len(by("delta")),
+            "added_or_replaced": by("new"), "removed": rec.get("removed", []),
+            "resized": {n: {"base_shape": specs[n]["base_shape"], "shape": specs[n]["shape"]} for n in by("resized")},
+            "sources": {n: s["source"] for n, s in specs.items() if "source" in s},
+            "files": sorted(rec.get("files") or {})}
+
+
+def _install_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt so temporary files and directories are cleaned up."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass

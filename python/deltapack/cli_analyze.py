@@ -1,0 +1,88 @@
+"""`deltapack analyze BASE FT --edit E --data FILE`: the paper's loss-change estimate for an edit."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def register(sub) -> None:
+    a = sub.add_parser(
+        "analyze", help="estimate the loss change of a delta edit (Riemann sum of Eq. 1) and measure it exactly",
+        description="Estimate ΔL = L(W_post + ΔW̃) - L(W_post) for an edit of the delta FT - BASE with the "
+                    "Riemann sum (1/C)·Σ⟨∇L(W_post + (c/C)ΔW̃), ΔW̃⟩, and compute the exact ΔL on the same data.")
+    a.add_argument("base", help="base model directory (Hugging Face: config.json + *.safetensors)")
+    a.add_argument("ft", help="fine-tuned model directory")
+    a.add_argument("--edit", required=True, help="edit or per-tensor rules, e.g. 'dare:p=0.9', "
+                   "'*.mlp.*=dare:p=0.9;*=bitdelta', 'magnitude:p=0.9+extrapolate:alpha=0.2'")
+    a.add_argument("--data", required=True, help="JSONL of {\"input_ids\": [...], optional \"prompt_len\"}, or a "
+                   "text file (one example per line) tokenized with FT's tokenizer")
+    a.add_argument("-C", type=int, default=5, help="Riemann-sum points (default 5, as in the paper)")
+    a.add_argument("--seed", type=int, default=0, help="seed of random edits (DARE masks)")
+    a.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--no-exact", action="store_true", help="skip the exact ΔL (one forward pass less)")
+    a.add_argument("--trapezoid", action="store_true", help="also the trapezoid-rule estimate (one more backward)")
+    a.add_argument("--top", type=int, default=8, help="show the N largest per-tensor contributions")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(fn=cmd_analyze)
+
+
+def load_examples(path: str, model_dir: str, max_examples: int | None = None) -> list[dict]:
+    """JSONL examples as they are; any other text file: one example per non-empty line, tokenized with the
+    model directory's tokenizer (an error if it has none)."""
+    from . import pairs
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such data file")
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        examples = pairs.read_data(path)
+    else:
+        if not os.path.exists(os.path.join(model_dir, "tokenizer.json")) and \
+                not os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+            raise ValueError(f"{path}: a text file needs a tokenizer, and {model_dir} has none "
+                             "(give a JSONL file of {\"input_ids\": [...]} instead)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        examples = [{"input_ids": tok(line)["input_ids"], "prompt_len": 0} for line in lines]
+        examples = [e for e in examples if len(e["input_ids"]) >= 2]
+        if not examples:
+            raise ValueError(f"{path}: no line gives at least 2 tokens")
+    return examples[:max_examples] if max_examples else examples
+
+
+def cmd_analyze(args) -> int:
+    from . import analysis, edits
+
+    if args.C < 1:
+        raise ValueError(f"-C {args.C}: must be >= 1")
+    edits.EditRules(args.edit)  # parse errors before loading anything
+    for d in (args.base, args.ft):
+        if not os.path.isdir(d):
+            raise ValueError(f"{d}: not a model directory")
+    examples = load_examples(args.data, args.ft, args.max_examples)
+    r = analysis.estimate(args.ft, args.edit, examples, base=args.base, C=args.C, seed=args.seed,
+                          batch_size=args.batch_size, exact=not args.no_exact, trapezoid=args.trapezoid)
+    if args.json:
+        out = r.to_dict()
+        out["top"] = [{"tensor": n, "contribution": v} for n, v in r.top(args.top)]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"edit {r.edit} on {r.n_tensors} tensors ({r.n_params:,} parameters); data: {r.n_examples} examples, "
+          f"{r.n_tokens} scored tokens; L(W_post) = {r.loss_post:.5f}")
+    print(f"estimated ΔL (C={r.C}) = {r.estimate:+.5f}   terms: " + " ".join(f"{t:+.4f}" for t in r.terms))
+    if r.estimate_trapezoid is not None:
+        print(f"trapezoid estimate = {r.estimate_trapezoid:+.5f}")
+    if r.exact is not None:
+        print(f"exact ΔL           = {r.exact:+.5f}   (L(W_edit) = {r.loss_edit:.5f}, std. error {r.se:.5f})")
+    print(f"category: {r.category} (noise threshold {r.noise:.5f})"
+          + (f"; exact: {r.category_exact}" if r.category_exact else ""))
+    print("top contributions:")
+    w = max(len(n) for n, _ in r.top(args.top))
+    for n, v in r.top(args.top):
+        print(f"  {n:{w}s} {v:+.5f}")
+    return 0

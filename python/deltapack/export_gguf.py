@@ -1,0 +1,465 @@
+"""Fine-tunes to llama.cpp: a GGUF LoRA adapter, or a complete GGUF model rebuilt from base + delta.
+
+    export_gguf_lora("base_dir", "ft.dpk", "adapter.gguf", rank=16, outtype="f32")
+    export_gguf_model("base_dir", "ft.dpk", "model.gguf", outtype="q8_0")   # delta=None: the base itself
+
+Conventions (those of llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.py):
+- tensor names come from gguf-py's Hugging Face name map (`blk.N.attn_q.weight`, ...);
+- numpy shapes are ggml's dimensions reversed, so a Hugging Face (out, in) weight is written as is;
+- llama (and Mistral, which llama.cpp runs as llama) stores q/k rows permuted from Hugging Face's
+  rotate-half layout to interleaved pairs, per head; the same row permutation applies to a LoRA's B;
+- an adapter holds `<name>.lora_a` (r x in) and `<name>.lora_b` (out x r); llama.cpp adds
+  (alpha / r) * B @ A. For the token embedding it looks rows up in A, so there A is (vocab x r) and
+  B is (dim x r);
+- 1-d tensors and norms stay f32; q8_0 needs rows of a multiple of 32 values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+import gguf
+
+from .export_peft import FineTune, lowrank_factors
+
+OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+@dataclass(frozen=True)
+class Arch:
+    hf: str            # Hugging Face architecture class
+    gguf: gguf.MODEL_ARCH
+    permute_qk: bool   # llama.cpp's llama graph wants q/k rows in interleaved-pair RoPE order
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf]
+
+
+ARCHS = {
+    "LlamaForCausalLM": Arch("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, True),
+    "MistralForCausalLM": Arch("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, True),
+    "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, False),
+}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_IGNORED = (".rotary_emb.inv_freq",)
+
+
+def _say(msg, quiet=False):
+    if not quiet:
+        print(f"deltapack: {msg}", file=sys.stderr)
+
+
+def arch_of(config: dict | None, where: str) -> Arch:
+    """The supported architecture named by a config.json, or a ValueError listing the supported ones."""
+    supported = ", ".join(ARCHS)
+    if not config:
+        raise ValueError(f"{where}: no config.json; GGUF export needs the base's Hugging Face config "
+                         f"(supported architectures: {supported})")
+    names = list(config.get("architectures") or [])
+    if config.get("model_type") in _MODEL_TYPES:
+        names.append(_MODEL_TYPES[config["model_type"]])
+    for n in names:
+        if n in ARCHS:
+            return ARCHS[n]
+    got = ", ".join(names) or config.get("model_type") or "unknown"
+    raise ValueError(f"{where}: architecture {got} is not supported for GGUF export (supported: {supported})")
+
+
+def _heads(config):
+    n_head = config["num_attention_heads"]
+    return n_head, config.get("num_key_value_heads") or n_head
+
+
+def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face rotate-half q/k rows -> llama.cpp's interleaved pairs, head by head."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+class _Names:
+    """Hugging Face tensor names -> GGUF names, and the q/k row permutation of the architecture."""
+
+    def __init__(self, arch: Arch, config: dict):
+        self.arch, self.config = arch, config
+        self.map = gguf.get_tensor_name_map(arch.gguf, config["num_hidden_layers"])
+        self.n_head, self.n_kv = _heads(config)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return self.map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def permute(self, hf_name: str, rows: np.ndarray) -> np.ndarray:
+        if not self.arch.permute_qk:
+            return rows
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return _permute_rows(rows, self.n_head)
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return _permute_rows(rows, self.n_kv)
+        return rows
+
+
+def _qtype_for(name: str, shape, outtype: str, notes: list) -> gguf.GGMLQuantizationType:
+    """Output type of one tensor: vectors and norms f32; q8_0 only for rows of whole 32-value blocks."""
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    q = OUTTYPES[outtype]
+    if q == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
+        notes.append(f"{name}: rows of {shape[-1]} values are not whole q8_0 blocks of 32; written as f16")
+        return gguf.GGMLQuantizationType.F16
+    return q
+
+
+def _nbytes(shape, qtype) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // block * size
+
+
+class _StreamWriter:
+    """A GGUF file written tensor by tensor: declare every tensor, then write their data in order.
+
+    Written to a temporary file next to `path` and renamed into place when complete."""
+
+    def __init__(self, path, arch_name: str):
+        self.path = os.fspath(path)
+        self.tmp = self.path + ".tmp"
+        self.w = gguf.GGUFWriter(self.tmp, arch_name)
+        self.order = []
+
+    def declare(self, name, shape, qtype):
+        self.w.add_tensor_info(name, tuple(int(s) for s in shape), np.dtype(np.float32), _nbytes(shape, qtype),
+                               raw_dtype=qtype)
+        self.order.append((name, tuple(shape), qtype))
+
+    def write(self, produce):
+        """produce(name) -> float32 array of the declared shape, called once per tensor in order."""
+        try:
+            self.w.write_header_to_file()
+            self.w.write_kv_data_to_file()
+            self.w.write_ti_data_to_file()
+            for name, shape, qtype in self.order:
+                data = np.ascontiguousarray(produce(name), dtype=np.float32)
+                if qtype == gguf.GGMLQuantizationType.Q8_0:
+                    # gguf-py computes 1/scale in f32, which overflows for blocks of values below ~1e-37;
+                    # such values round to 0 in q8_0 anyway (its scale is f16).
+                    data = np.where(np.abs(data) < 1e-30, np.float32(0), data)
+                if tuple(data.shape) != shape:
+                    raise ValueError(f"tensor '{name}': produced shape {list(data.shape)}, declared {list(shape)}")
+                self.w.write_tensor_data(gguf.quants.quantize(data, qtype))
+            self.w.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.w.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+            raise
+
+
+# ----------------------------------------------------------------------------- LoRA adapter
+
+def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alpha: float = 1.0,
+                     quiet: bool = False, force: bool = False) -> dict:
+    """Write `delta` (against `base`) as a llama.cpp LoRA adapter. Returns a report with, per tensor,
+    its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    ft = FineTune(base, delta, alpha, force=force)
+    arch = arch_of(ft.config, ft.base.path)   # before any work
+    names = _Names(arch, ft.config)
+
+    def show(f):
+        if f.source == "svd":
+            _say(f"{f.name}: rank {f.rank} SVD, relative error {f.rel_error:.4f}", quiet)
+
+    view = lowrank_factors(ft, rank, show)
+    if not view.factors:
+        raise ValueError(f"{ft.delta.path}: no matrix delta to write as a LoRA adapter "
+                         f"({len(view.skipped)} not representable, {len(view.vectors)} vectors)")
+    common = Counter(f.rank for f in view.factors).most_common(1)[0][0]
+    notes, entries, kept = [], {}, []
+    for f in view.factors:
+        gname = names.gguf_name(f.name)
+        if gname is None:
+            view.skipped.append((f.name, f"no GGUF name for this tensor in {arch.name}"))
+            continue
+        kept.append(f)
+        # llama.cpp scales every pair by alpha / r: fold r / alpha into B so each tensor keeps its own rank.
+        u = f.u if f.rank == common else f.u * np.float32(f.rank / common)
+        if gname == "token_embd.weight":   # rows looked up in A: A = u (vocab x r), B = v.T (dim x r)
+            a, b = np.ascontiguousarray(u), np.ascontiguousarray(f.v.T)
+        else:
+            a, b = f.v, np.ascontiguousarray(names.permute(f.name, u))
+        entries[gname + ".lora_a"] = a
+        entries[gname + ".lora_b"] = b
+    view.factors = kept
+    if not kept:
+        raise ValueError(f"{ft.delta.path}: none of its matrix deltas has a tensor name in llama.cpp's {arch.name}")
+    sw = _StreamWriter(out, arch.name)
+    sw.w.add_type(gguf.GGUFType.ADAPTER)
+    sw.w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    sw.w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(common))
+    sw.w.add_name(f"deltapack LoRA of {os.path.basename(os.fspath(delta))}")
+    for name, arr in entries.items():
+        sw.declare(name, arr.shape, _qtype_for(name, arr.shape, outtype, notes))
+    sw.write(lambda name: entries[name])
+    for n in notes:
+        _say(n, quiet)
+    for n, why in view.skipped:
+        _say(f"not in the adapter: {n} ({why})", quiet)
+    for n in view.vectors:
+        _say(f"not in the adapter: {n} (vector; LoRA covers matrices)", quiet)
+    rep = view.report()
+    rep.update(out=os.fspath(out), arch=arch.name, alpha=float(common), notes=notes)
+    return rep
+
+
+# ----------------------------------------------------------------------------- full model
+
+def _rope_theta(config):
+    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rp.get("rope_theta", config.get("rope_theta", 10000.0)), rp
+
+
+def _hyperparameters(w: gguf.GGUFWriter, arch: Arch, config: dict, outtype: str):
+    n_head, n_kv = _heads(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config.get("max_position_embeddings", 2048))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    theta, rp = _rope_theta(config)
+    w.add_rope_freq_base(float(theta))
+    rope_type = (rp.get("rope_type") or rp.get("type") or "default")
+    if rope_type == "linear" and rp.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+    elif rope_type != "default":
+        raise ValueError(f"RoPE scaling type {rope_type!r} is not supported by this export (default and linear are)")
+    if "head_dim" in config and config["head_dim"]:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch.gguf == gguf.MODEL_ARCH.LLAMA:
+        w.add_vocab_size(config["vocab_size"])
+        w.add_rope_dimension_count(head_dim)
+    w.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _tokenizer_json(model_dir):
+    path = os.path.join(model_dir, "tokenizer.json") if model_dir else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _split_patterns(pre) -> list[str]:
+    """Regex patterns of a tokenizer.json pre-tokenizer (Split steps; ByteLevel's own GPT-2 regex as 'gpt2')."""
+    if not isinstance(pre, dict):
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for step in pre.get("pretokenizers") or [] for p in _split_patterns(step)]
+    if pre.get("type") == "Split":
+        pat = pre.get("pattern") or {}
+        return [pat.get("Regex") or pat.get("String") or ""]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return ["gpt2"]
+    return []
+
+
+def _bpe_pre(tok: dict, arch: Arch, has_merges: bool, model_dir, quiet: bool) -> str:
+    """llama.cpp's name for the pre-tokenizer (the regex that splits text before BPE merges)."""
+    pats = _split_patterns(tok.get("pre_tokenizer"))
+    if pats == ["gpt2"]:
+        return "gpt-2"
+    if len(pats) == 1 and "\\p{L}+|\\p{N}{1,3}|" in pats[0]:
+        return "llama-bpe"
+    if len(pats) == 1 and "\\p{L}+|\\p{N}|" in pats[0]:
+        return "qwen2"
+    guess = "qwen2" if arch.gguf == gguf.MODEL_ARCH.QWEN2 else "default"
+    if has_merges:  # without merges every character is its own token, however the text is split
+        _say(f"{model_dir}/tokenizer.json: pre-tokenizer not recognised; using llama.cpp's '{guess}', "
+             "tokenization may differ from Hugging Face's", quiet)
+    return guess
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    """tokenizer.json merges, in rank order (stored as "a b" strings or as [a, b] pairs)."""
+    out = []
+    for m in model.get("merges") or []:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        out.append((a, b))
+    return out
+
+
+def _prepends_space(tok: dict) -> bool:
+    """Whether the tokenizer puts '▁' before the text (Llama-2 / Mistral style sentencepiece BPE)."""
+    def walk(node):
+        if not isinstance(node, dict):
+            return False
+        kind = node.get("type")
+        if kind == "Sequence":
+            return any(walk(n) for n in node.get("normalizers") or node.get("pretokenizers") or [])
+        if kind == "Prepend":
+            return node.get("prepend") == "\u2581"
+        if kind == "Metaspace":
+            return node.get("prepend_scheme", "always") != "never" and node.get("add_prefix_space", True)
+        return False
+    return walk(tok.get("normalizer")) or walk(tok.get("pre_tokenizer"))
+
+
+def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir):
+    """A sentencepiece-style BPE (byte_fallback, '▁' for spaces) as llama.cpp's 'llama' tokenizer.
+
+    llama.cpp merges the adjacent pair whose joined token scores highest; scoring each token by minus
+    the rank of the merge that makes it reproduces the BPE's merge order."""
+    model = tok["model"]
+    n_vocab = config["vocab_size"]
+    vocab = dict(model.get("vocab") or {})
+    added = {t["id"]: t for t in tok.get("added_tokens") or []}
+    rank = {}
+    for i, (a, b) in enumerate(_merge_pairs(model)):
+        rank.setdefault(a + b, i)
+    by_id = {i: s for s, i in vocab.items()}
+    for i, t in added.items():
+        by_id[i] = t["content"]
+    if by_id and max(by_id) >= n_vocab:
+        raise ValueError(f"{model_dir}/tokenizer.json: token id {max(by_id)} is beyond vocab_size {n_vocab}")
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        text = by_id.get(i, f"[PAD{i}]")
+        tokens.append(text)
+        scores.append(-float(rank[text]) if text in rank else 0.0)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif text == model.get("unk_token"):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        elif i in by_id:
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(_prepends_space(tok))
+    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    if "unk" not in special.special_token_ids and model.get("unk_token") in vocab:
+        special.special_token_ids["unk"] = vocab[model["unk_token"]]
+    special.add_to_gguf(w, quiet=True)
+
+
+def _write_vocab(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool) -> str:
+    """The tokenizer from tokenizer.json (byte-level BPE), else a placeholder of vocab_size tokens."""
+    n_vocab = config["vocab_size"]
+    tok = _tokenizer_json(model_dir)
+    model = (tok or {}).get("model") or {}
+    if model.get("type") == "BPE" and not model.get("byte_fallback"):
+        vocab = dict(model.get("vocab") or {})
+        added = {t["id"]: t for t in tok.get("added_tokens") or []}
+        for t in added.values():
+            vocab[t["content"]] = t["id"]
+        by_id = {i: s for s, i in vocab.items()}
+        if by_id and max(by_id) >= n_vocab:
+            raise ValueError(f"{model_dir}/tokenizer.json: token id {max(by_id)} is beyond vocab_size {n_vocab}")
+        tokens, types = [], []
+        for i in range(n_vocab):
+            if i in added:
+                tokens.append(added[i]["content"])
+                types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            elif i in by_id:
+                tokens.append(by_id[i])
+                types.append(gguf.TokenType.NORMAL)
+            else:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("gpt2")
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+        w.add_tokenizer_pre(_bpe_pre(tok, arch, bool(special.merges), model_dir, quiet))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        if not special.merges:
+            # llama.cpp requires the merges key; a merge of two control tokens never applies (they are
+            # matched before BPE runs), so a merge-free byte-level tokenizer keeps its behaviour.
+            ctl = next((t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL), tokens[0])
+            special.merges = [f"{ctl} {ctl}"]
+        special.add_to_gguf(w, quiet=True)
+        return "tokenizer.json"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        _write_spm_vocab(w, tok, config, model_dir)
+        return "tokenizer.json"
+    why = "no tokenizer.json" if tok is None else f"tokenizer.json model {model.get('type')!r} is not supported"
+    _say(f"{model_dir}: {why}; writing a placeholder vocabulary of {n_vocab} tokens (feed token ids directly)",
+         quiet)
+    # A sentencepiece-type vocabulary of opaque tokens: llama.cpp loads it, and token ids mean what they
+    # meant to the Hugging Face model.
+    special_ids = {config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"<id_{i}>" for i in range(n_vocab)])
+    w.add_token_scores([0.0] * n_vocab)
+    w.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
+                       for i in range(n_vocab)])
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("pad_token_id", w.add_pad_token_id)):
+        if isinstance(config.get(key), int):
+            add(config[key])
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    return "placeholder"
+
+
+def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0, quiet: bool = False,
+                      force: bool = False) -> dict:
+    """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    ft = FineTune(base, delta, alpha, force=force)
+    arch = arch_of(ft.config, ft.base.path)   # before any work
+    names = _Names(arch, ft.config)
+    plan, notes = [], []
+    window = ft.config.get("sliding_window")
+    if ft.config.get("use_sliding_window", True) and window and window < ft.config.get("max_position_embeddings", 0):
+        notes.append(f"sliding window of {window} tokens not kept: llama.cpp's {arch.name} graph attends over the "
+                     f"whole context, so outputs differ from transformers' beyond {window} tokens")
+    for name in ft.names():
+        if name.endswith(_IGNORED):
+            continue
+        gname = names.gguf_name(name)
+        if gname is None:
+            raise ValueError(f"{ft.base.path}: tensor '{name}' has no GGUF name in llama.cpp's {arch.name} "
+                             "architecture")
+        if ft.float_name(name) is None:
+            raise ValueError(f"{ft.base.path}: tensor '{name}' is not a float tensor")
+        shape = ft.shape(name)
+        plan.append((name, gname, shape, _qtype_for(gname, shape, outtype, notes)))
+    sw = _StreamWriter(out, arch.name)
+    sw.w.add_type(gguf.GGUFType.MODEL)
+    label = os.path.basename(os.path.normpath(os.fspath(base)))
+    sw.w.add_name(label + (f" + {os.path.basename(os.fspath(delta))}" if delta is not None else ""))
+    _hyperparameters(sw.w, arch, ft.config, outtype)
+    vocab = _write_vocab(sw.w, arch, ft.config, ft.base.dir, quiet)
+    hf_of = {}
+    for name, gname, shape, qtype in plan:
+        sw.declare(gname, shape, qtype)
+        hf_of[gname] = name
+    sw.write(lambda gname: names.permute(hf_of[gname], ft.tensor(hf_of[gname], "f32")))
+    for n in notes:
+        _say(n, quiet)
+    return {"out": os.fspath(out), "arch": arch.name, "tensors": len(plan), "outtype": outtype, "vocab": vocab,
+            "notes": notes}

@@ -1,0 +1,518 @@
+"""Real base / fine-tune model pairs, built offline, deterministic and cached.
+
+    pair = build_pair("llama", "tiny")          # or "qwen2", "mistral"; "tiny" (seconds) or "small" (minutes)
+    pair.base, pair.ft                          # Hugging Face model directories (bf16 safetensors)
+    pair.data                                   # held-out task examples, JSONL {"input_ids", "prompt_len", "text"}
+    evaluate(pair.ft, pair)                     # {"loss": ..., "accuracy": ..., "n": ...}
+
+A base model is a transformers config with random init, pretrained on text read from the local Python
+installation (stdlib sources) and then on a skill in one format ("reverse abcde: edcba"); the fine-tune
+learns the task in another format with an exact metric (string reversal "abcde>edcba\\n", five letters)
+for a few hundred steps, so the base scores ~0 and the fine-tune ~1. Tokens are bytes: ids 0..255 are
+bytes, then BOS, EOS, PAD, so no tokenizer download is needed (a byte-level tokenizer.json is written too
+when the `tokenizers` package exists).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BOS, EOS, PAD = 256, 257, 258
+VOCAB = 260  # 256 bytes + BOS, EOS, PAD + one spare
+BUILDER_VERSION = 5  # bump to invalidate cached pairs when the recipe below changes
+
+ARCHS = ("llama", "qwen2", "mistral")
+# Model shape, pretraining and fine-tuning schedule per size.
+SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=176, ctx=64,
+                 text_steps=150, pre_steps=650, pre_lr=3e-3, pre_batch=32, ft_steps=300, ft_lr=1e-3, ft_batch=32,
+                 n_eval=200),
+    "small": dict(hidden=192, layers=4, heads=6, kv_heads=2, inter=512, ctx=64,
+                  text_steps=200, pre_steps=700, pre_lr=1e-3, pre_batch=32, ft_steps=300, ft_lr=3e-4, ft_batch=32,
+                  n_eval=400),
+}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A built pair: model directories, held-out data, task name and the metrics measured at build time."""
+
+    base: Path
+    ft: Path
+    data: Path
+    task: str
+    arch: str
+    size: str
+    seed: int
+    info: dict
+
+    @property
+    def root(self) -> Path:
+        return self.base.parent
+
+
+# ---------------------------------------------------------------- tokenization (bytes)
+def encode_text(text: str, bos: bool = True) -> list[int]:
+    ids = list(text.encode("utf-8"))
+    return [BOS] + ids if bos else ids
+
+
+def decode_ids(ids) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------- the task
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TASK = "reverse"  # "abcde>edcba\n": five random lowercase letters, reversed
+
+
+def _task_example(rng: random.Random) -> tuple[str, str]:
+    w = "".join(rng.choice(LETTERS) for _ in range(5))
+    return f"{w}>", f"{w[::-1]}\n"
+
+
+def _task_examples(rng: random.Random, n: int, exclude: set | None = None):
+    """n distinct (prompt, answer) pairs, none of them in `exclude`."""
+    seen = set(exclude or ())
+    out = []
+    while len(out) < n:
+        p, a = _task_example(rng)
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append((p, a))
+    return out
+
+
+def task_examples(pair: "Pair", n: int, seed: int = 12345) -> list[dict]:
+    """n fresh task examples (not in the pair's held-out set), e.g. for calibration data."""
+    held = {decode_ids(e["input_ids"][1:e["prompt_len"]]) for e in read_data(pair.data)}
+    out = []
+    for p, a in _task_examples(random.Random(seed), n, exclude=held):
+        ids, plen = _example_ids(p, a)
+        out.append({"input_ids": ids, "prompt_len": plen})
+    return out
+
+
+def _example_ids(prompt: str, answer: str) -> tuple[list[int], int]:
+    ids = encode_text(prompt)
+    return ids + encode_text(answer, bos=False), len(ids)
+
+
+# ---------------------------------------------------------------- pretraining text
+def _stdlib_text(limit: int = 1 << 21) -> bytes:
+    """Up to `limit` bytes of Python stdlib source (sorted file order, so deterministic per installation)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    text = b"".join(chunks)[:limit]
+    if len(text) < 10_000:  # a stripped installation: fall back to a generated corpus
+        rng = random.Random(0)
+        words = ["def", "return", "self", "value", "list", "print", "import", "class", "for", "in", "if"]
+        text = " ".join(rng.choice(words) for _ in range(200_000)).encode()
+    return text
+
+
+# ---------------------------------------------------------------- model
+def make_config(arch: str, size: str = "tiny"):
+    """A transformers config of the given architecture family and size (byte vocabulary)."""
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
+    s = SIZES[size]
+    common = dict(vocab_size=VOCAB, hidden_size=s["hidden"], intermediate_size=s["inter"],
+                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                  num_key_value_heads=s["kv_heads"], max_position_embeddings=s["ctx"] * 2,
+                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.02)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen2":  # Qwen2 has q/k/v biases built in
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=s["ctx"] // 2)
+
+
+def load_model(model_dir, dtype=None):
+    """A transformers causal LM from a directory (f32 by default, for training and gradients)."""
+    import torch
+    import transformers
+
+    with _quiet():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.fspath(model_dir), dtype=dtype or torch.float32, attn_implementation="eager")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No transformers progress bars while loading/saving these small models."""
+    from transformers.utils import logging as tlog
+
+    enabled = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            tlog.enable_progress_bar()
+
+
+def _batch(seqs, pad=PAD):
+    """Right-padded input_ids, attention mask and labels (-100 at padding)."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _train(model, batches, steps: int, lr: float, seed: int):
+    """AdamW with linear warmup/decay; `batches(step)` gives (ids, mask, labels)."""
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warm, max(0.05, (steps - i) / max(1, steps - warm))))
+    model.train()
+    for step in range(steps):
+        ids, mask, labels = batches(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
+
+
+def _round_to_bf16_(model):
+    """Round the weights to bf16 in place (kept in f32), so what we train on equals what is saved."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def _save(model, path: Path):
+    import torch
+
+    with _quiet():
+        model.to(torch.bfloat16).save_pretrained(os.fspath(path))
+    model.float()
+    _write_tokenizer(path)
+
+
+def _write_tokenizer(path: Path):
+    """Byte-level tokenizer files (ids 0..255 = bytes, then <s>, </s>, <pad>), when `tokenizers` exists."""
+    try:
+        from tokenizers import Tokenizer, models, decoders, pre_tokenizers  # noqa: F401
+    except ImportError:
+        return
+    # Plain WordLevel over single bytes via a byte-level split: every byte maps to its own id.
+    vocab = {}
+    # ByteLevel pre-tokenizer maps bytes to printable unicode chars; reuse its alphabet as the vocab.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    for b in range(256):
+        vocab[byte_to_char[b]] = b
+    assert set(vocab) == set(alphabet)
+    vocab.update({"<s>": BOS, "</s>": EOS, "<pad>": PAD, "<unused>": VOCAB - 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    from tokenizers import processors
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", BOS)])
+    tok.save(os.fspath(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unused>", "add_bos_token": True, "model_max_length": 4096}, indent=1))
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's reversible byte -> printable character map (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+# ---------------------------------------------------------------- build
+def default_cache_dir(arch: str, size: str, seed: int) -> Path:
+    root = os.environ.get("DELTAPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltapack")
+    return Path(root) / "pairs" / f"{arch}-{size}-{seed}"
+
+
+def _load_pair(root: Path) -> Pair | None:
+    try:
+        info = json.loads((root / "pair.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("builder_version") != BUILDER_VERSION:
+        return None
+    if not all((root / d / "model.safetensors").exists() for d in ("base", "ft")):
+        return None
+    return Pair(root / "base", root / "ft", root / "data.jsonl", info["task"], info["arch"], info["size"],
+                info["seed"], info)
+
+
+def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: int = 0,
+               rebuild: bool = False) -> Pair:
+    """Build (or load from cache) a base / fine-tune pair. Deterministic for (arch, size, seed).
+
+    cache_dir: the pair's own directory (default ~/.cache/deltapack/pairs/<arch>-<size>-<seed>, or under
+    $DELTAPACK_CACHE). Built in a temporary sibling directory and renamed into place.
+    """
+    make_config(arch, size)  # validates arch and size before any work
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir(arch, size, seed)
+    if not rebuild:
+        pair = _load_pair(root)
+        if pair is not None:
+            return pair
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    try:
+        _build_into(tmp, arch, size, seed)
+        if root.exists():
+            old = root.with_name(root.name + f".old{os.getpid()}")
+            os.rename(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished the same pair first: use theirs
+            pair = _load_pair(root)
+            if pair is None:
+                raise
+            return pair
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    pair = _load_pair(root)
+    assert pair is not None
+    return pair
+
+
+def _build_into(out: Path, arch: str, size: str, seed: int):
+    import torch
+    import transformers
+
+    s = SIZES[size]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and polite on a shared machine
+    try:
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(make_config(arch, size), dtype=torch.float32,
+                                                              attn_implementation="eager")
+        # Pretraining, like a real base model: first language modelling on stdlib source, then the skill in
+        # another format ("reverse abcde: edcba", answer-only loss) mixed with more source text. The fine-tune
+        # then mostly teaches the task's own format, which keeps the delta small next to the weights.
+        text = _stdlib_text()
+        rng = random.Random(seed * 1000 + 1)
+        ctx = s["ctx"]
+
+        def text_row():
+            i = rng.randrange(len(text) - ctx)
+            return [BOS] + list(text[i:i + ctx - 1]), 0
+
+        def skill_row():
+            w = "".join(rng.choice(LETTERS) for _ in range(5))
+            prompt = encode_text(f"reverse {w}: ")
+            return prompt + encode_text(f"{w[::-1]}\n", bos=False), len(prompt)
+
+        def pre_batches(step):
+            skill = step >= s["text_steps"]
+            rows = [skill_row() if skill and j % 8 else text_row() for j in range(s["pre_batch"])]
+            ids, mask = _batch([r for r, _ in rows])
+            labels = ids.clone()
+            labels[mask == 0] = -100
+            for j, (_, plen) in enumerate(rows):
+                labels[j, :plen] = -100
+            return ids, mask, labels
+
+        pre_loss = _train(model, pre_batches, s["pre_steps"], s["pre_lr"], seed)
+        _round_to_bf16_(model)
+        _save(model, out / "base")
+
+        # Held-out evaluation set, disjoint from the training prompts by construction.
+        drng = random.Random(seed * 1000 + 2)
+        held = _task_examples(drng, s["n_eval"])
+        held_prompts = {p for p, _ in held}
+        with open(out / "data.jsonl", "w") as f:
+            for p, a in held:
+                ids, plen = _example_ids(p, a)
+                f.write(json.dumps({"input_ids": ids, "prompt_len": plen, "text": p + a}) + "\n")
+
+        # Fine-tuning: loss on the answer tokens only.
+        frng = random.Random(seed * 1000 + 3)
+
+        def ft_batches(step):
+            seqs, plens = [], []
+            for _ in range(s["ft_batch"]):
+                while True:
+                    p, a = _task_example(frng)
+                    if p not in held_prompts:
+                        break
+                ids, plen = _example_ids(p, a)
+                seqs.append(ids)
+                plens.append(plen)
+            ids, mask = _batch(seqs)
+            labels = ids.clone()
+            labels[mask == 0] = -100
+            for i, plen in enumerate(plens):
+                labels[i, :plen] = -100
+            return ids, mask, labels
+
+        ft_loss = _train(model, ft_batches, s["ft_steps"], s["ft_lr"], seed + 1)
+        _round_to_bf16_(model)
+        _save(model, out / "ft")
+
+        examples = read_data(out / "data.jsonl")
+        m_base = evaluate(out / "base", examples)
+        m_ft = evaluate(out / "ft", examples)
+        info = {"builder_version": BUILDER_VERSION, "arch": arch, "size": size, "seed": seed, "task": TASK,
+                "params": sum(p.numel() for p in model.parameters()), "pretrain_loss": pre_loss,
+                "finetune_loss": ft_loss, "base_metrics": m_base, "ft_metrics": m_ft,
+                "transformers": transformers.__version__, "torch": torch.__version__}
+        (out / "pair.json").write_text(json.dumps(info, indent=1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- data and evaluation
+def read_data(path) -> list[dict]:
+    """Examples from a JSONL file of {"input_ids": [...], optional "prompt_len"}; clear errors on bad lines."""
+    path = Path(path)
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            ids = ex.get("input_ids") if isinstance(ex, dict) else None
+            if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"{path}:{n}: expected {{\"input_ids\": [at least 2 non-negative ints]}}")
+            plen = ex.get("prompt_len", 0)
+            if not isinstance(plen, int) or not 0 <= plen < len(ids):
+                raise ValueError(f"{path}:{n}: prompt_len must be an int in [0, {len(ids)})")
+            out.append({"input_ids": ids, "prompt_len": plen})
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def examples_of(data) -> list[dict]:
+    """Normalise data: a Pair, a JSONL path, or a list of examples/id lists -> list of example dicts."""
+    if isinstance(data, Pair):
+        return read_data(data.data)
+    if isinstance(data, (str, os.PathLike)):
+        return read_data(data)
+    out = []
+    for ex in data:
+        if isinstance(ex, dict):
+            out.append({"input_ids": list(ex["input_ids"]), "prompt_len": int(ex.get("prompt_len", 0))})
+        else:
+            out.append({"input_ids": list(ex), "prompt_len": 0})
+    if not out:
+        raise ValueError("no examples in data")
+    return out
+
+
+def batches(examples, batch_size: int = 64):
+    """(input_ids, attention_mask, labels) batches; labels cover tokens after each example's prompt."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        ids, mask = _batch([e["input_ids"] for e in chunk])
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        for j, e in enumerate(chunk):
+            labels[j, :e["prompt_len"]] = -100
+        yield ids, mask, labels
+
+
+def token_loss_sum(model, ids, mask, labels):
+    """Sum of next-token cross-entropy over labelled positions, and their count."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((tgt != -100).sum()), logits, tgt
+
+
+def evaluate(model_or_dir, data, batch_size: int = 64) -> dict:
+    """Held-out loss (mean cross-entropy over answer tokens) and exact-match accuracy by greedy decoding.
+
+    Exact match under greedy decoding equals "the argmax at every answer position, teacher-forced, is the
+    answer token" (greedy reproduces the answer iff each step's argmax is right given a right prefix), so
+    one batched forward pass gives it. The answer includes its terminator ("\\n"), so a model that keeps
+    writing digits is wrong. Examples without a prompt_len count only toward the loss.
+    """
+    import torch
+
+    model = load_model(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
+    examples = examples_of(data)
+    was_training = model.training
+    model.eval()
+    total, count, correct, scored = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for (ids, mask, labels), start in zip(batches(examples, batch_size), range(0, len(examples), batch_size)):
+            loss, n, logits, tgt = token_loss_sum(model, ids, mask, labels)
+            total += float(loss)
+            count += n
+            ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)
+            for j, e in enumerate(examples[start:start + len(ids)]):
+                if e["prompt_len"] > 0:
+                    scored += 1
+                    correct += int(ok[j])
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "accuracy": correct / scored if scored else float("nan"),
+            "n": len(examples), "tokens": count}
+
+
+def generate(model_or_dir, prompt: str, max_new_tokens: int = 8) -> str:
+    """Greedy continuation of a text prompt (for looking at what a model does)."""
+    import torch
+
+    model = load_model(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
+    ids = torch.tensor([encode_text(prompt)])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) in (EOS, ord("\n")):
+                break
+    return decode_ids(ids[0, 1:].tolist())[len(prompt):]

@@ -1,0 +1,371 @@
+"""Checkpoint compress / apply / load against real clients: transformers, safetensors, the Python reference."""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+import deltapack as dp
+from deltapack import checkpoint as ck
+from deltapack import reference
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+
+def _tiny_config(vocab=96, tie=False):
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=tie)
+
+
+def _save(model, path, shard="60KB"):
+    model.save_pretrained(path, max_shard_size=shard)
+
+
+def _perturbed(model, seed, scale=2e-3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) .to(p.dtype) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny bf16 Llama pairs: sharded base/ft, a resized vocabulary, tied <-> untied embeddings."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(_tiny_config()).to(torch.bfloat16)
+    _save(base, root / "base")
+    _save(_perturbed(base, 1), root / "ft")
+    base = transformers.LlamaForCausalLM.from_pretrained(root / "ft")
+    base.resize_token_embeddings(104, mean_resizing=False)
+    _save(base, root / "ft_resized", shard="10MB")
+    torch.manual_seed(1)
+    tied = transformers.LlamaForCausalLM(_tiny_config(tie=True)).to(torch.bfloat16)
+    _save(tied, root / "base_tied")
+    untied = transformers.LlamaForCausalLM(_tiny_config(tie=False)).to(torch.bfloat16)
+    untied.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.model.embed_tokens.weight.clone()})
+    _save(_perturbed(untied, 2), root / "ft_untied")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A real trained tiny Llama pair (deltapack.pairs, cached), else None."""
+    try:
+        from deltapack.pairs import build_pair
+    except ImportError:
+        return None
+    return build_pair("llama", "tiny")
+
+
+def _logits(model_dir_or_model, ids=None):
+    m = model_dir_or_model
+    if not isinstance(m, torch.nn.Module):
+        m = transformers.AutoModelForCausalLM.from_pretrained(m)
+    m.eval()
+    ids = torch.arange(2, 30).reshape(2, 14) if ids is None else ids
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def _fresh(model_dir):
+    """A randomly initialised bf16 model of that directory's config (built as from_pretrained builds it)."""
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+
+
+def _state(model_dir):
+    """All tensors of a HF directory, read with safetensors (an independent reader)."""
+    out = {}
+    for f in os.listdir(model_dir):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, f), framework="pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def _reference_rebuild(base_dir, delta_path, alpha):
+    """The fine-tune rebuilt by the executable spec: reference decoders + reference.apply, bf16 out."""
+    base = _state(base_dir)
+    rec = dp.open(delta_path).metadata["checkpoint"]
+    comps = {}
+    with safe_open(str(delta_path), framework="pt") as st:  # the delta file is a safetensors file
+        for key in st.keys():
+            t = st.get_tensor(key)
+            name, _, comp = key.rpartition(":")
+            arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+            comps.setdefault(name, {})[comp] = arr
+    entries = dp.open(delta_path).manifest["tensors"]
+
+    def decode(name):
+        e = entries[name]
+        return reference.DECODERS[e["codec"]](comps[name], e["shape"], **e["params"]).reshape(e["shape"])
+
+    out = {}
+    for name, spec in rec["tensors"].items():
+        src = base.get(spec.get("source", name))
+        if spec["op"] == "same":
+            out[name] = src
+            continue
+        if spec["op"] == "new":
+            got = reference.round_to(decode(name), "bf16")
+        else:
+            b = src.float().numpy()
+            d = decode(name)
+            k = d.shape[0]
+            got = np.empty(spec["shape"], np.uint16)
+            got[:k] = reference.apply(b[:k], d, alpha, "bf16")
+            if spec["op"] == "resized" and spec["shape"][0] > k:
+                got[k:] = reference.round_to(decode(spec["new_rows"]), "bf16")
+        out[name] = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16)
+    return out
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def test_writer_is_byte_identical_to_save(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((40, 70)) * 1e-3).astype(np.float32)
+    encs = {"a": dp.encode(x, "sign:scope=row"), "b": dp.encode(x, "sparse:p=0.9,values=int8"),
+            "c": dp.encode(x, "lowrank:rank=4,dtype=bf16"), "d": dp.encode(x, "quant:bits=3"),
+            "e": dp.encode(x[0], "dense"), "f": dp.encode(x, "levels:bits=3")}
+    meta, base = {"k": "é✓", "n": [1, 2.5, None, True]}, {"m": "x"}
+    dp.save(tmp_path / "ref.dpk", encs, metadata=meta, base=base)
+    w = ck.DeltaWriter(tmp_path / "mine.dpk")
+    for k, e in encs.items():
+        w.add(k, e)
+    w.close(metadata=meta, base=base)
+    assert (tmp_path / "mine.dpk").read_bytes() == (tmp_path / "ref.dpk").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["mine.dpk", "ref.dpk"]  # no spill or temp files left
+
+
+def test_dense_rebuild_is_bit_exact_and_loads(models, tmp_path):
+    s = ck.compress(models / "base", models / "ft", tmp_path / "d.dpk", "dense", min_size=0)
+    assert s["delta"] + s["same"] == len(_state(models / "ft")) and s["new"] == 0
+    ck.apply_checkpoint(models / "base", tmp_path / "d.dpk", tmp_path / "out")
+    ft = _state(models / "ft")
+    got = _state(tmp_path / "out")
+    assert got.keys() == ft.keys()
+    for k in ft:
+        assert torch.equal(_bits(got[k]), _bits(ft[k])), k
+    # sharded like the base, index included, config and generation files kept
+    base_files = sorted(f for f in os.listdir(models / "base") if f.endswith(".safetensors"))
+    assert len(base_files) > 1
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == base_files
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ft)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ft.values())
+    assert (tmp_path / "out" / "generation_config.json").exists()
+    assert torch.equal(_logits(tmp_path / "out"), _logits(models / "ft"))
+    rows = ck.verify(models / "base", models / "ft", tmp_path / "d.dpk")
+    assert all(r["exact"] and r["rel_error"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5])
+def test_lossy_rebuild_matches_reference(models, pair, tmp_path, alpha):
+    base, ft = (pair.base, pair.ft) if pair else (models / "base", models / "ft")
+    recipe = "*.mlp.*=lowrank:rank=8;*.k_proj.*=quant:bits=4;*.v_proj.*=sparse:p=0.5;*=sign:scope=row"
+    ck.compress(base, ft, tmp_path / "d.dpk", recipe, min_size=0)
+    codecs = {dp.open(tmp_path / "d.dpk")[k].codec for k in dp.open(tmp_path / "d.dpk").keys()}
+    assert codecs == {"lowrank", "quant", "sparse", "sign", "dense"}
+    ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out", alpha=alpha)
+    want = _reference_rebuild(base, tmp_path / "d.dpk", alpha)
+    got = _state(tmp_path / "out")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), k
+    ref_model = _fresh(ft)
+    ref_model.load_state_dict(want)
+    assert torch.equal(_logits(tmp_path / "out"), _logits(ref_model))
+    if alpha == 1.0 and pair:  # a trained delta: close to the fine-tune within the codecs' error
+        lf, lb, lr = _logits(ft).float(), _logits(base).float(), _logits(ref_model).float()
+        assert (lr - lf).norm() < 0.8 * (lb - lf).norm()
+        assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(ft))  # tokenizer files kept
+        if (ft / "tokenizer.json").exists():
+            assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (ft / "tokenizer.json").read_bytes()
+
+
+def test_resized_vocabulary(models, tmp_path):
+    ck.compress(models / "base", models / "ft_resized", tmp_path / "d.dpk", "sign", min_size=0)
+    info = ck.describe(tmp_path / "d.dpk")
+    assert info["resized"] == {n: {"base_shape": [96, 64], "shape": [104, 64]}
+                               for n in ("lm_head.weight", "model.embed_tokens.weight")}
+    ck.apply_checkpoint(models / "base", tmp_path / "d.dpk", tmp_path / "out")
+    got, ft, base = _state(tmp_path / "out"), _state(models / "ft_resized"), _state(models / "base")
+    for n in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert got[n].shape == (104, 64)
+        assert torch.equal(_bits(got[n][96:]), _bits(ft[n][96:]))  # new rows exact
+        d_true = (ft[n][:96].float() - base[n].float()).flatten()
+        d_got = (got[n][:96].float() - base[n].float()).flatten()
+        assert torch.nn.functional.cosine_similarity(d_true, d_got, dim=0) > 0.6
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert m.config.vocab_size == 104 and _logits(m).shape[-1] == 104
+    # dense: exact through the resize
+    ck.compress(models / "base", models / "ft_resized", tmp_path / "e.dpk", "dense", min_size=0)
+    ck.apply_checkpoint(models / "base", tmp_path / "e.dpk", tmp_path / "out2")
+    got = _state(tmp_path / "out2")
+    assert all(torch.equal(_bits(got[k]), _bits(ft[k])) for k in ft)
+
+
+def test_tied_base_untied_finetune_and_back(models, tmp_path):
+    # base ties lm_head to the embeddings (no lm_head stored): the fine-tune's lm_head is a delta vs them
+    ck.compress(models / "base_tied", models / "ft_untied", tmp_path / "d.dpk", "dense", min_size=0)
+    rec = dp.open(tmp_path / "d.dpk").metadata["checkpoint"]
+    assert rec["tensors"]["lm_head.weight"] == {"dtype": "BF16", "shape": [96, 64], "source":
+                                                "model.embed_tokens.weight", "op": "delta"}
+    assert dp.open(tmp_path / "d.dpk")["lm_head.weight"].nbytes < 96 * 64 * 4 + 1  # a delta, not a copy
+    ck.apply_checkpoint(models / "base_tied", tmp_path / "d.dpk", tmp_path / "out")
+    assert torch.equal(_logits(tmp_path / "out"), _logits(models / "ft_untied"))
+    # and back: untied base, tied fine-tune -> lm_head removed, the loader ties it again
+    ck.compress(models / "ft_untied", models / "base_tied", tmp_path / "e.dpk", "dense", min_size=0)
+    assert ck.describe(tmp_path / "e.dpk")["removed"] == ["lm_head.weight"]
+    ck.apply_checkpoint(models / "ft_untied", tmp_path / "e.dpk", tmp_path / "out2")
+    assert "lm_head.weight" not in _state(tmp_path / "out2")
+    assert torch.equal(_logits(tmp_path / "out2"), _logits(models / "base_tied"))
+
+
+def test_single_files_added_removed_and_unchanged_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32) * 0.02)  # noqa: E731
+    base = {"a.weight": t(32, 48).bfloat16(), "b.weight": t(16, 48).half(), "gone": t(8), "same": t(4, 4),
+            "ids": torch.arange(6)}
+    ft = {"a.weight": base["a.weight"] + t(32, 48).bfloat16() * 0.01, "b.weight": base["b.weight"],
+          "same": base["same"].clone(), "ids": torch.arange(6), "added.weight": t(3, 5).bfloat16()}
+    ft["added.weight"][0, 0] = -0.0  # stored as is: a -0 survives
+    safetensors_torch.save_file(base, str(tmp_path / "base.safetensors"), metadata={"format": "pt"})
+    safetensors_torch.save_file(ft, str(tmp_path / "ft.safetensors"), metadata={"format": "pt"})
+    s = ck.compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "d.dpk", "dense",
+                    min_size=0)
+    assert (s["delta"], s["new"], s["same"], s["removed"]) == (1, 1, 3, 1)
+    assert set(dp.open(tmp_path / "d.dpk").keys()) == {"a.weight", "added.weight"}
+    ck.apply_checkpoint(tmp_path / "base.safetensors", tmp_path / "d.dpk", tmp_path / "out.safetensors")
+    with safe_open(str(tmp_path / "out.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(ft)
+        for k in ft:
+            assert f.get_tensor(k).dtype == ft[k].dtype and torch.equal(_bits(f.get_tensor(k)), _bits(ft[k])), k
+    sd = ck.load(tmp_path / "base.safetensors", tmp_path / "d.dpk", dtype="f32")
+    assert sd["a.weight"].dtype == torch.float32 and sd["ids"].dtype == torch.int64
+    assert torch.equal(sd["a.weight"], ft["a.weight"].float())
+
+
+def test_wrong_base_is_refused_unless_forced(models, tmp_path):
+    ck.compress(models / "base", models / "ft", tmp_path / "d.dpk", "sign", min_size=0)
+    with pytest.raises(ck.BaseMismatchError, match="model.embed_tokens.weight.*different contents"):
+        ck.apply_checkpoint(models / "ft", tmp_path / "d.dpk", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["d.dpk"]
+    with pytest.raises(ck.BaseMismatchError, match="lm_head.weight"):  # tied base: lm_head missing
+        ck.apply_checkpoint(models / "base_tied", tmp_path / "d.dpk", tmp_path / "out")
+    ck.apply_checkpoint(models / "ft", tmp_path / "d.dpk", tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_load_and_load_into(models, pair, tmp_path):
+    base, ft = (pair.base, pair.ft) if pair else (models / "base", models / "ft")
+    ck.compress(base, ft, tmp_path / "d.dpk", "*.mlp.*=lowrank:rank=4;*=sign", min_size=0)
+    ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out")
+    want = _state(tmp_path / "out")
+    sd = ck.load(base, tmp_path / "d.dpk")
+    assert sd.keys() == want.keys() and all(torch.equal(_bits(sd[k]), _bits(want[k])) for k in want)
+    # in place on a model holding the base weights: same storage, rebuilt values
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    ptr = m.model.layers[0].mlp.up_proj.weight.data_ptr()
+    ck.load_into(m, tmp_path / "d.dpk")
+    assert m.model.layers[0].mlp.up_proj.weight.data_ptr() == ptr
+    assert all(torch.equal(_bits(m.state_dict()[k]), _bits(want[k])) for k in want)
+    # base read straight into a freshly initialised model built from the fine-tune's config
+    m2 = _fresh(ft)
+    ck.load_into(m2, tmp_path / "d.dpk", base=base)
+    assert torch.equal(_logits(m2), _logits(tmp_path / "out"))
+    # a module holding another base is refused; a tied module cannot hold untied weights
+    m3 = transformers.AutoModelForCausalLM.from_pretrained(ft)
+    with pytest.raises(ck.BaseMismatchError):
+        ck.load_into(m3, tmp_path / "d.dpk")
+    ck.compress(models / "base_tied", models / "ft_untied", tmp_path / "t.dpk", "sign", min_size=0)
+    m4 = transformers.AutoModelForCausalLM.from_pretrained(models / "base_tied")
+    with pytest.raises(ValueError, match="ties"):
+        ck.load_into(m4, tmp_path / "t.dpk")
+
+
+def _shutil_copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints_give_clear_errors(models, tmp_path):
+    bad = _shutil_copy(models / "base", tmp_path / "bad")
+    shards = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    # index points at a missing shard
+    (bad / shards[-1]).rename(bad / "moved")
+    with pytest.raises(FileNotFoundError, match=f"{shards[-1]}, which does not exist"):
+        ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    # a shard that is not a readable file
+    (bad / shards[-1]).mkdir()
+    with pytest.raises(OSError, match=f"{shards[-1]}: cannot read shard"):
+        ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    (bad / shards[-1]).rmdir()
+    # truncated shard
+    data = (bad / "moved").read_bytes()
+    (bad / shards[-1]).write_bytes(data[:len(data) // 2])
+    with pytest.raises(dp.FormatError, match="outside the file"):
+        ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    (bad / shards[-1]).write_bytes(data)
+    # a tensor listed twice in the index JSON, and a tensor stored in two shards
+    text = (bad / "model.safetensors.index.json").read_text()
+    name = next(iter(index["weight_map"]))
+    (bad / "model.safetensors.index.json").write_text(text.replace('"weight_map": {', '"weight_map": {"%s": "%s", '
+                                                                    % (name, shards[0]), 1))
+    with pytest.raises(dp.FormatError, match=f"'{name}' is listed twice"):
+        ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    (bad / "model.safetensors.index.json").write_text(text)
+    with safe_open(str(bad / shards[0]), framework="pt") as f:
+        first = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(bad / shards[-1]), framework="pt") as f:
+        last = {k: f.get_tensor(k) for k in f.keys()}
+    dup = next(iter(first))
+    safetensors_torch.save_file({**last, dup: first[dup]}, str(bad / shards[-1]), metadata={"format": "pt"})
+    with pytest.raises(dp.FormatError, match=f"'{dup}' is stored twice"):
+        ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    assert not (tmp_path / "d.dpk").exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad"]
+
+
+def test_disk_full_leaves_nothing(models, tmp_path, monkeypatch):
+    real_write = os.write
+    budget = {"n": 20000}
+
+    def full_write(fd, data):
+        budget["n"] -= len(data)
+        if budget["n"] < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_write)
+    with pytest.raises(OSError, match="disk full"):
+        ck.compress(models / "base", models / "ft", tmp_path / "d.dpk", "dense", min_size=0)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "write", real_write)
+    ck.compress(models / "base", models / "ft", tmp_path / "d.dpk", "sign", min_size=0)
+    budget["n"] = 50000
+    monkeypatch.setattr(os, "write", full_write)
+    with pytest.raises(OSError, match="disk full"):
+        ck.apply_checkpoint(models / "base", tmp_path / "d.dpk", tmp_path / "out")
+    assert os.listdir(tmp_path) == ["d.dpk"]
+
+
+def test_identical_models_store_nothing(models, tmp_path):
+    s = ck.compress(models / "base", models / "base", tmp_path / "d.dpk", "sign")
+    assert s["stored"] == 0 and s["same"] == len(_state(models / "base"))
+    assert dp.open(tmp_path / "d.dpk").keys() == []
+    ck.apply_checkpoint(models / "base", tmp_path / "d.dpk", tmp_path / "out", alpha=3.0)
+    base, got = _state(models / "base"), _state(tmp_path / "out")
+    assert got.keys() == base.keys() and all(torch.equal(_bits(got[k]), _bits(base[k])) for k in base)

@@ -150,12 +150,20 @@ def _wait_for_partial_shard(proc, where):
     return False
 
 
+def _interrupt(proc, sig):
+    """Freeze the process first (SIGSTOP), so it cannot finish between our check and the signal on a
+    loaded machine; the signal is then delivered as it resumes."""
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_compress_and_apply_leave_nothing(pair, tmp_path, sig):
     out = tmp_path / "d.dpk"
     p = _start(["compress", pair / "base", pair / "ft", "-o", out, "--recipe", "sign"], tmp_path)
     started = _wait_for_progress(p, "compress")
-    p.send_signal(sig)
+    _interrupt(p, sig)
     rc = p.wait(30)
     assert started, "compress finished before it could be interrupted"
     assert rc == (130 if sig == signal.SIGINT else -signal.SIGKILL)
@@ -164,7 +172,7 @@ def test_killed_compress_and_apply_leave_nothing(pair, tmp_path, sig):
 
     p = _start(["apply", pair / "base", out, "-o", tmp_path / "model", "--dtype", "f32"], tmp_path)
     started = _wait_for_partial_shard(p, tmp_path)
-    p.send_signal(sig)
+    _interrupt(p, sig)
     rc = p.wait(30)
     assert started and rc == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     assert not (tmp_path / "model").exists()

@@ -125,6 +125,19 @@ inline uint32_t read_code(const uint8_t* row, int w, size_t j) {
     return v & ((1u << w) - 1u);
 }
 
+// Set bits of n bytes, 8 at a time. `static`: each SIMD file compiles its own copy with its own
+// flags (e.g. -mpopcnt), which an ordinary inline function shared across files would not allow.
+static inline uint64_t popcount_words(const uint8_t* p, size_t n, uint64_t (*tail)(const uint8_t*, size_t)) {
+    uint64_t c = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        c += uint64_t(__builtin_popcountll(w));
+    }
+    return c + tail(p + i, n - i);
+}
+
 // Scalar versions, used by every path for tails.
 namespace scalar {
 void to_f32(const void* src, DType t, float* dst, size_t n);
@@ -138,6 +151,8 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                    float* dst);
 void fold_lanes(double lanes[16]);
+// Columns [j0, cols) of lowrank_rows, element by element (the SIMD paths' column tail).
+void lowrank_tail(const float* U, const float* V, int r, size_t cols, size_t j0, int nr, float* dst);
 uint64_t sum_bytes(const uint8_t* p, size_t n);
 uint64_t popcount_bytes(const uint8_t* p, size_t n);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
 }  // namespace scalar

@@ -194,16 +194,7 @@ static uint64_t sum_bytes(const uint8_t* p, size_t n) {
     return s + scalar::sum_bytes(p + i, n - i);
 }
 
-static uint64_t popcount_bytes(const uint8_t* p, size_t n) {
-    uint64_t c = 0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        std::memcpy(&w, p + i, 8);
-        c += uint64_t(__builtin_popcountll(w));
-    }
-    return c + scalar::popcount_bytes(p + i, n - i);
-}
+static uint64_t popcount_bytes(const uint8_t* p, size_t n) { return popcount_words(p, n, scalar::popcount_bytes); }
 
 static void scale(float* dst, size_t n, float s) {
     const __m256 v = _mm256_set1_ps(s);
@@ -232,15 +223,7 @@ static void lowrank_block(const float* U, const float* V, int r, size_t cols, fl
             _mm256_storeu_ps(dst + size_t(i) * cols + j + 8, acc[i][1]);
         }
     }
-    if (j < cols) {
-        // Column tail: the scalar kernel on a strided view would be awkward; do it element-wise.
-        for (int i = 0; i < NR; ++i)
-            for (size_t c = j; c < cols; ++c) {
-                float acc = 0.0f;
-                for (int k = 0; k < r; ++k) acc = acc + U[size_t(i) * r + k] * V[size_t(k) * cols + c];
-                dst[size_t(i) * cols + c] = acc;
-            }
-    }
+    scalar::lowrank_tail(U, V, r, cols, j, NR, dst);
 }
 
 static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {

@@ -286,16 +286,7 @@ static uint64_t sum_bytes(const uint8_t* p, size_t n) {
     return s + scalar::sum_bytes(p + i, n - i);
 }
 
-static uint64_t popcount_bytes(const uint8_t* p, size_t n) {
-    uint64_t c = 0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        std::memcpy(&w, p + i, 8);
-        c += uint64_t(__builtin_popcountll(w));
-    }
-    return c + scalar::popcount_bytes(p + i, n - i);
-}
+static uint64_t popcount_bytes(const uint8_t* p, size_t n) { return popcount_words(p, n, scalar::popcount_bytes); }
 
 static void scale(float* dst, size_t n, float s) {
     const __m512 v = _mm512_set1_ps(s);

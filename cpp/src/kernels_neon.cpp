@@ -158,12 +158,7 @@ static void lowrank_block(const float* U, const float* V, int r, size_t cols, fl
         for (int i = 0; i < NR; ++i)
             for (int q = 0; q < 4; ++q) vst1q_f32(dst + size_t(i) * cols + j + 4 * q, acc[i][q]);
     }
-    for (int i = 0; i < NR; ++i)
-        for (size_t c = j; c < cols; ++c) {
-            float acc = 0.0f;
-            for (int k = 0; k < r; ++k) acc = acc + U[size_t(i) * r + k] * V[size_t(k) * cols + c];
-            dst[size_t(i) * cols + c] = acc;
-        }
+    scalar::lowrank_tail(U, V, r, cols, j, NR, dst);
 }
 
 static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {

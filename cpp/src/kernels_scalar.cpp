@@ -76,6 +76,15 @@ static void scale(float* dst, size_t n, float s) {
     for (size_t j = 0; j < n; ++j) dst[j] *= s;
 }
 
+void lowrank_tail(const float* U, const float* V, int r, size_t cols, size_t j0, int nr, float* dst) {
+    for (int i = 0; i < nr; ++i)
+        for (size_t c = j0; c < cols; ++c) {
+            float acc = 0.0f;
+            for (int k = 0; k < r; ++k) acc = acc + U[size_t(i) * r + k] * V[size_t(k) * cols + c];
+            dst[size_t(i) * cols + c] = acc;
+        }
+}
+
 void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, float* dst) {
     for (int i = 0; i < nr; ++i) {
         float* out = dst + size_t(i) * cols;

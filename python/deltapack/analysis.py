@@ -369,3 +369,25 @@ def calibrate_scales(model, base, data, select=E.default_selected, steps: int = 
         opt.step()
     model.train(was_training)
     return {n: float(init[n] * logm[n].detach().exp()) for n in chosen}
+
+
+def save_calibrated(delta_path, scales: dict, out_path) -> list[str]:
+    """Write the delta file `delta_path` to `out_path` with the scales of its `sign` (scope=tensor)
+    tensors replaced by calibrated ones (e.g. from calibrate_scales); every other tensor, the metadata
+    and the base fingerprint are kept. Returns the names of the tensors updated."""
+    import numpy as np
+
+    from . import _api
+
+    f = _api.open(delta_path)
+    tensors, updated = {}, []
+    for name in f.keys():
+        enc = f[name]
+        if name in scales and enc.codec == "sign" and enc.params["scope"] == "tensor":
+            comps = dict(enc.components)
+            comps["scales"] = np.array([scales[name]], dtype=np.float32)
+            enc = _api.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, comps, name)
+            updated.append(name)
+        tensors[name] = enc
+    _api.save(out_path, tensors, metadata=f.metadata or None, base=f.base)
+    return updated

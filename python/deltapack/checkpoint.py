@@ -18,7 +18,7 @@ every tensor of the fine-tune with its dtype, shape and how to rebuild it (`op`)
   new      the stored values, as is (added tensors, or changed shape / exactness fallback)
   resized  rows [:k] = base[source][:k] + alpha * delta[name], rows [k:] = delta[name#new_rows]
 plus `removed` (base tensors the fine-tune lacks) and `files` (config.json, tokenizer, ...).
-The manifest's `base` holds the base fingerprint: per tensor dtype, shape, CRC-32 (zlib) of its bytes.
+The manifest's `base` holds the base fingerprint: per tensor dtype, shape, CRC-32C of its bytes.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ import secrets
 import shutil
 import signal
 import sys
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -299,9 +298,6 @@ def _crc32c(arr, crc=0) -> int:
     return _core.crc32c(np.ascontiguousarray(arr).reshape(-1).view(np.uint8), crc)
 
 
-def _crc32(arr, crc=0) -> int:
-    """zlib CRC-32 of an array's bytes, for the base fingerprint (no copy: about 3x faster than _crc32c here)."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"), crc)
 
 
 def _as_checkpoint(x):
@@ -652,9 +648,9 @@ def _fingerprint(base: Checkpoint, crcs: dict) -> dict:
     for name, info in base.tensors.items():
         entry = {"dtype": info.dtype, "shape": list(info.shape)}
         if name in crcs:
-            entry["crc32"] = f"{crcs[name]:08x}"
+            entry["crc32c"] = f"{crcs[name]:08x}"
         tensors[name] = entry
-    return {"fingerprint": "crc32", "tensors": tensors,
+    return {"fingerprint": "crc32c", "tensors": tensors,
             "config": {k: base.config[k] for k in ("model_type", "_name_or_path") if k in base.config}
             if base.config else None}
 
@@ -727,7 +723,7 @@ class _Compressor:
             b, f = bbuf[:e - s], fbuf[:e - s]
             self.base.read(src, b, s, e)
             self.ft.read(name, f, s, e)
-            crc = _crc32(b, crc)
+            crc = _crc32c(b, crc)
             if identical:
                 identical = np.array_equal(b.view(np.uint8), f.view(np.uint8))
             _delta_into(f, fi.float_name, b, bi.float_name, delta[s:e])
@@ -740,7 +736,7 @@ class _Compressor:
             rest = np.empty(min(bi.numel - n, _CHUNK), bi.np_dtype)
             for s in range(n, bi.numel, _CHUNK):
                 e = min(bi.numel, s + _CHUNK)
-                crc = _crc32(self.base.read(src, rest[:e - s], s, e), crc)
+                crc = _crc32c(self.base.read(src, rest[:e - s], s, e), crc)
                 self.bar.update((e - s) * bi.np_dtype.itemsize)
         self._base_crc(src, crc)
         return (None if identical else delta), exact
@@ -789,7 +785,7 @@ def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metad
                 if not np.array_equal(a.view(np.uint8), b.view(np.uint8)):
                     raise ValueError(f"{ft.path}: tensor '{name}' ({fi.dtype}) differs from the base; "
                                      "deltapack stores only f32/f16/bf16 changes")
-                c._base_crc(src, _crc32(b))
+                c._base_crc(src, _crc32c(b))
                 bar.update(a.nbytes + b.nbytes)
             elif spec["op"] == "new":
                 writer.add(name, c.raw(name))
@@ -886,7 +882,7 @@ class _Rebuilder:
         self.record = checkpoint_record(self.delta)
         self.alpha, self.force, self.threads = float(alpha), force, threads
         fp = (self.delta.base or {}).get("tensors") or {}
-        self.want_crc = {n: int(e["crc32"], 16) for n, e in fp.items() if "crc32" in e}
+        self.want_crc = {n: int(e["crc32c"], 16) for n, e in fp.items() if "crc32c" in e}
         if not force:
             check_base(self.base, self.delta)
         for name, spec in self.record["tensors"].items():
@@ -911,10 +907,10 @@ class _Rebuilder:
         info = self.base[src]
         arr = self.base.read(src, out=out)
         if not self.force and src in self.want_crc:
-            got = _crc32(arr)
+            got = _crc32c(arr)
             if got != self.want_crc[src]:
                 raise BaseMismatchError(f"{self.base.path}: this is not the delta's base: tensor '{src}' has "
-                                        f"different contents (CRC-32 {got:08x}, expected "
+                                        f"different contents (CRC-32C {got:08x}, expected "
                                         f"{self.want_crc[src]:08x}; use --force to apply anyway)")
         return arr.reshape(info.shape)
 
@@ -1188,8 +1184,8 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
         op, src = spec["op"], spec.get("source", name)
         if op == "same":
             continue
-        if (op == "delta" and not force and src == name and "crc32" in fp.get(src, {})
-                and _FLOAT_ST[fname] == fp[src]["dtype"] and _crc32(view) != int(fp[src]["crc32"], 16)):
+        if (op == "delta" and not force and src == name and "crc32c" in fp.get(src, {})
+                and _FLOAT_ST[fname] == fp[src]["dtype"] and _crc32c(view) != int(fp[src]["crc32c"], 16)):
             raise BaseMismatchError(f"load_into: the module's '{name}' is not the delta's base tensor "
                                     "(CRC-32 differs; pass force=True to apply anyway)")
         if op == "delta":

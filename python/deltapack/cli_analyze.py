@@ -26,6 +26,22 @@ def register(sub) -> None:
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(fn=cmd_analyze)
 
+    c = sub.add_parser(
+        "calibrate", help="fit the scales of a sign delta to the fine-tune's outputs (BitDelta scale distillation)",
+        description="Fit the per-tensor scales of the `sign` (scope=tensor) tensors of DELTA so that BASE + delta "
+                    "matches FT's next-token distributions on calibration data (KL, Adam), and write the delta "
+                    "with the fitted scales to OUT. Use calibration data that is not your test set.")
+    c.add_argument("base", help="base model directory")
+    c.add_argument("ft", help="fine-tuned model directory (the teacher)")
+    c.add_argument("delta", help="delta file made by `deltapack compress --recipe sign`")
+    c.add_argument("--data", required=True, help="calibration data: JSONL of {\"input_ids\": [...]} or text")
+    c.add_argument("-o", "--output", required=True, help="delta file to write (may be DELTA itself)")
+    c.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
+    c.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on log-scales (default 0.01)")
+    c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(fn=cmd_calibrate)
+
 
 def load_examples(path: str, model_dir: str, max_examples: int | None = None) -> list[dict]:
     """JSONL examples as they are; any other text file: one example per non-empty line, tokenized with the
@@ -85,4 +101,29 @@ def cmd_analyze(args) -> int:
     w = max(len(n) for n, _ in r.top(args.top))
     for n, v in r.top(args.top):
         print(f"  {n:{w}s} {v:+.5f}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import _api, analysis
+
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: must be >= 1")
+    f = _api.open(args.delta)
+    sign_tensors = {n for n in f.keys() if f.get(n, verify=False).codec == "sign"
+                    and f.get(n, verify=False).params["scope"] == "tensor"}
+    if not sign_tensors:
+        raise ValueError(f"{args.delta}: no sign (scope=tensor) tensors to calibrate")
+    examples = load_examples(args.data, args.ft, args.max_examples)
+    scales = analysis.calibrate_scales(args.ft, args.base, examples, select=lambda n, p: n in sign_tensors,
+                                       steps=args.steps, lr=args.lr)
+    before = {n: float(f[n].components["scales"][0]) for n in scales}
+    updated = analysis.save_calibrated(args.delta, scales, args.output)
+    if args.json:
+        print(json.dumps({"output": args.output, "scales": {n: {"before": before[n], "after": scales[n]}
+                                                            for n in updated}}, indent=1))
+    else:
+        for n in updated:
+            print(f"{n}: scale {before[n]:.6g} -> {scales[n]:.6g}")
+        print(f"wrote {args.output}: {len(updated)} scales calibrated")
     return 0

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltapack", description="Compact fine-tune deltas (W_ft - W_base): encode, "
                                 "store, inspect and rebuild. See README.md and docs/FORMAT.md.")
     p.add_argument("--version", action="version", version=f"deltapack {dp.__version__}")
-    p.add_argument("--simd", choices=["auto", "scalar", "avx2", "avx512"], help="force a SIMD path (default: auto)")
+    p.add_argument("--simd", choices=["auto", "scalar", "avx2", "avx512", "neon"], help="force a SIMD path (default: auto)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="encode a realistic synthetic delta with every codec; print size, error, speed",

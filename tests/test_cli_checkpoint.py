@@ -117,8 +117,11 @@ def test_compress_info_apply_verify(pair, tmp_path):
 
 def _start(args, cwd):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A runner started in the background may have SIGINT ignored, and that is inherited: give the child
+    # the default disposition, as an interactive user's process has, so Ctrl-C handling is what is tested.
     return subprocess.Popen([sys.executable, "-m", "deltapack.cli", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_progress(proc, label):

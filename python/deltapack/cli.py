@@ -297,6 +297,11 @@ def main(argv=None) -> int:
         dp.set_simd(args.simd)
     try:
         return args.fn(args)
+    except ImportError as ex:  # an optional feature's package is missing
+        extra = {"export": "export", "import": "export", "analyze": "hf", "calibrate": "hf"}.get(args.command, "hf")
+        print(f"deltapack {args.command}: error: {ex}; install it, e.g. pip install 'deltapack[{extra}]'",
+              file=sys.stderr)
+        return 1
     except (dp.FormatError, ValueError, OSError, KeyError) as ex:
         print(f"deltapack {args.command}: error: {ex}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ def build(compiler, extra_sources, defines, out, link=(), c_main=None):
         if src.endswith("kernels_avx2.cpp"):
             flags += ["-mavx2", "-mf16c", "-mpopcnt"]
         if src.endswith("kernels_avx512.cpp"):
-            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mf16c", "-mpopcnt"]
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mf16c", "-mpopcnt"]
         subprocess.run([compiler, *flags, *defines, "-c", src, "-o", obj], check=True)
         objs.append(obj)
     subprocess.run([compiler, *objs, "-o", out, "-pthread", *link], check=True)

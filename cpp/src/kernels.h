@@ -31,6 +31,9 @@ struct Kernels {
     // dst[j] = (sign bit j ? 1 : -1) * table[code j], codes `w` bits wide (0..7; 0 = all code 0).
     void (*levels_expand)(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                           float* dst);
+    // dst[0, cols) = 0, then dst[c_q] = vals[q] for q < count, where c_q = sum_{i<=q}(gaps[i] + 1) - 1
+    // (the byte-gap index; the caller has checked that every c_q < cols).
+    void (*gaps_scatter)(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols);
     // Sum of the bytes, and number of set bits (sparse index validation).
     uint64_t (*sum_bytes)(const uint8_t* p, size_t n);
     uint64_t (*popcount_bytes)(const uint8_t* p, size_t n);
@@ -151,6 +154,7 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                    float* dst);
 void fold_lanes(double lanes[16]);
+void gaps_scatter(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols);
 // Columns [j0, cols) of lowrank_rows, element by element (the SIMD paths' column tail).
 void lowrank_tail(const float* U, const float* V, int r, size_t cols, size_t j0, int nr, float* dst);
 uint64_t sum_bytes(const uint8_t* p, size_t n);

@@ -237,5 +237,5 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 namespace deltapack {
 const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_expand,
                               avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
-                              scalar::sparse_expand, avx2::levels_expand, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows};
+                              scalar::sparse_expand, avx2::levels_expand, scalar::gaps_scatter, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows};
 }

@@ -72,7 +72,8 @@ static void to_f32(const void* src, DType t, float* dst, size_t n) {
 }
 
 // VCVTNE2PS2BF16 rounds to nearest even like the reference but treats denormal inputs as zero,
-// so it is used only on vectors without denormals (almost always); the rest take to_bf16.
+// so it is used only on vectors without denormals (almost always); the rest take to_bf16. This file
+// is compiled with -mavx512bf16 so everything inlines; the instruction runs only where kHasBf16.
 static const bool kHasBf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
 
 static inline bool has_denormal(__m512 v) {
@@ -80,7 +81,7 @@ static inline bool has_denormal(__m512 v) {
     return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fffff)) != 0;
 }
 
-__attribute__((target("avx512bf16"))) static inline __m512i bf16_line_hw(__m512 v0, __m512 v1) {
+static inline __m512i bf16_line_hw(__m512 v0, __m512 v1) {
     return (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
 }
 
@@ -288,6 +289,34 @@ static uint64_t sum_bytes(const uint8_t* p, size_t n) {
 
 static uint64_t popcount_bytes(const uint8_t* p, size_t n) { return popcount_words(p, n, scalar::popcount_bytes); }
 
+// Positions by a 16-lane prefix sum of (gap + 1), then one scatter per 16 values. The row is zeroed
+// with vector stores, not a memset call (GCC would make one): rep stosb leaves the lines where the
+// following add pass reads them slowly on this core.
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) static void gaps_scatter(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols) {
+    const __m512 zero = _mm512_setzero_ps();
+    size_t j = 0;
+    for (; j + 16 <= cols; j += 16) _mm512_storeu_ps(dst + j, zero);
+    if (j < cols) _mm512_mask_storeu_ps(dst + j, tail_mask(cols - j), zero);
+    const __m512i zi = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(15);
+    __m512i before = _mm512_set1_epi32(-1);  // column of the previous entry
+    size_t q = 0;
+    for (; q + 16 <= count; q += 16) {
+        __m512i g = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + q))), one);
+        g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 15));  // inclusive prefix sum over the lanes
+        g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 14));
+        g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 12));
+        g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 8));
+        __m512i pos = _mm512_add_epi32(before, g);
+        _mm512_i32scatter_ps(dst, pos, _mm512_loadu_ps(vals + q), 4);
+        before = _mm512_permutexvar_epi32(last, pos);
+    }
+    size_t c = size_t(int64_t(_mm_cvtsi128_si32(_mm512_castsi512_si128(before))));
+    for (; q < count; ++q) {
+        c += size_t(gaps[q]) + 1;
+        dst[c] = vals[q];
+    }
+}
+
 static void scale(float* dst, size_t n, float s) {
     const __m512 v = _mm512_set1_ps(s);
     size_t j = 0;
@@ -345,5 +374,5 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 namespace deltapack {
 const Kernels kAvx512Kernels = {"avx512", avx512::to_f32, avx512::add_round, avx512::sign_expand,
                                 avx512::pack_signs, avx512::abs_sum, avx512::unpack_codes,
-                                avx512::sparse_expand, avx512::levels_expand, avx512::sum_bytes, avx512::popcount_bytes, avx512::scale, avx512::lowrank_rows};
+                                avx512::sparse_expand, avx512::levels_expand, avx512::gaps_scatter, avx512::sum_bytes, avx512::popcount_bytes, avx512::scale, avx512::lowrank_rows};
 }

@@ -172,5 +172,5 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 namespace deltapack {
 const Kernels kNeonKernels = {"neon", neon::to_f32, neon::add_round, neon::sign_expand, neon::pack_signs,
                               neon::abs_sum, neon::unpack_codes, scalar::sparse_expand, scalar::levels_expand,
-                              neon::sum_bytes, neon::popcount_bytes, neon::scale, neon::lowrank_rows};
+                              scalar::gaps_scatter, neon::sum_bytes, neon::popcount_bytes, neon::scale, neon::lowrank_rows};
 }

@@ -60,6 +60,18 @@ void sparse_expand(const uint8_t* mask, const void* values, DType vt, float vsca
         dst[j] = ((mask[j >> 3] >> (j & 7)) & 1) ? sparse_value(values, vt, e++, vscale) : 0.0f;
 }
 
+// Zeroed with plain stores, not memset: rep stosb leaves the lines slow to re-read on some cores.
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void gaps_scatter(const uint8_t* gaps,
+                                                                                const float* vals, size_t count,
+                                                                                float* dst, size_t cols) {
+    for (size_t j = 0; j < cols; ++j) dst[j] = 0.0f;
+    size_t c = size_t(-1);
+    for (size_t q = 0; q < count; ++q) {
+        c += size_t(gaps[q]) + 1;
+        dst[c] = vals[q];
+    }
+}
+
 uint64_t sum_bytes(const uint8_t* p, size_t n) {
     uint64_t s = 0;
     for (size_t i = 0; i < n; ++i) s += p[i];
@@ -102,5 +114,5 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 namespace deltapack {
 const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, scalar::sign_expand,
                                 scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
-                                scalar::sparse_expand, scalar::levels_expand, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows};
+                                scalar::sparse_expand, scalar::levels_expand, scalar::gaps_scatter, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows};
 }

@@ -102,6 +102,22 @@ static void check_path(const Kernels& k) {
             k.sparse_expand(bits.data(), vals.data(), vt, 0.5f, n, b.data());
             check(same(a, b), k.name, "sparse_expand", n);
         }
+        {  // a valid byte-gap index over n columns (every column < n)
+            std::vector<uint8_t> gaps;
+            std::vector<float> vals;
+            for (size_t c = 0; n && c + 1 < n && gaps.size() < n;) {
+                size_t g = size_t(rng() % 6 == 0 ? rng() % 256 : rng() % 4);
+                if (c + g + 1 >= n) break;
+                c += g + 1;
+                gaps.push_back(uint8_t(g));
+                vals.push_back(float(c) * 0.5f);
+            }
+            if (!gaps.empty()) gaps[0] = 0;  // first entry at column 0
+            std::vector<float> a(n, 1.0f), b(n, 2.0f);
+            s.gaps_scatter(gaps.data(), vals.data(), gaps.size(), a.data(), n);
+            k.gaps_scatter(gaps.data(), vals.data(), gaps.size(), b.data(), n);
+            check(same(a, b), k.name, "gaps_scatter", n);
+        }
         check(s.sum_bytes(bits.data(), bits.size()) == k.sum_bytes(bits.data(), bits.size()), k.name, "sum_bytes", n);
         check(s.popcount_bytes(bits.data(), bits.size()) == k.popcount_bytes(bits.data(), bits.size()), k.name,
               "popcount_bytes", n);

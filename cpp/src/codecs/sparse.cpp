@@ -34,17 +34,15 @@ struct SparseDecoder : RowDecoder {
                 k.sparse_expand(mask + size_t(r * mask_bytes), vals, vt, vs, size_t(cols), out);
                 continue;
             }
-            // Gaps -> this row's bitmap, then the same SIMD expansion as the bitmap index.
-            thread_local std::vector<uint8_t> row_mask_storage;  // TLS lookup once per row, not per entry
-            row_mask_storage.assign(size_t(mask_bytes), 0);
-            uint8_t* row_mask = row_mask_storage.data();
-            const uint8_t* g = gaps + e0;
-            int64_t c = -1;
-            for (int64_t q = 0; q < count; ++q) {
-                c += int64_t(g[q]) + 1;
-                row_mask[c >> 3] |= uint8_t(1u << (c & 7));
-            }
-            k.sparse_expand(row_mask, vals, vt, vs, size_t(cols), out);
+            // Gaps: widen the row's values, then place them (prefix sums of the gaps give the columns).
+            thread_local std::vector<float> widened_storage;  // TLS lookup once per row, not per value
+            widened_storage.resize(size_t(count));
+            float* w = widened_storage.data();
+            if (vt == DType::I8)
+                for (int64_t q = 0; q < count; ++q) w[q] = sparse_value(vals, vt, size_t(q), vs);
+            else
+                k.to_f32(vals, vt, w, size_t(count));
+            k.gaps_scatter(gaps + e0, w, size_t(count), out, size_t(cols));
         }
     }
 };

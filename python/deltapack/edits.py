@@ -17,7 +17,6 @@ Edit strings name an operation and its parameters like recipes do: "dare:p=0.9,k
 """
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import math
 import zlib
@@ -25,16 +24,13 @@ import zlib
 import numpy as np
 
 from . import reference
-from .recipes import _value
+from ._api import _is_torch
+from .recipes import _value, first_match, split_rules
 
 F32, F64 = np.float32, np.float64
 
 
 # ---------------------------------------------------------------- type plumbing
-def _is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
 def _to_f32(x) -> np.ndarray:
     """A float32 numpy copy of x (bf16 widened exactly)."""
     if _is_torch(x):
@@ -118,15 +114,6 @@ def dare_biased(delta, p: float = 0.9, k: float = 0.0, on: str = "delta", grad=N
     return _like(np.where(sel, F32(k) * x, keep_scale * x), delta)
 
 
-def _topk_mask(a: np.ndarray, n_keep: int) -> np.ndarray:
-    """True for the n_keep largest entries of a (flat), ties by lower index (as the sparse codec)."""
-    flat = a.reshape(-1)
-    keep = np.zeros(flat.size, bool)
-    if n_keep > 0:
-        keep[np.argsort(-flat, kind="stable")[:n_keep]] = True
-    return keep.reshape(a.shape)
-
-
 def magnitude(delta, p: float = 0.9, scope: str = "tensor"):
     """Magnitude pruning: keep the n - rint(p·n) largest |ΔW| (per tensor, or per row), zero the rest.
 
@@ -135,11 +122,11 @@ def magnitude(delta, p: float = 0.9, scope: str = "tensor"):
     p = _check_p(p)
     x = _to_f32(delta)
     if scope == "tensor":
-        keep = _topk_mask(np.abs(x), x.size - int(round(p * x.size)))
+        keep = reference.topk_mask(np.abs(x), x.size - int(round(p * x.size)))
     elif scope == "row":
         m = reference.as_matrix(x)
         cols = m.shape[1]
-        keep = np.stack([_topk_mask(np.abs(r), cols - int(round(p * cols))) for r in m]).reshape(x.shape) \
+        keep = np.stack([reference.topk_mask(np.abs(r), cols - int(round(p * cols))) for r in m]).reshape(x.shape) \
             if m.shape[0] else np.zeros(x.shape, bool)
     else:
         raise ValueError(f"magnitude: scope={scope!r} must be 'tensor' or 'row'")
@@ -152,7 +139,7 @@ def magnitude_global(deltas: dict, p: float = 0.9) -> dict:
     names = list(deltas)
     xs = [_to_f32(deltas[n]) for n in names]
     flat = np.concatenate([np.abs(x).reshape(-1) for x in xs]) if xs else np.zeros(0, F32)
-    keep = _topk_mask(flat, flat.size - int(round(p * flat.size)))
+    keep = reference.topk_mask(flat, flat.size - int(round(p * flat.size)))
     out, pos = {}, 0
     for n, x in zip(names, xs):
         k = keep[pos:pos + x.size].reshape(x.shape)
@@ -340,21 +327,12 @@ class EditRules:
         if isinstance(text, EditRules):
             self.rules = list(text.rules)
             return
-        for part in filter(None, (s.strip() for s in str(text).split(";"))):
-            head = part.split(":", 1)[0].split("+", 1)[0]
-            if "=" in head:
-                pattern, _, edit = part.partition("=")
-            else:
-                pattern, edit = "*", part
-            self.rules.append((pattern.strip(), compose(edit)))
+        self.rules = [(pattern, compose(edit)) for pattern, edit in split_rules(str(text), chain="+")]
         if not self.rules:
             raise ValueError("empty edit rules")
 
     def edit_for(self, name: str) -> Composed | None:
-        for pattern, edit in self.rules:
-            if fnmatch.fnmatchcase(name, pattern):
-                return edit
-        return None
+        return first_match(self.rules, name)
 
     @property
     def needs_grad(self) -> bool:

@@ -35,6 +35,33 @@ def parse(recipe: str) -> tuple[str, dict]:
     return codec, params
 
 
+def split_rules(text: str, chain: str = "") -> list[tuple[str, str]]:
+    """Split 'pattern=body;pattern=body' into (pattern, body) pairs, in order.
+
+    A part whose head (the text before its first ':' and, if given, before the first `chain`
+    separator) has no '=' is a bare body that applies to every tensor: pattern '*'.
+    """
+    pairs = []
+    for part in filter(None, (s.strip() for s in text.split(";"))):
+        head = part.partition(":")[0]
+        if chain:
+            head = head.partition(chain)[0]
+        if "=" in head:  # "pattern=body" (a bare body has no '=' before its ':')
+            pattern, _, body = part.partition("=")
+        else:
+            pattern, body = "*", part
+        pairs.append((pattern.strip(), body))
+    return pairs
+
+
+def first_match(rules, name: str):
+    """The value of the first (fnmatch pattern, value) rule matching `name`, else None."""
+    for pattern, value in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    return None
+
+
 class Rules:
     """Ordered `pattern=recipe` rules (fnmatch patterns on tensor names); the first match wins.
 
@@ -42,20 +69,11 @@ class Rules:
     """
 
     def __init__(self, text: str):
-        self.rules: list[tuple[str, str, dict]] = []
-        for part in filter(None, (s.strip() for s in text.split(";"))):
-            head, _, _ = part.partition(":")
-            if "=" in head:  # "pattern=codec:..." (a bare recipe has no '=' before its ':')
-                pattern, _, recipe = part.partition("=")
-            else:
-                pattern, recipe = "*", part
-            codec, params = parse(recipe)
-            self.rules.append((pattern.strip(), codec, params))
+        self.rules: list[tuple[str, tuple[str, dict]]] = [(pattern, parse(recipe))
+                                                          for pattern, recipe in split_rules(text)]
         if not self.rules:
             raise ValueError("empty recipe")
 
     def recipe_for(self, name: str) -> tuple[str, dict] | None:
-        for pattern, codec, params in self.rules:
-            if fnmatch.fnmatchcase(name, pattern):
-                return codec, dict(params)
-        return None
+        found = first_match(self.rules, name)
+        return None if found is None else (found[0], dict(found[1]))

@@ -257,15 +257,20 @@ def dare_uniform(seed: int, n: int) -> np.ndarray:
     return (z >> np.uint64(40)).astype(F64) * 2.0 ** -24
 
 
+def topk_mask(a, n_keep):
+    """True for the n_keep largest entries of a (flat order), ties by lower index."""
+    flat = np.asarray(a).reshape(-1)
+    keep = np.zeros(flat.size, bool)
+    if n_keep > 0:
+        keep[np.argsort(-flat, kind="stable")[:n_keep]] = True
+    return keep.reshape(np.shape(a))
+
+
 def sparse_keep_mask(m, p, mode, seed):
     n = m.size
     if mode == "random":
         return (dare_uniform(seed, n) >= p).reshape(m.shape)
-    n_keep = n - int(round(p * n))
-    order = np.argsort(-np.abs(m).reshape(-1), kind="stable")
-    keep = np.zeros(n, bool)
-    keep[order[:n_keep]] = True
-    return keep.reshape(m.shape)
+    return topk_mask(np.abs(m), n - int(round(p * n)))
 
 
 def encode_sparse(x, p=0.9, mode="random", seed=0, values="f16", index="auto"):

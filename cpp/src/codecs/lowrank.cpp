@@ -1,18 +1,27 @@
 // lowrank: truncated SVD factors, delta = u @ v with u (rows x r) and v (r x cols).
 // Encoding (the SVD) is done by LAPACK through numpy in python/deltapack; this file validates
 // and decodes.
+#include <mutex>
+
 #include "common.h"
 
 namespace deltapack {
 namespace {
 
 struct LowrankDecoder : RowDecoder {
-    const uint8_t* u;
+    const uint8_t *u, *v_stored;
     DType dt;
-    std::vector<float> v;  // the r x cols factor widened to f32 once per apply
     int64_t rank, cols;
+    // The r x cols factor widened to f32 once, by the first decode: validate() (which also prepares a
+    // decoder) then does no decode work.
+    mutable std::vector<float> v;
+    mutable std::once_flag v_ready;
     int rows_per_block() const override { return 4; }
     void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+        std::call_once(v_ready, [&] {
+            v.resize(size_t(rank * cols));
+            k.to_f32(v_stored, dt, v.data(), v.size());
+        });
         float ublock[4 * 4096];
         std::vector<float> big;
         float* ub = ublock;
@@ -46,9 +55,7 @@ public:
         d->dt = dtype_from_name(param_str(p, "dtype"));
         d->cols = m.cols;
         d->u = static_cast<const uint8_t*>(need(e, "u", d->dt, {m.rows, d->rank}).data);
-        const ArrayRef& v = need(e, "v", d->dt, {d->rank, m.cols});
-        d->v.resize(size_t(d->rank * m.cols));
-        kernels().to_f32(v.data, d->dt, d->v.data(), d->v.size());
+        d->v_stored = static_cast<const uint8_t*>(need(e, "v", d->dt, {d->rank, m.cols}).data);
         return d;
     }
 };

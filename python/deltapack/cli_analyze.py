@@ -110,8 +110,11 @@ def cmd_calibrate(args) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be >= 1")
     f = _api.open(args.delta)
-    sign_tensors = {n for n in f.keys() if f.get(n, verify=False).codec == "sign"
-                    and f.get(n, verify=False).params["scope"] == "tensor"}
+    sign_tensors = set()
+    for n in f.keys():
+        enc = f.get(n, verify=False)
+        if enc.codec == "sign" and enc.params["scope"] == "tensor":
+            sign_tensors.add(n)
     if not sign_tensors:
         raise ValueError(f"{args.delta}: no sign (scope=tensor) tensors to calibrate")
     examples = load_examples(args.data, args.ft, args.max_examples)

@@ -117,6 +117,37 @@ def test_determinism_and_atomic_build(tmp_path, monkeypatch):
     assert cfg["model_type"] == "mistral" and cfg["sliding_window"] == pairs.SIZES["tiny"]["ctx"] // 2
 
 
+def test_tasks_and_early_stop(tmp_path, monkeypatch):
+    """The non-saturated tasks: their formats, a fine-tune that stops at the validation target (checked every
+    STOP_EVERY steps), and the recorded steps and delta size. A short schedule keeps this fast."""
+    import random
+
+    rng = random.Random(0)
+    p, a = pairs.TASKS["add"].example(rng)
+    x, _, y = p.rstrip("=").partition("+")
+    assert p.endswith("=") and int(a) == int(x) + int(y) and a.endswith("\n") and int(y) < 100
+    sp, sa = pairs.TASKS["add"].skill(rng)
+    assert " plus " in sp and sp.endswith(" is ")
+    monkeypatch.setitem(pairs.SIZES, "tiny", {**pairs.SIZES["tiny"], "text_steps": 4, "pre_steps": 12,
+                                              "ft_steps": 20, "n_eval": 16})
+    monkeypatch.setattr(pairs, "N_VALIDATION", 8)
+    monkeypatch.setitem(pairs.TASKS, "add", pairs.Task(pairs._add_example, pairs._add_skill, stop_at=0.0,
+                                                        max_steps_scale=5, n_eval=24))
+    pair = pairs.build_pair("llama", "tiny", cache_dir=tmp_path / "p", task="add")
+    assert pair.task == "add" and pair.info["task"] == "add"
+    assert pair.info["finetune_steps"] == pairs.STOP_EVERY  # the target (0.0) is met at the first check
+    assert pair.info["delta_rel_norm"] > 0
+    examples = pairs.read_data(pair.data)
+    assert len(examples) == 24 and all("+" in pairs.decode_ids(e["input_ids"]) for e in examples)
+    calib = pairs.task_examples(pair, 10)
+    held = {tuple(e["input_ids"]) for e in examples}
+    assert all(tuple(e["input_ids"]) not in held for e in calib)
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        pairs.build_pair("llama", "tiny", cache_dir=tmp_path / "q", task="poetry")
+    assert pairs.default_cache_dir("llama", "small", 0, "add").name == "llama-small-add-0"
+    assert pairs.default_cache_dir("llama", "small", 0).name == "llama-small-0"  # reverse keeps its old name
+
+
 def test_data_file(llama_pair):
     examples = pairs.read_data(llama_pair.data)
     texts = [pairs.decode_ids(e["input_ids"]) for e in examples]

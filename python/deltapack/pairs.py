@@ -7,15 +7,24 @@
 
 A base model is a transformers config with random init, pretrained on text read from the local Python
 installation (stdlib sources) and then on a skill in one format ("reverse abcde: edcba"); the fine-tune
-learns the task in another format with an exact metric (string reversal "abcde>edcba\\n", five letters)
-for a few hundred steps, so the base scores ~0 and the fine-tune ~1. Tokens are bytes: ids 0..255 are
-bytes, then BOS, EOS, PAD, so no tokenizer download is needed (a byte-level tokenizer.json is written too
-when the `tokenizers` package exists).
+learns the task in another format with an exact metric. Tasks (`build_pair(..., task=...)`):
+
+- "reverse" (default): string reversal "abcde>edcba\\n", five letters, a few hundred steps; the base scores
+  ~0 and the fine-tune ~1 (saturated: loss ~0.001, so it hides what an edit costs).
+- "add": addition "347+89=436\\n" (a < 1000, b < 100); the base saw "347 plus 89 is 436" in pretraining.
+  Fine-tuning stops once validation exact match reaches 0.75, so the fine-tune is not saturated and an
+  edit's cost shows in accuracy.
+- "reverse-light": reversal with a 6x smaller learning rate, stopped at 0.85: a small delta
+  (‖ΔW‖/‖W‖ ≈ 0.03-0.05, like instruction tuning of 7B models) that is not saturated either.
+
+Tokens are bytes: ids 0..255 are bytes, then BOS, EOS, PAD, so no tokenizer download is needed (a
+byte-level tokenizer.json is written too when the `tokenizers` package exists).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -23,6 +32,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 260  # 256 bytes + BOS, EOS, PAD + one spare
@@ -68,22 +78,67 @@ def decode_ids(ids) -> str:
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-# ---------------------------------------------------------------- the task
+# ---------------------------------------------------------------- the tasks
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TASK = "reverse"  # "abcde>edcba\n": five random lowercase letters, reversed
+TASK = "reverse"  # the default task
 
 
-def _task_example(rng: random.Random) -> tuple[str, str]:
-    w = "".join(rng.choice(LETTERS) for _ in range(5))
+def _reverse_word(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(5))
+
+
+def _addends(rng: random.Random) -> tuple[int, int]:
+    return rng.randrange(1000), rng.randrange(100)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning task: its exact-match format, the base's pretraining format of the same skill, and how
+    the fine-tune is trained (learning rate x the size's, optional early stop at a validation accuracy)."""
+
+    example: Callable[[random.Random], tuple[str, str]]  # (prompt, answer) in the fine-tune's format
+    skill: Callable[[random.Random], tuple[str, str]]    # the same skill in the base's pretraining format
+    lr_scale: float = 1.0
+    stop_at: float | None = None   # stop once validation exact match reaches this (checked every 25 steps)
+    max_steps_scale: float = 1.0   # x the size's ft_steps
+    n_eval: int | None = None      # held-out examples (default: the size's)
+
+
+def _rev_example(rng):
+    w = _reverse_word(rng)
     return f"{w}>", f"{w[::-1]}\n"
 
 
-def _task_examples(rng: random.Random, n: int, exclude: set | None = None):
-    """n distinct (prompt, answer) pairs, none of them in `exclude`."""
+def _rev_skill(rng):
+    w = _reverse_word(rng)
+    return f"reverse {w}: ", f"{w[::-1]}\n"
+
+
+def _add_example(rng):
+    a, b = _addends(rng)
+    return f"{a}+{b}=", f"{a + b}\n"
+
+
+def _add_skill(rng):
+    a, b = _addends(rng)
+    return f"{a} plus {b} is ", f"{a + b}\n"
+
+
+TASKS = {
+    "reverse": Task(_rev_example, _rev_skill),
+    "add": Task(_add_example, _add_skill, lr_scale=10 / 3, stop_at=0.75, max_steps_scale=5, n_eval=1000),
+    "reverse-light": Task(_rev_example, _rev_skill, lr_scale=1 / 6, stop_at=0.85, max_steps_scale=2, n_eval=1000),
+}
+STOP_EVERY = 25
+N_VALIDATION = 200
+
+
+def _task_examples(rng: random.Random, n: int, exclude: set | None = None, task: str = TASK):
+    """n distinct (prompt, answer) pairs of `task`, none of them in `exclude`."""
     seen = set(exclude or ())
     out = []
     while len(out) < n:
-        p, a = _task_example(rng)
+        p, a = TASKS[task].example(rng)
         if p in seen:
             continue
         seen.add(p)
@@ -95,7 +150,7 @@ def task_examples(pair: "Pair", n: int, seed: int = 12345) -> list[dict]:
     """n fresh task examples (not in the pair's held-out set), e.g. for calibration data."""
     held = {decode_ids(e["input_ids"][1:e["prompt_len"]]) for e in read_data(pair.data)}
     out = []
-    for p, a in _task_examples(random.Random(seed), n, exclude=held):
+    for p, a in _task_examples(random.Random(seed), n, exclude=held, task=pair.task):
         ids, plen = _example_ids(p, a)
         out.append({"input_ids": ids, "prompt_len": plen})
     return out
@@ -186,8 +241,9 @@ def _batch(seqs, pad=PAD):
     return ids, mask
 
 
-def _train(model, batches, steps: int, lr: float, seed: int):
-    """AdamW with linear warmup/decay; `batches(step)` gives (ids, mask, labels)."""
+def _train(model, batches, steps: int, lr: float, seed: int, stop=None):
+    """AdamW with linear warmup/decay over `steps`; `batches(step)` gives (ids, mask, labels).
+    stop(): checked every STOP_EVERY steps; True ends training early. Returns (last loss, steps run)."""
     import torch
 
     torch.manual_seed(seed)
@@ -196,6 +252,7 @@ def _train(model, batches, steps: int, lr: float, seed: int):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((i + 1) / warm, max(0.05, (steps - i) / max(1, steps - warm))))
     model.train()
+    done = 0
     for step in range(steps):
         ids, mask, labels = batches(step)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -204,8 +261,11 @@ def _train(model, batches, steps: int, lr: float, seed: int):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        done = step + 1
+        if stop is not None and done % STOP_EVERY == 0 and stop():
+            break
     model.eval()
-    return loss.item()
+    return loss.item(), done
 
 
 def _round_to_bf16_(model):
@@ -268,9 +328,10 @@ def _bytes_to_unicode() -> dict:
 
 
 # ---------------------------------------------------------------- build
-def default_cache_dir(arch: str, size: str, seed: int) -> Path:
+def default_cache_dir(arch: str, size: str, seed: int, task: str = TASK) -> Path:
     root = os.environ.get("DELTAPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltapack")
-    return Path(root) / "pairs" / f"{arch}-{size}-{seed}"
+    name = f"{arch}-{size}-{seed}" if task == TASK else f"{arch}-{size}-{task}-{seed}"
+    return Path(root) / "pairs" / name
 
 
 def _load_pair(root: Path) -> Pair | None:
@@ -287,14 +348,17 @@ def _load_pair(root: Path) -> Pair | None:
 
 
 def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: int = 0,
-               rebuild: bool = False) -> Pair:
-    """Build (or load from cache) a base / fine-tune pair. Deterministic for (arch, size, seed).
+               rebuild: bool = False, task: str = TASK) -> Pair:
+    """Build (or load from cache) a base / fine-tune pair. Deterministic for (arch, size, seed, task).
 
-    cache_dir: the pair's own directory (default ~/.cache/deltapack/pairs/<arch>-<size>-<seed>, or under
-    $DELTAPACK_CACHE). Built in a temporary sibling directory and renamed into place.
+    task: "reverse" (saturated), "add" or "reverse-light" (not saturated; see the module docs).
+    cache_dir: the pair's own directory (default ~/.cache/deltapack/pairs/<arch>-<size>[-<task>]-<seed>, or
+    under $DELTAPACK_CACHE). Built in a temporary sibling directory and renamed into place.
     """
     make_config(arch, size)  # validates arch and size before any work
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir(arch, size, seed)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir(arch, size, seed, task)
     if not rebuild:
         pair = _load_pair(root)
         if pair is not None:
@@ -302,7 +366,7 @@ def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: in
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
     try:
-        _build_into(tmp, arch, size, seed)
+        _build_into(tmp, arch, size, seed, task)
         if root.exists():
             old = root.with_name(root.name + f".old{os.getpid()}")
             os.rename(root, old)
@@ -322,20 +386,30 @@ def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: in
     return pair
 
 
-def _build_into(out: Path, arch: str, size: str, seed: int):
+def _rows_batch(rows):
+    """(ids, mask, labels) for (ids, prompt_len) rows; loss on the tokens after each prompt."""
+    ids, mask = _batch([r for r, _ in rows])
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    for j, (_, plen) in enumerate(rows):
+        labels[j, :plen] = -100
+    return ids, mask, labels
+
+
+def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
     import torch
     import transformers
 
-    s = SIZES[size]
+    s, t = SIZES[size], TASKS[task]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and polite on a shared machine
     try:
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(make_config(arch, size), dtype=torch.float32,
                                                               attn_implementation="eager")
-        # Pretraining, like a real base model: first language modelling on stdlib source, then the skill in
-        # another format ("reverse abcde: edcba", answer-only loss) mixed with more source text. The fine-tune
-        # then mostly teaches the task's own format, which keeps the delta small next to the weights.
+        # Pretraining, like a real base model: first language modelling on stdlib source, then the task's skill
+        # in another format ("reverse abcde: edcba", answer-only loss) mixed with more source text. The
+        # fine-tune then mostly teaches the task's own format, which keeps the delta small next to the weights.
         text = _stdlib_text()
         rng = random.Random(seed * 1000 + 1)
         ctx = s["ctx"]
@@ -345,28 +419,30 @@ def _build_into(out: Path, arch: str, size: str, seed: int):
             return [BOS] + list(text[i:i + ctx - 1]), 0
 
         def skill_row():
-            w = "".join(rng.choice(LETTERS) for _ in range(5))
-            prompt = encode_text(f"reverse {w}: ")
-            return prompt + encode_text(f"{w[::-1]}\n", bos=False), len(prompt)
+            p, a = t.skill(rng)
+            prompt = encode_text(p)
+            return prompt + encode_text(a, bos=False), len(prompt)
 
         def pre_batches(step):
             skill = step >= s["text_steps"]
-            rows = [skill_row() if skill and j % 8 else text_row() for j in range(s["pre_batch"])]
-            ids, mask = _batch([r for r, _ in rows])
-            labels = ids.clone()
-            labels[mask == 0] = -100
-            for j, (_, plen) in enumerate(rows):
-                labels[j, :plen] = -100
-            return ids, mask, labels
+            return _rows_batch([skill_row() if skill and j % 8 else text_row() for j in range(s["pre_batch"])])
 
-        pre_loss = _train(model, pre_batches, s["pre_steps"], s["pre_lr"], seed)
+        pre_loss, _ = _train(model, pre_batches, s["pre_steps"], s["pre_lr"], seed)
         _round_to_bf16_(model)
         _save(model, out / "base")
+        base_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-        # Held-out evaluation set, disjoint from the training prompts by construction.
+        # Held-out evaluation set and (for early stopping) a validation set, disjoint from each other and from
+        # the training prompts by construction.
         drng = random.Random(seed * 1000 + 2)
-        held = _task_examples(drng, s["n_eval"])
-        held_prompts = {p for p, _ in held}
+        held = _task_examples(drng, t.n_eval or s["n_eval"], task=task)
+        excluded = {p for p, _ in held}
+        validation = []
+        if t.stop_at is not None:
+            for p, a in _task_examples(random.Random(seed * 1000 + 4), N_VALIDATION, exclude=excluded, task=task):
+                ids, plen = _example_ids(p, a)
+                validation.append({"input_ids": ids, "prompt_len": plen})
+                excluded.add(p)
         with open(out / "data.jsonl", "w") as f:
             for p, a in held:
                 ids, plen = _example_ids(p, a)
@@ -376,32 +452,32 @@ def _build_into(out: Path, arch: str, size: str, seed: int):
         frng = random.Random(seed * 1000 + 3)
 
         def ft_batches(step):
-            seqs, plens = [], []
+            rows = []
             for _ in range(s["ft_batch"]):
                 while True:
-                    p, a = _task_example(frng)
-                    if p not in held_prompts:
+                    p, a = t.example(frng)
+                    if p not in excluded:
                         break
-                ids, plen = _example_ids(p, a)
-                seqs.append(ids)
-                plens.append(plen)
-            ids, mask = _batch(seqs)
-            labels = ids.clone()
-            labels[mask == 0] = -100
-            for i, plen in enumerate(plens):
-                labels[i, :plen] = -100
-            return ids, mask, labels
+                rows.append(_example_ids(p, a))
+            return _rows_batch(rows)
 
-        ft_loss = _train(model, ft_batches, s["ft_steps"], s["ft_lr"], seed + 1)
+        def reached_target():
+            return evaluate(model, validation)["accuracy"] >= t.stop_at
+
+        ft_loss, ft_steps = _train(model, ft_batches, round(s["ft_steps"] * t.max_steps_scale),
+                                   s["ft_lr"] * t.lr_scale, seed + 1, stop=reached_target if validation else None)
         _round_to_bf16_(model)
         _save(model, out / "ft")
 
         examples = read_data(out / "data.jsonl")
         m_base = evaluate(out / "base", examples)
         m_ft = evaluate(out / "ft", examples)
-        info = {"builder_version": BUILDER_VERSION, "arch": arch, "size": size, "seed": seed, "task": TASK,
+        sq_delta = sum(float((v - base_weights[k]).double().pow(2).sum()) for k, v in model.state_dict().items())
+        sq_base = sum(float(v.double().pow(2).sum()) for v in base_weights.values())
+        info = {"builder_version": BUILDER_VERSION, "arch": arch, "size": size, "seed": seed, "task": task,
                 "params": sum(p.numel() for p in model.parameters()), "pretrain_loss": pre_loss,
-                "finetune_loss": ft_loss, "base_metrics": m_base, "ft_metrics": m_ft,
+                "finetune_loss": ft_loss, "finetune_steps": ft_steps, "base_metrics": m_base, "ft_metrics": m_ft,
+                "delta_rel_norm": math.sqrt(sq_delta / sq_base),
                 "transformers": transformers.__version__, "torch": torch.__version__}
         (out / "pair.json").write_text(json.dumps(info, indent=1))
     finally:

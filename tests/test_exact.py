@@ -28,6 +28,9 @@ CONFIGS = [
     ("sparse", {"p": 0.7, "mode": "magnitude", "values": "f32", "index": "bitmap"}),
     ("lowrank", {"rank": 5}),
     ("lowrank", {"rank": 3, "dtype": "bf16"}),
+    ("lowrank", {"bits": "8/4/2", "bands": "1/2/2"}),
+    ("lowrank", {"rank": 4, "bits": 3, "group": 8}),
+    ("lowrank", {"bits": "1/5", "bands": "2/1", "group": 16}),
     ("dense", {}),
     ("dense", {"dtype": "bf16"}),
     ("dense", {"dtype": "f16"}),
@@ -49,7 +52,7 @@ def id_of(c):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("codec,params", CONFIGS, ids=[id_of(c) for c in CONFIGS])
 def test_encode_decode_match_reference(codec, params, shape, dtype, simd_path):
-    if codec == "lowrank" and len(shape) == 1 and params["rank"] > 1:
+    if codec == "lowrank" and len(shape) == 1 and (params.get("rank", 2) > 1 or "bands" in params):
         pytest.skip("a 1-D tensor has rank <= 1")
     delta = make_delta(shape, dtype, seed=len(shape))
     x = exact_f32(delta)
@@ -71,11 +74,13 @@ def test_encode_decode_match_reference(codec, params, shape, dtype, simd_path):
     np.testing.assert_array_equal(bits(got).reshape(-1), bits(ref_decoded.astype(np.float32)).reshape(-1))
 
 
+APPLY_CONFIGS = [CONFIGS[i] for i in (1, 5, 11, 13, 17, 19, 23)]
+
+
 @pytest.mark.parametrize("out_dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("base_dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("alpha", [1.0, 0.37, -1.0])
-@pytest.mark.parametrize("codec,params", [CONFIGS[i] for i in (1, 5, 11, 13, 17, 20)],
-                         ids=[id_of(CONFIGS[i]) for i in (1, 5, 11, 13, 17, 20)])
+@pytest.mark.parametrize("codec,params", APPLY_CONFIGS, ids=[id_of(c) for c in APPLY_CONFIGS])
 def test_apply_matches_reference(codec, params, base_dtype, out_dtype, alpha, simd_path):
     shape = (19, 333)
     enc = dp.encode(make_delta(shape, "f32", seed=3), codec, **params)

@@ -63,11 +63,12 @@ public:
     int64_t integer(const char* key, int64_t def, int64_t lo, int64_t hi);
     double number(const char* key, double def, double lo, double hi_exclusive);
     std::string choice(const char* key, const std::string& def, const std::vector<std::string>& allowed);
+    const json::Value* take(const char* key);         // consumes a key the codec checks itself (null if absent)
+    void put(const char* key, json::Value canonical);  // ... and writes its canonical value
     json::Value finish();  // the canonical object (keys in accessor order)
 
 private:
     [[noreturn]] void fail(const std::string& msg) const;
-    const json::Value* take(const char* key);
     std::string codec_;
     const json::Value& in_;
     std::vector<std::string> used_;

@@ -83,6 +83,8 @@ std::string ParamReader::choice(const char* key, const std::string& def, const s
     return x;
 }
 
+void ParamReader::put(const char* key, json::Value canonical) { out_.set(key, std::move(canonical)); }
+
 json::Value ParamReader::finish() {
     for (auto& kv : in_.obj)
         if (std::find(used_.begin(), used_.end(), kv.first) == used_.end()) {

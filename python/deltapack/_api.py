@@ -78,11 +78,13 @@ class Encoded:
                 self.components)
 
 
-def encode(delta, codec: str, threads: int | None = None, **params) -> Encoded:
+def encode(delta, codec: str, threads: int | None = None, weights=None, **params) -> Encoded:
     """Encode a delta tensor (numpy f32/f16, or torch f32/f16/bf16) with a codec or recipe.
 
     `codec` is a codec name ("sign") or a recipe string ("sign:scope=row"); keyword arguments
-    override the recipe's parameters.
+    override the recipe's parameters. weights: for `lowrank` with `bits`, an optional (row, col) pair of
+    positive weights; the SVD and the singular-value fit then minimise Σ row_i·col_j·error_ij² (see
+    deltapack.budget) instead of the plain squared error.
     """
     name, rparams = recipes.parse(codec)
     rparams.update(params)
@@ -90,12 +92,14 @@ def encode(delta, codec: str, threads: int | None = None, **params) -> Encoded:
     dtype = _dtype_name(delta)
     shape = tuple(int(s) for s in delta.shape)
     if name == "lowrank":
-        return _encode_lowrank(delta, shape, dtype, rparams)
+        return _encode_lowrank(delta, shape, dtype, rparams, weights)
+    if weights is not None:
+        raise ValueError(f"weights apply to the lowrank codec with bits=..., not to {name!r}")
     canon, comps = _core.encode(name, json.dumps(rparams), delta, _threads(threads))
     return Encoded(name, json.loads(canon), shape, dtype, dict(comps))
 
 
-def _encode_lowrank(delta, shape, dtype, params) -> Encoded:
+def _encode_lowrank(delta, shape, dtype, params, weights=None) -> Encoded:
     canon = json.loads(_core.canonical_params("lowrank", json.dumps(params)))
     x = _as_f32_numpy(delta)
     if not np.isfinite(x).all():
@@ -104,7 +108,13 @@ def _encode_lowrank(delta, shape, dtype, params) -> Encoded:
     if canon["rank"] > min(rows, cols):
         raise ValueError(f"lowrank: rank={canon['rank']} exceeds min(rows, cols) = {min(rows, cols)} "
                          f"for shape {list(shape)}")
-    comps = reference.encode_lowrank(x, canon["rank"], canon["dtype"])
+    if "bits" in canon:
+        row_w, col_w = weights if weights is not None else (None, None)
+        comps = reference.encode_lowrank_quant(x, canon["bits"], canon["bands"], canon["group"], row_w, col_w)
+    elif weights is not None:
+        raise ValueError("weights apply to the lowrank codec with bits=... (quantized factors)")
+    else:
+        comps = reference.encode_lowrank(x, canon["rank"], canon["dtype"])
     enc = Encoded("lowrank", canon, shape, dtype, comps)
     _core.validate(enc._core())
     return enc

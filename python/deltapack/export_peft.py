@@ -155,35 +155,12 @@ class LowRankView:
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
 
 
-def _widen_factor(arr, dtype):
-    return reference.widen(np.asarray(arr), dtype)
-
-
-_EXACT_SVD_MAX = 1 << 18   # elements: below this a full SVD takes a fraction of a second
-
-
 def svd_factors(d: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """u (rows x rank), v (rank x cols), float32, with u @ v ~= d: the truncated SVD, split as sqrt(S) each side.
-
-    Small matrices (or ranks near full) get the exact SVD (deltapack's lowrank encoder). Large ones get a
-    randomized range finder (Halko, Martinsson & Tropp 2011: oversampling 16, two power iterations, seeded),
-    which is within a fraction of a percent of the optimal error at a small cost of the full SVD's time."""
-    rows, cols = d.shape
-    if d.size <= _EXACT_SVD_MAX or 2 * (rank + 16) >= min(rows, cols):
-        lr = _api.encode(np.ascontiguousarray(d, np.float32), "lowrank", rank=rank, dtype="f32")
-        return np.ascontiguousarray(lr.components["u"]), np.ascontiguousarray(lr.components["v"])
-    rng = np.random.default_rng(seed)
-    q = d @ rng.standard_normal((cols, rank + 16)).astype(np.float32)
-    for _ in range(2):  # power iterations sharpen the spectrum; re-orthonormalise each half step
-        q, _ = np.linalg.qr(q)
-        q, _ = np.linalg.qr(d.T @ q)
-        q = d @ q
-    q, _ = np.linalg.qr(q)
-    ub, s, vt = np.linalg.svd(q.T @ d, full_matrices=False)
-    root = np.sqrt(s[:rank]).astype(np.float32)
-    u = ((q @ ub[:, :rank]) * root).astype(np.float32)
-    v = (root[:, None] * vt[:rank]).astype(np.float32)
-    return np.ascontiguousarray(u), np.ascontiguousarray(v)
+    """u (rows x rank), v (rank x cols), float32, with u @ v ~= d: the truncated SVD (reference.lowrank_svd:
+    exact, or randomized for a small rank of a large matrix), split as sqrt(S) each side."""
+    u, s, v, _, _ = reference.lowrank_svd(np.asarray(d, np.float32), rank, seed=seed)
+    root = np.sqrt(s).astype(np.float32)
+    return np.ascontiguousarray((u.T * root).astype(np.float32)), np.ascontiguousarray((root[:, None] * v).astype(np.float32))
 
 
 def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
@@ -216,10 +193,10 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
                                        "change only the input side)"))
             continue
         enc = ft.delta_enc(name)
-        if enc.codec == "lowrank":
-            dt = enc.params["dtype"]
-            u = _widen_factor(enc.components["u"], dt) * np.float32(ft.alpha)
-            v = _widen_factor(enc.components["v"], dt)
+        if enc.codec == "lowrank":  # quantized factors are dequantized (f32), float ones kept in their dtype
+            u, v = reference.lowrank_factors(enc.components, enc.shape, **enc.params)
+            u = u * np.float32(ft.alpha)
+            dt = enc.params.get("dtype", "f32")
             f = LoraFactor(name, u.astype(np.float32), np.ascontiguousarray(v, np.float32), "lowrank", 0.0,
                            dt if ft.alpha == 1.0 else "f32")
         else:

@@ -216,7 +216,7 @@ def test_calibrate_cli_writes_fitted_scales_into_the_delta(pair, tmp_path, capsy
     plain, fitted = tmp_path / "sign.dpk", tmp_path / "cal.dpk"
     checkpoint.compress(pair.base, pair.ft, plain, recipe="sign")
     assert cli.main(["calibrate", str(pair.base), str(pair.ft), str(plain), "--data", str(pair.data),
-                     "--steps", "30", "--max-examples", "64", "-o", str(fitted)]) == 0
+                     "--method", "distill", "--steps", "30", "--max-examples", "64", "-o", str(fitted)]) == 0
 
     def loss_of(delta):
         model = pairs.load_model(pair.base)
@@ -235,5 +235,5 @@ def test_calibrate_cli_writes_fitted_scales_into_the_delta(pair, tmp_path, capsy
     q = tmp_path / "q.dpk"
     checkpoint.compress(pair.base, pair.ft, q, recipe="quant:bits=4")
     assert cli.main(["calibrate", str(pair.base), str(pair.ft), str(q), "--data", str(pair.data),
-                     "-o", str(tmp_path / "x.dpk")]) == 1
+                     "--method", "distill", "-o", str(tmp_path / "x.dpk")]) == 1
     assert "no sign (scope=tensor) tensors" in capsys.readouterr().err and not (tmp_path / "x.dpk").exists()

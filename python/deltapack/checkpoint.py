@@ -517,8 +517,7 @@ class DeltaWriter:
         self.entries[name] = {"codec": enc.codec, "params": enc.params, "shape": list(enc.shape),
                               "dtype": enc.dtype, "components": comps, "crc32c": f"{crc:08x}"}
 
-    def close(self, metadata=None, base=None) -> int:
-        """Write header + data and rename into place; returns the file size."""
+    def _header(self, metadata, base) -> bytes:
         from . import __version__
         manifest = {"format": "deltapack", "version": 1, "tool": f"deltapack {__version__}"}
         if metadata is not None:
@@ -538,13 +537,22 @@ class DeltaWriter:
         if len(text) > _MAX_HEADER:
             raise ValueError(f"{self.path}: manifest is {len(text)} bytes, over the format's 100 MiB limit "
                              "(too many kept files?)")
-        self.final.write(len(text).to_bytes(8, "little") + text)
+        return len(text).to_bytes(8, "little") + text
+
+    def size(self, metadata=None, base=None) -> int:
+        """The file size close() would write with this metadata."""
+        return len(self._header(metadata, base)) + sum(self.spill_size.values())
+
+    def close(self, metadata=None, base=None) -> int:
+        """Write header + data and rename into place; returns the file size."""
+        head = self._header(metadata, base)
+        self.final.write(head)
         for size in (8, 4, 2, 1):
             if size in self.spills:
                 self._copy_spill(self.spills[size].fd, self.spill_size[size])
         self.final.commit()
         self.abort()
-        return 8 + len(text) + offset
+        return len(head) + sum(self.spill_size.values())
 
     def _copy_spill(self, src_fd, nbytes):
         buf = np.empty(min(nbytes, 64 << 20), np.uint8)
@@ -687,16 +695,24 @@ def _plan(base: Checkpoint, ft: Checkpoint) -> dict:
 
 def _choose(rules: Rules, name: str, shape, min_size: int):
     """Codec for a tensor's delta: the recipe for 2-D+ tensors of at least min_size elements, else dense f32."""
-    if len(shape) >= 2 and math.prod(shape) >= min_size:
+    if _lossy(shape, min_size):
         found = rules.recipe_for(name)
         if found is not None:
             return found
     return "dense", {"dtype": "f32"}
 
 
+def _lossy(shape, min_size: int) -> bool:
+    """Tensors a recipe or budget may encode lossily: 2-D and larger, at least min_size elements."""
+    return len(shape) >= 2 and math.prod(shape) >= min_size
+
+
 class _Compressor:
-    def __init__(self, base, ft, rules, min_size, threads, bar):
-        self.base, self.ft, self.rules, self.min_size = base, ft, rules, min_size
+    """Reads base and fine-tune tensors and encodes deltas. choose(name, shape) -> (codec, params), or None
+    for a delta not stored; weights(name, matrix) -> the lowrank encoder's error weights, or None."""
+
+    def __init__(self, base, ft, choose, threads, bar, weights=None):
+        self.base, self.ft, self.choose, self.weights = base, ft, choose, weights
         self.threads, self.bar = threads, bar
         self.crcs = {}
         self._scratch = np.empty(0, np.float32)
@@ -742,9 +758,12 @@ class _Compressor:
         return (None if identical else delta), exact
 
     def encode(self, name, values_f32, shape):
-        codec, params = _choose(self.rules, name, shape, self.min_size)
+        codec, params = self.choose(name, shape)
+        matrix = values_f32.reshape(shape)
+        weights = self.weights(name, reference.as_matrix(matrix)) if self.weights and codec == "lowrank" \
+            and "bits" in _recipe_params(codec, params) else None
         try:
-            return _api.encode(values_f32.reshape(shape), codec, threads=self.threads, **params)
+            return _api.encode(matrix, codec, threads=self.threads, weights=weights, **params)
         except ValueError as ex:
             raise ValueError(f"tensor '{name}' {list(shape)}: {codec}: {ex}") from None
 
@@ -760,21 +779,67 @@ class _Compressor:
             raise ValueError(f"{self.ft.path}: tensor '{name}': {ex}") from None
 
 
-def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metadata: dict | None = None,
-             threads: int | None = None, quiet: bool = True, keep_files: bool = True) -> dict:
+def _recipe_params(codec, params) -> dict:
+    return json.loads(_core.canonical_params(codec, json.dumps(params)))
+
+
+def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
+             min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
+             keep_files: bool = True) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 
     recipe: per-tensor rules `pattern=recipe;...` applied to tensors with >= 2 dims and >= min_size
-    elements; the others are stored `dense` (f32) where they changed. Unchanged tensors are not stored.
-    Returns a summary dict (counts, bytes, ratio).
+    elements (default 4096); the others are stored `dense` (f32) where they changed. Unchanged tensors are
+    not stored.
+    budget: bits per parameter of the whole file (over all the fine-tune's parameters, header included)
+    instead of a recipe: each matrix (>= 2 dims, >= min_size elements, default 1) gets the codec and
+    parameters, exact `dense` among them, that minimise a loss proxy within it
+    (deltapack.budget); data: calibration examples (a JSONL path or a list, see pairs.read_data) for the
+    data-aware proxies, the choice among them and the refit of scales (deltapack.calibration); proxy: one of
+    budget.PROXIES instead of the choice.
+    Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
     base, ft = _as_checkpoint(base), _as_checkpoint(ft)
-    rules = Rules(recipe)
     plan = _plan(base, ft)
-    total = sum(ft[n].nbytes + (base[s.get("source", n)].nbytes if s["op"] in ("delta", "resized") else 0)
-                for n, s in plan.items())
-    bar = _progress(total, "compress", quiet)
-    c = _Compressor(base, ft, rules, min_size, threads, bar)
+    if budget is not None:
+        from .compress_budget import compress_to_budget
+        return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,
+                                  metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files)
+    if data is not None:
+        raise ValueError("data (calibration examples) is used with a budget; for a recipe use `deltapack calibrate`")
+    rules = Rules(recipe)
+    min_size = 4096 if min_size is None else min_size
+    bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
+    try:
+        c = _Compressor(base, ft, lambda name, shape: _choose(rules, name, shape, min_size), threads, bar)
+        writer, meta, fp = _write_deltas(c, plan, out, metadata, keep_files)
+        try:
+            size = writer.close(metadata=meta, base=fp)
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        bar.close()
+    return _summary(out, size, meta["checkpoint"], writer)
+
+
+def _total_bytes(base, ft, plan) -> int:
+    return sum(ft[n].nbytes + (base[s.get("source", n)].nbytes if s["op"] in ("delta", "resized") else 0)
+               for n, s in plan.items())
+
+
+def _summary(out, size, record, writer) -> dict:
+    ops = [s["op"] for s in record["tensors"].values()]
+    return {"file": os.fspath(out), "file_bytes": size, "ft_bytes": record["ft_bytes"],
+            "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer.entries),
+            **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
+
+
+def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files):
+    """Encode every tensor of `plan` into a DeltaWriter for `out`; returns (writer, manifest metadata, base
+    fingerprint) with the writer not yet closed (the caller closes or aborts it). `plan` is not modified."""
+    base, ft = c.base, c.ft
+    plan = {n: dict(s) for n, s in plan.items()}
     writer = DeltaWriter(out)
     try:
         for name, spec in plan.items():
@@ -786,14 +851,14 @@ def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metad
                     raise ValueError(f"{ft.path}: tensor '{name}' ({fi.dtype}) differs from the base; "
                                      "deltapack stores only f32/f16/bf16 changes")
                 c._base_crc(src, _crc32c(b))
-                bar.update(a.nbytes + b.nbytes)
+                c.bar.update(a.nbytes + b.nbytes)
             elif spec["op"] == "new":
                 writer.add(name, c.raw(name))
             elif spec["op"] == "delta":
-                codec, params = _choose(rules, name, fi.shape, min_size)
-                check = codec == "dense" and params.get("dtype", "f32") == "f32"
+                choice = c.choose(name, fi.shape)
+                check = choice is not None and choice[0] == "dense" and choice[1].get("dtype", "f32") == "f32"
                 delta, exact = c.delta_of(name, src, fi.numel, check)
-                if delta is None:
+                if delta is None or choice is None:  # unchanged, or a delta the budget does not store
                     spec["op"] = "same"
                 elif check and not exact:  # f32 rounding would not give the fine-tune's bits back
                     spec["op"] = "new"
@@ -804,7 +869,7 @@ def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metad
                 k = min(fi.shape[0], base[src].shape[0])
                 inner = math.prod(fi.shape[1:])
                 shared = (k,) + fi.shape[1:]
-                codec, params = _choose(rules, name, shared, min_size)
+                codec, params = c.choose(name, shared)
                 check = codec == "dense" and params.get("dtype", "f32") == "f32"
                 delta, exact = c.delta_of(name, src, k * inner, check)
                 if delta is not None and check and not exact:
@@ -826,16 +891,10 @@ def compress(base, ft, out, recipe: str = "sign", *, min_size: int = 4096, metad
                   "files": _keep_files(ft) if keep_files else {}}
         meta = dict(metadata or {})
         meta["checkpoint"] = record
-        size = writer.close(metadata=meta, base=_fingerprint(base, c.crcs))
+        return writer, meta, _fingerprint(base, c.crcs)
     except BaseException:
         writer.abort()
         raise
-    finally:
-        bar.close()
-    ops = [s["op"] for s in plan.values()]
-    return {"file": os.fspath(out), "file_bytes": size, "ft_bytes": record["ft_bytes"],
-            "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer.entries),
-            **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
 
 
 # ----------------------------------------------------------------------------- rebuild

@@ -136,9 +136,32 @@ def cmd_info(args) -> int:
             print(f"rebuilt from another base tensor: {n} <- {src} (untied embeddings)")
         if ckpt["files"]:
             print(f"kept files: {', '.join(ckpt['files'])}")
+    budget = metadata.pop("budget", None) if isinstance(metadata, dict) else None
+    if budget:
+        _print_budget(budget, f)
     if metadata:
         print(f"metadata: {json.dumps(metadata)}")
     return 0
+
+
+def _print_budget(b: dict, f) -> None:
+    """What `compress --budget` chose and what its proxy predicted."""
+    ft_params = None
+    rec = f.metadata.get("checkpoint", {}) if isinstance(f.metadata, dict) else {}
+    if rec.get("tensors"):
+        import math
+        ft_params = sum(math.prod(s["shape"]) for s in rec["tensors"].values())
+    used = f" ({8 * f.nbytes / ft_params:.3f} used)" if ft_params else ""
+    print(f"budget: {b.get('bits_per_param')} bits/param{used}, proxy '{b.get('proxy')}', predicted loss of the "
+          f"weighted delta {100 * float(b.get('predicted_error', 0)):.2f} %")
+    if b.get("data", {}).get("scores"):
+        sc = ", ".join(f"{p} {100 * v['agreement']:.1f} % (KL {v['kl']:.3g})" for p, v in b["data"]["scores"].items())
+        print(f"  chosen on {b['data'].get('examples')} calibration examples by agreement with the fine-tune: {sc}")
+    per = b.get("tensors") or {}
+    if per:
+        w = max(len(n) for n in per)
+        for n, e in per.items():
+            print(f"  {n:{w}s}  predicted {100 * float(e):6.2f} % lost" + ("  (not stored)" if n not in f else ""))
 
 
 def _metadata_arg(items):
@@ -152,18 +175,32 @@ def _metadata_arg(items):
 
 
 def cmd_compress(args) -> int:
-    """Store a fine-tune as a delta against its base: one tensor at a time, per-tensor recipes."""
+    """Store a fine-tune as a delta against its base: one tensor at a time, per-tensor recipes or a bit budget."""
     from . import checkpoint
+    if args.budget is None and args.data is not None:
+        raise ValueError("--data goes with --budget (to fit a recipe's scales use `deltapack calibrate`)")
+    if args.budget is not None and args.recipe is not None:
+        raise ValueError("give either --recipe or --budget")
+    data = None
+    if args.data is not None:
+        from .cli_analyze import load_examples
+        data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint._install_sigterm()
-    s = checkpoint.compress(args.base, args.ft, args.output, args.recipe, min_size=args.min_size,
-                            metadata=_metadata_arg(args.metadata), threads=args.threads or None,
-                            quiet=args.quiet)
+    s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
+                            min_size=args.min_size, metadata=_metadata_arg(args.metadata),
+                            threads=args.threads or None, quiet=args.quiet)
     if args.json:
         print(json.dumps(s, indent=1))
     elif not args.quiet:
         print(f"wrote {s['file']}: {s['file_bytes']:,} bytes, {s['ratio']:.2f}x smaller than the fine-tune "
               f"({s['ft_bytes']:,} bytes); {s['delta']} deltas, {s['new']} added, {s['resized']} resized, "
               f"{s['removed']} removed, {s['same']} unchanged")
+        if "budget" in s:
+            b = s["budget"]
+            print(f"budget {b['bits_per_param']} bits/param: {s['bits_per_param']:.3f} used; proxy '{b['proxy']}' "
+                  f"predicts {100 * b['predicted_error']:.2f} % of the weighted delta lost"
+                  + (f"; agrees with the fine-tune on {100 * b['data']['scores'][b['proxy']]['agreement']:.1f} % of "
+                     "the calibration examples" if "scores" in b.get("data", {}) else ""))
     return 0
 
 
@@ -235,11 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
     c.add_argument("ft", metavar="FT", help="fine-tuned model directory or .safetensors file")
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="delta file to write")
-    c.add_argument("--recipe", default="sign", help="recipe or per-tensor rules 'pattern=recipe;...' for "
+    c.add_argument("--recipe", default=None, help="recipe or per-tensor rules 'pattern=recipe;...' for "
                    "matrices, e.g. '*.mlp.*=lowrank:rank=64;*=sign' (default: sign). 1-D and small tensors "
                    "are stored dense where they changed; unchanged tensors are not stored")
-    c.add_argument("--min-size", type=int, default=4096, metavar="N",
-                   help="tensors with fewer elements are stored dense (default 4096)")
+    c.add_argument("--budget", type=float, metavar="B", help="instead of a recipe: at most B bits per parameter "
+                   "for the whole file (all the fine-tune's parameters, header included); each matrix gets the "
+                   "codec and parameters (mixed-precision low rank, sign, levels, quant, or nothing) that "
+                   "minimise a loss proxy under the budget. Data-free unless --data is given")
+    c.add_argument("--data", metavar="FILE", help="with --budget: calibration data (JSONL of {\"input_ids\": "
+                   "[...], \"prompt_len\"} or text, one example per line) for data-aware proxies (Fisher "
+                   "sensitivities); the proxy whose rebuilt model is closest to FT on this data is kept")
+    c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples of --data")
+    c.add_argument("--min-size", type=int, default=None, metavar="N",
+                   help="tensors with fewer elements are stored dense (default 4096; with --budget 1: every "
+                        "matrix is a candidate, exact dense among them)")
     c.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
     c.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -27,17 +27,24 @@ def register(sub) -> None:
     a.set_defaults(fn=cmd_analyze)
 
     c = sub.add_parser(
-        "calibrate", help="fit the scales of a sign delta to the fine-tune's outputs (BitDelta scale distillation)",
-        description="Fit the per-tensor scales of the `sign` (scope=tensor) tensors of DELTA so that BASE + delta "
-                    "matches FT's next-token distributions on calibration data (KL, Adam), and write the delta "
-                    "with the fitted scales to OUT. Use calibration data that is not your test set.")
+        "calibrate", help="refit the scales of a delta on calibration data (layer by layer, or BitDelta distillation)",
+        description="Refit the free scales of DELTA on calibration data and write the delta to OUT (codes, signs and "
+                    "singular vectors stay; the size does not change). --method least-squares (default): every "
+                    "codec with free scales (sign scales, levels magnitudes, quant group scales, the u group "
+                    "scales of lowrank with bits), each layer's output change on FT's calibration inputs "
+                    "minimised in closed form, a group of layers at a time. --method distill: BitDelta's scale "
+                    "distillation of the per-tensor scales of `sign` (scope=tensor) tensors, so that BASE + delta "
+                    "matches FT's next-token distributions (KL, Adam). Use calibration data that is not your test set.")
     c.add_argument("base", help="base model directory")
     c.add_argument("ft", help="fine-tuned model directory (the teacher)")
     c.add_argument("delta", help="delta file made by `deltapack compress --recipe sign`")
     c.add_argument("--data", required=True, help="calibration data: JSONL of {\"input_ids\": [...]} or text")
     c.add_argument("-o", "--output", required=True, help="delta file to write (may be DELTA itself)")
-    c.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
-    c.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on log-scales (default 0.01)")
+    c.add_argument("--method", choices=["least-squares", "distill"], default="least-squares",
+                   help="least-squares (every codec with scales, layer by layer; default) or distill (sign "
+                        "scope=tensor, end to end)")
+    c.add_argument("--steps", type=int, default=100, help="distill: optimisation steps (default 100)")
+    c.add_argument("--lr", type=float, default=1e-2, help="distill: Adam learning rate on log-scales (default 0.01)")
     c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(fn=cmd_calibrate)
@@ -107,6 +114,15 @@ def cmd_analyze(args) -> int:
 def cmd_calibrate(args) -> int:
     from . import _api, analysis
 
+    if args.method == "least-squares":
+        from . import calibration
+        examples = load_examples(args.data, args.ft, args.max_examples)
+        r = calibration.calibrate_file(args.base, args.ft, args.delta, args.output, examples)
+        if args.json:
+            print(json.dumps(r, indent=1))
+        else:
+            print(f"wrote {args.output}: scales of {len(r['refitted'])} tensors refitted on {r['examples']} examples")
+        return 0
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be >= 1")
     f = _api.open(args.delta)

@@ -1,0 +1,464 @@
+"""What calibration data says about a fine-tune: per-tensor sensitivities for the bit budget.
+
+    weights = fisher_weights("ft_dir", examples)   # {tensor name: budget.Weights(row, col)}
+
+For a weight matrix W (rows = outputs, cols = inputs) the loss increase of a small change E is about
+½ Σ_ij F_ij E_ij² with F the diagonal of the Fisher information; its Kronecker-factored form
+F_ij ≈ r_i·c_j has r_i = Σ g_i² (squared gradients of the loss at the layer's outputs) and c_j = Σ x_j²
+(squared inputs), summed over the labelled tokens of the data, measured on the fine-tuned model (the
+behaviour to keep). An embedding (rows = tokens) has r = how often each token occurs and c = the squared
+gradients at its output. A tied input/output embedding adds both uses and keeps the best rank-1 fit.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budget import Weights
+from .pairs import batches, examples_of, load_model
+
+
+def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None = None) -> dict:
+    """{parameter name: Weights} for every Linear and Embedding weight of a causal LM (directory or module)."""
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    examples = examples_of(data)[:max_examples]
+    names = {id(p): n for n, p in model.named_parameters()}
+    hooks = []
+    real = {}  # the current batch's attention mask, flattened: padded positions do not count
+    acc: dict[tuple, list] = {}  # (param name, role) -> [row sums, col sums]
+
+    def accumulate(key, row, col):
+        a = acc.get(key)
+        if a is None:
+            acc[key] = [row.double(), col.double()]
+        else:
+            a[0] += row.double()
+            a[1] += col.double()
+
+    def linear_hooks(mod):
+        name = names[id(mod.weight)]
+        saved = {}
+
+        def fwd(m, inp, out):
+            saved["x2"] = inp[0].detach().float().reshape(-1, inp[0].shape[-1])[real["mask"]].pow(2).sum(0)
+
+        def bwd(m, gin, gout):
+            g2 = gout[0].detach().float().reshape(-1, gout[0].shape[-1])[real["mask"]].pow(2).sum(0)
+            accumulate((name, "linear"), g2, saved.pop("x2"))
+
+        return [mod.register_forward_hook(fwd), mod.register_full_backward_hook(bwd)]
+
+    def embedding_hooks(mod):
+        name = names[id(mod.weight)]
+        saved = {}
+
+        def fwd(m, inp, out):
+            saved["count"] = torch.bincount(inp[0].reshape(-1)[real["mask"]], minlength=mod.num_embeddings).float()
+            out.register_hook(lambda g: accumulate(
+                (name, "embedding"), saved.pop("count"),
+                g.detach().float().reshape(-1, g.shape[-1])[real["mask"]].pow(2).sum(0)))
+
+        return [mod.register_forward_hook(fwd)]
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks += linear_hooks(mod)
+        elif isinstance(mod, torch.nn.Embedding):
+            hooks += embedding_hooks(mod)
+    was_training = model.training
+    model.eval()
+    try:
+        for ids, mask, labels in batches(examples, batch_size):
+            real["mask"] = mask.reshape(-1).bool()
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    by_name: dict[str, list] = {}
+    for (name, _), (row, col) in acc.items():
+        by_name.setdefault(name, []).append((row.numpy(), col.numpy()))
+    return {name: _rank1(parts) for name, parts in by_name.items()}
+
+
+def _rank1(parts) -> Weights:
+    """One (row, col) pair, or the best rank-1 fit of Σ row_k col_kᵀ (a tied embedding's two uses)."""
+    if len(parts) == 1:
+        return Weights(*parts[0])
+    rows = np.stack([p[0] for p in parts], 1)      # (n, k)
+    cols = np.stack([p[1] for p in parts], 1)      # (m, k)
+    # Σ_k r_k c_kᵀ = R Cᵀ; its top singular pair via the small k x k problem.
+    qr, rr = np.linalg.qr(rows)
+    qc, rc = np.linalg.qr(cols)
+    u, s, vt = np.linalg.svd(rr @ rc.T)
+    row, col = np.abs(qr @ u[:, 0]) * np.sqrt(s[0]), np.abs(qc @ vt[0]) * np.sqrt(s[0])
+    return Weights(row, col)
+
+
+class Scorer:
+    """How close a rebuilt model is to the fine-tune on calibration data: agreement = the share of examples on
+    which it predicts the fine-tune's greedy answer (its argmax at every labelled position), and the mean KL
+    divergence KL(fine-tune || rebuilt) of next-token distributions over the labelled tokens.
+
+    On the project's pairs the agreement ranked candidate allocations like held-out accuracy did while the KL
+    did not (docs/REPRODUCTION.md), so `compress --budget --data` ranks by agreement, then KL."""
+
+    def __init__(self, model, data, batch_size: int = 32):
+        import torch
+
+        self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+        self.model.eval()
+        self.batches = list(batches(examples_of(data), batch_size))
+        with torch.no_grad():
+            self.teacher = [torch.log_softmax(self.model(input_ids=i, attention_mask=m).logits[:, :-1].float(), -1)
+                            for i, m, _ in self.batches]
+        self.params = dict(self.model.named_parameters())
+
+    def score(self, replacements) -> dict:
+        """{"agreement", "kl"} with parameters replaced by `replacements` ((name, full shape, rows) tuples: the
+        leading rows of the named parameter, float32 numpy); the fine-tune's parameters are restored after."""
+        import torch
+
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, _, rows in replacements:
+                    p = self.params[name]
+                    saved[name] = p.detach().clone()
+                    p[:rows.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(rows)).reshape(p[:rows.shape[0]].shape))
+                total, count, agree, n = 0.0, 0, 0, 0
+                for (ids, mask, labels), teacher in zip(self.batches, self.teacher):
+                    logq = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                    keep = labels[:, 1:] != -100
+                    kl = (teacher.exp() * (teacher - logq)).sum(-1)[keep]
+                    total += float(kl.sum())
+                    count += int(keep.sum())
+                    same = (logq.argmax(-1) == teacher.argmax(-1)) | ~keep
+                    agree += int(same.all(dim=1).sum())
+                    n += ids.shape[0]
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self.params[name].copy_(value)
+        return {"agreement": agree / max(n, 1), "kl": total / max(count, 1)}
+
+
+# ----------------------------------------------------------------------------- least-squares refit of scales
+
+# Codecs whose free scales `refit` fits (the others are returned unchanged).
+REFIT_CODECS = ("sign", "levels", "quant", "lowrank")
+_MAX_LEVELS_REFIT = 16   # levels with more magnitudes than this are left alone (K matrix products each)
+
+
+@dataclass
+class Term:
+    """One use of a weight: its error counts as Σ_i row_i · e_i C e_iᵀ over rows e_i of the error
+    (C = cov, the inputs' second moments; None = identity, as for an embedding's rows)."""
+
+    row: np.ndarray
+    cov: np.ndarray | None
+
+
+def input_terms(model, data, names, batch_size: int = 16, max_bytes: int = 1 << 30) -> dict:
+    """{parameter name: [Term]} for the named Linear / Embedding weights of a causal LM, from the fine-tuned
+    model on calibration data: a Linear's inputs give C = Σ x xᵀ (rows weigh 1), an Embedding's rows weigh
+    how often their token occurs (C = identity); a tied weight gets both. Input covariances are collected
+    a group of layers at a time so their float32 matrices stay under max_bytes (one pass over the data per
+    group)."""
+    import torch
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    examples = examples_of(data)
+    wanted = set(names)
+    mods = [(names_of, mod) for names_of, mod in _weight_modules(model) if names_of in wanted]
+    groups, group, used = [], [], 0
+    for name, mod in mods:
+        size = 4 * mod.weight.shape[1] ** 2 if isinstance(mod, torch.nn.Linear) else 0
+        if group and used + size > max_bytes:
+            groups.append(group)
+            group, used = [], 0
+        group.append((name, mod))
+        used += size
+    if group:
+        groups.append(group)
+    out: dict[str, list] = {}
+    model.eval()
+    real = {}  # the current batch's attention mask, flattened: padded positions do not count
+    for group in groups:
+        acc, hooks = {}, []
+        for name, mod in group:
+            if isinstance(mod, torch.nn.Linear):
+                def fwd(m, inp, o, name=name):
+                    x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])[real["mask"]]
+                    acc[(name, "linear")] = acc.get((name, "linear"), 0) + x.T @ x
+            else:
+                def fwd(m, inp, o, name=name, n=mod.num_embeddings):
+                    acc[(name, "embedding")] = acc.get((name, "embedding"), 0) + \
+                        torch.bincount(inp[0].reshape(-1)[real["mask"]], minlength=n).double()
+            hooks.append(mod.register_forward_hook(fwd))
+        try:
+            with torch.no_grad():
+                for ids, mask, _ in batches(examples, batch_size):
+                    real["mask"] = mask.reshape(-1).bool()
+                    model(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        for (name, kind), value in acc.items():
+            mod = dict(group)[name]
+            if kind == "linear":
+                out.setdefault(name, []).append(Term(np.ones(mod.weight.shape[0]), value.double().numpy()))
+            else:
+                out.setdefault(name, []).append(Term(value.numpy(), None))
+    return out
+
+
+def _weight_modules(model):
+    """(weight's parameter name, module) for every Linear and Embedding; a tied weight appears twice."""
+    import torch
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and id(mod.weight) in names:
+            yield names[id(mod.weight)], mod
+
+
+def _times_cov(x: np.ndarray, term: Term) -> np.ndarray:
+    """x @ C for the rows of x (float64)."""
+    return x if term.cov is None else x @ term.cov
+
+
+def refit(enc, delta: np.ndarray, terms: list) -> object:
+    """`enc` with its free scales refitted so the rebuilt delta D̂ minimises Σ_terms Σ_i row_i (D - D̂)_i C
+    (D - D̂)_iᵀ, the change of the layer's outputs on calibration inputs (least squares, closed form; codes,
+    signs and singular vectors stay). sign: its scale(s); levels: the magnitudes; quant: the group scales;
+    lowrank with bits: the group scales of u (output side, one small system per group of rows).
+    Scales that would not fit their storage type keep their old values."""
+    from . import _api, reference
+
+    if enc.codec not in REFIT_CODECS or not terms:
+        return enc
+    d = reference.as_matrix(delta).astype(np.float64)
+    comps = dict(enc.components)
+    p = enc.params
+    if enc.codec == "sign":
+        comps["scales"] = _refit_sign(d, comps, p, terms)
+    elif enc.codec == "levels":
+        if len(comps["levels"]) > _MAX_LEVELS_REFIT:
+            return enc
+        comps["levels"] = _refit_levels(d, comps, p, enc.shape, terms)
+    elif enc.codec == "quant":
+        comps["scales"] = _refit_quant(d, comps, p, enc.shape, terms)
+    elif "bits" in p:
+        comps["scales"] = _refit_lowrank_u(d, comps, p, enc.shape, terms)
+    else:
+        return enc
+    return _api.Encoded(enc.codec, p, enc.shape, enc.dtype, comps, enc.name)
+
+
+def _solve_rows(a, b, fallback):
+    """Batched least squares a x = b (a: (n, k, k)), fallback where a row's system is singular."""
+    out = np.array(fallback, np.float64, copy=True)
+    for i in range(a.shape[0]):
+        try:
+            x = np.linalg.solve(a[i], b[i])
+        except np.linalg.LinAlgError:
+            continue
+        if np.isfinite(x).all():
+            out[i] = x
+    return out
+
+
+def _grouped_refit(d, basis, group, terms, old):
+    """Per row: scales a_g (g over column groups of `group`) minimising Σ_terms row_i |(d_i - Σ_g a_g b_ig) C^½|²
+    where b_ig is the row's basis restricted to group g. Returns (rows, G) scales (old where singular)."""
+    rows, cols = d.shape
+    ng = -(-cols // group)
+    a = np.zeros((rows, ng, ng))
+    b = np.zeros((rows, ng))
+    for t in terms:
+        w = t.row[:rows, None]
+        for g in range(ng):
+            sl = slice(g * group, min(cols, (g + 1) * group))
+            if t.cov is None:
+                bg = basis[:, sl]
+                a[:, g, g] += (w[:, 0] * (bg * bg).sum(1))
+                b[:, g] += (w[:, 0] * (bg * d[:, sl]).sum(1))
+                continue
+            pg = basis[:, sl] @ t.cov[sl, :]                      # (rows, cols): b_ig C
+            b[:, g] += w[:, 0] * (pg * d).sum(1)
+            for h in range(ng):
+                sh = slice(h * group, min(cols, (h + 1) * group))
+                a[:, g, h] += w[:, 0] * (pg[:, sh] * basis[:, sh]).sum(1)
+    return _solve_rows(a, b, old)
+
+
+def _refit_sign(d, comps, p, terms):
+    from . import reference as R
+
+    rows, cols = d.shape
+    signs = np.where(R.sign_plus_minus(comps["signs"], cols), 1.0, -1.0)
+    old = np.asarray(comps["scales"], np.float64)
+    if p["scope"] == "group":
+        new = _grouped_refit(d, signs, p["group"], terms, old.reshape(rows, -1))
+        return new.astype(np.float32).reshape(old.shape)
+    num = np.zeros(rows)
+    den = np.zeros(rows)
+    for t in terms:
+        sc = _times_cov(signs, t)
+        num += t.row[:rows] * (sc * d).sum(1)
+        den += t.row[:rows] * (sc * signs).sum(1)
+    if p["scope"] == "row":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new = np.where(den > 0, num / den, old)
+        return new.astype(np.float32)
+    return np.array([num.sum() / den.sum() if den.sum() > 0 else old[0]], np.float32)
+
+
+def _refit_levels(d, comps, p, shape, terms):
+    from . import reference as R
+
+    rows, cols = d.shape
+    k = len(comps["levels"])
+    signs = np.where(R.sign_plus_minus(comps["signs"], cols), 1.0, -1.0)
+    idx = R.unpack_bits(comps["codes"], p["bits"] - 1, cols) if p["bits"] > 1 else np.zeros((rows, cols), np.uint32)
+    basis = [np.where(idx == j, signs, 0.0) for j in range(k)]
+    a = np.zeros((k, k))
+    b = np.zeros(k)
+    for t in terms:
+        w = t.row[:rows, None]
+        mc = [_times_cov(m, t) for m in basis]
+        for i in range(k):
+            b[i] += float((w * mc[i] * d).sum())
+            for j in range(k):
+                a[i, j] += float((w * mc[i] * basis[j]).sum())
+    new = _solve_rows(a[None], b[None], np.asarray(comps["levels"], np.float64)[None])[0]
+    return new.astype(np.float32)
+
+
+def _refit_quant(d, comps, p, shape, terms):
+    from . import reference as R
+
+    rows, cols = d.shape
+    bits, group, e = p["bits"], p["group"], p["scale_exp"]
+    qmax = (1 << (bits - 1)) - 1
+    q = R.unpack_bits(comps["codes"], bits, cols).astype(np.float64) - qmax
+    old = np.ldexp(np.asarray(comps["scales"], np.float64), e)
+    new = _grouped_refit(d, q, group, terms, old)
+    with np.errstate(over="ignore"):
+        stored = np.ldexp(new, -e).astype(np.float32).astype(np.float16)
+    return np.where(np.isfinite(stored), stored, comps["scales"])
+
+
+def _refit_lowrank_u(d, comps, p, shape, terms):
+    """Group scales of the u vectors: rows in one group of `group` share one scale per direction, so each
+    group of rows is one r x r least-squares problem (the v side stays)."""
+    from . import reference as R
+
+    rows, cols = d.shape
+    group = p["group"]
+    r = p["rank"]
+    u, v = R.lowrank_factors(comps, shape, **p)            # u = û·s (rows, r), v̂ (r, cols)
+    scales = np.asarray(comps["scales"]).astype(np.float64)
+    gu = -(-rows // group)
+    su = scales[:, :gu]                                    # (r, gu)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = np.where(np.repeat(su, group, axis=1)[:, :rows].T != 0,
+                        u / np.repeat(su, group, axis=1)[:, :rows].T, 0.0)  # codes·s per element: (rows, r)
+    v = v.astype(np.float64)
+    new = su.copy()
+    for g in range(gu):
+        sl = slice(g * group, min(rows, (g + 1) * group))
+        a = np.zeros((r, r))
+        b = np.zeros(r)
+        for t in terms:
+            w = t.row[sl][:, None]
+            vc = _times_cov(v, t)                           # v̂ C (r, cols)
+            gram = vc @ v.T                                 # v̂ C v̂ᵀ
+            x = unit[sl] * w                                # (n, r)
+            a += (x.T @ unit[sl]) * gram
+            b += np.einsum("ik,ik->k", x, d[sl] @ vc.T)
+        new[:, g] = _solve_rows(a[None], b[None], su[:, g][None])[0]
+    out = scales.copy()
+    out[:, :gu] = new
+    with np.errstate(over="ignore"):
+        stored = out.astype(np.float32).astype(np.float16)
+    return np.where(np.isfinite(stored), stored, comps["scales"])
+
+
+def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1 << 30, threads=None,
+                   terms: dict | None = None, note: bool = True) -> dict:
+    """Refit the free scales (`refit`) of every tensor of a checkpoint delta file on calibration data and write
+    the result to `out` (may be `delta` itself; written atomically). Input covariances are gathered a group of
+    layers at a time under max_bytes; the refitted tensors are held (compressed) until the file is written.
+    terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
+    metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
+    before). Returns {"refitted": [names], "examples": n}."""
+    from . import _api
+    from .checkpoint import DeltaWriter, _as_checkpoint, _Compressor, _progress, checkpoint_record
+
+    base, ft = _as_checkpoint(base), _as_checkpoint(ft)
+    f = _api.open(delta)
+    rec = checkpoint_record(f)
+    examples = examples_of(data)
+    if model is None and terms is None:
+        if ft.dir is None:
+            raise ValueError(f"{ft.path}: calibration needs the fine-tune as a model directory (config.json)")
+        model = load_model(ft.dir)
+    todo = [n for n in f.keys() if rec["tensors"].get(n, {}).get("op") in ("delta", "resized")
+            and f.get(n, verify=False).codec in REFIT_CODECS]
+    reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
+    refitted = {}
+    for group in ([todo] if terms is not None else _cov_groups(model, todo, max_bytes)):
+        group_terms = terms if terms is not None else input_terms(model, examples, group)
+        for name in group:
+            if name not in group_terms:
+                continue
+            enc = f.get(name)
+            spec = rec["tensors"][name]
+            n = math.prod(enc.shape)
+            d, _ = reader.delta_of(name, spec.get("source", name), n, False)
+            if d is None:
+                continue
+            refitted[name] = refit(enc, d.reshape(enc.shape), _rows_of(group_terms[name], enc.shape))
+    writer = DeltaWriter(out)
+    try:
+        for name in f.keys():
+            writer.add(name, refitted.get(name) or f.get(name))
+        meta = dict(f.metadata) if isinstance(f.metadata, dict) else {}
+        if note:
+            meta["calibration"] = {"method": "least-squares", "examples": len(examples), "tensors": len(refitted)}
+        writer.close(metadata=meta, base=f.base)
+    except BaseException:
+        writer.abort()
+        raise
+    return {"refitted": sorted(refitted), "examples": len(examples), "file": os.fspath(out)}
+
+
+def _rows_of(terms, shape):
+    """Terms cut to a delta's rows (the shared rows of a resized vocabulary)."""
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    return [Term(t.row[:rows], t.cov) for t in terms]
+
+
+def _cov_groups(model, names, max_bytes):
+    """Split names into groups whose input covariances fit max_bytes together (float32)."""
+    params = dict(model.named_parameters())
+    groups, group, used = [], [], 0
+    for n in names:
+        size = 4 * params[n].shape[-1] ** 2 if n in params and params[n].dim() == 2 else 0
+        if group and used + size > max_bytes:
+            groups.append(group)
+            group, used = [], 0
+        group.append(n)
+        used += size
+    return groups + ([group] if group else [])

@@ -1,0 +1,266 @@
+"""`deltapack compress --budget B [--data FILE]`: a checkpoint delta of at most B bits per parameter.
+
+Three steps, one tensor in memory at a time:
+  1. analyse: read each matrix's delta, compute what every candidate costs and leaves under the proxy
+     (budget.tensor_options; with --data, under each of budget.PROXIES);
+  2. allocate: one Lagrange multiplier for the whole model (budget.allocate). With --data every proxy gives
+     an allocation and the one whose rebuilt model is closest to the fine-tune on the calibration data
+     (mean KL of next-token distributions) is kept;
+  3. write: encode with the chosen recipes (the lowrank SVD weighted like the proxy), then check the real
+     file size, header included; if it is over the budget the target shrinks by the excess and step 3 runs
+     again (the header is estimated before it exists).
+  4. with --data, refit the free scales of what was written on the calibration data (calibration.calibrate_file:
+     layer by layer least squares of the layers' output changes; the size does not change).
+The file records the budget, the proxy and its prediction in metadata["budget"] (`deltapack info` shows it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+
+import numpy as np
+
+from . import budget as B
+from . import reference
+from .checkpoint import (_INPUT_EMBEDDINGS, _OUTPUT_EMBEDDINGS, _Compressor, _keep_files, _lossy, _progress,
+                         _summary, _total_bytes, _write_deltas)
+
+_EMBEDDINGS = frozenset(_INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS)
+_TRIES = 8
+_TERMS_BYTES = 1 << 30  # input covariances held at once to compare candidates after their refit
+
+
+def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
+                       metadata=None, threads=None, quiet=True, keep_files=True) -> dict:
+    if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
+        raise ValueError(f"budget={bits_per_param!r}: give bits per parameter, a number in (0, 64)")
+    if proxy is not None and proxy not in B.PROXIES:
+        raise ValueError(f"unknown proxy {proxy!r} (known: {', '.join(B.PROXIES)})")
+    if proxy not in (None, B.DATA_FREE) and data is None:
+        raise ValueError(f"proxy {proxy!r} needs calibration data (--data)")
+    n_params = sum(t.numel for t in ft.tensors.values())
+    budget_bits = bits_per_param * n_params
+    examples = stats = model = None
+    if data is not None:
+        from . import calibration
+        from .pairs import examples_of, load_model
+
+        if ft.dir is None:
+            raise ValueError(f"{ft.path}: --data needs the fine-tune as a model directory (config.json), "
+                             "to run it on the calibration data")
+        examples = examples_of(data)
+        model = load_model(ft.dir)
+        stats = calibration.fisher_weights(model, examples)
+    proxies = (proxy,) if proxy else B.PROXIES if data is not None else (B.DATA_FREE,)
+    lossy = _lossy_tensors(ft, base, plan, min_size)
+
+    def weights_for(proxy):
+        def weights(name, matrix):
+            return B.proxy_weights(proxy, matrix, _stats_for(stats, name, matrix.shape), name in _EMBEDDINGS)
+        return weights
+
+    def encoder_weights(proxy):  # (row, col) arrays, floored, as the lowrank encoder takes them
+        return lambda name, matrix: weights_for(proxy)(name, matrix).floored(*matrix.shape)
+
+    # 1. analyse
+    bar = _progress(_total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
+    try:
+        reader = _Compressor(base, ft, None, threads, bar)
+        options = {p: {} for p in proxies}
+        for name, (src, shape, droppable) in lossy.items():
+            delta, _ = reader.delta_of(name, src, math.prod(shape), False)
+            if delta is None:
+                continue
+            m = reference.as_matrix(delta.reshape(shape))
+            for p in proxies:
+                options[p][name] = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable,
+                                                    threads=threads)
+    finally:
+        bar.close()
+
+    # 2. allocate (and, with data, choose the proxy by the rebuilt model's distance to the fine-tune)
+    target = budget_bits - _fixed_bits_estimate(ft, base, plan, lossy, keep_files)
+    allocs = {p: B.allocate(options[p], target) for p in proxies}
+    scores, terms = {}, None
+    if data is not None and len(proxies) > 1:
+        from . import calibration
+
+        scorer = calibration.Scorer(model, examples)
+        # Candidates are compared as they will be written: refitted (step 4), when the layers' input
+        # covariances fit in memory together.
+        if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
+            terms = calibration.input_terms(model, examples, list(lossy))
+        for p, alloc in allocs.items():
+            scores[p] = scorer.score(_rebuilt(base, ft, lossy, alloc.recipes, encoder_weights(p), threads, terms))
+        chosen = _choose_proxy(scores, len(examples))
+    else:
+        chosen = proxies[0]
+
+    # 3. write, shrinking the target while the real file is over the budget. With data the file is refitted
+    # (step 4) from a temporary name, so nothing unfitted ever stands under the final name.
+    written = out if data is None else _temporary_sibling(out)
+    try:
+        size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
+                                                          target, budget_bits, bits_per_param, chosen, scores,
+                                                          examples, lossy, min_size, metadata, keep_files,
+                                                          encoder_weights(chosen), threads, quiet)
+        if data is not None:  # 4. refit the free scales on the calibration data (same size)
+            from . import calibration
+            refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
+                                               terms=terms, note=False)
+    finally:
+        if written != out and os.path.exists(written):
+            os.unlink(written)
+    summary = _summary(out, size, meta["checkpoint"], writer)
+    if data is not None:
+        summary["refitted"] = len(refit["refitted"])
+    summary["bits_per_param"] = 8 * size / n_params
+    summary["budget"] = record
+    return summary
+
+
+def _temporary_sibling(path) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".{os.path.basename(path)}.unfitted{secrets.token_hex(4)}")
+
+
+def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
+                         examples, lossy, min_size, metadata, keep_files, weights, threads, quiet):
+    """Write the allocation; while the real file (header included) is over the budget, shrink the target by
+    the excess and allocate again. Returns (size, metadata, writer, budget record)."""
+    for _ in range(_TRIES):
+        record = _budget_record(bits_per_param, proxy, alloc, scores, examples)
+        meta = dict(metadata or {})
+        meta["budget"] = record
+        bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
+        try:
+            c = _Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights)
+            writer, meta, fp = _write_deltas(c, plan, out, meta, keep_files)
+            try:
+                size = writer.size(meta, fp)
+                if 8 * size <= budget_bits:
+                    return writer.close(metadata=meta, base=fp), meta, writer, record
+            except BaseException:
+                writer.abort()
+                raise
+            writer.abort()
+        finally:
+            bar.close()
+        target -= (8 * size - budget_bits) * 1.1 + 256
+        alloc = B.allocate(options, target)
+    raise ValueError(f"budget {bits_per_param} bits/param ({budget_bits / 8:.0f} bytes) is too small for this "
+                     f"checkpoint: the file needs {size} bytes even with the least the allocation can store "
+                     "(dense tensors, header, kept files)")
+
+
+def _choose_proxy(scores: dict, n: int) -> str:
+    """The data-free proxy unless another agrees with the fine-tune on clearly more calibration examples (by
+    more than two standard errors): on the project's pairs the data-aware proxies were sometimes better and
+    sometimes worse on held-out data, and a small calibration set cannot tell a few examples' difference
+    from noise."""
+    ref = scores[B.DATA_FREE]["agreement"]
+    margin = 2 * math.sqrt(max(ref * (1 - ref), 1.0 / n) / n)
+    best = max(scores, key=lambda p: (scores[p]["agreement"], -scores[p]["kl"]))
+    return best if scores[best]["agreement"] > ref + margin else B.DATA_FREE
+
+
+def _lossy_tensors(ft, base, plan, min_size) -> dict:
+    """{name: (base source, shape of the delta, droppable)} of the matrices the budget encodes."""
+    out = {}
+    for name, spec in plan.items():
+        if spec["op"] not in ("delta", "resized"):
+            continue
+        fi, src = ft[name], spec.get("source", name)
+        shape = fi.shape if spec["op"] == "delta" else (min(fi.shape[0], base[src].shape[0]),) + fi.shape[1:]
+        if _lossy(shape, min_size):
+            out[name] = (src, shape, spec["op"] == "delta")  # a resized tensor's shared rows are always stored
+    return out
+
+
+def _stats_for(stats, name, shape):
+    """A tensor's Fisher factors cut to the delta's rows (a resized vocabulary's shared rows)."""
+    if stats is None or name not in stats:
+        return None
+    w = stats[name]
+    rows, cols = shape
+    return B.Weights(None if w.row is None else w.row[:rows], w.col)
+
+
+def _chooser(alloc, lossy, min_size):
+    def choose(name, shape):
+        if name in lossy:
+            recipe = alloc.recipes.get(name)
+            if recipe is None:
+                return None
+            from .recipes import parse
+            return parse(recipe)
+        return ("dense", {"dtype": "f32"})
+    return choose
+
+
+def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
+    """Bits of what the budget does not choose: dense and new tensors, kept files, header entries."""
+    import json
+
+    total = 0
+    for name, spec in plan.items():
+        fi = ft[name]
+        if spec["op"] == "new":
+            total += fi.nbytes
+        elif spec["op"] == "delta" and name not in lossy:
+            total += 4 * fi.numel
+        elif spec["op"] == "resized":
+            k = min(fi.shape[0], base[spec.get("source", name)].shape[0])
+            total += (fi.shape[0] - k) * math.prod(fi.shape[1:]) * fi.np_dtype.itemsize
+            if name not in lossy:
+                total += 4 * k * math.prod(fi.shape[1:])
+        total += len(name) + 100                             # checkpoint record and budget record entries
+    total += sum(len(n) + 90 for n in base.tensors)          # base fingerprint
+    if keep_files:
+        total += len(json.dumps(_keep_files(ft)))
+    return 8.0 * total
+
+
+def _budget_record(bits_per_param, proxy, alloc, scores, examples) -> dict:
+    """metadata["budget"]: what was asked, the proxy, its prediction (share of the weighted delta energy lost,
+    per tensor and overall) and, with data, each proxy's agreement with the fine-tune and KL on the
+    calibration data."""
+    rec = {"bits_per_param": bits_per_param, "proxy": proxy,
+           "predicted_error": round(alloc.error / alloc.energy, 6) if alloc.energy else 0.0,
+           "tensors": {n: round(v["error"] / v["energy"], 6) if v["energy"] else 0.0
+                       for n, v in alloc.per_tensor.items()}}
+    if examples is not None:
+        rec["data"] = {"examples": len(examples), "refit": "least-squares",
+                       "scores": {p: {k: round(float(v), 6) for k, v in s.items()} for p, s in scores.items()}}
+    return rec
+
+
+def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
+    """{name: rebuilt fine-tune tensor (float32, rounded to the fine-tune's dtype as apply would)} for the
+    lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
+    so one tensor is decoded at a time."""
+    from . import _api
+
+    reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
+    for name, (src, shape, _) in lossy.items():
+        fi = ft[name]
+        n = math.prod(shape)
+        delta, _ = reader.delta_of(name, src, n, False)
+        b = base.read(src, stop=n).reshape(shape)
+        if delta is None or recipes.get(name) is None:
+            d = np.zeros(shape, np.float32)
+        else:
+            m = delta.reshape(shape)
+            from .recipes import parse
+            codec, params = parse(recipes[name])
+            w = weights(name, reference.as_matrix(m)) if codec == "lowrank" else None
+            enc = _api.encode(m, codec, threads=threads, weights=w, **params)
+            if terms is not None and name in terms:
+                from .calibration import _rows_of, refit
+                enc = refit(enc, m, _rows_of(terms[name], shape))
+            d = _api.decode(enc, threads=threads)
+        out = np.empty(shape, fi.np_dtype)
+        _api.apply(b, _api.Encoded("dense", {"dtype": "f32"}, shape, "f32", {"values": d.reshape(shape)}), out=out,
+                   threads=threads)
+        yield name, fi.shape, reference.widen(out, fi.float_name).reshape(shape)

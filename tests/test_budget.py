@@ -1,0 +1,232 @@
+"""Bit budgets: the per-tensor candidates and their error model, the allocation, and `compress --budget`
+(data-free and with calibration data) on a real pair."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from conftest import make_delta
+
+import deltapack as dp
+from deltapack import budget as B
+from deltapack import reference as R
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def low_rank_delta(rows, cols, seed=0, decay=1.0):
+    rng = np.random.default_rng(seed)
+    k = min(rows, cols)
+    u = np.linalg.qr(rng.standard_normal((rows, k)))[0]
+    v = np.linalg.qr(rng.standard_normal((cols, k)))[0]
+    return ((u * (1.0 / (1.0 + np.arange(k)) ** decay)) @ v.T).astype(np.float32)
+
+
+def werr(w: B.Weights, a, b):
+    """Σ r_i c_j (a - b)_ij², computed directly."""
+    r = np.ones(a.shape[0]) if w.row is None else B.weight_floor(w.row)
+    c = np.ones(a.shape[1]) if w.col is None else B.weight_floor(w.col)
+    return float((r[:, None] * (a.astype(np.float64) - b) ** 2 * c[None, :]).sum())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_predicted_error_matches_the_encoded_tensor(weighted):
+    """The planner's error model (energies of dropped directions + ε(b) of kept ones) predicts the weighted
+    error the encoder really leaves, for the recipe it picks."""
+    d = low_rank_delta(96, 160, seed=1)
+    rng = np.random.default_rng(2)
+    w = B.Weights(rng.uniform(0.2, 2, 96), rng.uniform(0.2, 2, 160)) if weighted else B.Weights()
+    opts = B.tensor_options("t", d, w, elements=())
+    for lam in (1e-6, 1e-5, 1e-4):
+        bits, err, size = opts.lowrank_choice(lam * opts.energy)
+        if size == 0:
+            continue
+        recipe = B.lowrank_recipe(bits)
+        enc = dp.encode(d, recipe, weights=w.floored(96, 160) if weighted else None)
+        assert 8 * enc.nbytes == size  # the size model of the components is exact
+        actual = werr(w, dp.decode(enc), d)
+        assert actual == pytest.approx(err, rel=0.15), (recipe, actual, err)
+
+
+def test_bits_fall_along_the_spectrum_and_recipes_read_back():
+    d = low_rank_delta(128, 128, seed=3, decay=0.7)
+    opts = B.tensor_options("t", d, elements=())
+    bits, _, _ = opts.lowrank_choice(1e-5 * opts.energy)
+    kept = [b for b in bits if b > 0]
+    assert kept and all(a >= b for a, b in zip(kept, kept[1:]))
+    assert all(b == 0 for b in bits[len(kept):])  # dropped directions are the tail
+    recipe = B.lowrank_recipe(bits)
+    from deltapack.recipes import parse
+    name, params = parse(recipe)
+    assert name == "lowrank" and sum(R.parse_list(params["bands"])) == len(kept)
+
+
+def test_allocation_meets_the_budget_and_improves_with_it():
+    rng = np.random.default_rng(4)
+    opts = {f"t{i}": B.tensor_options(f"t{i}", low_rank_delta(64 + 16 * i, 96, seed=i) * rng.uniform(0.1, 3),
+                                      B.Weights()) for i in range(4)}
+    full = sum(o.rows * o.cols for o in opts.values())
+    errors = []
+    for bpp in (0.25, 0.5, 1, 2, 4):
+        a = B.allocate(opts, bpp * full)
+        assert a.bits <= bpp * full
+        if bpp >= 1:  # small budgets may leave room no tensor's entry fits in (headers ~3 kbit each here)
+            assert a.bits >= 0.8 * bpp * full
+        errors.append(a.error)
+    assert all(x >= y for x, y in zip(errors, errors[1:])) and errors[-1] < errors[0]
+
+
+def test_allocation_is_optimal_against_brute_force():
+    """Two tensors, a few candidates each: the Lagrangian choice is the best pair within the budget among the
+    choices on the convex hull (checked by enumerating every pair)."""
+    opts = {"a": B.tensor_options("a", low_rank_delta(48, 64, seed=5), B.Weights(), elements=B.ELEMENT_CODECS),
+            "b": B.tensor_options("b", 3 * low_rank_delta(64, 48, seed=6, decay=0.3), B.Weights(),
+                                  elements=B.ELEMENT_CODECS)}
+    cands = {n: {o.best(lam) for lam in np.geomspace(1e-9, 1e3, 400) * o.energy} for n, o in opts.items()}
+    for budget in (20_000, 40_000, 80_000):
+        a = B.allocate(opts, budget)
+        best = min((x[1] + y[1], x, y) for x in cands["a"] for y in cands["b"] if x[2] + y[2] <= budget)
+        assert a.error <= best[0] * 1.05 + 1e-12
+
+
+def test_proxy_weights():
+    d = make_delta((40, 30), seed=7)
+    w = B.proxy_weights("relative", d)
+    assert werr(w, d, np.zeros_like(d)) == pytest.approx(1.0)  # each matrix: its own delta counts 1
+    d[3] *= 0.1
+    d[5] = 0  # an untouched token: its weight is floored at 1e-3 of the mean row energy, not infinite
+    e = B.proxy_weights("relative", d, embedding=True)
+    per_row = (d.astype(np.float64) ** 2).sum(1)
+    moved = per_row > 0
+    np.testing.assert_allclose((e.row * per_row * 40)[moved], 1.0, rtol=1e-6)  # every token row counts alike
+    assert e.row[5] == pytest.approx(1 / (40 * 1e-3 * per_row.mean()))
+    stats = B.Weights(np.linspace(1, 2, 40), np.linspace(3, 4, 30))
+    f = B.proxy_weights("fisher", d, stats)
+    np.testing.assert_array_equal(f.row, stats.row)
+    assert werr(B.proxy_weights("fisher-relative", d, stats), d, np.zeros_like(d)) == pytest.approx(1.0)
+    a = B.proxy_weights("activation-relative", d, stats)
+    assert np.ptp(a.row) == 0 and werr(a, d, np.zeros_like(d)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        B.proxy_weights("fisher", d)
+    with pytest.raises(ValueError, match="unknown proxy"):
+        B.proxy_weights("psychic", d, stats)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="module")
+def pair():
+    from deltapack.pairs import build_pair
+    return build_pair("llama", "tiny")
+
+
+def n_params(pair):
+    from deltapack import checkpoint
+    return sum(t.numel for t in checkpoint.Checkpoint(pair.ft).tensors.values())
+
+
+def rebuilt_error(pair, path):
+    from deltapack import checkpoint
+    rows = checkpoint.verify(pair.base, pair.ft, path)
+    return sum(r["delta_rel_error"] for r in rows if r["op"] == "delta") / len(rows)
+
+
+# The tiny pair has 126k parameters: its kept config/tokenizer files, base fingerprint and header take ~1.8
+# bits/param of any file (negligible for real models), so the budgets here start above that.
+@pytest.mark.parametrize("bpp", [2.0, 3.0, 6.0])
+def test_compress_to_a_budget(pair, tmp_path, bpp):
+    from deltapack import checkpoint
+
+    out = tmp_path / "b.dpk"
+    s = checkpoint.compress(pair.base, pair.ft, out, budget=bpp)
+    size = os.path.getsize(out)
+    assert s["file_bytes"] == size and 8 * size <= bpp * n_params(pair)
+    assert s["bits_per_param"] == pytest.approx(8 * size / n_params(pair))
+    f = dp.open(out)
+    rec = f.metadata["budget"]
+    assert rec["bits_per_param"] == bpp and rec["proxy"] == "relative" and 0 <= rec["predicted_error"] <= 1
+    # Every stored matrix decodes; the rebuilt checkpoint loads and norms stay exact.
+    sd = dp.load(pair.base, out)
+    from deltapack.pairs import load_model
+    ft = dict(load_model(pair.ft, dtype=torch.bfloat16).state_dict())
+    for n, t in sd.items():
+        if t.dim() == 1:
+            assert torch.equal(t, ft[n]), n
+
+
+def test_larger_budgets_rebuild_closer(pair, tmp_path):
+    from deltapack import checkpoint
+
+    errs = []
+    for bpp in (2.0, 3.0, 6.0):
+        checkpoint.compress(pair.base, pair.ft, tmp_path / f"{bpp}.dpk", budget=bpp)
+        errs.append(rebuilt_error(pair, tmp_path / f"{bpp}.dpk"))
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_budget_too_small_is_a_clear_error(pair, tmp_path):
+    from deltapack import checkpoint
+
+    with pytest.raises(ValueError, match="too small for this checkpoint"):
+        checkpoint.compress(pair.base, pair.ft, tmp_path / "x.dpk", budget=0.01)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="bits per parameter"):
+        checkpoint.compress(pair.base, pair.ft, tmp_path / "x.dpk", budget=-1)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        checkpoint.compress(pair.base, pair.ft, tmp_path / "x.dpk", budget=1, proxy="fisher")
+
+
+def test_compress_to_a_budget_with_data(pair, tmp_path):
+    """--data: every proxy is scored on the calibration data, the scales are refitted, the size holds."""
+    from deltapack import checkpoint, pairs
+
+    calib = pairs.task_examples(pair, 64)
+    out = tmp_path / "d.dpk"
+    s = checkpoint.compress(pair.base, pair.ft, out, budget=3.0, data=calib)
+    assert 8 * os.path.getsize(out) <= 3.0 * n_params(pair)
+    rec = dp.open(out).metadata["budget"]
+    assert set(rec["data"]["scores"]) == set(B.PROXIES) and rec["proxy"] in B.PROXIES
+    assert all(0 <= v["agreement"] <= 1 and v["kl"] >= 0 for v in rec["data"]["scores"].values())
+    assert rec["data"]["refit"] == "least-squares" and "calibration" not in dp.open(out).metadata
+
+
+def test_cli_budget_and_info(pair, tmp_path, capsys):
+    from deltapack import cli
+
+    out = tmp_path / "c.dpk"
+    assert cli.main(["compress", str(pair.base), str(pair.ft), "-o", str(out), "--budget", "2.5", "-q"]) == 0
+    assert cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "budget: 2.5 bits/param" in text and "proxy 'relative'" in text and "predicted" in text
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["budget"]["bits_per_param"] == 2.5
+    assert cli.main(["compress", str(pair.base), str(pair.ft), "-o", str(out), "--budget", "1",
+                     "--recipe", "sign"]) == 1
+    assert "either --recipe or --budget" in capsys.readouterr().err
+    assert cli.main(["compress", str(pair.base), str(pair.ft), "-o", str(out), "--data", str(pair.data)]) == 1
+    assert "--data goes with --budget" in capsys.readouterr().err
+
+
+def test_budget_file_exports_to_peft(pair, tmp_path):
+    """Quantized low-rank factors are dequantized on export: the adapter's B @ A is the decoded delta."""
+    from deltapack import export_peft
+
+    out = tmp_path / "b.dpk"
+    from deltapack import checkpoint
+    checkpoint.compress(pair.base, pair.ft, out, budget=3.0)
+    ft = export_peft.FineTune(pair.base, out)
+    view = export_peft.lowrank_factors(ft, rank=4)
+    f = dp.open(out)
+    checked = 0
+    for fac in view.factors:
+        enc = f[fac.name]
+        if enc.codec == "lowrank":
+            assert fac.source == "lowrank" and fac.rank == enc.params["rank"]
+            np.testing.assert_allclose(fac.u.astype(np.float64) @ fac.v, dp.decode(enc), rtol=0,
+                                       atol=1e-6 * max(1e-30, float(np.abs(dp.decode(enc)).max())))
+            checked += 1
+    assert checked > 0
+    assert math.isfinite(sum(fac.rel_error for fac in view.factors))

@@ -1,6 +1,6 @@
 """Peak memory and throughput of `deltapack compress` / `deltapack apply` at Llama-3-8B tensor shapes.
 
-    python bench/bench_checkpoint.py [--layers 4 8] [--dir /tmp] [--recipe sign]
+    python bench/bench_checkpoint.py [--layers 4 8] [--dir /tmp] [--recipe sign] [--budget 1.0]
 
 Builds a synthetic bf16 checkpoint pair (embeddings 128256x4096, attention 4096x4096 and 1024x4096,
 MLP 14336x4096, norms; embed_tokens and lm_head) as ~2 GiB shards, then for each layer count:
@@ -8,6 +8,7 @@ MLP 14336x4096, norms; embed_tokens and lm_head) as ~2 GiB shards, then for each
     bound 1 GiB + 3 x the largest tensor;
   - their wall time against, in the same run, reading the same bytes with safetensors (compress:
     base + fine-tune; apply: base read + output written with safetensors.torch.save_file).
+With --budget B also `deltapack compress --budget B` (time, peak RSS and size next to the recipe's).
 Needs ~3 x 5.6 GiB of disk at 8 layers; everything is deleted afterwards. Results go to
 bench/results/checkpoint.{json,md}.
 """
@@ -139,7 +140,7 @@ def safetensors_read_write(src, dst):
     return t
 
 
-def bench(n_layers, workdir, recipe, repeats):
+def bench(n_layers, workdir, recipe, repeats, budget=None):
     root = tempfile.mkdtemp(prefix=f"dpk-bench-{n_layers}-", dir=workdir)
     try:
         t0 = time.perf_counter()
@@ -151,6 +152,7 @@ def bench(n_layers, workdir, recipe, repeats):
         cli = [sys.executable, "-m", "deltapack.cli"]
         safetensors_read([base, ft])  # warm the page cache so both sides read from memory
         t_read, t_c, t_rw, t_a, t_nf, rss_c, rss_a = [], [], [], [], [], 0, 0
+        t_b, rss_b, budget_bytes = [], 0, None
         for rep in range(repeats):  # alternate baseline and deltapack; each step starts with no dirty pages
             os.sync()
             t_read.append(safetensors_read([base, ft]))
@@ -161,6 +163,16 @@ def bench(n_layers, workdir, recipe, repeats):
             t_c.append(t)
             rss_c = max(rss_c, rss1)
             os.sync()
+            if budget is not None:
+                bdelta = os.path.join(root, "budget.dpk")
+                t, rss2 = run_measured(cli + ["compress", base, ft, "-o", bdelta, "--budget", str(budget), "-q"])
+                t_b.append(t)
+                rss_b = max(rss_b, rss2)
+                budget_bytes = os.path.getsize(bdelta)
+                os.unlink(bdelta)
+                print(f"  compress --budget {budget}: {t:.1f} s (peak RSS {rss2 / 2**30:.2f} GiB), "
+                      f"{budget_bytes / 2**20:.0f} MiB", file=sys.stderr)
+                os.sync()
             t_rw.append(safetensors_read_write(base, os.path.join(root, "st_out")))
             os.sync()
             shutil.rmtree(out, ignore_errors=True)
@@ -178,7 +190,10 @@ def bench(n_layers, workdir, recipe, repeats):
                   f"safetensors read+write {t_rw[-1]:.1f} s", file=sys.stderr)
         t_read, t_c, t_rw, t_a, t_nf = (float(np.median(x)) for x in (t_read, t_c, t_rw, t_a, t_nf))
         bound = (1 << 30) + 3 * largest
-        return {"layers": n_layers, "recipe": recipe, "repeats": repeats, "model_bytes": total,
+        extra = {} if budget is None else {
+            "budget": budget, "budget_compress_s": float(np.median(t_b)), "budget_compress_peak_rss_bytes": rss_b,
+            "budget_delta_bytes": budget_bytes, "budget_vs_recipe_time": float(np.median(t_b)) / t_c}
+        return {**extra, "layers": n_layers, "recipe": recipe, "repeats": repeats, "model_bytes": total,
                 "largest_tensor_bytes": largest,
                 "delta_bytes": os.path.getsize(delta), "rss_bound_bytes": bound,
                 "compress_s": t_c, "compress_peak_rss_bytes": rss_c, "safetensors_read_s": t_read,
@@ -195,10 +210,11 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--recipe", default="sign")
+    ap.add_argument("--budget", type=float, default=None, help="also time `compress --budget B`")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per step (median reported)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "checkpoint"))
     args = ap.parse_args()
-    rows = [bench(n, args.dir, args.recipe, args.repeats) for n in args.layers]
+    rows = [bench(n, args.dir, args.recipe, args.repeats, args.budget) for n in args.layers]
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -215,6 +231,13 @@ def main():
                      f"{r['apply_s']:.1f} | {r['apply_vs_read_write']:.2f}x | {r['apply_no_fsync_s']:.1f} | "
                      f"{r['apply_no_fsync_vs_read_write']:.2f}x | {r['apply_peak_rss_bytes'] / gib:.2f} | "
                      f"{r['rss_bound_bytes'] / gib:.2f} |")
+    if args.budget is not None:
+        lines += ["", f"| layers | compress --budget {args.budget} s | x recipe time | peak RSS GiB | RSS bound GiB | "
+                  "delta MiB | bits/param |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['layers']} | {r['budget_compress_s']:.1f} | {r['budget_vs_recipe_time']:.1f}x | "
+                         f"{r['budget_compress_peak_rss_bytes'] / gib:.2f} | {r['rss_bound_bytes'] / gib:.2f} | "
+                         f"{r['budget_delta_bytes'] / 2**20:.0f} | {8 * r['budget_delta_bytes'] / (r['model_bytes'] / 2):.3f} |")
     text = (f"# deltapack compress / apply at Llama-3-8B shapes (bf16, recipe `{args.recipe}`)\n\n"
             f"{meta}\n\n" + "\n".join(lines) + "\n\n'vs read' = time to read base + fine-tune with safetensors "
             "/ compress time; 'vs read+write' = time to read the base and write the same bytes with safetensors "

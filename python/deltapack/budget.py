@@ -7,16 +7,18 @@ A proxy is a weighted squared error of the rebuilt delta, Σ_ij w_ij (D̂ - D)_i
 tensor (`proxy_weights`):
   - "relative" (data-free, the default): every matrix keeps the same share of its own delta,
     w = 1/|D|²; an embedding counts row by row (token by token), r_i = 1/|D_i|², so the few tokens a
-    fine-tune moves a little are kept as well as the ones it moves a lot. Measured on the project's
-    pairs it is the only data-free weighting that held >= 90 % of the gain at 1 bit/param on all four
-    (docs/REPRODUCTION.md); the plain Frobenius error starves embeddings and the first layer.
+    fine-tune moves a little are kept as well as the ones it moves a lot. Of the weightings compared on
+    the project's four non-saturated pairs (docs/REPRODUCTION.md) it was the only one above 90 % gain
+    retention on all four at 1 bit/param of matrices; the plain Frobenius error starves embeddings and the
+    first layer (33 % on one pair).
   - "fisher": r_i = Σ g_i², c_j = Σ x_j² (squared output gradients and inputs on calibration data, the
     diagonal Kronecker-factored Fisher of the fine-tuned model, `deltapack.calibration`): ½ of it
     approximates the loss increase, in one unit for every tensor;
   - "fisher-relative": the same within a tensor, each tensor normalised to its own weighted delta;
   - "activation-relative": c_j = Σ x_j² only (how much each input is used), normalised per tensor.
-With calibration data `deltapack compress --budget --data` allocates with each proxy and keeps the
-allocation whose rebuilt model is closest to the fine-tune on that data (no single proxy won on every pair).
+With calibration data `deltapack compress --budget --data` allocates with each proxy, scores each rebuilt
+model against the fine-tune on that data, and keeps the data-free allocation unless another is clearly better
+there (no single proxy won on every pair; compress_budget._choose_proxy).
 
 Candidates per tensor:
   - mixed-precision low rank: the SVD of the weighted delta (√r)·D·(√c); direction k is stored with
@@ -44,6 +46,8 @@ GROUP = 64                     # elements per f16 scale of a quantized singular 
 ELEMENT_CODECS = ("sign:scope=row", "levels:bits=2", "quant:bits=3,group=64", "quant:bits=4,group=64",
                   "quant:bits=8,group=128", "dense")
 _EPS_SAMPLE = 48               # directions whose quantization error estimates ε(b)
+MAX_RANK = 512                 # directions analysed per tensor (the randomized SVD's rank on large matrices)
+_ROW_SAMPLE = 2048             # rows on which element codecs are measured for larger tensors
 
 
 PROXIES = ("relative", "fisher", "fisher-relative", "activation-relative")
@@ -78,16 +82,25 @@ class Weights:
         return float(np.einsum("i,ij,j->", r, np.square(e, dtype=np.float64), c))
 
 
+def row_energy(m: np.ndarray, col: np.ndarray | None = None) -> np.ndarray:
+    """Σ_j c_j m_ij² per row, in float64, a block of rows at a time (no squared copy of a large m)."""
+    out = np.empty(m.shape[0])
+    for i in range(0, m.shape[0], 4096):
+        block = np.square(m[i:i + 4096], dtype=np.float64)
+        out[i:i + 4096] = block.sum(axis=1) if col is None else block @ col
+    return out
+
+
 def proxy_weights(proxy: str, delta: np.ndarray, stats: Weights | None = None, embedding: bool = False) -> Weights:
     """The error weights of one tensor (a delta matrix) under a proxy; stats: its Fisher factors
     (`calibration.fisher_weights`), needed by every proxy but "relative"."""
     m = np.asarray(delta, np.float32)
     rows, cols = m.shape
     if proxy == "relative":
+        per_row = row_energy(m)
         if embedding:
-            per_row = np.square(m, dtype=np.float64).sum(axis=1)
             return Weights(1.0 / (rows * weight_floor(per_row)), None)
-        return Weights(np.full(rows, 1.0 / max(float(np.square(m, dtype=np.float64).sum()), 1e-300)), None)
+        return Weights(np.full(rows, 1.0 / max(float(per_row.sum()), 1e-300)), None)
     if proxy not in PROXIES:
         raise ValueError(f"unknown proxy {proxy!r} (known: {', '.join(PROXIES)})")
     if stats is None:
@@ -96,7 +109,7 @@ def proxy_weights(proxy: str, delta: np.ndarray, stats: Weights | None = None, e
     if proxy == "activation-relative":  # an embedding's inputs are its rows (tokens)
         r, c = (r, np.ones(cols)) if embedding else (np.ones(rows), c)
     if proxy != "fisher":
-        r = r / max(float(np.einsum("i,ij,j->", r, np.square(m, dtype=np.float64), c)), 1e-300)
+        r = r / max(float(r @ row_energy(m, c)), 1e-300)
     return Weights(r, c)
 
 
@@ -176,7 +189,8 @@ def lowrank_recipe(bits_per_direction) -> str:
 
 def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None, *, max_rank: int | None = None,
                    elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0) -> TensorOptions:
-    """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols)."""
+    """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols): its top max_rank
+    (default MAX_RANK) SVD directions and the element codecs."""
     from . import _api
 
     weights = weights or Weights()
@@ -186,7 +200,7 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
     full = min(rows, cols)
     # Beyond this rank a direction costs more than storing every element at 8 bits: never worth it.
     cap = max(1, min(full, (rows * cols * 8) // max(1, rows + cols) + 1))
-    rank = min(cap, max_rank or cap)
+    rank = min(cap, max_rank or MAX_RANK)
     u, s, v, s2, total = reference.lowrank_svd(m, rank, r, c, seed)
     # ε(b): the weighted relative error of quantized directions, averaged over the top ones. Monotone bit
     # widths along the spectrum follow from one ε per width.
@@ -211,13 +225,19 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
         eps[b] = float(np.clip(rel, 0, 1).mean())
     opts = TensorOptions(name, tuple(np.shape(delta)), rows, cols, total, s2, eps,
                          {b: direction_bits(rows, cols, b) for b in BITS}, droppable=droppable)
+    # Element codecs: measured on all rows, or on evenly spaced rows of a larger tensor and scaled (their
+    # size and error are sums over rows; levels' block means are then those of the sample).
+    idx = np.arange(rows) if rows <= _ROW_SAMPLE else np.linspace(0, rows - 1, _ROW_SAMPLE).astype(np.int64)
+    sample, scale = np.ascontiguousarray(m[idx]), rows / len(idx)
+    sw = Weights(r[idx], c)
     for recipe in elements:
         try:
-            enc = _api.encode(m, recipe, threads=threads)
+            enc = _api.encode(sample, recipe, threads=threads)
         except ValueError:
             continue
         header = entry_bits(name, enc.codec, enc.params, enc.components)
-        opts.elements.append((recipe, 8 * enc.nbytes + header, weights.error(_api.decode(enc, threads=threads) - m)))
+        err = sw.error(_api.decode(enc, threads=threads) - sample)
+        opts.elements.append((recipe, int(8 * enc.nbytes * scale) + header, err * scale))
     return opts
 
 

@@ -68,6 +68,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     try:
         reader = _Compressor(base, ft, None, threads, bar)
         options = {p: {} for p in proxies}
+        delta = m = None
         for name, (src, shape, droppable) in lossy.items():
             delta, _ = reader.delta_of(name, src, math.prod(shape), False)
             if delta is None:
@@ -76,6 +77,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
             for p in proxies:
                 options[p][name] = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable,
                                                     threads=threads)
+        del reader, delta, m  # its scratch buffer holds the largest delta: not twice in memory
     finally:
         bar.close()
 

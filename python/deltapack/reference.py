@@ -384,6 +384,10 @@ def quantize_vectors(x, bits: int, group: int):
     Returns (packed codes uint8 (n, B(bits)), scales f16 (n, G))."""
     x = np.asarray(x, F32)
     n, length = x.shape
+    step = max(1, (1 << 22) // max(length, 1))  # rows per chunk: temporaries stay near 16 MB
+    if n > step:
+        parts = [quantize_vectors(x[i:i + step], bits, group) for i in range(0, n, step)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     ng = -(-length // group)
     xp = np.zeros((n, ng * group), F32)
     xp[:, :length] = x
@@ -411,41 +415,81 @@ def quantize_vectors(x, bits: int, group: int):
 
 def dequantize_vectors(packed, scales16, bits: int, group: int, length: int) -> np.ndarray:
     """Rows of (f32(code) - offset) * f32(scale of the element's group), one f32 product each."""
-    codes = unpack_bits(np.asarray(packed), bits, length).astype(F32)
+    packed = np.asarray(packed)
+    step = max(1, (1 << 20) // max(length, 1))  # rows per chunk: unpacking temporaries stay small
+    if packed.shape[0] > step:
+        return np.concatenate([dequantize_vectors(packed[i:i + step], scales16[i:i + step], bits, group, length)
+                               for i in range(0, packed.shape[0], step)])
+    codes = unpack_bits(packed, bits, length).astype(F32)
     sc = np.repeat(np.asarray(scales16).astype(F32), group, axis=1)[:, :length]
     return ((codes - vector_offset(bits)) * sc).astype(F32)
 
 
-def lowrank_svd(m, rank, row_weights=None, col_weights=None, seed=0):
-    """Top-`rank` SVD of diag(√r)·M·diag(√c) (r, c = 1 when not given), expressed in M's own space:
+def lowrank_svd(m, rank, row_weights=None, col_weights=None, seed=0, power=2):
+    """Top-`rank` SVD of W = diag(√r)·M·diag(√c) (r, c = 1 when not given), expressed in M's own space:
     M ≈ Σ_k s_k u_k v_kᵀ with unit u_k (rows of u) and v_k (rows of v). Returns (u, s, v, S², total) where
-    S_k² is the weighted energy of direction k and total that of M. LAPACK's full SVD, or for a rank that is
-    a small part of a large matrix a randomized one (Halko, Martinsson & Tropp 2011: range finder with 16
-    oversamples and 2 power iterations, seeded)."""
+    S_k² is the weighted energy of direction k and total that of M. LAPACK's full SVD for small matrices or
+    a rank that is a large part of the matrix; otherwise a randomized one (Halko, Martinsson & Tropp 2011:
+    range finder with 16 oversamples and `power` power iterations, seeded) that applies the weights on the
+    fly, so no weighted copy of a large M is made."""
     m = np.asarray(m, F32)
     rows, cols = m.shape
-    r = np.ones(rows) if row_weights is None else np.asarray(row_weights, F64)
-    c = np.ones(cols) if col_weights is None else np.asarray(col_weights, F64)
-    sr, sc = np.sqrt(r), np.sqrt(c)
-    mw = m if row_weights is None and col_weights is None else (m * sr[:, None] * sc[None, :]).astype(F32)
-    total = float(np.square(mw, dtype=F64).sum())
+    sr = np.ones(rows, F32) if row_weights is None else np.sqrt(np.asarray(row_weights, F64)).astype(F32)
+    sc = np.ones(cols, F32) if col_weights is None else np.sqrt(np.asarray(col_weights, F64)).astype(F32)
+    total = 0.0
+    for i in range(0, rows, 4096):  # Σ (√r_i m_ij √c_j)² in row blocks: no squared copy of M
+        block = m[i:i + 4096] * sr[i:i + 4096, None] * sc[None, :]
+        total += float(np.square(block, dtype=F64).sum())
     rank = min(rank, rows, cols)
     if rank >= min(rows, cols) // 2 or min(rows, cols) <= 512:
-        U, S, Vt = np.linalg.svd(mw, full_matrices=False)
-        U, S, Vt = U[:, :rank], S[:rank], Vt[:rank]
-    else:
+        U, S, Vt = np.linalg.svd(m * sr[:, None] * sc[None, :], full_matrices=False)
+        u, S, v = U[:, :rank].T.copy(), S[:rank], Vt[:rank].copy()
+        del U, Vt
+    else:  # a few (rows or cols) x (rank + 16) blocks at a time: no copy of M, in-place scaling
         rng = np.random.default_rng(seed)
-        q = np.linalg.qr(mw @ rng.standard_normal((cols, min(rank + 16, rows, cols))).astype(F32))[0]
-        for _ in range(2):
-            q = np.linalg.qr(mw.T @ q)[0]
-            q = np.linalg.qr(mw @ q)[0]
-        ub, S, Vt = np.linalg.svd(q.T @ mw, full_matrices=False)
-        U, S, Vt = (q @ ub)[:, :rank], S[:rank], Vt[:rank]
-    u, v = (U / sr[:, None]).T, Vt / sc[None, :]
+        q = m @ (sc[:, None] * rng.standard_normal((cols, min(rank + 16, rows, cols))).astype(F32))
+        q *= sr[:, None]
+        q = _orthonormal(q)
+        for _ in range(power):
+            q *= sr[:, None]
+            p = m.T @ q                                # Wᵀ q
+            p *= sc[:, None]
+            p = _orthonormal(p)
+            p *= sc[:, None]
+            q = m @ p                                  # W p
+            q *= sr[:, None]
+            q = _orthonormal(q)
+        q *= sr[:, None]
+        small = q.T @ m
+        small *= sc[None, :]
+        q /= sr[:, None]
+        ub, S, v = np.linalg.svd(small, full_matrices=False)
+        u = (q @ ub[:, :rank]).T                       # (rank, rows)
+        S, v = S[:rank], v[:rank]
+        del q, small
+    u /= sr[None, :]                                   # back to M's own space
+    v /= sc[None, :]
     nu, nv = np.linalg.norm(u, axis=1), np.linalg.norm(v, axis=1)
     nu[nu == 0], nv[nv == 0] = 1, 1
+    u /= nu[:, None]
+    v /= nv[:, None]
     s = S.astype(F64) * nu * nv
-    return (u / nu[:, None]).astype(F32), s, (v / nv[:, None]).astype(F32), np.square(S.astype(F64)), total
+    return np.ascontiguousarray(u, F32), s, np.ascontiguousarray(v, F32), np.square(S.astype(F64)), total
+
+
+def _orthonormal(y):
+    """An orthonormal basis of y's columns (float32), by Cholesky QR twice (only k x k extra memory); numpy's
+    QR when y is too ill-conditioned for it."""
+    for _ in range(2):
+        g = y.T.astype(F64) @ y.astype(F64) if y.shape[0] * y.shape[1] <= (1 << 22) else (y.T @ y).astype(F64)
+        try:
+            inv = np.linalg.inv(np.linalg.cholesky(g)).T.astype(F32)
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(y)[0]
+        if not np.isfinite(inv).all():
+            return np.linalg.qr(y)[0]
+        y = y @ inv
+    return y
 
 
 def encode_lowrank_quant(x, bits, bands, group=64, row_weights=None, col_weights=None):
@@ -477,11 +521,12 @@ def direction_bits(bits, bands) -> list[int]:
 def _refit_singular_values(m, uhat, vhat, s0, row_weights=None, col_weights=None):
     """argmin_s Σ_ij r_i c_j (M - Σ_k s_k u_k v_kᵀ)_ij² for fixed quantized vectors (rows of uhat, vhat),
     float64; the SVD's values when the system is singular."""
-    u, v = uhat.astype(F64), vhat.astype(F64)
-    r = np.ones(u.shape[1]) if row_weights is None else np.asarray(row_weights, F64)
-    c = np.ones(v.shape[1]) if col_weights is None else np.asarray(col_weights, F64)
-    gram = ((u * r) @ u.T) * ((v * c) @ v.T)
-    rhs = np.einsum("ki,ij,kj->k", u * r, m.astype(F64), v * c)
+    # float32 products (a large tensor's factors are big), float64 for the small system.
+    r = np.ones(uhat.shape[1], F32) if row_weights is None else np.asarray(row_weights, F32)
+    c = np.ones(vhat.shape[1], F32) if col_weights is None else np.asarray(col_weights, F32)
+    ur, vc = uhat * r, vhat * c
+    gram = (ur @ uhat.T).astype(F64) * (vc @ vhat.T).astype(F64)
+    rhs = ((ur @ np.asarray(m, F32)).astype(F64) * vc).sum(axis=1)
     try:
         s = np.linalg.solve(gram, rhs)
     except np.linalg.LinAlgError:

@@ -271,3 +271,50 @@ def test_save_is_atomic_and_leaves_nothing_on_failure(tmp_path):
         dp.save(tmp_path / "no" / "dir.dpk", {"a": good})
     dp.save(target, {"a": good})
     assert os.listdir(tmp_path) == ["out.dpk"]
+
+
+def _with_padding_entries(src, dst, n, repeat=None):
+    """Copies a delta file with n extra empty safetensors entries in its header (and one key twice)."""
+    header, data = read_raw(src)
+    extra = "".join(f',"pad.{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    if repeat is not None:
+        extra += f',"pad.{repeat}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+    text = (json.dumps(header)[:-1] + extra + "}").encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_header_with_many_keys_opens_quickly_and_rejects_a_repeated_one(delta_file, tmp_path):
+    # A scan per key made duplicate detection quadratic: 80,000 keys took ~20 s. 200,000 would take minutes.
+    import time
+    path, expected = delta_file
+    many = tmp_path / "many.dpk"
+    _with_padding_entries(path, many, 200_000)
+    t = time.perf_counter()
+    f = dp.open(many)
+    assert time.perf_counter() - t < 10
+    assert f.keys() == dp.open(path).keys()
+    name = "model.layers.0.mlp.weight"
+    np.testing.assert_array_equal(dp.decode(f[name]), dp.decode(dp.open(path)[name]))
+    repeated = tmp_path / "repeated.dpk"
+    _with_padding_entries(path, repeated, 200_000, repeat=123_456)
+    with pytest.raises(dp.FormatError, match=r'repeated\.dpk.*duplicate key "pad\.123456"'):
+        dp.open(repeated)
+    _with_padding_entries(path, repeated, 5, repeat=3)  # small objects: found where it repeats
+    with pytest.raises(dp.FormatError, match=r'repeated\.dpk.*duplicate key "pad\.3" at byte'):
+        dp.open(repeated)
+
+
+@pytest.mark.parametrize("shape", [(0, 2**63 - 1), (2**62, 0), (0, 2**40, 2**40), (2**40, 2**40, 0)])
+@pytest.mark.parametrize("codec,params", [("sign", {}), ("sign", {"scope": "row"}), ("levels", {"bits": 2}),
+                                          ("quant", {"bits": 4}), ("sparse", {"index": "gaps"}),
+                                          ("sparse", {"index": "bitmap"}), ("lowrank", {"rank": 1}),
+                                          ("lowrank", {"rank": 2, "bits": 4}), ("dense", {})])
+def test_zero_dimension_does_not_hide_a_huge_one(codec, params, shape):
+    # No elements, but a row width or row count near 2^63: per-row sizes used to overflow (undefined behaviour).
+    enc = dp.encode(make_delta((4, 8), seed=3), codec, **params)
+    comps = {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in enc.components.items()}
+    bad = dp.Encoded(enc.codec, enc.params, shape, enc.dtype, comps)
+    with pytest.raises(dp.FormatError, match=r"shape \[.*\] is implausibly large"):
+        dp._core.validate(bad._core())

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <set>
 
 #include "codec.h"
 
@@ -296,9 +297,10 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
         if (kv.first != "format" && kv.first != "version" && kv.first != "tool" && kv.first != "tensors")
             man.set(kv.first, kv.second);
     json::Value& tmap = man.set("tensors", json::Value::make_object());
+    std::set<std::string> names;  // a set, not the object's linear lookup: many tensors stay linearithmic
     for (const EncodedRef& t : tensors) {
         if (t.name.empty()) throw std::invalid_argument("save: a tensor has an empty name");
-        if (tmap.find(t.name)) throw std::invalid_argument("save: tensor '" + t.name + "' is listed twice");
+        if (!names.insert(t.name).second) throw std::invalid_argument("save: tensor '" + t.name + "' is listed twice");
         validate(t);
         json::Value e = json::Value::make_object();
         e.set("codec", json::Value::make_string(t.codec));
@@ -318,7 +320,7 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
         char hex[9];
         std::snprintf(hex, sizeof hex, "%08x", crc);
         e.set("crc32c", json::Value::make_string(hex));
-        tmap.set(t.name, e);
+        tmap.obj.emplace_back(t.name, std::move(e));
     }
     std::vector<std::pair<std::string, ArrayRef>> arrays;
     for (auto& it : items) arrays.emplace_back(it.key, *it.a);
@@ -340,8 +342,9 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
         header.set("__metadata__", meta);
     }
     uint64_t off = 0;
+    std::set<std::string> names;
     for (auto* it : items) {
-        if (it->first == "__metadata__" || header.find(it->first))
+        if (it->first == "__metadata__" || !names.insert(it->first).second)
             throw std::invalid_argument("write_safetensors: tensor name '" + it->first + "' is reserved or repeated");
         json::Value e = json::Value::make_object();
         e.set("dtype", json::Value::make_string(st_dtype(it->second.dtype)));
@@ -353,7 +356,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
         off += it->second.nbytes();
         offs.arr.push_back(json::Value::make_int(int64_t(off)));
         e.set("data_offsets", offs);
-        header.set(it->first, e);
+        header.obj.emplace_back(it->first, std::move(e));
     }
     std::string htext = json::dump(header);
     htext.append((8 - htext.size() % 8) % 8, ' ');

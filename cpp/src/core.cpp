@@ -61,8 +61,12 @@ size_t dtype_size(DType t) {
 }
 
 int64_t ArrayRef::numel() const {
+    for (int64_t d : shape)
+        if (d == 0) return 0;  // before multiplying: [2^40, 2^40, 0] has no elements, not an overflow
     int64_t n = 1;
-    for (int64_t d : shape) n *= d;
+    for (int64_t d : shape)
+        if (d < 0 || __builtin_mul_overflow(n, d, &n))
+            throw FormatError("an array shape has a negative dimension or more than 2^63 elements");
     return n;
 }
 

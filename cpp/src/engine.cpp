@@ -212,9 +212,11 @@ static Prepared prepare(const EncodedRef& e) {
     }
     for (int64_t d : e.shape)
         if (d < 0) throw FormatError("tensor '" + e.name + "': negative dimension in shape " + shape_str(e.shape));
-    uint64_t numel = 1;
+    // The product of the nonzero dimensions bounds every row count, row width and per-row size the codecs
+    // compute (a zero dimension must not hide a huge other one: [0, 2^63-1] has no elements but a row width).
+    uint64_t extent = 1;
     for (int64_t d : e.shape)
-        if (__builtin_mul_overflow(numel, uint64_t(d), &numel) || numel > (uint64_t(1) << 48))
+        if (d && (__builtin_mul_overflow(extent, uint64_t(d), &extent) || extent > (uint64_t(1) << 48)))
             throw FormatError("tensor '" + e.name + "': shape " + shape_str(e.shape) + " is implausibly large");
     Prepared out;
     out.m = Matrix::of(e.shape);

@@ -1,5 +1,6 @@
 #include "json.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -33,8 +34,18 @@ Value Value::make_array() { Value v; v.kind = Array; return v; }
 namespace {
 
 struct Parser {
+    static constexpr size_t kScanKeys = 32;
     const std::string& s;
     size_t i = 0;
+
+    void check_unique_keys(const Value& v) const {
+        std::vector<const std::string*> keys;
+        keys.reserve(v.obj.size());
+        for (auto& kv : v.obj) keys.push_back(&kv.first);
+        std::sort(keys.begin(), keys.end(), [](auto* a, auto* b) { return *a < *b; });
+        for (size_t k = 1; k < keys.size(); ++k)
+            if (*keys[k] == *keys[k - 1]) fail(("duplicate key \"" + *keys[k] + "\" in the object ending").c_str());
+    }
 
     [[noreturn]] void fail(const char* what) const {
         throw std::runtime_error(std::string("invalid JSON: ") + what + " at byte " + std::to_string(i));
@@ -152,11 +163,14 @@ struct Parser {
             if (eat('}')) return v;
             do {
                 std::string key = string();
-                if (v.find(key)) fail(("duplicate key \"" + key + "\"").c_str());
+                // Small objects: a scan names the key where it repeats; large ones are checked once, sorted
+                // (a scan per key would make a header of many tensors quadratic to open).
+                if (v.obj.size() < kScanKeys && v.find(key)) fail(("duplicate key \"" + key + "\"").c_str());
                 expect(':');
                 v.obj.emplace_back(std::move(key), value(depth + 1));
             } while (eat(','));
             expect('}');
+            if (v.obj.size() > kScanKeys) check_unique_keys(v);
         } else if (c == '[') {
             ++i; v.kind = Value::Array;
             if (eat(']')) return v;

@@ -32,7 +32,9 @@ struct Kernels {
     void (*levels_expand)(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                           float* dst);
     // dst[0, cols) = 0, then dst[c_q] = vals[q] for q < count, where c_q = sum_{i<=q}(gaps[i] + 1) - 1
-    // (the byte-gap index; the caller has checked that every c_q < cols).
+    // (the byte-gap index; the caller has checked that every c_q < cols). Columns are 64-bit (rows may
+    // be wider than 2^31); +0 values (the fillers) are not written, so with cols = 0 only the nonzero
+    // entries touch dst.
     void (*gaps_scatter)(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols);
     // Sum of the bytes, and number of set bits (sparse index validation).
     uint64_t (*sum_bytes)(const uint8_t* p, size_t n);

@@ -289,31 +289,32 @@ static uint64_t sum_bytes(const uint8_t* p, size_t n) {
 
 static uint64_t popcount_bytes(const uint8_t* p, size_t n) { return popcount_words(p, n, scalar::popcount_bytes); }
 
-// Positions by a 16-lane prefix sum of (gap + 1), then one scatter per 16 values. The row is zeroed
-// with vector stores, not a memset call (GCC would make one): rep stosb leaves the lines where the
-// following add pass reads them slowly on this core.
+// Positions by a 16-lane prefix sum of (gap + 1), then one scatter per 16 values, relative to the column
+// after the previous block: lanes hold offsets below 16 x 256, never a column, so rows wider than 2^31 work.
+// +0 values (fillers) are masked out of the scatter. The row is zeroed with vector stores, not a memset
+// call (GCC would make one): rep stosb leaves the lines where the following add pass reads them slowly.
 __attribute__((optimize("no-tree-loop-distribute-patterns"))) static void gaps_scatter(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols) {
     const __m512 zero = _mm512_setzero_ps();
     size_t j = 0;
     for (; j + 16 <= cols; j += 16) _mm512_storeu_ps(dst + j, zero);
     if (j < cols) _mm512_mask_storeu_ps(dst + j, tail_mask(cols - j), zero);
-    const __m512i zi = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(15);
-    __m512i before = _mm512_set1_epi32(-1);  // column of the previous entry
-    size_t q = 0;
+    const __m512i zi = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+    size_t next = 0, q = 0;  // the column after the previous entry
     for (; q + 16 <= count; q += 16) {
         __m512i g = _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + q))), one);
         g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 15));  // inclusive prefix sum over the lanes
         g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 14));
         g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 12));
         g = _mm512_add_epi32(g, _mm512_alignr_epi32(g, zi, 8));
-        __m512i pos = _mm512_add_epi32(before, g);
-        _mm512_i32scatter_ps(dst, pos, _mm512_loadu_ps(vals + q), 4);
-        before = _mm512_permutexvar_epi32(last, pos);
+        const __m512 v = _mm512_loadu_ps(vals + q);
+        const __m512i vi = _mm512_castps_si512(v);
+        _mm512_mask_i32scatter_ps(dst + next, _mm512_test_epi32_mask(vi, vi), _mm512_sub_epi32(g, one), v, 4);
+        next += uint32_t(_mm_extract_epi32(_mm512_extracti32x4_epi32(g, 3), 3));
     }
-    size_t c = size_t(int64_t(_mm_cvtsi128_si32(_mm512_castsi512_si128(before))));
     for (; q < count; ++q) {
-        c += size_t(gaps[q]) + 1;
-        dst[c] = vals[q];
+        next += gaps[q];
+        if (f32_to_bits(vals[q])) dst[next] = vals[q];
+        ++next;
     }
 }
 

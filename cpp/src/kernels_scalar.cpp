@@ -65,10 +65,11 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void gaps_scatter(
                                                                                 const float* vals, size_t count,
                                                                                 float* dst, size_t cols) {
     for (size_t j = 0; j < cols; ++j) dst[j] = 0.0f;
-    size_t c = size_t(-1);
+    size_t next = 0;  // the column after the previous entry
     for (size_t q = 0; q < count; ++q) {
-        c += size_t(gaps[q]) + 1;
-        dst[c] = vals[q];
+        next += gaps[q];
+        if (f32_to_bits(vals[q])) dst[next] = vals[q];  // +0 (fillers) is already there
+        ++next;
     }
 }
 

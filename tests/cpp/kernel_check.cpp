@@ -1,6 +1,9 @@
 // Compares every kernel of every SIMD path this CPU runs against the scalar path, bit for bit,
-// on random data with awkward lengths and special values. Exit status 0 = all identical.
+// on random data with awkward lengths and special values, and every path on a row wider than 2^31
+// columns. Exit status 0 = all identical.
 // Built and run by tests/test_kernels_native.py (natively, and for AArch64 under qemu-user).
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -110,7 +113,8 @@ static void check_path(const Kernels& k) {
                 if (c + g + 1 >= n) break;
                 c += g + 1;
                 gaps.push_back(uint8_t(g));
-                vals.push_back(float(c) * 0.5f);
+                const int kind = int(rng() % 9);  // some +0 (not written: the row is zeroed) and -0 (written)
+                vals.push_back(kind == 0 ? 0.0f : kind == 1 ? -0.0f : float(c) * 0.5f);
             }
             if (!gaps.empty()) gaps[0] = 0;  // first entry at column 0
             std::vector<float> a(n, 1.0f), b(n, 2.0f);
@@ -139,10 +143,43 @@ static void check_path(const Kernels& k) {
     }
 }
 
+// A row wider than 2^31 columns: no path may hold a column in 32 bits. The row is an untouched
+// MAP_NORESERVE reservation and cols = 0 (no zeroing); fillers are +0 and not written, so only the entries
+// around column 2^31 touch memory.
+static void check_wide_row(const Kernels& k) {
+    const size_t start = (size_t(1) << 31) - 1000, cols = start + 6000;
+    void* mem = mmap(nullptr, cols * sizeof(float), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) {
+        std::printf("note: no %zu-byte reservation, wide-row check of %s skipped\n", cols * sizeof(float), k.name);
+        return;
+    }
+    float* row = static_cast<float*>(mem);
+    std::vector<uint8_t> gaps;
+    std::vector<float> vals;
+    std::vector<size_t> where;
+    size_t next = 0;  // the column after the previous entry
+    for (; start - next > 255; next += 256) gaps.push_back(255), vals.push_back(0.0f);
+    for (size_t c = start; c < cols - 300; c = next + size_t(rng() % 40)) {
+        gaps.push_back(uint8_t(c - next));
+        vals.push_back(float(where.size() + 1));
+        where.push_back(c);
+        next = c + 1;
+    }
+    k.gaps_scatter(gaps.data(), vals.data(), gaps.size(), row, 0);
+    size_t nonzero = 0;
+    for (size_t c = start - 4096; c < cols; ++c) nonzero += row[c] != 0.0f;
+    bool ok = nonzero == where.size();
+    for (size_t i = 0; i < where.size(); ++i) ok = ok && row[where[i]] == float(i + 1);
+    check(ok && where.back() > (size_t(1) << 31), k.name, "gaps_scatter past column 2^31", cols);
+    munmap(mem, cols * sizeof(float));
+}
+
 int main() {
     for (const std::string& path : simd_available()) {
-        if (path == "scalar") continue;
         set_simd(path);
+        check_wide_row(kernels());
+        if (path == "scalar") continue;
         check_path(kernels());
         std::printf("checked %s against scalar\n", path.c_str());
     }

@@ -267,6 +267,35 @@ def test_wrong_base_is_refused_unless_forced(models, tmp_path):
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_unrelated_finetune_is_refused_before_any_work(models, tmp_path):
+    from deltapack.cli import main
+    torch.manual_seed(5)  # the same architecture and sizes, independent weights
+    transformers.LlamaForCausalLM(_tiny_config()).to(torch.bfloat16).save_pretrained(tmp_path / "other")
+    config = _tiny_config()
+    config.hidden_size, config.intermediate_size = 32, 48
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "smaller")
+    rng = np.random.default_rng(0)
+    renamed = {f"x{i}.weight": torch.from_numpy(rng.standard_normal((8, 8)).astype(np.float32)) for i in range(3)}
+    safetensors_torch.save_file({**renamed, "a.weight": torch.zeros(8, 8)}, str(tmp_path / "renamed.safetensors"))
+    safetensors_torch.save_file({"a.weight": torch.zeros(8, 8)}, str(tmp_path / "a.safetensors"))
+    cases = [(models / "base", tmp_path / "other", r"differ from the base's by as much as the weights.*‖ΔW‖/‖W‖ = 1\.[3-5]"),
+             (models / "base", tmp_path / "smaller", "config.json hidden_size is 32, the base's is 64"),
+             (tmp_path / "a.safetensors", tmp_path / "renamed.safetensors", "3 of its 4 tensors are new or reshaped")]
+    for base, ft, msg in cases:
+        with pytest.raises(ck.BaseMismatchError, match="does not look like a fine-tune of .*" + msg):
+            ck.compress(base, ft, tmp_path / "d.dpk", "sign")
+        assert not (tmp_path / "d.dpk").exists()
+        with pytest.raises(ck.BaseMismatchError, match=msg):
+            ck.compress(base, ft, tmp_path / "d.dpk", budget=4)
+        assert main(["compress", str(base), str(ft), "-o", str(tmp_path / "d.dpk"), "-q"]) != 0
+        assert not (tmp_path / "d.dpk").exists()
+    assert main(["compress", str(models / "base"), str(tmp_path / "other"), "-o", str(tmp_path / "d.dpk"), "-q",
+                 "--force"]) == 0
+    ck.apply_checkpoint(models / "base", tmp_path / "d.dpk", tmp_path / "out")  # stored anyway, and it rebuilds
+    ck.check_related(models / "base", models / "ft")  # a real (small) fine-tune passes, and the resized one
+    ck.check_related(models / "ft", models / "ft_resized")
+
+
 def test_load_and_load_into(models, pair, tmp_path):
     base, ft = (pair.base, pair.ft) if pair else (models / "base", models / "ft")
     ck.compress(base, ft, tmp_path / "d.dpk", "*.mlp.*=lowrank:rank=4;*=sign", min_size=0)

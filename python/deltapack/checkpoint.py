@@ -693,6 +693,59 @@ def _plan(base: Checkpoint, ft: Checkpoint) -> dict:
     return plan
 
 
+# A fine-tune keeps its base's architecture, most of its tensors' names and shapes, and changes each
+# matrix by much less than the matrix itself (the project's pairs: at most 0.5 ‖W‖; instruction tunes of
+# 7B models ~0.01). Two independent weight matrices of equal norm differ by about √2 ‖W‖.
+_CONFIG_IDENTITY = ("model_type", "architectures", "hidden_size", "num_hidden_layers")
+MAX_RESHAPED_SHARE = 0.5     # tensors of the fine-tune added or reshaped, over all its tensors
+MAX_RELATIVE_CHANGE = 1.0    # ‖ft − base‖ / ‖base‖ on the probed matrices (median)
+_PROBES, _PROBE_ROWS = 4, 64
+
+
+def check_related(base, ft, plan: dict | None = None) -> None:
+    """Refuses, before any work, a fine-tune that is not of this base: config.json names another
+    architecture or size, most tensors have no same-shape counterpart in the base, or a few probed matrices
+    (their first rows) changed by as much as the weights themselves. Raises BaseMismatchError saying why;
+    callers offer `force` to store or analyse the pair anyway."""
+    base, ft = _as_checkpoint(base), _as_checkpoint(ft)
+    why = f"{ft.path} does not look like a fine-tune of {base.path}"
+    hint = " (use --force / force=True to go on anyway)"
+    if base.config and ft.config:
+        for key in _CONFIG_IDENTITY:
+            if key in base.config and key in ft.config and base.config[key] != ft.config[key]:
+                raise BaseMismatchError(f"{why}: config.json {key} is {ft.config[key]!r}, the base's is "
+                                        f"{base.config[key]!r}{hint}")
+    plan = plan or _plan(base, ft)
+    reshaped = [n for n, s in plan.items() if s["op"] in ("new", "resized")]
+    if plan and len(reshaped) > MAX_RESHAPED_SHARE * len(plan):
+        first = reshaped[0]
+        there = plan[first].get("base_shape")
+        detail = (f"'{first}' is {plan[first]['shape']}, the base's {there}" if there else
+                  f"'{first}' is not in the base")
+        raise BaseMismatchError(f"{why}: {len(reshaped)} of its {len(plan)} tensors are new or reshaped "
+                                f"({detail}){hint}")
+    matrices = sorted(n for n, s in plan.items() if s["op"] == "delta" and len(s["shape"]) >= 2
+                      and ft[n].float_name and base[s.get("source", n)].float_name)
+    changes = []
+    for name in matrices[::max(1, len(matrices) // _PROBES)][:_PROBES]:
+        fi, bi = ft[name], base[plan[name].get("source", name)]
+        n = min(fi.numel, _PROBE_ROWS * fi.shape[-1])
+        d, w = np.empty(n, np.float32), np.empty(n, np.float32)
+        fraw, braw = ft.read(name, stop=n), base.read(bi.name, stop=n)
+        _delta_into(fraw, fi.float_name, braw, bi.float_name, d)
+        _widen_into(braw, bi.float_name, w)
+        norm = float(np.linalg.norm(w.astype(np.float64)))
+        if norm > 0 and np.isfinite(norm):
+            changes.append((float(np.linalg.norm(d.astype(np.float64))) / norm, name))
+    if changes:
+        changes.sort()
+        median, name = changes[len(changes) // 2]
+        if median > MAX_RELATIVE_CHANGE:
+            raise BaseMismatchError(f"{why}: its matrices differ from the base's by as much as the weights "
+                                    f"themselves (‖ΔW‖/‖W‖ = {median:.2f} on '{name}', probed on "
+                                    f"{len(changes)} matrices; fine-tunes change far less){hint}")
+
+
 def _choose(rules: Rules, name: str, shape, min_size: int):
     """Codec for a tensor's delta: the recipe for 2-D+ tensors of at least min_size elements, else dense f32."""
     if _lossy(shape, min_size):
@@ -785,7 +838,7 @@ def _recipe_params(codec, params) -> dict:
 
 def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
              min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
-             keep_files: bool = True) -> dict:
+             keep_files: bool = True, force: bool = False) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 
     recipe: per-tensor rules `pattern=recipe;...` applied to tensors with >= 2 dims and >= min_size
@@ -797,10 +850,13 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     (deltapack.budget); data: calibration examples (a JSONL path or a list, see pairs.read_data) for the
     data-aware proxies, the choice among them and the refit of scales (deltapack.calibration); proxy: one of
     budget.PROXIES instead of the choice.
+    force: store a pair that does not look like base + fine-tune (check_related) anyway.
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
     base, ft = _as_checkpoint(base), _as_checkpoint(ft)
     plan = _plan(base, ft)
+    if not force:
+        check_related(base, ft, plan)
     if budget is not None:
         from .compress_budget import compress_to_budget
         return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,

@@ -188,7 +188,7 @@ def cmd_compress(args) -> int:
     checkpoint._install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
                             min_size=args.min_size, metadata=_metadata_arg(args.metadata),
-                            threads=args.threads or None, quiet=args.quiet)
+                            threads=args.threads or None, quiet=args.quiet, force=args.force)
     if args.json:
         print(json.dumps(s, indent=1))
     elif not args.quiet:
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensors with fewer elements are stored dense (default 4096; with --budget 1: every "
                         "matrix is a candidate, exact dense among them)")
     c.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
+    c.add_argument("--force", action="store_true", help="store FT even if it does not look like a fine-tune of "
+                   "BASE (another architecture or size, most tensors new or reshaped, or matrices that changed "
+                   "by as much as the weights)")
     c.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")

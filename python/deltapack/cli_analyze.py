@@ -24,6 +24,7 @@ def register(sub) -> None:
     a.add_argument("--trapezoid", action="store_true", help="also the trapezoid-rule estimate (one more backward)")
     a.add_argument("--top", type=int, default=8, help="show the N largest per-tensor contributions")
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--force", action="store_true", help="go on even if FT does not look like a fine-tune of BASE")
     a.set_defaults(fn=cmd_analyze)
 
     c = sub.add_parser(
@@ -47,6 +48,7 @@ def register(sub) -> None:
     c.add_argument("--lr", type=float, default=1e-2, help="distill: Adam learning rate on log-scales (default 0.01)")
     c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--force", action="store_true", help="go on even if FT does not look like a fine-tune of BASE")
     c.set_defaults(fn=cmd_calibrate)
 
 
@@ -87,6 +89,7 @@ def cmd_analyze(args) -> int:
     for d in (args.base, args.ft):
         if not os.path.isdir(d):
             raise ValueError(f"{d}: not a model directory")
+    _check_related(args)
     examples = load_examples(args.data, args.ft, args.max_examples)
     r = analysis.estimate(args.ft, args.edit, examples, base=args.base, C=args.C, seed=args.seed,
                           batch_size=args.batch_size, exact=not args.no_exact, trapezoid=args.trapezoid)
@@ -111,9 +114,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _check_related(args) -> None:
+    if not args.force:
+        from . import checkpoint
+        checkpoint.check_related(args.base, args.ft)
+
+
 def cmd_calibrate(args) -> int:
     from . import _api, analysis
 
+    _check_related(args)
     if args.method == "least-squares":
         from . import calibration
         examples = load_examples(args.data, args.ft, args.max_examples)

@@ -274,12 +274,11 @@ def test_save_is_atomic_and_leaves_nothing_on_failure(tmp_path):
 
 
 def _with_padding_entries(src, dst, n, repeat=None):
-    """Copies a delta file with n extra empty safetensors entries in its header (and one key twice)."""
+    """Copies a delta file with n extra __metadata__ keys in its header (and one key twice)."""
     header, data = read_raw(src)
-    extra = "".join(f',"pad.{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
-    if repeat is not None:
-        extra += f',"pad.{repeat}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
-    text = (json.dumps(header)[:-1] + extra + "}").encode()
+    meta = header.pop("__metadata__")
+    extra = "".join(f',"pad.{i}":"x"' for i in range(n)) + (f',"pad.{repeat}":"y"' if repeat is not None else "")
+    text = ('{"__metadata__":' + json.dumps(meta)[:-1] + extra + "}," + json.dumps(header)[1:]).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
     with open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text + data)
@@ -318,3 +317,24 @@ def test_zero_dimension_does_not_hide_a_huge_one(codec, params, shape):
     bad = dp.Encoded(enc.codec, enc.params, shape, enc.dtype, comps)
     with pytest.raises(dp.FormatError, match=r"shape \[.*\] is implausibly large"):
         dp._core.validate(bad._core())
+
+
+def test_rebuild_that_overflows_is_an_error_naming_the_tensor(tmp_path):
+    # A delta whose rebuild leaves the output dtype's range, or holds inf/NaN, is refused, not silently inf.
+    base16 = torch.full((4, 8), 60000.0, dtype=torch.float16)
+    enc = dp.encode(np.full((4, 8), 10000.0, np.float32), "dense")
+    enc = dp.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, enc.components, "layers.0.w")
+    with pytest.raises(dp.FormatError, match="'layers.0.w': base \\+ alpha x delta overflows float16 at row 0"):
+        dp.apply(base16, enc)
+    assert torch.isfinite(dp.apply(base16.float(), enc)).all()  # the same rebuild in f32 is fine
+    assert torch.equal(dp.apply(base16, enc, alpha=0.0), base16)
+    inf_base = base16.clone()
+    inf_base[1, 2] = float("inf")
+    small = dp.encode(np.full((4, 8), 1.0, np.float32), "dense")
+    assert torch.isinf(dp.apply(inf_base, small)[1, 2])  # the base's own infinity is the user's
+    sign = dp.encode(make_delta((4, 8), seed=1), "sign")
+    for bad in (np.float32("inf"), np.float32("nan"), np.float32(3e38)):
+        hostile = dp.Encoded(sign.codec, sign.params, sign.shape, sign.dtype,
+                             {**sign.components, "scales": np.array([bad], np.float32)}, "layers.1.w")
+        with pytest.raises(dp.FormatError, match="'layers.1.w': alpha x delta is .* at row 0: not a finite value"):
+            dp.apply(base16.float(), hostile)

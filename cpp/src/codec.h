@@ -88,6 +88,7 @@ const ArrayRef& need_1d(const EncodedRef& e, const char* comp, DType dtype);
 [[noreturn]] void bad_component(const EncodedRef& e, const std::string& what);
 
 inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
+inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
 // Runs fn(row_begin, row_end) over [0, rows) on up to `threads` threads (0 = default).
 void parallel_rows(int64_t rows, int64_t work_per_row, int threads,

@@ -70,7 +70,7 @@ static bool checked_nbytes(const std::vector<int64_t>& shape, size_t elem, uint6
 // ---------------------------------------------------------------------------- safetensors
 
 SafetensorsFile::~SafetensorsFile() {
-    if (map_) munmap(const_cast<uint8_t*>(map_), size_);
+    if (mapped_) munmap(const_cast<uint8_t*>(map_), size_);
 }
 
 std::vector<std::string> SafetensorsFile::keys() const { return order_; }
@@ -97,22 +97,40 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     ::close(fd);
     if (m == MAP_FAILED) fail(std::string("cannot map: ") + std::strerror(errno));
     f->map_ = static_cast<const uint8_t*>(m);
+    f->mapped_ = true;
+    f->parse();
+    return f;
+}
 
+std::unique_ptr<SafetensorsFile> SafetensorsFile::from_memory(const std::string& name, const uint8_t* data,
+                                                              size_t size) {
+    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
+    f->path_ = name;
+    if (size < 8)
+        throw FormatError(name + ": truncated: " + std::to_string(size) + " bytes is shorter than the 8-byte header length");
+    f->map_ = data;
+    f->size_ = size;
+    f->parse();
+    return f;
+}
+
+void SafetensorsFile::parse() {
+    auto fail = [&](const std::string& msg) -> void { throw FormatError(path_ + ": " + msg); };
     uint64_t hlen = 0;
-    for (int i = 0; i < 8; ++i) hlen |= uint64_t(f->map_[i]) << (8 * i);
+    for (int i = 0; i < 8; ++i) hlen |= uint64_t(map_[i]) << (8 * i);
     if (hlen > kMaxHeader) fail("corrupt header: header length " + std::to_string(hlen) + " exceeds the 100 MiB limit");
-    if (hlen > f->size_ - 8)
+    if (hlen > size_ - 8)
         fail("truncated: header length " + std::to_string(hlen) + " runs past the end of the file (" +
-             std::to_string(f->size_) + " bytes)");
+             std::to_string(size_) + " bytes)");
     json::Value header;
     try {
-        header = json::parse(std::string(reinterpret_cast<const char*>(f->map_ + 8), size_t(hlen)));
+        header = json::parse(std::string(reinterpret_cast<const char*>(map_ + 8), size_t(hlen)));
     } catch (const std::exception& ex) {
         fail(std::string("corrupt header: ") + ex.what());
     }
     if (header.kind != json::Value::Object) fail("corrupt header: not a JSON object");
-    const uint8_t* data = f->map_ + 8 + hlen;
-    const uint64_t data_size = f->size_ - 8 - hlen;
+    const uint8_t* data = map_ + 8 + hlen;
+    const uint64_t data_size = size_ - 8 - hlen;
 
     std::vector<std::pair<std::pair<uint64_t, uint64_t>, std::string>> spans;
     for (auto& kv : header.obj) {
@@ -120,7 +138,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
             if (kv.second.kind != json::Value::Object) fail("corrupt header: __metadata__ is not an object");
             for (auto& mv : kv.second.obj) {
                 if (mv.second.kind != json::Value::String) fail("corrupt header: __metadata__ values must be strings");
-                f->metadata_[mv.first] = mv.second.str;
+                metadata_[mv.first] = mv.second.str;
             }
             continue;
         }
@@ -148,15 +166,14 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
             efail("shape and dtype need " + std::to_string(nbytes) + " bytes but data_offsets span " +
                   std::to_string(e - b));
         a.data = const_cast<uint8_t*>(data + b);
-        f->arrays_[kv.first] = a;
+        arrays_[kv.first] = a;
         spans.push_back({{b, e}, kv.first});
     }
     std::sort(spans.begin(), spans.end());
     for (size_t i = 1; i < spans.size(); ++i)
         if (spans[i].first.first < spans[i - 1].first.second)
             fail("corrupt header: the data of tensors '" + spans[i - 1].second + "' and '" + spans[i].second + "' overlap");
-    for (auto& sp : spans) f->order_.push_back(sp.second);
-    return f;
+    for (auto& sp : spans) order_.push_back(sp.second);
 }
 
 // ---------------------------------------------------------------------------- delta files
@@ -166,17 +183,31 @@ DeltaFile::~DeltaFile() = default;
 std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = path;
-    auto fail = [&](const std::string& msg) -> void { throw FormatError(path + ": " + msg); };
     f->file_ = SafetensorsFile::open(path);
-    const SafetensorsFile& st = *f->file_;
+    f->read_manifest();
+    return f;
+}
+
+std::unique_ptr<DeltaFile> DeltaFile::from_memory(const std::string& name, const uint8_t* data, size_t size) {
+    std::unique_ptr<DeltaFile> f(new DeltaFile());
+    f->path_ = name;
+    f->file_ = SafetensorsFile::from_memory(name, data, size);
+    f->read_manifest();
+    return f;
+}
+
+void DeltaFile::read_manifest() {
+    const std::string& path = path_;
+    auto fail = [&](const std::string& msg) -> void { throw FormatError(path + ": " + msg); };
+    const SafetensorsFile& st = *file_;
 
     // The manifest.
     auto mit = st.metadata().find("deltapack");
     if (mit == st.metadata().end()) fail("not a deltapack file: the safetensors __metadata__ has no 'deltapack' manifest");
-    f->manifest_ = mit->second;
+    manifest_ = mit->second;
     json::Value man;
     try {
-        man = json::parse(f->manifest_);
+        man = json::parse(manifest_);
     } catch (const std::exception& ex) {
         fail(std::string("corrupt manifest: ") + ex.what());
     }
@@ -189,6 +220,7 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
              std::to_string(kFormatVersion) + ")");
     const json::Value* tensors = man.find("tensors");
     if (!tensors || tensors->kind != json::Value::Object) fail("corrupt manifest: 'tensors' must be an object");
+    std::set<std::string> referenced;  // "<tensor>:<component>" of every listed component
     for (auto& kv : tensors->obj) {
         const std::string& name = kv.first;
         auto tfail = [&](const std::string& m) { fail("tensor '" + name + "': " + m); };
@@ -206,6 +238,12 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
         const json::Value* params = t.find("params");
         if (!params || params->kind != json::Value::Object) tfail("params must be an object");
         entry->params = json::dump(*params);
+        try {  // stored params are canonical: every parameter present (a missing one must not become a default)
+            for (auto& kv : json::parse(canonical_params(entry->codec, entry->params)).obj)
+                if (!params->find(kv.first)) tfail("parameter '" + kv.first + "' is missing from its params");
+        } catch (const std::invalid_argument& ex) {
+            tfail(ex.what());
+        }
         entry->shape = read_shape(t.find("shape"), tfail);
         const json::Value* dt = t.find("dtype");
         if (!dt || dt->kind != json::Value::String) tfail("missing dtype");
@@ -214,14 +252,16 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
         } catch (const std::exception&) {
             tfail("unsupported dtype '" + dt->str + "'");
         }
+        if (!is_float_dtype(entry->dtype)) tfail("dtype '" + dt->str + "' is not f32, f16 or bf16");
         const json::Value* comps = t.find("components");
         if (!comps || comps->kind != json::Value::Array) tfail("components must be an array");
+        std::set<std::string> listed;
         for (auto& c : comps->arr) {
             if (c.kind != json::Value::String) tfail("component names must be strings");
             const std::string key = name + ":" + c.str;
             if (!st.contains(key)) tfail("component '" + c.str + "' is listed but not stored");
-            for (auto& prev : entry->components)
-                if (prev.first == c.str) tfail("component '" + c.str + "' is listed twice");
+            if (!listed.insert(c.str).second) tfail("component '" + c.str + "' is listed twice");
+            referenced.insert(key);
             const ArrayRef& a = st.get(key);
             // Decoders read components through typed pointers: they must be aligned.
             if (reinterpret_cast<uintptr_t>(a.data) % dtype_size(a.dtype) != 0)
@@ -233,10 +273,13 @@ std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
             crc->str.find_first_not_of("0123456789abcdef") != std::string::npos)
             tfail("crc32c must be 8 lowercase hex digits");
         entry->crc = uint32_t(std::stoul(crc->str, nullptr, 16));
-        f->order_.push_back(name);
-        f->entries_[name] = entry;
+        order_.push_back(name);
+        entries_[name] = entry;
     }
-    return f;
+    // Every stored array belongs to a listed tensor: components left behind by a tensor missing from the
+    // manifest mean a damaged manifest, not a smaller delta.
+    for (const std::string& key : st.keys())
+        if (!referenced.count(key)) fail("stored array '" + key + "' belongs to no tensor of the manifest");
 }
 
 std::vector<std::string> DeltaFile::keys() const { return order_; }

@@ -1,6 +1,8 @@
 // The reconstruction engine (apply / decode), encode and validate entry points, parameter and
 // component helpers shared by the codecs.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -181,8 +183,6 @@ std::string canonical_params(const std::string& codec, const std::string& params
     return json::dump(find_codec(codec).canonical(parse_params(codec, params)));
 }
 
-static bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
-
 Encoded encode(const std::string& codec, const std::string& params, const ArrayRef& delta, int threads) {
     const Codec& c = find_codec(codec);
     if (!is_float_dtype(delta.dtype))
@@ -234,6 +234,27 @@ static int64_t rows_per_step(const Matrix& m, int block) {
     return std::max<int64_t>(block, r / block * block);
 }
 
+// Index of the first f16 element of out that the delta made infinite or NaN (base finite, alpha * d != 0), or
+// n. A base value beyond f16 with no change is the conversion the caller asked for (IEEE: infinity).
+static size_t first_f16_overflow(const uint16_t* out, const uint8_t* base, DType bt, const float* d, float alpha,
+                                 size_t n) {
+    int16_t top = 0;  // exponent all ones (inf, NaN) <=> |h| >= 0x7C00; a signed 16-bit max (SSE2 pmaxsw)
+    for (size_t j = 0; j < n; ++j) top = std::max<int16_t>(top, int16_t(out[j] & 0x7FFF));
+    if (top < 0x7C00) return n;
+    for (size_t j = 0; j < n; ++j) {
+        if ((out[j] & 0x7C00) != 0x7C00 || alpha * d[j] == 0.0f) continue;
+        float b;
+        if (bt == DType::F32) std::memcpy(&b, base + 4 * j, 4);
+        else {
+            uint16_t h;
+            std::memcpy(&h, base + 2 * j, 2);
+            b = bt == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+        }
+        if (std::isfinite(b)) return j;
+    }
+    return n;
+}
+
 void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, ApplyParams params) {
     for (const ArrayRef* a : {&base, &out}) {
         if (!is_float_dtype(a->dtype))
@@ -263,8 +284,26 @@ void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, Apply
         for (int64_t r = r0; r < r1; r += step) {
             int n = int(std::min(step, r1 - r));
             p.dec->decode(r, n, scratch.data(), k);
-            k.add_round(b0 + size_t(r * cols) * bsz, base.dtype, scratch.data(), params.alpha,
-                        o0 + size_t(r * cols) * osz, out.dtype, size_t(n * cols), stream);
+            const size_t m = size_t(n * cols);
+            const uint8_t* brow = b0 + size_t(r * cols) * bsz;
+            uint8_t* orow = o0 + size_t(r * cols) * osz;
+            if (!k.add_round(brow, base.dtype, scratch.data(), params.alpha, orow, out.dtype, m, stream)) {
+                // a damaged or hostile delta: an error beats silent infinities (the output is not used)
+                size_t bad = 0;
+                while (std::fabs(params.alpha * scratch[bad]) <= kMaxStep) ++bad;
+                throw FormatError("tensor '" + e.name + "': alpha x delta is " +
+                                  std::to_string(params.alpha * scratch[bad]) + " at row " +
+                                  std::to_string(r + int64_t(bad) / std::max<int64_t>(cols, 1)) +
+                                  ": not a finite value a fine-tune can hold (a damaged or hostile delta)");
+            }
+            if (out.dtype == DType::F16) {  // f16's range (65504) is the one a real rebuild can leave
+                const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(orow), brow, base.dtype,
+                                                    scratch.data(), params.alpha, m);
+                if (at < m)
+                    throw FormatError("tensor '" + e.name + "': base + alpha x delta overflows float16 at row " +
+                                      std::to_string(r + int64_t(at) / std::max<int64_t>(cols, 1)) +
+                                      " (rebuild in f32 or bf16)");
+            }
         }
         if (stream) store_fence();
     });

@@ -84,6 +84,23 @@ struct Parser {
         return v;
     }
 
+    // Length of the well-formed UTF-8 sequence at s[k] (no overlongs, surrogates or code points past
+    // U+10FFFF), or 0.
+    size_t utf8_sequence(size_t k) const {
+        const auto at = [&](size_t j) { return j < s.size() ? (unsigned char)s[j] : 0u; };
+        const unsigned c = at(k);
+        size_t n;
+        unsigned lo = 0x80, hi = 0xBF;  // the range of the second byte
+        if (c >= 0xC2 && c <= 0xDF) n = 2;
+        else if (c >= 0xE0 && c <= 0xEF) { n = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+        else if (c >= 0xF0 && c <= 0xF4) { n = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+        else return 0;
+        if (at(k + 1) < lo || at(k + 1) > hi) return 0;
+        for (size_t j = 2; j < n; ++j)
+            if (at(k + j) < 0x80 || at(k + j) > 0xBF) return 0;
+        return n;
+    }
+
     std::string string() {
         ws();
         if (i >= s.size() || s[i] != '"') fail("expected string");
@@ -94,6 +111,13 @@ struct Parser {
             unsigned char c = (unsigned char)s[i++];
             if (c == '"') return out;
             if (c < 0x20) fail("control character in string");
+            if (c >= 0x80) {  // JSON text is UTF-8: a bad sequence is corruption, not a name to pass on
+                const size_t n = utf8_sequence(i - 1);
+                if (!n) { --i; fail("string is not valid UTF-8"); }
+                out.append(s, i - 1, n);
+                i += n - 1;
+                continue;
+            }
             if (c != '\\') { out += char(c); continue; }
             if (i >= s.size()) fail("unterminated escape");
             char e = s[i++];

@@ -10,13 +10,19 @@
 
 namespace deltapack {
 
+// The largest |alpha * delta| a rebuild accepts: beyond it base + alpha * delta can overflow even f32/bf16, and
+// no fine-tune moves a weight that far (a larger value means a damaged or hostile delta).
+constexpr float kMaxStep = 0x1p126f;
+
 struct Kernels {
     const char* name;
     // dst[i] = exact f32 value of src[i]; src dtype f32, f16 or bf16.
     void (*to_f32)(const void* src, DType t, float* dst, size_t n);
     // out[i] = round_ot(f32(base[i]) + alpha * d[i]) with one f32 product and one f32 sum.
     // stream: use non-temporal stores for out (large out-of-place outputs; caller fences).
-    void (*add_round)(const void* base, DType bt, const float* d, float alpha, void* out, DType ot,
+    // Returns whether every alpha * d[i] lies in [-kMaxStep, kMaxStep] (a NaN does not): checked on the
+    // products in registers, so the engine's guard against damaged deltas costs no extra pass.
+    bool (*add_round)(const void* base, DType bt, const float* d, float alpha, void* out, DType ot,
                       size_t n, bool stream);
     // dst[j] = bit j of `bits` (LSB-first) ? s : -s.
     void (*sign_expand)(const uint8_t* bits, size_t n, float s, float* dst);
@@ -146,7 +152,7 @@ static inline uint64_t popcount_words(const uint8_t* p, size_t n, uint64_t (*tai
 // Scalar versions, used by every path for tails.
 namespace scalar {
 void to_f32(const void* src, DType t, float* dst, size_t n);
-void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
                bool stream);
 void sign_expand(const uint8_t* bits, size_t n, float s, float* dst);
 void pack_signs(const float* x, size_t n, uint8_t* bits);

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.h"
 
@@ -49,17 +50,30 @@ static void to_f32(const void* src, DType t, float* dst, size_t n) {
 }
 
 template <DType BT, DType OT>
-static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
-    const __m256 a = _mm256_set1_ps(alpha);
+static bool add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
+    const __m256 a = _mm256_set1_ps(alpha), limit = _mm256_set1_ps(kMaxStep);
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 bad = _mm256_setzero_ps();
+    bool ok = true;
+    auto step = [&](size_t i) {  // alpha * d, and whether it is out of range (unordered: NaN too)
+        __m256 t = _mm256_mul_ps(a, _mm256_loadu_ps(d + i));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(t, abs), limit, _CMP_NLE_UQ));
+        return t;
+    };
+    auto one = [&](size_t i) {
+        float t = alpha * d[i];
+        ok &= std::fabs(t) <= kMaxStep;
+        store_one(out, OT, i, load_one(base, BT, i) + t);
+    };
     constexpr size_t osz = OT == DType::F32 ? 4 : 2;
     size_t i = 0;
     const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
     if (stream && addr % osz == 0) {
         // Plain stores up to a 32-byte boundary, then streaming stores.
         const size_t head = std::min(n, ((32 - addr % 32) % 32) / osz);
-        for (; i < head; ++i) store_one(out, OT, i, load_one(base, BT, i) + alpha * d[i]);
+        for (; i < head; ++i) one(i);
         for (; i + 8 <= n; i += 8) {
-            __m256 v = _mm256_add_ps(load8(base, BT, i), _mm256_mul_ps(a, _mm256_loadu_ps(d + i)));
+            __m256 v = _mm256_add_ps(load8(base, BT, i), step(i));
             if (OT == DType::F32) {
                 _mm256_stream_ps(static_cast<float*>(out) + i, v);
             } else {
@@ -70,13 +84,13 @@ static void add_round_t(const void* base, const float* d, float alpha, void* out
             }
         }
     }
-    for (; i + 8 <= n; i += 8)
-        store8(out, OT, i, _mm256_add_ps(load8(base, BT, i), _mm256_mul_ps(a, _mm256_loadu_ps(d + i))));
-    for (; i < n; ++i) store_one(out, OT, i, load_one(base, BT, i) + alpha * d[i]);
+    for (; i + 8 <= n; i += 8) store8(out, OT, i, _mm256_add_ps(load8(base, BT, i), step(i)));
+    for (; i < n; ++i) one(i);
+    return ok && _mm256_movemask_ps(bad) == 0;
 }
 
 template <DType BT>
-static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
+static bool add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
     switch (ot) {
         case DType::F32: return add_round_t<BT, DType::F32>(base, d, alpha, out, n, st);
         case DType::F16: return add_round_t<BT, DType::F16>(base, d, alpha, out, n, st);
@@ -84,7 +98,7 @@ static void add_round_b(const void* base, const float* d, float alpha, void* out
     }
 }
 
-static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+static bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
                       bool stream) {
     switch (bt) {
         case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n, stream);

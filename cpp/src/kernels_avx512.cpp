@@ -97,11 +97,14 @@ static inline __m512i pack_line(__m512 v0, __m512 v1) {
 }
 
 template <DType BT, DType OT, bool ALPHA_ONE>
-static void add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
-    const __m512 a = _mm512_set1_ps(alpha);
+static bool add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
+    const __m512 a = _mm512_set1_ps(alpha), limit = _mm512_set1_ps(kMaxStep);
+    __mmask16 bad = 0;
     auto value = [&](size_t i, __mmask16 m) {
         __m512 dv = m == 0xffff ? _mm512_loadu_ps(d + i) : _mm512_maskz_loadu_ps(m, d + i);
-        return _mm512_add_ps(load16(base, BT, i, m), ALPHA_ONE ? dv : _mm512_mul_ps(a, dv));
+        __m512 t = ALPHA_ONE ? dv : _mm512_mul_ps(a, dv);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(t), limit, _CMP_NLE_UQ);  // out of range or NaN
+        return _mm512_add_ps(load16(base, BT, i, m), t);
     };
     constexpr size_t osz = OT == DType::F32 ? 4 : 2;
     size_t i = 0;
@@ -131,10 +134,11 @@ static void add_round_t(const void* base, const float* d, float alpha, void* out
         __mmask16 m = tail_mask(n - i);
         store16(out, OT, i, value(i, m), m);
     }
+    return bad == 0;
 }
 
 template <DType BT>
-static void add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
+static bool add_round_b(const void* base, const float* d, float alpha, void* out, DType ot, size_t n, bool st) {
     switch (ot) {
         case DType::F32:
             return alpha == 1.0f ? add_round_t<BT, DType::F32, true>(base, d, alpha, out, n, st)
@@ -148,7 +152,7 @@ static void add_round_b(const void* base, const float* d, float alpha, void* out
     }
 }
 
-static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+static bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
                       bool stream) {
     switch (bt) {
         case DType::F32: return add_round_b<DType::F32>(base, d, alpha, out, ot, n, stream);

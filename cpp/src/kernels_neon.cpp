@@ -3,6 +3,8 @@
 // Kernels without a NEON body here (levels_expand, sparse_expand) use the scalar code.
 #include <arm_neon.h>
 
+#include <cmath>
+
 #include "kernels.h"
 
 namespace deltapack::neon {
@@ -43,13 +45,23 @@ static void to_f32(const void* src, DType t, float* dst, size_t n) {
 }
 
 // NEON has no streaming-store hint worth using from intrinsics; `stream` is ignored.
-static void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
+static bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n,
                       bool) {
-    const float32x4_t a = vdupq_n_f32(alpha);
+    const float32x4_t a = vdupq_n_f32(alpha), limit = vdupq_n_f32(kMaxStep);
+    uint32x4_t ok = vdupq_n_u32(~0u);
     size_t i = 0;
-    for (; i + 4 <= n; i += 4)  // vmulq + vaddq, never vfmaq: one rounding per operation
-        store4(out, ot, i, vaddq_f32(load4(base, bt, i), vmulq_f32(a, vld1q_f32(d + i))));
-    for (; i < n; ++i) store_one(out, ot, i, load_one(base, bt, i) + alpha * d[i]);
+    for (; i + 4 <= n; i += 4) {  // vmulq + vaddq, never vfmaq: one rounding per operation
+        float32x4_t t = vmulq_f32(a, vld1q_f32(d + i));
+        ok = vandq_u32(ok, vcleq_f32(vabsq_f32(t), limit));  // false for NaN
+        store4(out, ot, i, vaddq_f32(load4(base, bt, i), t));
+    }
+    bool tail_ok = true;
+    for (; i < n; ++i) {
+        float t = alpha * d[i];
+        tail_ok &= std::fabs(t) <= kMaxStep;
+        store_one(out, ot, i, load_one(base, bt, i) + t);
+    }
+    return tail_ok && vminvq_u32(ok) != 0;
 }
 
 static void sign_expand(const uint8_t* bits, size_t n, float s, float* dst) {

@@ -9,12 +9,15 @@ void to_f32(const void* src, DType t, float* dst, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] = load_one(src, t, i);
 }
 
-void add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n, bool) {
+bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n, bool) {
+    bool ok = true;
     for (size_t i = 0; i < n; ++i) {
         float t = alpha * d[i];
+        ok &= std::fabs(t) <= kMaxStep;
         float s = load_one(base, bt, i) + t;
         store_one(out, ot, i, s);
     }
+    return ok;
 }
 
 void sign_expand(const uint8_t* bits, size_t n, float s, float* dst) {

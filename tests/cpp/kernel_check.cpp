@@ -35,7 +35,7 @@ static std::vector<float> random_floats(size_t n, bool special) {
 
 template <class T>
 static bool same(const std::vector<T>& a, const std::vector<T>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+    return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 static std::vector<uint8_t> random_bytes(size_t n) {
@@ -58,15 +58,23 @@ static void check_path(const Kernels& k) {
             k.to_f32(src.data(), t, b.data(), n);
             check(same(a, b), k.name, "to_f32", n);
             auto d = random_floats(n, false);
-            for (DType ot : fts)
-                for (float alpha : {1.0f, 0.37f, -2.0f})
-                    for (bool stream : {false, true}) {
-                        std::vector<uint8_t> o1(n * dtype_size(ot) + 64), o2(o1.size());
-                        s.add_round(src.data(), t, d.data(), alpha, o1.data(), ot, n, stream);
-                        k.add_round(src.data(), t, d.data(), alpha, o2.data(), ot, n, stream);
-                        if (stream) store_fence();
-                        check(same(o1, o2), k.name, "add_round", n);
-                    }
+            // Where the range check of alpha * d must fail: one infinity, NaN or value past kMaxStep anywhere.
+            const float bad_values[] = {0.0f, INFINITY, NAN, 3e38f};
+            for (float bad : bad_values) {
+                auto dd = d;
+                if (bad != 0.0f && n) dd[rng() % n] = bad;
+                for (DType ot : fts)
+                    for (float alpha : {1.0f, 0.37f, -2.0f})
+                        for (bool stream : {false, true}) {
+                            std::vector<uint8_t> o1(n * dtype_size(ot) + 64), o2(o1.size());
+                            bool ok1 = s.add_round(src.data(), t, dd.data(), alpha, o1.data(), ot, n, stream);
+                            bool ok2 = k.add_round(src.data(), t, dd.data(), alpha, o2.data(), ot, n, stream);
+                            if (stream) store_fence();
+                            check(same(o1, o2) || bad != 0.0f, k.name, "add_round", n);
+                            const bool expect = bad == 0.0f || n == 0;  // 3e38 x {1, 0.37, -2} > kMaxStep
+                            check(ok1 == expect && ok2 == expect, k.name, "add_round range check", n);
+                        }
+            }
         }
         auto bits = random_bytes((n + 7) / 8 + 16);
         {

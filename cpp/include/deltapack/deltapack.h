@@ -117,6 +117,9 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 class SafetensorsFile {
 public:
     static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+    // The same checks on bytes already in memory (not copied: they must outlive the object); `name`
+    // stands for the path in error messages.
+    static std::unique_ptr<SafetensorsFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
     ~SafetensorsFile();
 
     const std::string& path() const { return path_; }
@@ -127,12 +130,14 @@ public:
 
 private:
     SafetensorsFile() = default;
+    void parse();
     std::string path_;
     std::map<std::string, ArrayRef> arrays_;
     std::vector<std::string> order_;
     std::map<std::string, std::string> metadata_;
     const uint8_t* map_ = nullptr;
     size_t size_ = 0;
+    bool mapped_ = false;
 };
 
 // Writes a safetensors file atomically (temporary name, fsync, rename). Tensors are laid out
@@ -145,6 +150,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 class DeltaFile {
 public:
     static std::unique_ptr<DeltaFile> open(const std::string& path);
+    static std::unique_ptr<DeltaFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
     ~DeltaFile();
 
     const std::string& path() const { return path_; }
@@ -157,6 +163,7 @@ public:
 
 private:
     DeltaFile() = default;
+    void read_manifest();
     struct Entry;
     std::string path_, manifest_;
     std::vector<std::string> order_;

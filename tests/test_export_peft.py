@@ -220,6 +220,26 @@ def test_bad_adapter_errors(llama, tmp_path):
         import_peft(pair.base, tmp_path / "ad2", tmp_path / "x.dpk")
 
 
+def test_adapter_config_of_wrong_types_is_refused(llama, tmp_path):
+    # Found by fuzz/fuzz_python.py peft: a config that is valid JSON of the wrong shape or types raised
+    # AttributeError / TypeError instead of naming the file and the problem.
+    pair, _ = llama
+    _peft_adapter(pair.base, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    good = json.loads(path.read_text())
+    cases = [("[1, 2]", "not a JSON object"),
+             ({"lora_alpha": "x"}, "alpha of module .* is 'x', not a finite number"),
+             ({"lora_alpha": None}, "not a finite number"),
+             ({"alpha_pattern": 5}, "alpha_pattern is not a JSON object"),
+             ({"alpha_pattern": {"(": 2}}, r"alpha_pattern key '\(' is not a valid pattern"),
+             ({"lora_alpha": 1e308}, "does not fit in float32")]
+    for change, msg in cases:
+        path.write_text(change if isinstance(change, str) else json.dumps({**good, **change}))
+        with pytest.raises(dp.FormatError, match="adapter_config.json: .*" + msg):
+            import_peft(pair.base, tmp_path / "ad", tmp_path / "x.dpk")
+        assert not (tmp_path / "x.dpk").exists()
+
+
 def test_mixed_ranks_plain_delta_file(tmp_path):
     """Per-tensor ranks go to rank_pattern/alpha_pattern (scaling 1 everywhere); a plain delta file works."""
     pair = pairs.build_pair("llama", "tiny")

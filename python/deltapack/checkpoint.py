@@ -380,15 +380,23 @@ class _AtomicFile:
         if fsync:
             os.fsync(self.fd)
         if self.tmpname is None:
-            self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
-            _link_fd(self.fd, self.tmpname)
+            try:  # a new name: the unnamed file gets it directly, nothing else is ever visible
+                _link_fd(self.fd, self.path)
+                linked = True
+            except FileExistsError:  # replacing a file takes a temporary name and a rename
+                linked = False
+                self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
+                _link_fd(self.fd, self.tmpname)
+        else:
+            linked = False
         os.close(self.fd)
         self.fd = None
-        try:
-            os.replace(self.tmpname, self.path)
-        except OSError:
-            os.unlink(self.tmpname)
-            raise
+        if not linked:
+            try:
+                os.replace(self.tmpname, self.path)
+            except OSError:
+                os.unlink(self.tmpname)
+                raise
         self.tmpname = None
         if fsync:
             _fsync_dir(self.dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -156,11 +157,25 @@ class _StreamWriter:
                 self.w.write_tensor_data(gguf.quants.quantize(data, qtype))
             self.w.close()
             os.replace(self.tmp, self.path)
+        except OSError as ex:  # numpy's short-write message names neither the file nor the cause
+            self._discard()
+            try:
+                full = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free < (1 << 20)
+            except OSError:
+                full = False
+            raise OSError(ex.errno, f"writing {self.path}: {ex.strerror or ex}" + (" (disk full)" if full else "")) \
+                from None
         except BaseException:
-            self.w.close()
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            self._discard()
             raise
+
+    def _discard(self):
+        try:
+            self.w.close()
+        except OSError:  # flushing onto a full disk fails again: the file goes anyway
+            pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 # ----------------------------------------------------------------------------- LoRA adapter

@@ -14,6 +14,7 @@ plus a delta file, read one tensor at a time) and `lowrank_factors` (one LoRA pa
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -300,18 +301,41 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, ADAPTER_WEIGHTS))
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2)
-        fh.write("\n")
+    _write_adapter(out_dir, tensors, config)
     rep = view.report()
     rep["skipped"] += [{"name": n, "reason": r} for n, r in unrepresented]
     rep.update(out=os.fspath(out_dir), modules_to_save=modules_to_save, bias=config["bias"],
                r=r_default, lora_alpha=a_default)
     return rep
+
+
+def _write_adapter(out_dir, tensors, config) -> None:
+    """Weights and config written into a hidden sibling directory that replaces `out_dir` in one rename: a
+    killed or failed export leaves the previous adapter (or nothing), never a mix or a half-written one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir):
+        others = set(os.listdir(out_dir)) - {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"} \
+            if os.path.isdir(out_dir) else {os.path.basename(out_dir)}
+        if others:
+            raise FileExistsError(errno.EEXIST, f"{out_dir} exists and holds other files than an adapter "
+                                  f"({sorted(others)[0]}, ...): choose a new directory")
+    writer = checkpoint._AtomicDir(out_dir, overwrite=True)
+    try:
+        weights = os.path.join(writer.tmp, ADAPTER_WEIGHTS)
+        try:
+            save_file(tensors, weights, metadata={"format": "pt"})
+        except SafetensorError as ex:  # safetensors reports I/O failures (a full disk) as its own error
+            raise OSError(f"writing {os.path.join(out_dir, ADAPTER_WEIGHTS)}: {ex}") from None
+        with open(os.path.join(writer.tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2)
+            fh.write("\n")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _ft_tensor(ft: FineTune, name):
@@ -331,11 +355,18 @@ def _base_name(ft: FineTune):
 
 # ----------------------------------------------------------------------------- PEFT import
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict, module: str, default, where: str):
     """PEFT's rank/alpha pattern lookup: a key matches the module name exactly or as a dotted suffix."""
-    for key, value in (patterns or {}).items():
-        if key == module or re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
+    if patterns is None:
+        return default
+    if not isinstance(patterns, dict):
+        raise _api.FormatError(f"{where}: alpha_pattern is not a JSON object")
+    for key, value in patterns.items():
+        try:
+            if key == module or re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        except re.error as ex:
+            raise _api.FormatError(f"{where}: alpha_pattern key {key!r} is not a valid pattern ({ex})") from None
     return default
 
 
@@ -356,6 +387,8 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
             cfg = json.load(fh)
         except json.JSONDecodeError as ex:
             raise _api.FormatError(f"{cfg_path}: not valid JSON ({ex})") from None
+    if not isinstance(cfg, dict):
+        raise _api.FormatError(f"{cfg_path}: not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for key, why in (("use_dora", "DoRA rescales the merged weight; not a low-rank delta"),
@@ -400,13 +433,18 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         if name not in base_ck:
             raise ValueError(f"{w_path}: module '{mod}' has no weight '{name}' in the base {base_ck.path}")
         shape = tuple(base_ck[name].shape)
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+        r = a.shape[0] if a.ndim == 2 else 0
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or r == 0:
             raise _api.FormatError(f"{w_path}: module '{mod}': factor shapes {list(a.shape)} and {list(b.shape)} "
                                    "do not form a low-rank pair")
-        alpha_m = _pattern_value(cfg.get("alpha_pattern"), mod, cfg.get("lora_alpha", 8))
+        alpha_m = _pattern_value(cfg.get("alpha_pattern"), mod, cfg.get("lora_alpha", 8), cfg_path)
+        if isinstance(alpha_m, bool) or not isinstance(alpha_m, (int, float)) or not math.isfinite(alpha_m):
+            raise _api.FormatError(f"{cfg_path}: the LoRA alpha of module '{mod}' is {alpha_m!r}, not a finite number")
         scaling = alpha_m / (math.sqrt(r) if use_rslora else r)
-        s = np.float32(scaling)
+        with np.errstate(over="ignore"):
+            s = np.float32(scaling)
+        if not np.isfinite(s):
+            raise _api.FormatError(f"{cfg_path}: module '{mod}': scaling {scaling!r} does not fit in float32")
         if emb:   # delta (vocab x dim) = scaling * (B @ A).T = A.T @ (scaling * B.T)
             u, v = a.T, b.T * s
         else:     # delta (out x in) = (scaling * B) @ A

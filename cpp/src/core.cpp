@@ -6,6 +6,7 @@
 #include "kernels.h"
 
 #if defined(DELTAPACK_X86)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -89,7 +90,10 @@ static bool cpu_has(const std::string& path) {
 #endif
 #if defined(DELTAPACK_X86)
     __builtin_cpu_init();
-    if (path == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    if (path == "avx2") {  // F16C by CPUID: not every compiler's __builtin_cpu_supports knows it
+        unsigned a, b, c, d;
+        return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    }
     if (path == "avx512")
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl");

@@ -78,11 +78,16 @@ def test_safetensors_reader_lists_components(delta_file):
         keys = set(st.keys())
         assert keys == {f"{n}:{c}" for n, e in tensors.items() for c in e.components}
         meta = json.loads(st.metadata()["deltapack"])
-        assert meta["format"] == "deltapack" and meta["version"] == 1
+        assert meta["format"] == "deltapack" and meta["version"] == 2
         for n, e in tensors.items():
             for c, arr in e.components.items():
                 got = st.get_tensor(f"{n}:{c}")
                 np.testing.assert_array_equal(got.view(np.uint8).reshape(-1), arr.view(np.uint8).reshape(-1))
+
+
+def _entry_text(entry) -> bytes:
+    """FORMAT.md §2, version 2: the entry text the CRC covers after the components (compact JSON)."""
+    return json.dumps({k: entry[k] for k in ("codec", "params", "shape", "dtype")}, separators=(",", ":")).encode()
 
 
 def test_crc_matches_independent_crc32c(delta_file):
@@ -91,7 +96,32 @@ def test_crc_matches_independent_crc32c(delta_file):
     man = json.loads(read_raw(path)[0]["__metadata__"]["deltapack"])
     for name, entry in man["tensors"].items():
         data = b"".join(tensors[name].components[c].tobytes() for c in entry["components"])
-        assert entry["crc32c"] == f"{crc32c.crc32c(data):08x}"
+        assert entry["crc32c"] == f"{crc32c.crc32c(data + _entry_text(entry)):08x}"
+
+
+def test_version_1_files_are_read_and_version_2_checks_the_entry(delta_file, tmp_path):
+    # Version 1's CRC covers the components only: such files still read. Version 2 also covers the entry,
+    # so a shape or parameter changed within what the components allow is caught.
+    path, tensors = delta_file
+    header, data = read_raw(path)
+    man = json.loads(header["__metadata__"]["deltapack"])
+    for name, entry in man["tensors"].items():
+        crc = 0
+        for c in entry["components"]:
+            b, e = header[f"{name}:{c}"]["data_offsets"]
+            crc = dp._core.crc32c(data[b:e], crc)
+        entry["crc32c"] = f"{crc:08x}"
+    header["__metadata__"]["deltapack"] = json.dumps({**man, "version": 1})
+    write_raw(tmp_path / "v1.dpk", header, data)
+    f = dp.open(tmp_path / "v1.dpk")
+    for name in tensors:
+        np.testing.assert_array_equal(dp.decode(f[name]), dp.decode(tensors[name]))
+    bad = tmp_path / "scale.dpk"
+    bad.write_bytes(open(path, "rb").read())
+    edit_manifest(bad, lambda m: m["tensors"]["q.weight"]["params"].update(scale_exp=m["tensors"]["q.weight"]
+                                                                             ["params"]["scale_exp"] - 1))
+    with pytest.raises(dp.FormatError, match=r"scale\.dpk: tensor 'q.weight': checksum mismatch"):
+        dp.open(bad)["q.weight"]
 
 
 def test_truncated_files(delta_file, tmp_path):
@@ -156,7 +186,7 @@ def test_manifest_errors(delta_file, tmp_path):
     path = delta_file[0]
     edits = {
         "unknown codec 'zip'": lambda m: m["tensors"]["q.weight"].update(codec="zip"),
-        "format version 2 is not supported": lambda m: m.update(version=2),
+        "format version 3 is not supported": lambda m: m.update(version=3),
         "component 'bogus' is listed but not stored": lambda m: m["tensors"]["q.weight"]["components"].append("bogus"),
         "not 'deltapack'": lambda m: m.update(format="other"),
     }
@@ -169,17 +199,18 @@ def test_manifest_errors(delta_file, tmp_path):
 
 
 def test_lying_manifest_shape_fails_before_allocation(delta_file, tmp_path):
+    # Checksums off (an attacker writes valid ones): the shape checks behind them catch the lies.
     bad = tmp_path / "shape.dpk"
     bad.write_bytes(open(delta_file[0], "rb").read())
     edit_manifest(bad, lambda m: m["tensors"]["model.layers.0.mlp.weight"].update(shape=[1 << 40, 1 << 20]))
     with pytest.raises(dp.FormatError, match="model.layers.0.mlp.weight.*implausibly large"):
-        dp.open(bad)["model.layers.0.mlp.weight"]
+        dp.open(bad).get("model.layers.0.mlp.weight", verify=False)
     edit_manifest(bad, lambda m: m["tensors"]["model.layers.0.mlp.weight"].update(shape=[1 << 20, 1 << 20]))
     with pytest.raises(dp.FormatError, match="model.layers.0.mlp.weight.*component 'signs' has shape"):
-        dp.open(bad)["model.layers.0.mlp.weight"]
+        dp.open(bad).get("model.layers.0.mlp.weight", verify=False)
     edit_manifest(bad, lambda m: m["tensors"]["model.layers.0.mlp.weight"].update(params={"scope": "cube"}))
     with pytest.raises(dp.FormatError, match="scope='cube' is not one of"):
-        dp.open(bad)["model.layers.0.mlp.weight"]
+        dp.open(bad).get("model.layers.0.mlp.weight", verify=False)
 
 
 def test_sparse_index_out_of_range_is_rejected():

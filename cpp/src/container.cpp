@@ -16,7 +16,8 @@
 
 namespace deltapack {
 
-static constexpr int kFormatVersion = 1;
+static constexpr int kFormatVersion = 2;     // written; version 1 files are still read
+static constexpr int kOldestFormatVersion = 1;
 static constexpr uint64_t kMaxHeader = 100u << 20;  // same bound as the safetensors reference reader
 
 static const char* st_dtype(DType t) {
@@ -46,7 +47,22 @@ struct DeltaFile::Entry {
     DType dtype = DType::F32;
     std::vector<std::pair<std::string, ArrayRef>> components;
     uint32_t crc = 0;
+    std::string checked_text;  // version >= 2: the entry text the CRC covers after the components
 };
+
+// Version 2's CRC covers, after the components, this text of the entry: {"codec","params","shape","dtype"}
+// as the writer serialises JSON, so a flipped bit in a shape or parameter is caught like one in the data.
+static std::string checked_entry_text(const std::string& codec, const json::Value& params,
+                                      const std::vector<int64_t>& shape, DType dtype) {
+    json::Value e = json::Value::make_object();
+    e.set("codec", json::Value::make_string(codec));
+    e.set("params", params);
+    json::Value dims = json::Value::make_array();
+    for (int64_t d : shape) dims.arr.push_back(json::Value::make_int(d));
+    e.set("shape", dims);
+    e.set("dtype", json::Value::make_string(dtype_name(dtype)));
+    return json::dump(e);
+}
 
 static std::vector<int64_t> read_shape(const json::Value* v, const std::function<void(const std::string&)>& fail) {
     if (!v || v->kind != json::Value::Array) fail("shape must be an array");
@@ -215,9 +231,10 @@ void DeltaFile::read_manifest() {
     const json::Value* ver = man.find("version");
     if (!fmt || fmt->kind != json::Value::String || fmt->str != "deltapack") fail("corrupt manifest: format is not 'deltapack'");
     if (!ver || !ver->is_integer) fail("corrupt manifest: missing version");
-    if (ver->integer != kFormatVersion)
-        fail("format version " + std::to_string(ver->integer) + " is not supported (this deltapack reads version " +
-             std::to_string(kFormatVersion) + ")");
+    if (ver->integer < kOldestFormatVersion || ver->integer > kFormatVersion)
+        fail("format version " + std::to_string(ver->integer) + " is not supported (this deltapack reads versions " +
+             std::to_string(kOldestFormatVersion) + " to " + std::to_string(kFormatVersion) + ")");
+    const bool entry_checked = ver->integer >= 2;
     const json::Value* tensors = man.find("tensors");
     if (!tensors || tensors->kind != json::Value::Object) fail("corrupt manifest: 'tensors' must be an object");
     std::set<std::string> referenced;  // "<tensor>:<component>" of every listed component
@@ -273,6 +290,7 @@ void DeltaFile::read_manifest() {
             crc->str.find_first_not_of("0123456789abcdef") != std::string::npos)
             tfail("crc32c must be 8 lowercase hex digits");
         entry->crc = uint32_t(std::stoul(crc->str, nullptr, 16));
+        if (entry_checked) entry->checked_text = checked_entry_text(entry->codec, *params, entry->shape, entry->dtype);
         order_.push_back(name);
         entries_[name] = entry;
     }
@@ -301,6 +319,7 @@ EncodedRef DeltaFile::get(const std::string& name, bool verify) const {
         ref.components[c.first] = c.second;
         if (verify) crc = crc32c(c.second.data, c.second.nbytes(), crc);
     }
+    if (verify) crc = crc32c(e.checked_text.data(), e.checked_text.size(), crc);
     if (verify && crc != e.crc) {
         char buf[96];
         std::snprintf(buf, sizeof buf, "checksum mismatch (stored %08x, computed %08x)", e.crc, crc);
@@ -347,7 +366,8 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
         validate(t);
         json::Value e = json::Value::make_object();
         e.set("codec", json::Value::make_string(t.codec));
-        e.set("params", json::parse(canonical_params(t.codec, t.params)));
+        json::Value params = json::parse(canonical_params(t.codec, t.params));
+        e.set("params", params);
         json::Value shape = json::Value::make_array();
         for (int64_t d : t.shape) shape.arr.push_back(json::Value::make_int(d));
         e.set("shape", shape);
@@ -359,6 +379,8 @@ void save(const std::string& path, const std::vector<EncodedRef>& tensors, const
             crc = crc32c(c.second.data, c.second.nbytes(), crc);
             items.push_back({t.name + ":" + c.first, &c.second});
         }
+        const std::string checked = checked_entry_text(t.codec, params, t.shape, t.dtype);
+        crc = crc32c(checked.data(), checked.size(), crc);
         e.set("components", comps);
         char hex[9];
         std::snprintf(hex, sizeof hex, "%08x", crc);

@@ -40,6 +40,7 @@ from .recipes import Rules
 
 CHECKPOINT_VERSION = 1
 NEW_ROWS = "#new_rows"
+FORMAT_VERSION = 2  # of the delta file (docs/FORMAT.md), as the C++ writer writes it
 # safetensors dtype -> (deltapack float name or None, numpy dtype used to hold the bytes, size)
 _ST_DTYPES = {
     "F64": (None, np.float64, 8), "F32": ("f32", np.float32, 4), "F16": ("f16", np.float16, 2),
@@ -522,12 +523,13 @@ class DeltaWriter:
             self.spills[size].write(arr)
             self.layout.append((f"{name}:{c}", _NP_COMPONENT_ST[arr.dtype], list(arr.shape), size, arr.nbytes))
             self.spill_size[size] += arr.nbytes
-        self.entries[name] = {"codec": enc.codec, "params": enc.params, "shape": list(enc.shape),
-                              "dtype": enc.dtype, "components": comps, "crc32c": f"{crc:08x}"}
+        checked = {"codec": enc.codec, "params": enc.params, "shape": list(enc.shape), "dtype": enc.dtype}
+        crc = _core.crc32c(_dumps(checked).encode("utf-8"), crc)  # version 2: the CRC covers the entry too
+        self.entries[name] = {**checked, "components": comps, "crc32c": f"{crc:08x}"}
 
     def _header(self, metadata, base) -> bytes:
         from . import __version__
-        manifest = {"format": "deltapack", "version": 1, "tool": f"deltapack {__version__}"}
+        manifest = {"format": "deltapack", "version": FORMAT_VERSION, "tool": f"deltapack {__version__}"}
         if metadata is not None:
             manifest["metadata"] = metadata
         if base is not None:

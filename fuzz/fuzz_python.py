@@ -2,11 +2,14 @@
 
     python fuzz/fuzz_python.py recipes [CORPUS_DIR] -max_total_time=600
     python fuzz/fuzz_python.py peft [CORPUS_DIR] -max_total_time=600
+    python fuzz/fuzz_python.py checkpoint [CORPUS_DIR] -max_total_time=600
 
 recipes: recipe and edit rule strings (`--recipe`, `--edit`); peft: `import peft` of an adapter directory whose
-adapter_config.json and adapter_model.safetensors come from the input (split at the first NUL byte). A
-ValueError (deltapack.FormatError included) or FileNotFoundError is the expected refusal; any other exception
-is a finding and stops the run.
+adapter_config.json and adapter_model.safetensors come from the input (split at the first NUL byte);
+checkpoint: a sharded model directory (model.safetensors.index.json, two shards and config.json from the
+input, split at NUL bytes) opened with `checkpoint.Checkpoint`, every tensor read. A ValueError
+(deltapack.FormatError included) or FileNotFoundError is the expected refusal; any other exception is a
+finding and stops the run.
 """
 import json
 import os
@@ -17,7 +20,7 @@ import atheris
 import numpy as np
 
 import deltapack as dp
-from deltapack import edits, export_peft, recipes
+from deltapack import checkpoint, edits, export_peft, recipes
 
 EXPECTED = (ValueError, FileNotFoundError)
 _base_dir = None
@@ -65,8 +68,28 @@ def peft_target(data: bytes) -> None:
             pass
 
 
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def checkpoint_target(data: bytes) -> None:
+    index, shard1, shard2, config = (data.split(b"\0", 3) + [b"", b"", b""])[:4]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in (("model.safetensors.index.json", index), (SHARDS[0], shard1), (SHARDS[1], shard2),
+                              ("config.json", config)):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
+        try:
+            ck = checkpoint.Checkpoint(tmp)
+            for name in ck.keys():
+                if ck[name].numel <= 1 << 20:  # what a small input can describe
+                    ck.read_tensor(name)
+            ck.tied_source("lm_head.weight")
+        except EXPECTED:
+            pass
+
+
 def main():
-    target = {"recipes": recipes_target, "peft": peft_target}[sys.argv[1]]
+    target = {"recipes": recipes_target, "peft": peft_target, "checkpoint": checkpoint_target}[sys.argv[1]]
     _base()
     atheris.instrument_all()  # the editable install's import hook hides deltapack from instrument_imports
     atheris.Setup([sys.argv[0]] + sys.argv[2:], target)

@@ -1,6 +1,7 @@
 """Writes the fuzzers' seed corpus: one small valid delta file per codec, variant and dtype
 (fuzz/corpus/delta_file), every codec's canonical parameters (fuzz/corpus/params), recipe and edit rules
-(fuzz/corpus/recipes) and a LoRA adapter for fuzz_python.py's tiny base (fuzz/corpus/peft).
+(fuzz/corpus/recipes), a LoRA adapter for fuzz_python.py's tiny base (fuzz/corpus/peft) and a two-shard
+model directory (fuzz/corpus/checkpoint).
 
     python fuzz/make_corpus.py
 """
@@ -44,6 +45,21 @@ def main():
         with open(os.path.join(HERE, "corpus", "recipes", f"rule{i:02d}"), "w") as f:
             f.write(text)
     _peft_seed(os.path.join(HERE, "corpus", "peft"), rng)
+    _checkpoint_seed(os.path.join(HERE, "corpus", "checkpoint"), rng)
+
+
+def _checkpoint_seed(out, rng):
+    """index.json, NUL, shard 1, NUL, shard 2, NUL, config.json: a two-shard model for fuzz_python.py."""
+    from safetensors.numpy import save
+    os.makedirs(out, exist_ok=True)
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    one = {"model.embed_tokens.weight": rng.standard_normal((8, 4)).astype(np.float16)}
+    two = {"model.layers.0.mlp.up_proj.weight": rng.standard_normal((4, 4)).astype(np.float32),
+           "model.norm.weight": np.ones(4, np.float32)}
+    index = {"metadata": {"total_size": 96}, "weight_map": {**{k: shards[0] for k in one}, **{k: shards[1] for k in two}}}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}
+    with open(os.path.join(out, "two-shards"), "wb") as f:
+        f.write(b"\0".join([json.dumps(index).encode(), save(one), save(two), json.dumps(config).encode()]))
 
 
 def _peft_seed(out, rng):

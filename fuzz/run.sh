@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-600}
 shift || true
-TARGETS=" ${*:-delta_file params recipes peft kernels threads} "
+TARGETS=" ${*:-delta_file params recipes peft checkpoint kernels threads} "
 BUILD=build-fuzz
 LIMITS=(-rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -seed="${FUZZ_SEED:-0}")  # seed 0: random
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_FUZZ=ON >/dev/null
@@ -25,7 +25,7 @@ for target in delta_file params; do
   echo "fuzz_$target: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$BUILD/$target.log" | grep -o '[0-9]*$') runs," \
        "$(grep -oE 'cov: [0-9]+' "$BUILD/$target.log" | tail -1), no findings"
 done
-for target in recipes peft; do
+for target in recipes peft checkpoint; do
   [[ $TARGETS == *" $target "* ]] || continue
   work="$BUILD/corpus-$target"
   mkdir -p "$work" && cp -n fuzz/corpus/$target/* "$work/"

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -324,7 +325,6 @@ def test_load_and_load_into(models, pair, tmp_path):
 
 
 def _shutil_copy(src, dst):
-    import shutil
     shutil.copytree(src, dst)
     return dst
 
@@ -364,6 +364,13 @@ def test_bad_checkpoints_give_clear_errors(models, tmp_path):
     safetensors_torch.save_file({**last, dup: first[dup]}, str(bad / shards[-1]), metadata={"format": "pt"})
     with pytest.raises(dp.FormatError, match=f"'{dup}' is stored twice"):
         ck.compress(bad, models / "ft", tmp_path / "d.dpk")
+    # config.json that is JSON but not an object, or not UTF-8 (found by fuzz/fuzz_python.py checkpoint)
+    cfg = _shutil_copy(models / "base", tmp_path / "cfg")
+    for text, msg in ((b"8", "config.json: not a JSON object"), (b'{"a": "\xff"}', "config.json: not valid JSON")):
+        (cfg / "config.json").write_bytes(text)
+        with pytest.raises(dp.FormatError, match=msg):
+            ck.Checkpoint(cfg)
+    shutil.rmtree(cfg)
     assert not (tmp_path / "d.dpk").exists()
     assert sorted(os.listdir(tmp_path)) == ["bad"]
 

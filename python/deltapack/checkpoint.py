@@ -249,11 +249,14 @@ class Checkpoint:
         p = os.path.join(self.dir, name)
         if not os.path.exists(p):
             return None
-        with open(p, encoding="utf-8") as fh:
+        with open(p, "rb") as fh:
             try:
-                return json.load(fh)
-            except json.JSONDecodeError as ex:
+                value = json.loads(fh.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as ex:
                 raise _api.FormatError(f"{p}: not valid JSON ({ex})") from None
+        if not isinstance(value, dict):  # found by fuzz/fuzz_python.py checkpoint: config.json of "8"
+            raise _api.FormatError(f"{p}: not a JSON object")
+        return value
 
     def keys(self):
         return list(self.tensors)

@@ -250,20 +250,19 @@ def test_truncated_at_every_section_boundary(files, variant, tmp_path):
     cuts = {0, 1, 4, 7, 8, 9, text_end, 8 + v.hlen - 1, 8 + v.hlen, len(v.raw) - 1}
     for b, e, _ in v.spans:
         cuts |= {8 + v.hlen + b, 8 + v.hlen + (b + e) // 2, 8 + v.hlen + e, 8 + v.hlen + e - 1}
-    problems = []
-    for cut in sorted(c for c in cuts if 0 <= c < len(v.raw)):
-        why = verdict(put(tmp_path / f"cut{cut}.dpk", v.raw[:cut]), match="truncated")
-        if why:
-            problems.append(f"cut at byte {cut}: {why}")
-    assert not problems, "\n".join(problems)
+    assert_truncations_refused(v, cuts, tmp_path)
 
 
 @pytest.mark.parametrize("variant", variants())
 def test_truncated_at_random_points(files, variant, tmp_path):
     v = files(variant)
     rng = random.Random(f"{variant}:cut")
+    assert_truncations_refused(v, {rng.randrange(len(v.raw)) for _ in range(20)}, tmp_path)
+
+
+def assert_truncations_refused(v, cuts, tmp_path):
     problems = []
-    for cut in sorted({rng.randrange(len(v.raw)) for _ in range(20)}):
+    for cut in sorted(c for c in cuts if 0 <= c < len(v.raw)):
         why = verdict(put(tmp_path / f"cut{cut}.dpk", v.raw[:cut]), match="truncated")
         if why:
             problems.append(f"cut at byte {cut}: {why}")

@@ -206,6 +206,21 @@ def _schedule(rng, n, t):
     return moments
 
 
+def _kills(models, tmp_path, args, final, n, seed, t):
+    """n seeded SIGKILLs of args(out), each in its own directory k<i> with out = k<i>/final: yields
+    (i, parent, out, killed, writing, delay) once the inputs are checked byte-identical; the caller checks the
+    output and reruns, then the directory is removed."""
+    before = _inputs(models)
+    for i, (from_writing, delay) in enumerate(_schedule(random.Random(seed), n, t)):
+        parent = tmp_path / f"k{i}"
+        parent.mkdir()
+        out = parent / final
+        killed, writing, rc, err = _kill_at(args(out), parent, delay, from_writing)
+        assert _inputs(models) == before, "inputs changed"
+        yield i, parent, out, killed, writing, delay
+        shutil.rmtree(parent)
+
+
 def _leftovers(parent, final):
     return sorted(e for e in os.listdir(parent) if e != final)
 
@@ -228,21 +243,14 @@ N_COMPRESS, N_APPLY, N_GGUF, N_PEFT = 15, 15, 12, 6
 
 
 def test_sigkill_compress_at_random_moments(models, tmp_path):
-    before = _inputs(models)
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     args = lambda out: ["compress", models / "base", models / "ft", "-o", out, "--recipe", "sign", "-q"]  # noqa: E731
     t = _timed_run(args(ref_dir / "d.dpk"), ref_dir, ref_dir / "d.dpk")
     ref = (ref_dir / "d.dpk").read_bytes()
     assert ref == (models / "d.dpk").read_bytes()  # deterministic
-    rng = random.Random(SEED)
     stats = []
-    for i, (from_writing, delay) in enumerate(_schedule(rng, N_COMPRESS, t)):
-        parent = tmp_path / f"k{i}"
-        parent.mkdir()
-        out = parent / "d.dpk"
-        killed, writing, rc, err = _kill_at(args(out), parent, delay, from_writing)
-        assert _inputs(models) == before, "inputs changed"
+    for i, parent, out, killed, writing, delay in _kills(models, tmp_path, args, "d.dpk", N_COMPRESS, SEED, t):
         if out.exists():  # only a finished file may have the final name
             assert out.read_bytes() == ref, f"kill {i}: incomplete file under the final name"
         left = _leftovers(parent, "d.dpk")
@@ -252,26 +260,18 @@ def test_sigkill_compress_at_random_moments(models, tmp_path):
         r = _cli(*args(out))
         assert r.returncode == 0, r.stderr
         assert out.read_bytes() == ref and _leftovers(parent, "d.dpk") == []
-        shutil.rmtree(parent)
     _report("compress", stats, t)
 
 
 def test_sigkill_apply_at_random_moments(models, tmp_path):
-    before = _inputs(models)
     (tmp_path / "ref").mkdir()
     args = lambda out: ["apply", models / "base", models / "d.dpk", "-o", out, "-q"]  # noqa: E731
     t = _timed_run(args(tmp_path / "ref" / "out"), tmp_path / "ref", tmp_path / "ref" / "out")
     ref = _digest(tmp_path / "ref" / "out")
     assert len(ref) >= 6
-    rng = random.Random(SEED + 1)
     stats = []
     stale = re.compile(r"^\.out\.deltapack-tmp-\d+-[0-9a-f]{8}(-old)?$")
-    for i, (from_writing, delay) in enumerate(_schedule(rng, N_APPLY, t)):
-        parent = tmp_path / f"k{i}"
-        parent.mkdir()
-        out = parent / "out"
-        killed, writing, rc, err = _kill_at(args(out), parent, delay, from_writing)
-        assert _inputs(models) == before, "inputs changed"
+    for i, parent, out, killed, writing, delay in _kills(models, tmp_path, args, "out", N_APPLY, SEED + 1, t):
         finished = out.exists()
         if finished:
             assert _digest(out) == ref, f"kill {i}: incomplete directory under the final name"
@@ -282,25 +282,17 @@ def test_sigkill_apply_at_random_moments(models, tmp_path):
         assert r.returncode == 0, r.stderr
         assert _digest(out) == ref  # same bytes as an uninterrupted run
         assert _leftovers(parent, "out") == [], "the rerun did not remove the killed run's temporary directory"
-        shutil.rmtree(parent)
     _report("apply", stats, t)
 
 
 def test_sigkill_export_gguf_lora_at_random_moments(models, tmp_path):
     pytest.importorskip("gguf")
-    before = _inputs(models)
     (tmp_path / "ref").mkdir()
     args = lambda out: ["export", "gguf-lora", models / "base", models / "e.dpk", "-o", out]  # noqa: E731
     t = _timed_run(args(tmp_path / "ref" / "a.gguf"), tmp_path / "ref", tmp_path / "ref" / "a.gguf")
     ref = (tmp_path / "ref" / "a.gguf").read_bytes()
-    rng = random.Random(SEED + 2)
     stats = []
-    for i, (from_writing, delay) in enumerate(_schedule(rng, N_GGUF, t)):
-        parent = tmp_path / f"k{i}"
-        parent.mkdir()
-        out = parent / "a.gguf"
-        killed, writing, rc, err = _kill_at(args(out), parent, delay, from_writing)
-        assert _inputs(models) == before, "inputs changed"
+    for i, parent, out, killed, writing, delay in _kills(models, tmp_path, args, "a.gguf", N_GGUF, SEED + 2, t):
         if out.exists():
             assert out.read_bytes() == ref, f"kill {i}: incomplete file under the final name"
         left = _leftovers(parent, "a.gguf")
@@ -310,7 +302,6 @@ def test_sigkill_export_gguf_lora_at_random_moments(models, tmp_path):
             r = _cli(*args(out))
             assert r.returncode == 0, r.stderr
             assert out.read_bytes() == ref and _leftovers(parent, "a.gguf") == []
-        shutil.rmtree(parent)
     _report("export gguf-lora", stats, t)
 
 
@@ -320,20 +311,13 @@ def test_sigkill_export_peft_at_random_moments(models, tmp_path):
     Each run imports torch (seconds), so the rerun is made only where a kill left a partial adapter (and after
     the last kill); with nothing left it would be the uninterrupted run already made."""
     pytest.importorskip("safetensors.torch")
-    before = _inputs(models)
     (tmp_path / "ref").mkdir()
     args = lambda out: ["export", "peft", models / "base", models / "e.dpk", "-o", out]  # noqa: E731
     t = _timed_run(args(tmp_path / "ref" / "ad"), tmp_path / "ref", tmp_path / "ref" / "ad" / "adapter_config.json")
     ref = _digest(tmp_path / "ref" / "ad")
     assert sorted(ref) == ["adapter_config.json", "adapter_model.safetensors"]
-    rng = random.Random(SEED + 3)
     stats = []
-    for i, (from_writing, delay) in enumerate(_schedule(rng, N_PEFT, t)):
-        parent = tmp_path / f"k{i}"
-        parent.mkdir()
-        out = parent / "ad"
-        killed, writing, rc, err = _kill_at(args(out), parent, delay, from_writing)
-        assert _inputs(models) == before, "inputs changed"
+    for i, parent, out, killed, writing, delay in _kills(models, tmp_path, args, "ad", N_PEFT, SEED + 3, t):
         if (out / "adapter_config.json").exists():
             assert _digest(out) == ref, f"kill {i}: an incomplete adapter that looks complete"
         left = sorted(os.listdir(parent))
@@ -344,7 +328,6 @@ def test_sigkill_export_peft_at_random_moments(models, tmp_path):
             r = _cli(*args(out))
             assert r.returncode == 0, r.stderr
             assert _digest(out) == ref and os.listdir(parent) == ["ad"]
-        shutil.rmtree(parent)
     _report("export peft", stats, t)
 
 

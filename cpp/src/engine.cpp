@@ -2,7 +2,6 @@
 // component helpers shared by the codecs.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -243,14 +242,7 @@ static size_t first_f16_overflow(const uint16_t* out, const uint8_t* base, DType
     if (top < 0x7C00) return n;
     for (size_t j = 0; j < n; ++j) {
         if ((out[j] & 0x7C00) != 0x7C00 || alpha * d[j] == 0.0f) continue;
-        float b;
-        if (bt == DType::F32) std::memcpy(&b, base + 4 * j, 4);
-        else {
-            uint16_t h;
-            std::memcpy(&h, base + 2 * j, 2);
-            b = bt == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
-        }
-        if (std::isfinite(b)) return j;
+        if (std::isfinite(load_one(base, bt, j))) return j;
     }
     return n;
 }

@@ -80,6 +80,23 @@ def _no_duplicates(where):
     return hook
 
 
+def read_json(path, object_pairs_hook=None):
+    """A JSON file from a model or adapter directory; FormatError naming it if it is not UTF-8 JSON."""
+    with open(path, "rb") as fh:
+        try:
+            return json.loads(fh.read().decode("utf-8"), object_pairs_hook=object_pairs_hook)
+        except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+            raise _api.FormatError(f"{path}: not valid JSON ({ex})") from None
+
+
+def read_json_object(path) -> dict:
+    """read_json of a file that must hold a JSON object (config.json, adapter_config.json)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise _api.FormatError(f"{path}: not a JSON object")
+    return value
+
+
 def _pread_into(fd, mv, offset, path):
     """Fill memoryview `mv` from file offset, in calls of at most _IO_CHUNK bytes."""
     done, n = 0, len(mv)
@@ -229,11 +246,7 @@ class Checkpoint:
         return os.path.join(self.dir, shard) if self.dir else shard
 
     def _read_index(self, index):
-        with open(index, "rb") as fh:
-            try:
-                data = json.loads(fh.read().decode("utf-8"), object_pairs_hook=_no_duplicates(index))
-            except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-                raise _api.FormatError(f"{index}: not valid JSON ({ex})") from None
+        data = read_json(index, object_pairs_hook=_no_duplicates(index))
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise _api.FormatError(f"{index}: no 'weight_map' object of tensor name -> shard file")
@@ -247,16 +260,7 @@ class Checkpoint:
 
     def _read_json(self, name):
         p = os.path.join(self.dir, name)
-        if not os.path.exists(p):
-            return None
-        with open(p, "rb") as fh:
-            try:
-                value = json.loads(fh.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-                raise _api.FormatError(f"{p}: not valid JSON ({ex})") from None
-        if not isinstance(value, dict):  # found by fuzz/fuzz_python.py checkpoint: config.json of "8"
-            raise _api.FormatError(f"{p}: not a JSON object")
-        return value
+        return read_json_object(p) if os.path.exists(p) else None
 
     def keys(self):
         return list(self.tensors)

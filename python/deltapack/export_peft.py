@@ -236,8 +236,6 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
 
     dtype: 'auto' (each factor in its stored dtype, SVD factors f32), 'f32', 'f16' or 'bf16';
     force: skip the check that `base` is the delta's base (names, shapes, contents)."""
-    from safetensors.torch import save_file
-
     if dtype not in ("auto",) + _FLOATS:
         raise ValueError(f"dtype must be auto, f32, f16 or bf16 (got {dtype!r})")
     ft = FineTune(base, delta, alpha, force=force)
@@ -382,13 +380,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         raise FileNotFoundError(f"{cfg_path}: no adapter config (not a PEFT adapter directory?)")
     if not os.path.exists(w_path):
         raise FileNotFoundError(f"{w_path}: no adapter weights (only adapter_model.safetensors is read)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        try:
-            cfg = json.load(fh)
-        except json.JSONDecodeError as ex:
-            raise _api.FormatError(f"{cfg_path}: not valid JSON ({ex})") from None
-    if not isinstance(cfg, dict):
-        raise _api.FormatError(f"{cfg_path}: not a JSON object")
+    cfg = checkpoint.read_json_object(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for key, why in (("use_dora", "DoRA rescales the merged weight; not a low-rank delta"),

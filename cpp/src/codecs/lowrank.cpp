@@ -12,20 +12,19 @@
 namespace deltapack {
 namespace {
 
-// The float layout.
-struct LowrankDecoder : RowDecoder {
-    const uint8_t *u, *v_stored;
-    DType dt;
-    int64_t rank, cols;
-    // The r x cols factor widened to f32 once, by the first decode: validate() (which also prepares a
-    // decoder) then does no decode work.
+// Both layouts decode as delta rows = u rows (f32, per block) @ v (r x cols, widened to f32 once, by the
+// first decode: validate(), which also prepares a decoder, then does no decode work).
+struct LowrankRowsDecoder : RowDecoder {
+    int64_t rank = 0, cols = 0;
     mutable std::vector<float> v;
     mutable std::once_flag v_ready;
+    virtual void widen_v(float* dst, const Kernels& k) const = 0;                 // rank x cols
+    virtual void u_rows(int64_t r0, int nrows, float* dst, const Kernels& k) const = 0;  // nrows x rank
     int rows_per_block() const override { return 4; }
     void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
         std::call_once(v_ready, [&] {
             v.resize(size_t(rank * cols));
-            k.to_f32(v_stored, dt, v.data(), v.size());
+            widen_v(v.data(), k);
         });
         float ublock[4 * 4096];
         std::vector<float> big;
@@ -34,8 +33,18 @@ struct LowrankDecoder : RowDecoder {
             big.resize(size_t(nrows * rank));
             ub = big.data();
         }
-        k.to_f32(u + size_t(r0 * rank) * dtype_size(dt), dt, ub, size_t(nrows * rank));
+        u_rows(r0, nrows, ub, k);
         k.lowrank_rows(ub, v.data(), int(rank), size_t(cols), nrows, dst);
+    }
+};
+
+// The float layout: u and v stored as f16/bf16/f32.
+struct LowrankDecoder : LowrankRowsDecoder {
+    const uint8_t *u, *v_stored;
+    DType dt;
+    void widen_v(float* dst, const Kernels& k) const override { k.to_f32(v_stored, dt, dst, size_t(rank * cols)); }
+    void u_rows(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+        k.to_f32(u + size_t(r0 * rank) * dtype_size(dt), dt, dst, size_t(nrows * rank));
     }
 };
 
@@ -51,30 +60,24 @@ struct QuantVector {
     }
 };
 
-// The quantized layout: v̂ (r x cols) is dequantized once by the first decode (as the float layout
-// widens v); u is dequantized per block of rows and multiplied by the singular values there.
-struct QuantLowrankDecoder : RowDecoder {
-    std::vector<QuantVector> u, v;  // one per direction
+// The quantized layout: v̂ is dequantized group by group; u rows are dequantized and multiplied by the
+// singular values per block.
+struct QuantLowrankDecoder : LowrankRowsDecoder {
+    std::vector<QuantVector> u, vq;  // one per direction
     const float* s;
-    int64_t rank, cols, group;
-    mutable std::vector<float> vhat;
-    mutable std::once_flag v_ready;
-    int rows_per_block() const override { return 4; }
-    void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
-        std::call_once(v_ready, [&] {
-            vhat.resize(size_t(rank * cols));
-            for (int64_t d = 0; d < rank; ++d)
-                for (int64_t c0 = 0; c0 < cols; c0 += group) {
-                    const QuantVector& q = v[size_t(d)];
-                    // group is a multiple of 8, so every group starts on a byte boundary.
-                    k.unpack_codes(q.codes + c0 * q.bits / 8, q.bits, size_t(std::min(group, cols - c0)),
-                                   q.offset(), f16_to_f32(q.scales[c0 / group]), vhat.data() + d * cols + c0);
-                }
-        });
-        std::vector<float> ub(size_t(nrows * rank));
+    int64_t group;
+    void widen_v(float* dst, const Kernels& k) const override {
+        for (int64_t d = 0; d < rank; ++d)
+            for (int64_t c0 = 0; c0 < cols; c0 += group) {
+                const QuantVector& q = vq[size_t(d)];
+                // group is a multiple of 8, so every group starts on a byte boundary.
+                k.unpack_codes(q.codes + c0 * q.bits / 8, q.bits, size_t(std::min(group, cols - c0)),
+                               q.offset(), f16_to_f32(q.scales[c0 / group]), dst + d * cols + c0);
+            }
+    }
+    void u_rows(int64_t r0, int nrows, float* dst, const Kernels&) const override {
         for (int i = 0; i < nrows; ++i)
-            for (int64_t d = 0; d < rank; ++d) ub[size_t(i * rank + d)] = u[size_t(d)].at(r0 + i, group) * s[d];
-        k.lowrank_rows(ub.data(), vhat.data(), int(rank), size_t(cols), nrows, dst);
+            for (int64_t d = 0; d < rank; ++d) dst[size_t(i * rank + d)] = u[size_t(d)].at(r0 + i, group) * s[d];
     }
 };
 
@@ -194,7 +197,7 @@ public:
             const int64_t ub = packed_row_bytes(m.rows, w), vb = packed_row_bytes(m.cols, w);
             for (int64_t j = 0; j < bands[b]; ++j, ++dir, at += ub + vb) {
                 d->u.push_back({codes + at, sc + dir * (ug + vg), w});
-                d->v.push_back({codes + at + ub, sc + dir * (ug + vg) + ug, w});
+                d->vq.push_back({codes + at + ub, sc + dir * (ug + vg) + ug, w});
             }
         }
         return d;

@@ -28,7 +28,6 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     examples = examples_of(data)[:max_examples]
-    names = {id(p): n for n, p in model.named_parameters()}
     hooks = []
     real = {}  # the current batch's attention mask, flattened: padded positions do not count
     acc: dict[tuple, list] = {}  # (param name, role) -> [row sums, col sums]
@@ -41,8 +40,7 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
             a[0] += row.double()
             a[1] += col.double()
 
-    def linear_hooks(mod):
-        name = names[id(mod.weight)]
+    def linear_hooks(name, mod):
         saved = {}
 
         def fwd(m, inp, out):
@@ -54,8 +52,7 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
 
         return [mod.register_forward_hook(fwd), mod.register_full_backward_hook(bwd)]
 
-    def embedding_hooks(mod):
-        name = names[id(mod.weight)]
+    def embedding_hooks(name, mod):
         saved = {}
 
         def fwd(m, inp, out):
@@ -66,11 +63,8 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
 
         return [mod.register_forward_hook(fwd)]
 
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks += linear_hooks(mod)
-        elif isinstance(mod, torch.nn.Embedding):
-            hooks += embedding_hooks(mod)
+    for name, mod in _weight_modules(model):
+        hooks += (linear_hooks if isinstance(mod, torch.nn.Linear) else embedding_hooks)(name, mod)
     was_training = model.training
     model.eval()
     try:
@@ -178,18 +172,8 @@ def input_terms(model, data, names, batch_size: int = 16, max_bytes: int = 1 << 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     examples = examples_of(data)
-    wanted = set(names)
-    mods = [(names_of, mod) for names_of, mod in _weight_modules(model) if names_of in wanted]
-    groups, group, used = [], [], 0
-    for name, mod in mods:
-        size = 4 * mod.weight.shape[1] ** 2 if isinstance(mod, torch.nn.Linear) else 0
-        if group and used + size > max_bytes:
-            groups.append(group)
-            group, used = [], 0
-        group.append((name, mod))
-        used += size
-    if group:
-        groups.append(group)
+    groups = [[(n, mod) for n, mod in _weight_modules(model) if n in set(group)]
+              for group in _cov_groups(model, names, max_bytes)]
     out: dict[str, list] = {}
     model.eval()
     real = {}  # the current batch's attention mask, flattened: padded positions do not count
@@ -451,11 +435,17 @@ def _rows_of(terms, shape):
 
 
 def _cov_groups(model, names, max_bytes):
-    """Split names into groups whose input covariances fit max_bytes together (float32)."""
-    params = dict(model.named_parameters())
+    """Split names (each once) into groups whose input covariances fit max_bytes together: float32, one per
+    Linear using the weight (a tied weight's embedding use needs none)."""
+    import torch
+
+    cov_bytes: dict[str, int] = {}
+    for n, mod in _weight_modules(model):
+        if isinstance(mod, torch.nn.Linear):
+            cov_bytes[n] = cov_bytes.get(n, 0) + 4 * mod.weight.shape[1] ** 2
     groups, group, used = [], [], 0
-    for n in names:
-        size = 4 * params[n].shape[-1] ** 2 if n in params and params[n].dim() == 2 else 0
+    for n in dict.fromkeys(names):
+        size = cov_bytes.get(n, 0)
         if group and used + size > max_bytes:
             groups.append(group)
             group, used = [], 0

@@ -1,11 +1,11 @@
 """`deltapack compress --budget B [--data FILE]`: a checkpoint delta of at most B bits per parameter.
 
-Three steps, one tensor in memory at a time:
+Four steps, one tensor in memory at a time:
   1. analyse: read each matrix's delta, compute what every candidate costs and leaves under the proxy
      (budget.tensor_options; with --data, under each of budget.PROXIES);
   2. allocate: one Lagrange multiplier for the whole model (budget.allocate). With --data every proxy gives
-     an allocation and the one whose rebuilt model is closest to the fine-tune on the calibration data
-     (mean KL of next-token distributions) is kept;
+     an allocation, each is scored against the fine-tune on the calibration data, and the data-free one is
+     kept unless another agrees clearly better (_choose_proxy);
   3. write: encode with the chosen recipes (the lowrank SVD weighted like the proxy), then check the real
      file size, header included; if it is over the budget the target shrinks by the excess and step 3 runs
      again (the header is estimated before it exists).

@@ -228,6 +228,24 @@ def test_sparse_index_out_of_range_is_rejected():
         dp.decode(bad)
 
 
+def test_sparse_gap_rows_reach_their_width():
+    # Rows that end early (here: every column past 40 is zero, and row 2 is empty) get end fillers, so each
+    # row's entries reach its last 256 columns; the same components under a wider shape are refused.
+    x = make_delta((4, 1000), seed=9)
+    x[:, 40:] = 0
+    x[2] = 0
+    enc = dp.encode(x, "sparse", p=0.5, mode="magnitude", index="gaps", values="f32")
+    comps = enc.components
+    rowptr, gaps = comps["rowptr"], comps["gaps"].astype(np.int64)
+    for r in range(4):
+        span = int((gaps[rowptr[r]:rowptr[r + 1]] + 1).sum())
+        assert 1000 - 256 < span <= 1000, (r, span)
+    assert np.array_equal(dp.decode(enc), x)  # every nonzero is among the 2000 largest magnitudes
+    wide = dp.Encoded(enc.codec, enc.params, (4, 1000 + 300), enc.dtype, comps)
+    with pytest.raises(dp.FormatError, match=r"row 0 ends 3\d\d columns before the width"):
+        dp.decode(wide)
+
+
 def test_not_a_delta_file(tmp_path):
     from safetensors.numpy import save_file
     p = tmp_path / "plain.safetensors"

@@ -292,6 +292,9 @@ def encode_sparse(x, p=0.9, mode="random", seed=0, values="f16", index="auto"):
                 ents.append((prev, False))
             ents.append((c, True))
             prev = c
+        while cols - prev - 1 > 255:  # the row's entries reach within 255 columns of its end (§4.3)
+            prev += 256
+            ents.append((prev, False))
         gap_entries.append(ents)
     n_gap = sum(len(e) for e in gap_entries)
     vsize = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1}[values]
@@ -299,7 +302,7 @@ def encode_sparse(x, p=0.9, mode="random", seed=0, values="f16", index="auto"):
         index == "auto" and n_gap * (1 + vsize) < bitmap_bytes + int(nnz_row.sum()) * vsize)
     out = {}
     if use_gaps:
-        cols_list, real, rowptr = [], [], [0]
+        cols_list, rowptr = [], [0]
         for r, ents in enumerate(gap_entries):
             prev = -1
             for c, is_real in ents:

@@ -112,6 +112,7 @@ public:
                     prev = j;
                     ++cnt;
                 }
+                gaps += (m.cols - prev - 1) / 256;  // end fillers: the row reaches within 255 of its width
                 nnz[size_t(r)] = cnt;
                 ngap[size_t(r)] = gaps;
             }
@@ -152,6 +153,13 @@ public:
                         prev = j;
                     }
                     vals.push_back(buf[size_t(j)] * rescale);
+                }
+                // End fillers: a row's entries reach within 255 columns of its width, so a reader can
+                // tell a file's width from its data (a width no entry reaches is a decompression bomb).
+                while (use_gaps && m.cols - prev - 1 > 255) {
+                    prev += 256;
+                    gp[e++] = 255;
+                    vals.push_back(0.0f);
                 }
                 void* vdst = static_cast<uint8_t*>(values.ref.data) + size_t(rp[r]) * size_t(vsize);
                 if (vt != DType::I8) {
@@ -203,12 +211,17 @@ public:
             }
         } else {
             d->gaps = static_cast<const uint8_t*>(need(e, "gaps", DType::U8, {entries}).data);
-            // The last column of a row is sum(gap + 1) - 1 over its entries.
+            // The last column of a row is sum(gap + 1) - 1 over its entries; it must lie in the row's last
+            // 256 columns, so that the width is backed by data (end fillers pad rows that end early).
             const Kernels& k = kernels();
             for (int64_t r = 0; r < m.rows; ++r) {
                 const int64_t count = d->rowptr[r + 1] - d->rowptr[r];
                 const uint64_t span = k.sum_bytes(d->gaps + d->rowptr[r], size_t(count)) + uint64_t(count);
                 if (span > uint64_t(m.cols)) bad_component(e, "gaps run past the last column in row " + std::to_string(r));
+                if (uint64_t(m.cols) - span > 255)
+                    bad_component(e, "row " + std::to_string(r) + " ends " + std::to_string(uint64_t(m.cols) - span) +
+                                         " columns before the width (at most 255 may be left: a width the data "
+                                         "does not reach is how a small file would declare a huge tensor)");
             }
         }
         return d;

@@ -316,7 +316,7 @@ def test_save_is_atomic_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(dp.FormatError):
         dp.save(target, {"a": good, "b": bad})
     assert os.listdir(tmp_path) == []
-    with pytest.raises(RuntimeError, match="cannot create"):
+    with pytest.raises(FileNotFoundError, match="cannot create"):
         dp.save(tmp_path / "no" / "dir.dpk", {"a": good})
     dp.save(target, {"a": good})
     assert os.listdir(tmp_path) == ["out.dpk"]

@@ -9,6 +9,8 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <system_error>
+
 #include "deltapack/deltapack.h"
 
 namespace nb = nanobind;
@@ -103,6 +105,16 @@ NB_MODULE(_core, m) {
     m.doc() = "deltapack C++ core";
     m.attr("__version__") = DELTAPACK_VERSION;
     nb::exception<FormatError>(m, "FormatError", PyExc_ValueError);
+    // File-system failures (disk full, permission denied, a vanished shard) become OSError with errno,
+    // hence FileNotFoundError, PermissionError, ... as Python's own I/O raises them.
+    nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const std::system_error& ex) {
+            nb::object err = nb::module_::import_("builtins").attr("OSError")(ex.code().value(), ex.what());
+            PyErr_SetObject((PyObject*)Py_TYPE(err.ptr()), err.ptr());
+        }
+    });
 
     m.def("codec_names", &codec_names);
     m.def("canonical_params", &canonical_params, "codec"_a, "params"_a);
@@ -161,6 +173,80 @@ NB_MODULE(_core, m) {
             decode(r, o, threads);
         },
         "encoded"_a, "out"_a.noconvert(), "threads"_a = 0);
+
+    nb::class_<DeltaWriter>(m, "DeltaWriter")
+        .def(nb::init<const std::string&>(), "path"_a)
+        .def_prop_ro("path", &DeltaWriter::path)
+        .def("__len__", &DeltaWriter::count)
+        .def(
+            "add",
+            [](DeltaWriter& w, const PyEncoded& e) {
+                EncodedRef r = ref_of(e);
+                nb::gil_scoped_release nogil;
+                w.add(r);
+            },
+            "encoded"_a)
+        .def("size", &DeltaWriter::size, "extra_manifest"_a = "{}")
+        .def(
+            "close",
+            [](DeltaWriter& w, const std::string& extra, bool durable) {
+                nb::gil_scoped_release nogil;
+                return w.close(extra, durable);
+            },
+            "extra_manifest"_a = "{}", "durable"_a = true)
+        .def("abort", &DeltaWriter::abort);
+
+    // A safetensors file read with pread: header checked on open, tensors copied into caller buffers.
+    nb::class_<SafetensorsFile>(m, "SafetensorsFile")
+        .def_static("read_header", &SafetensorsFile::read_header, "path"_a)
+        .def_prop_ro("path", &SafetensorsFile::path)
+        .def_prop_ro("metadata", &SafetensorsFile::metadata)
+        .def(
+            "tensors",
+            [](const SafetensorsFile& f) {  // (name, dtype, shape, offset, nbytes) in data order
+                std::vector<std::tuple<std::string, std::string, std::vector<int64_t>, uint64_t, uint64_t>> out;
+                for (const std::string& k : f.keys()) {
+                    const TensorInfo& t = f.info(k);
+                    out.emplace_back(t.name, safetensors_dtype_name(t.dtype), t.shape, t.offset, t.nbytes);
+                }
+                return out;
+            })
+        .def(
+            "read",
+            [](const SafetensorsFile& f, const std::string& name, AnyArray out, uint64_t first_byte) {
+                void* p = out.data();
+                const uint64_t n = out.nbytes();
+                nb::gil_scoped_release nogil;
+                f.read(name, p, n, first_byte);
+            },
+            "name"_a, "out"_a.noconvert(), "first_byte"_a = 0);
+
+    nb::class_<SafetensorsWriter>(m, "SafetensorsWriter")
+        .def(
+            "__init__",
+            [](SafetensorsWriter* self, const std::string& path,
+               const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& tensors,
+               const std::map<std::string, std::string>& metadata, bool durable) {
+                std::vector<TensorInfo> infos;
+                for (auto& t : tensors) infos.push_back(TensorInfo{std::get<0>(t), dtype_from_name(std::get<1>(t)), std::get<2>(t), 0, 0});
+                new (self) SafetensorsWriter(path, infos, metadata, durable);
+            },
+            "path"_a, "tensors"_a, "metadata"_a = std::map<std::string, std::string>{}, "durable"_a = true)
+        .def(
+            "write",
+            [](SafetensorsWriter& w, const std::string& name, const InArray& data) {
+                const void* p = data.data();
+                const uint64_t n = data.nbytes();
+                nb::gil_scoped_release nogil;
+                w.write(name, p, n);
+            },
+            "name"_a, "data"_a)
+        .def("finish",
+             [](SafetensorsWriter& w) {
+                 nb::gil_scoped_release nogil;
+                 return w.finish();
+             })
+        .def("abort", &SafetensorsWriter::abort);
 
     m.def(
         "save",

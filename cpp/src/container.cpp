@@ -10,7 +10,9 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <mutex>
 #include <set>
+#include <system_error>
 
 #include "codec.h"
 
@@ -18,9 +20,9 @@ namespace deltapack {
 
 static constexpr int kFormatVersion = 2;     // written; version 1 files are still read
 static constexpr int kOldestFormatVersion = 1;
-static constexpr uint64_t kMaxHeader = 100u << 20;  // same bound as the safetensors reference reader
+static constexpr uint64_t kMaxHeader = 100000000;  // bytes: the safetensors reference reader's bound
 
-static const char* st_dtype(DType t) {
+const char* safetensors_dtype_name(DType t) {
     switch (t) {
         case DType::F32: return "F32";
         case DType::F16: return "F16";
@@ -83,6 +85,59 @@ static bool checked_nbytes(const std::vector<int64_t>& shape, size_t elem, uint6
     return true;
 }
 
+// ---------------------------------------------------------------------------- system calls
+
+// An OSError for Python (the bindings translate std::system_error): errno, then "<what>: <reason>".
+[[noreturn]] static void os_fail(int err, const std::string& what) {
+    const bool full = err == ENOSPC || err == EDQUOT || err == EFBIG;
+    throw std::system_error(err, std::generic_category(), what + (full ? ": disk full" : ""));
+}
+
+static std::string dir_of(const std::string& path) {
+    const size_t slash = path.find_last_of('/');
+    return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+static void fsync_dir(const std::string& dir) {
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) { ::fsync(dfd); ::close(dfd); }
+}
+
+static void write_fd(int fd, const void* data, size_t n, const std::string& path) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    while (n) {
+        const ssize_t got = ::write(fd, p, std::min<size_t>(n, size_t(1) << 30));
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            os_fail(errno, "writing " + path);
+        }
+        p += got, n -= size_t(got);
+    }
+}
+
+// pread until `n` bytes are in; a short file is a FormatError (the header promised more).
+static void pread_fd(int fd, void* out, uint64_t n, uint64_t offset, const std::string& path) {
+    auto* p = static_cast<uint8_t*>(out);
+    while (n) {
+        const ssize_t got = ::pread(fd, p, std::min<uint64_t>(n, uint64_t(1) << 30), off_t(offset));
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            os_fail(errno, "reading " + path);
+        }
+        if (got == 0) throw FormatError(path + ": file ends early (truncated?) at byte " + std::to_string(offset));
+        p += got, n -= uint64_t(got), offset += uint64_t(got);
+    }
+}
+
+static int open_read(const std::string& path, struct stat& st) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) os_fail(errno, path + ": cannot open");
+    if (fstat(fd, &st) != 0) { const int err = errno; ::close(fd); os_fail(err, path + ": cannot stat"); }
+    if (S_ISDIR(st.st_mode)) { ::close(fd); os_fail(EISDIR, path + ": cannot read"); }
+    if (!S_ISREG(st.st_mode)) { ::close(fd); throw FormatError(path + ": not a regular file"); }
+    return fd;
+}
+
 // ---------------------------------------------------------------------------- safetensors
 
 SafetensorsFile::~SafetensorsFile() {
@@ -91,62 +146,142 @@ SafetensorsFile::~SafetensorsFile() {
 
 std::vector<std::string> SafetensorsFile::keys() const { return order_; }
 
-const ArrayRef& SafetensorsFile::get(const std::string& name) const {
-    auto it = arrays_.find(name);
-    if (it == arrays_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "'");
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+    auto it = infos_.find(name);
+    if (it == infos_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "'");
     return it->second;
 }
 
-std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
-    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
-    f->path_ = path;
-    auto fail = [&](const std::string& msg) -> void { throw FormatError(path + ": " + msg); };
+const ArrayRef& SafetensorsFile::get(const std::string& name) const {
+    auto it = arrays_.find(name);
+    if (it == arrays_.end()) {
+        if (infos_.count(name)) throw std::logic_error(path_ + ": opened with read_header(); use read()");
+        throw std::out_of_range(path_ + ": no tensor '" + name + "'");
+    }
+    return it->second;
+}
 
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(std::string("cannot open: ") + std::strerror(errno));
+void SafetensorsFile::read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte) const {
+    const TensorInfo& t = info(name);
+    if (first_byte > t.nbytes || nbytes > t.nbytes - first_byte)
+        throw std::invalid_argument(path_ + ": tensor '" + name + "': bytes [" + std::to_string(first_byte) + ", +" +
+                                    std::to_string(nbytes) + ") fall outside its " + std::to_string(t.nbytes) + " bytes");
+    if (map_) {
+        std::memcpy(out, map_ + t.offset + first_byte, size_t(nbytes));
+        return;
+    }
     struct stat st;
-    if (fstat(fd, &st) != 0) { ::close(fd); fail(std::string("cannot stat: ") + std::strerror(errno)); }
-    if (!S_ISREG(st.st_mode)) { ::close(fd); fail("not a regular file"); }
-    f->size_ = size_t(st.st_size);
-    if (f->size_ < 8) { ::close(fd); fail("truncated: " + std::to_string(f->size_) + " bytes is shorter than the 8-byte header length"); }
-    void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int fd = open_read(path_, st);
+    try {
+        pread_fd(fd, out, nbytes, t.offset + first_byte, path_);
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
     ::close(fd);
-    if (m == MAP_FAILED) fail(std::string("cannot map: ") + std::strerror(errno));
-    f->map_ = static_cast<const uint8_t*>(m);
-    f->mapped_ = true;
-    f->parse();
+}
+
+static uint64_t header_length(const uint8_t* p) {
+    uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= uint64_t(p[i]) << (8 * i);
+    return n;
+}
+
+static void check_header_length(const std::string& path, uint64_t hlen, uint64_t size) {
+    if (size < 8)
+        throw FormatError(path + ": truncated: " + std::to_string(size) + " bytes is shorter than the 8-byte header length");
+    if (hlen > kMaxHeader)
+        throw FormatError(path + ": corrupt header: header length " + std::to_string(hlen) + " exceeds the safetensors limit of 100000000 bytes");
+    if (hlen > size - 8)
+        throw FormatError(path + ": truncated: header length " + std::to_string(hlen) +
+                          " runs past the end of the file (" + std::to_string(size) + " bytes)");
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+    auto f = map(path);
+    f->check_layout();
     return f;
 }
 
 std::unique_ptr<SafetensorsFile> SafetensorsFile::from_memory(const std::string& name, const uint8_t* data,
                                                               size_t size) {
-    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
-    f->path_ = name;
-    if (size < 8)
-        throw FormatError(name + ": truncated: " + std::to_string(size) + " bytes is shorter than the 8-byte header length");
-    f->map_ = data;
-    f->size_ = size;
-    f->parse();
+    auto f = wrap(name, data, size);
+    f->check_layout();
     return f;
 }
 
-void SafetensorsFile::parse() {
+void SafetensorsFile::check_layout() const {
+    if (!layout_problem_.empty()) throw FormatError(path_ + ": corrupt header: " + layout_problem_);
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::map(const std::string& path) {
+    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
+    f->path_ = path;
+    struct stat st;
+    int fd;
+    try {
+        fd = open_read(path, st);
+    } catch (const std::system_error& ex) {  // a delta file that cannot be opened is reported as unreadable
+        throw FormatError(std::string(ex.what()));
+    }
+    f->size_ = size_t(st.st_size);
+    if (f->size_ < 8) { ::close(fd); check_header_length(path, 0, f->size_); }
+    void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    if (m == MAP_FAILED) throw FormatError(path + ": cannot map: " + std::strerror(errno));
+    f->map_ = static_cast<const uint8_t*>(m);
+    f->mapped_ = true;
+    const uint64_t hlen = header_length(f->map_);
+    check_header_length(path, hlen, f->size_);
+    f->parse(f->map_ + 8, hlen, f->size_);
+    return f;
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::read_header(const std::string& path) {
+    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
+    f->path_ = path;
+    struct stat st;
+    const int fd = open_read(path, st);
+    try {
+        const uint64_t size = uint64_t(st.st_size);
+        uint8_t len[8] = {};
+        if (size >= 8) pread_fd(fd, len, 8, 0, path);
+        const uint64_t hlen = header_length(len);
+        check_header_length(path, hlen, size);
+        std::string text(size_t(hlen), '\0');
+        pread_fd(fd, &text[0], hlen, 8, path);
+        f->parse(reinterpret_cast<const uint8_t*>(text.data()), hlen, size);
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
+    ::close(fd);
+    f->check_layout();
+    return f;
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::wrap(const std::string& name, const uint8_t* data, size_t size) {
+    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
+    f->path_ = name;
+    if (size < 8) check_header_length(name, 0, size);
+    f->map_ = data;
+    f->size_ = size;
+    const uint64_t hlen = header_length(data);
+    check_header_length(name, hlen, size);
+    f->parse(data + 8, hlen, size);
+    return f;
+}
+
+void SafetensorsFile::parse(const uint8_t* htext, uint64_t hlen, uint64_t file_size) {
     auto fail = [&](const std::string& msg) -> void { throw FormatError(path_ + ": " + msg); };
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; ++i) hlen |= uint64_t(map_[i]) << (8 * i);
-    if (hlen > kMaxHeader) fail("corrupt header: header length " + std::to_string(hlen) + " exceeds the 100 MiB limit");
-    if (hlen > size_ - 8)
-        fail("truncated: header length " + std::to_string(hlen) + " runs past the end of the file (" +
-             std::to_string(size_) + " bytes)");
     json::Value header;
     try {
-        header = json::parse(std::string(reinterpret_cast<const char*>(map_ + 8), size_t(hlen)));
+        header = json::parse(std::string(reinterpret_cast<const char*>(htext), size_t(hlen)));
     } catch (const std::exception& ex) {
         fail(std::string("corrupt header: ") + ex.what());
     }
     if (header.kind != json::Value::Object) fail("corrupt header: not a JSON object");
-    const uint8_t* data = map_ + 8 + hlen;
-    const uint64_t data_size = size_ - 8 - hlen;
+    const uint64_t data_start = 8 + hlen, data_size = file_size - data_start;
 
     std::vector<std::pair<std::pair<uint64_t, uint64_t>, std::string>> spans;
     for (auto& kv : header.obj) {
@@ -163,13 +298,17 @@ void SafetensorsFile::parse() {
         if (t.kind != json::Value::Object) efail("entry is not an object");
         const json::Value* dt = t.find("dtype");
         if (!dt || dt->kind != json::Value::String) efail("missing dtype");
-        ArrayRef a;
+        TensorInfo info;
+        info.name = kv.first;
         try {
-            a.dtype = dtype_from_name(dt->str);
+            info.dtype = dtype_from_name(dt->str);
         } catch (const std::exception&) {
             efail("unsupported dtype '" + dt->str + "'");
         }
-        a.shape = read_shape(t.find("shape"), efail);
+        if (dt->str != safetensors_dtype_name(info.dtype))  // safetensors spells dtypes one way only
+            efail("dtype '" + dt->str + "' is not a safetensors dtype (did you mean '" +
+                  safetensors_dtype_name(info.dtype) + "'?)");
+        info.shape = read_shape(t.find("shape"), efail);
         const json::Value* off = t.find("data_offsets");
         if (!off || off->kind != json::Value::Array || off->arr.size() != 2 || !off->arr[0].is_integer ||
             !off->arr[1].is_integer || off->arr[0].integer < 0 || off->arr[1].integer < off->arr[0].integer)
@@ -178,17 +317,33 @@ void SafetensorsFile::parse() {
         if (e > data_size)
             fail("truncated: tensor '" + kv.first + "' ends at byte " + std::to_string(e) + " of a " +
                  std::to_string(data_size) + "-byte data section");
-        if (!checked_nbytes(a.shape, dtype_size(a.dtype), nbytes) || nbytes != e - b)
+        if (!checked_nbytes(info.shape, dtype_size(info.dtype), nbytes) || nbytes != e - b)
             efail("shape and dtype need " + std::to_string(nbytes) + " bytes but data_offsets span " +
                   std::to_string(e - b));
-        a.data = const_cast<uint8_t*>(data + b);
-        arrays_[kv.first] = a;
+        info.offset = data_start + b;
+        info.nbytes = nbytes;
+        if (map_) arrays_[kv.first] = ArrayRef{const_cast<uint8_t*>(map_ + info.offset), info.dtype, info.shape};
+        infos_[kv.first] = std::move(info);
         spans.push_back({{b, e}, kv.first});
     }
+    // As safetensors requires: the tensors' bytes tile the data section, back to back from its start to
+    // the end of the file (no overlap, no gap, nothing after).
+    // Overlaps fail at once. Gaps and trailing bytes are safe to read around, so they are noted and reported by
+    // check_layout(), after a delta file's manifest checks, which name the tensor when a component went missing.
     std::sort(spans.begin(), spans.end());
     for (size_t i = 1; i < spans.size(); ++i)
         if (spans[i].first.first < spans[i - 1].first.second)
             fail("corrupt header: the data of tensors '" + spans[i - 1].second + "' and '" + spans[i].second + "' overlap");
+    uint64_t end = 0;
+    for (auto& sp : spans) {
+        if (sp.first.first > end && layout_problem_.empty())
+            layout_problem_ = std::to_string(sp.first.first - end) + " bytes before tensor '" + sp.second +
+                              "' belong to no tensor (safetensors data is contiguous)";
+        end = sp.first.second;
+    }
+    if (end != data_size && layout_problem_.empty())
+        layout_problem_ = "the tensors end at byte " + std::to_string(end) + " of a " + std::to_string(data_size) +
+                          "-byte data section (safetensors data is contiguous and ends the file)";
     for (auto& sp : spans) order_.push_back(sp.second);
 }
 
@@ -199,16 +354,18 @@ DeltaFile::~DeltaFile() = default;
 std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = path;
-    f->file_ = SafetensorsFile::open(path);
+    f->file_ = SafetensorsFile::map(path);
     f->read_manifest();
+    f->file_->check_layout();
     return f;
 }
 
 std::unique_ptr<DeltaFile> DeltaFile::from_memory(const std::string& name, const uint8_t* data, size_t size) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = name;
-    f->file_ = SafetensorsFile::from_memory(name, data, size);
+    f->file_ = SafetensorsFile::wrap(name, data, size);
     f->read_manifest();
+    f->file_->check_layout();
     return f;
 }
 
@@ -333,63 +490,188 @@ EncodedRef DeltaFile::get(const std::string& name, bool verify) const {
     return ref;
 }
 
-// ---------------------------------------------------------------------------- writing
+// ---------------------------------------------------------------------------- atomic files
 
-static void write_all(FILE* fp, const void* p, size_t n, const std::string& tmp) {
-    if (n && std::fwrite(p, 1, n, fp) != n)
-        throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(errno));
+// linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on some kernels; /proc/self/fd works without it.
+static int link_fd(int fd, const std::string& path) {
+    if (::linkat(fd, "", AT_FDCWD, path.c_str(), AT_EMPTY_PATH) == 0) return 0;
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    return ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW);
 }
 
-void save(const std::string& path, const std::vector<EncodedRef>& tensors, const std::string& extra_manifest) {
-    json::Value extra;
-    try {
-        extra = json::parse(extra_manifest.empty() ? "{}" : extra_manifest);
-    } catch (const std::exception& ex) {
-        throw std::invalid_argument(std::string("save: extra manifest is not valid JSON: ") + ex.what());
+// Whether an O_TMPFILE in `dir` can later be given a name: probed once per directory, so a file system
+// without it (or without /proc) falls back to a temporary name before any data is written.
+static bool tmpfile_linkable(const std::string& dir) {
+    static std::mutex mu;
+    static std::map<std::string, bool> known;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(dir);
+    if (it != known.end()) return it->second;
+    bool ok = false;
+    const int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) return false;  // e.g. no such dir yet
+    if (fd >= 0) {
+        std::random_device rd;
+        const std::string probe = dir + "/.deltapack-probe-" + std::to_string(::getpid()) + "-" + std::to_string(rd());
+        ok = link_fd(fd, probe) == 0;
+        if (ok) ::unlink(probe.c_str());
+        ::close(fd);
     }
-    if (extra.kind != json::Value::Object) throw std::invalid_argument("save: extra manifest must be a JSON object");
+    return known[dir] = ok;
+}
 
-    struct Item { std::string key; const ArrayRef* a; };
-    std::vector<Item> items;
-    json::Value man = json::Value::make_object();
-    man.set("format", json::Value::make_string("deltapack"));
-    man.set("version", json::Value::make_int(kFormatVersion));
-    man.set("tool", json::Value::make_string("deltapack " DELTAPACK_VERSION));
-    for (auto& kv : extra.obj)
-        if (kv.first != "format" && kv.first != "version" && kv.first != "tool" && kv.first != "tensors")
-            man.set(kv.first, kv.second);
-    json::Value& tmap = man.set("tensors", json::Value::make_object());
-    std::set<std::string> names;  // a set, not the object's linear lookup: many tensors stay linearithmic
-    for (const EncodedRef& t : tensors) {
-        if (t.name.empty()) throw std::invalid_argument("save: a tensor has an empty name");
-        if (!names.insert(t.name).second) throw std::invalid_argument("save: tensor '" + t.name + "' is listed twice");
-        validate(t);
-        json::Value e = json::Value::make_object();
-        e.set("codec", json::Value::make_string(t.codec));
-        json::Value params = json::parse(canonical_params(t.codec, t.params));
-        e.set("params", params);
-        json::Value shape = json::Value::make_array();
-        for (int64_t d : t.shape) shape.arr.push_back(json::Value::make_int(d));
-        e.set("shape", shape);
-        e.set("dtype", json::Value::make_string(dtype_name(t.dtype)));
-        json::Value comps = json::Value::make_array();
-        uint32_t crc = 0;
-        for (auto& c : t.components) {
-            comps.arr.push_back(json::Value::make_string(c.first));
-            crc = crc32c(c.second.data, c.second.nbytes(), crc);
-            items.push_back({t.name + ":" + c.first, &c.second});
+static std::string temp_name(const std::string& path) {
+    std::random_device rd;
+    char suffix[32];
+    std::snprintf(suffix, sizeof suffix, ".tmp%08x", unsigned(rd()));
+    return path + suffix;
+}
+
+AtomicFile::AtomicFile(const std::string& path) : path_(path), dir_(dir_of(path)) {
+    if (tmpfile_linkable(dir_)) fd_ = ::open(dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (fd_ < 0) {
+        tmpname_ = temp_name(path_);
+        fd_ = ::open(tmpname_.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+        if (fd_ < 0) {
+            const int err = errno;
+            tmpname_.clear();
+            os_fail(err, "cannot create " + path_);
         }
-        const std::string checked = checked_entry_text(t.codec, params, t.shape, t.dtype);
-        crc = crc32c(checked.data(), checked.size(), crc);
-        e.set("components", comps);
-        char hex[9];
-        std::snprintf(hex, sizeof hex, "%08x", crc);
-        e.set("crc32c", json::Value::make_string(hex));
-        tmap.obj.emplace_back(t.name, std::move(e));
     }
-    std::vector<std::pair<std::string, ArrayRef>> arrays;
-    for (auto& it : items) arrays.emplace_back(it.key, *it.a);
-    write_safetensors(path, arrays, {{"deltapack", json::dump(man)}});
+}
+
+AtomicFile::~AtomicFile() { abort(); }
+
+void AtomicFile::write(const void* data, size_t n) {
+    if (fd_ < 0) throw std::logic_error(path_ + ": written after commit or abort");
+    write_fd(fd_, data, n, path_);
+    written_ += n;
+}
+
+void AtomicFile::commit(bool durable) {
+    if (fd_ < 0) throw std::logic_error(path_ + ": committed twice or after abort");
+    if (durable && ::fsync(fd_) != 0) os_fail(errno, "writing " + path_);
+    bool linked = false;
+    if (tmpname_.empty()) {  // unnamed: a new name is linked directly, so nothing else is ever visible
+        if (link_fd(fd_, path_) == 0) {
+            linked = true;
+        } else if (errno == EEXIST) {  // replacing a file takes a temporary name and a rename
+            tmpname_ = temp_name(path_);
+            if (link_fd(fd_, tmpname_) != 0) {
+                const int err = errno;
+                tmpname_.clear();
+                os_fail(err, "cannot link " + path_);
+            }
+        } else {
+            os_fail(errno, "cannot link " + path_);
+        }
+    }
+    ::close(fd_);
+    fd_ = -1;
+    if (!linked && ::rename(tmpname_.c_str(), path_.c_str()) != 0) {
+        const int err = errno;
+        const std::string tmp = tmpname_;
+        ::unlink(tmp.c_str());
+        tmpname_.clear();
+        os_fail(err, "cannot rename " + tmp + " to " + path_);
+    }
+    tmpname_.clear();
+    if (durable) fsync_dir(dir_);
+}
+
+void AtomicFile::abort() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    if (!tmpname_.empty()) ::unlink(tmpname_.c_str());
+    tmpname_.clear();
+}
+
+void AtomicFile::start_writeback() {
+#ifdef POSIX_FADV_DONTNEED
+    if (fd_ >= 0) ::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED);  // on dirty pages: starts their writeback
+#endif
+}
+
+int AtomicFile::scratch(const std::string& dir) {
+    int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0) return fd;
+    std::string name = dir + "/.deltapack-spill-XXXXXX";
+    fd = ::mkostemp(&name[0], O_CLOEXEC);
+    if (fd < 0) os_fail(errno, "cannot create a scratch file in " + dir);
+    ::unlink(name.c_str());  // still readable through the descriptor; nothing is left behind
+    return fd;
+}
+
+// ---------------------------------------------------------------------------- safetensors writer
+
+static json::Value header_entry(DType dtype, const std::vector<int64_t>& shape, uint64_t begin, uint64_t end) {
+    json::Value e = json::Value::make_object();
+    e.set("dtype", json::Value::make_string(safetensors_dtype_name(dtype)));
+    json::Value dims = json::Value::make_array();
+    for (int64_t d : shape) dims.arr.push_back(json::Value::make_int(d));
+    e.set("shape", dims);
+    json::Value offs = json::Value::make_array();
+    offs.arr.push_back(json::Value::make_int(int64_t(begin)));
+    offs.arr.push_back(json::Value::make_int(int64_t(end)));
+    e.set("data_offsets", offs);
+    return e;
+}
+
+// The 8-byte length and the header text, padded with spaces to a multiple of 8 (aligned data section).
+static std::string header_bytes(const json::Value& header, const std::string& path) {
+    std::string text = json::dump(header);
+    text.append((8 - text.size() % 8) % 8, ' ');
+    if (text.size() > kMaxHeader)
+        throw std::invalid_argument(path + ": header of " + std::to_string(text.size()) +
+                                    " bytes is over the safetensors limit of 100000000 (too many tensors or kept files?)");
+    std::string out(8, '\0');
+    for (int i = 0; i < 8; ++i) out[size_t(i)] = char(uint8_t(uint64_t(text.size()) >> (8 * i)));
+    return out + text;
+}
+
+static json::Value metadata_object(const std::map<std::string, std::string>& metadata) {
+    json::Value meta = json::Value::make_object();
+    for (auto& kv : metadata) meta.set(kv.first, json::Value::make_string(kv.second));
+    return meta;
+}
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
+                                     const std::map<std::string, std::string>& metadata, bool durable)
+    : file_(path), tensors_(tensors), durable_(durable) {
+    json::Value header = json::Value::make_object();
+    if (!metadata.empty()) header.set("__metadata__", metadata_object(metadata));
+    uint64_t off = 0;
+    std::set<std::string> names;
+    for (TensorInfo& t : tensors_) {
+        if (t.name == "__metadata__" || !names.insert(t.name).second)
+            throw std::invalid_argument(path + ": tensor name '" + t.name + "' is reserved or repeated");
+        if (!checked_nbytes(t.shape, dtype_size(t.dtype), t.nbytes))
+            throw std::invalid_argument(path + ": tensor '" + t.name + "': shape too large");
+        t.offset = off;
+        header.obj.emplace_back(t.name, header_entry(t.dtype, t.shape, off, off + t.nbytes));
+        off += t.nbytes;
+    }
+    const std::string head = header_bytes(header, path);
+    file_.write(head.data(), head.size());
+}
+
+void SafetensorsWriter::write(const std::string& name, const void* data, uint64_t nbytes) {
+    if (next_ >= tensors_.size() || tensors_[next_].name != name)
+        throw std::invalid_argument(file_.path() + ": tensor '" + name + "' written out of the declared order");
+    if (nbytes != tensors_[next_].nbytes)
+        throw std::invalid_argument(file_.path() + ": tensor '" + name + "': " + std::to_string(nbytes) +
+                                    " bytes given, " + std::to_string(tensors_[next_].nbytes) + " declared");
+    file_.write(data, size_t(nbytes));
+    if (durable_) file_.start_writeback();
+    ++next_;
+}
+
+uint64_t SafetensorsWriter::finish() {
+    if (next_ != tensors_.size())
+        throw std::invalid_argument(file_.path() + ": tensor '" + tensors_[next_].name + "' was never written");
+    const uint64_t size = file_.size();
+    file_.commit(durable_);
+    return size;
 }
 
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,
@@ -400,60 +682,137 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     std::stable_sort(items.begin(), items.end(), [](auto* a, auto* b) {
         return dtype_size(a->second.dtype) > dtype_size(b->second.dtype);
     });
-    json::Value header = json::Value::make_object();
-    if (!metadata.empty()) {
-        json::Value meta = json::Value::make_object();
-        for (auto& kv : metadata) meta.set(kv.first, json::Value::make_string(kv.second));
-        header.set("__metadata__", meta);
-    }
-    uint64_t off = 0;
-    std::set<std::string> names;
-    for (auto* it : items) {
-        if (it->first == "__metadata__" || !names.insert(it->first).second)
-            throw std::invalid_argument("write_safetensors: tensor name '" + it->first + "' is reserved or repeated");
-        json::Value e = json::Value::make_object();
-        e.set("dtype", json::Value::make_string(st_dtype(it->second.dtype)));
-        json::Value shape = json::Value::make_array();
-        for (int64_t d : it->second.shape) shape.arr.push_back(json::Value::make_int(d));
-        e.set("shape", shape);
-        json::Value offs = json::Value::make_array();
-        offs.arr.push_back(json::Value::make_int(int64_t(off)));
-        off += it->second.nbytes();
-        offs.arr.push_back(json::Value::make_int(int64_t(off)));
-        e.set("data_offsets", offs);
-        header.obj.emplace_back(it->first, std::move(e));
-    }
-    std::string htext = json::dump(header);
-    htext.append((8 - htext.size() % 8) % 8, ' ');
+    std::vector<TensorInfo> infos;
+    for (auto* it : items) infos.push_back(TensorInfo{it->first, it->second.dtype, it->second.shape, 0, 0});
+    SafetensorsWriter w(path, infos, metadata);
+    for (auto* it : items) w.write(it->first, it->second.data, it->second.nbytes());
+    w.finish();
+}
 
-    std::random_device rd;
-    char suffix[32];
-    std::snprintf(suffix, sizeof suffix, ".tmp%08x", unsigned(rd()));
-    const std::string tmp = path + suffix;
-    FILE* fp = std::fopen(tmp.c_str(), "wb");
-    if (!fp) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
+// ---------------------------------------------------------------------------- delta writer
+
+static int size_class(size_t elem) { return elem == 8 ? 0 : elem == 4 ? 1 : elem == 2 ? 2 : 3; }
+
+DeltaWriter::DeltaWriter(const std::string& path) : path_(path), out_(new AtomicFile(path)) {}
+
+DeltaWriter::~DeltaWriter() { abort(); }
+
+void DeltaWriter::add(const EncodedRef& t) {
+    if (!out_) throw std::logic_error(path_ + ": tensor '" + t.name + "' added after close or abort");
+    if (t.name.empty()) throw std::invalid_argument(path_ + ": a tensor has an empty name");
+    if (names_.count(t.name)) throw std::invalid_argument(path_ + ": tensor '" + t.name + "' added twice");
+    validate(t);
+    json::Value e = json::Value::make_object();
+    e.set("codec", json::Value::make_string(t.codec));
+    json::Value params = json::parse(canonical_params(t.codec, t.params));
+    e.set("params", params);
+    json::Value shape = json::Value::make_array();
+    for (int64_t d : t.shape) shape.arr.push_back(json::Value::make_int(d));
+    e.set("shape", shape);
+    e.set("dtype", json::Value::make_string(dtype_name(t.dtype)));
+    json::Value comps = json::Value::make_array();
+    uint32_t crc = 0;
+    for (auto& c : t.components) {  // std::map: components in byte order of their names
+        const size_t elem = dtype_size(c.second.dtype);
+        if (elem != 8 && elem != 4 && elem != 2 && elem != 1)
+            throw std::invalid_argument(path_ + ": tensor '" + t.name + "': component '" + c.first + "' has an unsupported dtype");
+        const int k = size_class(elem);
+        if (spill_fd_[k] < 0) spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
+        const uint64_t n = c.second.nbytes();
+        write_fd(spill_fd_[k], c.second.data, size_t(n), path_);
+        spill_size_[k] += n;
+        crc = crc32c(c.second.data, size_t(n), crc);
+        comps.arr.push_back(json::Value::make_string(c.first));
+        components_.push_back({t.name + ":" + c.first, c.second.dtype, c.second.shape, n});
+    }
+    const std::string checked = checked_entry_text(t.codec, params, t.shape, t.dtype);
+    crc = crc32c(checked.data(), checked.size(), crc);  // version 2: the CRC covers the entry too
+    e.set("components", comps);
+    char hex[9];
+    std::snprintf(hex, sizeof hex, "%08x", crc);
+    e.set("crc32c", json::Value::make_string(hex));
+    names_.insert(t.name);
+    entries_.emplace_back(t.name, json::dump(e));
+}
+
+std::string DeltaWriter::header(const std::string& extra_manifest) const {
+    json::Value extra;
     try {
-        uint8_t len[8];
-        for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(htext.size()) >> (8 * i));
-        write_all(fp, len, 8, tmp);
-        write_all(fp, htext.data(), htext.size(), tmp);
-        for (auto* it : items) write_all(fp, it->second.data, it->second.nbytes(), tmp);
-        if (std::fflush(fp) != 0 || fsync(fileno(fp)) != 0)
-            throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(errno));
-        if (std::fclose(fp) != 0) { fp = nullptr; throw std::runtime_error("cannot close " + tmp + ": " + std::strerror(errno)); }
-        fp = nullptr;
-        if (std::rename(tmp.c_str(), path.c_str()) != 0)
-            throw std::runtime_error("cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
-        // Make the rename itself durable.
-        const size_t slash = path.find_last_of('/');
-        const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-        int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) { fsync(dfd); ::close(dfd); }
+        extra = json::parse(extra_manifest.empty() ? "{}" : extra_manifest);
+    } catch (const std::exception& ex) {
+        throw std::invalid_argument(path_ + ": extra manifest is not valid JSON: " + ex.what());
+    }
+    if (extra.kind != json::Value::Object) throw std::invalid_argument(path_ + ": extra manifest must be a JSON object");
+    json::Value man = json::Value::make_object();
+    man.set("format", json::Value::make_string("deltapack"));
+    man.set("version", json::Value::make_int(kFormatVersion));
+    man.set("tool", json::Value::make_string("deltapack " DELTAPACK_VERSION));
+    for (auto& kv : extra.obj)
+        if (kv.first != "format" && kv.first != "version" && kv.first != "tool" && kv.first != "tensors")
+            man.set(kv.first, kv.second);
+    // The entries are already JSON text: splice them in rather than parse them back.
+    std::string text = json::dump(man);
+    text.pop_back();
+    text += ",\"tensors\":{";
+    for (size_t i = 0; i < entries_.size(); ++i) {
+        if (i) text += ',';
+        text += json::dump(json::Value::make_string(entries_[i].first)) + ":" + entries_[i].second;
+    }
+    text += "}}";
+    json::Value hdr = json::Value::make_object();
+    hdr.set("__metadata__", metadata_object({{"deltapack", text}}));
+    uint64_t off = 0;
+    for (int k = 0; k < 4; ++k)  // element sizes 8, 4, 2, 1: the order of the spills
+        for (const Component& c : components_)
+            if (size_class(dtype_size(c.dtype)) == k) {
+                hdr.obj.emplace_back(c.key, header_entry(c.dtype, c.shape, off, off + c.nbytes));
+                off += c.nbytes;
+            }
+    return header_bytes(hdr, path_);
+}
+
+uint64_t DeltaWriter::size(const std::string& extra_manifest) const {
+    uint64_t n = header(extra_manifest).size();
+    for (uint64_t s : spill_size_) n += s;
+    return n;
+}
+
+uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
+    if (!out_) throw std::logic_error(path_ + ": closed twice or after abort");
+    try {
+        const std::string head = header(extra_manifest);
+        out_->write(head.data(), head.size());
+        std::vector<uint8_t> buf;
+        for (int k = 0; k < 4; ++k) {
+            if (spill_fd_[k] < 0) continue;
+            buf.resize(size_t(std::min<uint64_t>(spill_size_[k], uint64_t(64) << 20)));
+            for (uint64_t done = 0; done < spill_size_[k];) {
+                const uint64_t n = std::min<uint64_t>(buf.size(), spill_size_[k] - done);
+                pread_fd(spill_fd_[k], buf.data(), n, done, path_ + " (scratch)");
+                out_->write(buf.data(), size_t(n));
+                done += n;
+            }
+        }
+        const uint64_t size = out_->size();
+        out_->commit(durable);
+        abort();  // the spills
+        return size;
     } catch (...) {
-        if (fp) std::fclose(fp);
-        std::remove(tmp.c_str());
+        abort();
         throw;
     }
+}
+
+void DeltaWriter::abort() {
+    for (int& fd : spill_fd_)
+        if (fd >= 0) ::close(fd), fd = -1;
+    out_.reset();
+}
+
+void save(const std::string& path, const std::vector<EncodedRef>& tensors, const std::string& extra_manifest) {
+    DeltaWriter w(path);
+    for (const EncodedRef& t : tensors) w.add(t);
+    w.close(extra_manifest);
 }
 
 }  // namespace deltapack

@@ -215,6 +215,11 @@ void dump_string(std::string& out, const std::string& s) {
     for (unsigned char c : s) {
         if (c == '"') out += "\\\"";
         else if (c == '\\') out += "\\\\";
+        else if (c == '\n') out += "\\n";  // the short escapes, as Python's json writes them (kept text files
+        else if (c == '\t') out += "\\t";  // are full of newlines: \u000a would cost four more bytes each)
+        else if (c == '\r') out += "\\r";
+        else if (c == '\b') out += "\\b";
+        else if (c == '\f') out += "\\f";
         else if (c < 0x20) { char buf[8]; std::snprintf(buf, sizeof buf, "\\u%04x", c); out += buf; }
         else out += char(c);
     }

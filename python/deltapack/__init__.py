@@ -6,10 +6,10 @@
     dp.save("ft.dpk", {"layer.weight": enc}, metadata={"task": "gsm8k"})
     f = dp.open("ft.dpk"); f["layer.weight"]
 """
-from ._api import (DeltaFile, Encoded, FormatError, apply, decode, encode, open, save, set_simd,
+from ._api import (DeltaFile, DeltaWriter, Encoded, FormatError, apply, decode, encode, open, save, set_simd,
                    set_threads, simd, simd_available)
 from ._core import __version__, codec_names
 from .checkpoint import load, load_into
 
-__all__ = ["DeltaFile", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
+__all__ = ["DeltaFile", "DeltaWriter", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
            "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__", "load", "load_into"]

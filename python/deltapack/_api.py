@@ -160,18 +160,53 @@ def _torch_empty_like(t):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = None) -> None:
-    """Write encoded tensors to a delta file atomically (temp file + rename).
-
-    metadata: free-form JSON-serialisable user metadata; base: the base model's fingerprint.
-    """
+def _extra_manifest(metadata, base) -> str:
     extra = {}
     if metadata is not None:
         extra["metadata"] = metadata
     if base is not None:
         extra["base"] = base
-    items = [enc._core(name) for name, enc in tensors.items()]
-    _core.save(os.fspath(path), items, json.dumps(extra))
+    try:
+        return json.dumps(extra, allow_nan=False)
+    except ValueError as ex:  # NaN or infinity: the manifest is strict JSON
+        raise ValueError(f"metadata cannot be stored in a manifest: {ex}") from None
+
+
+def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = None) -> None:
+    """Write encoded tensors to a delta file atomically (nothing under `path` unless it succeeds).
+
+    metadata: free-form JSON-serialisable user metadata; base: the base model's fingerprint.
+    """
+    w = DeltaWriter(path)
+    for name, enc in tensors.items():
+        w.add(name, enc)
+    w.close(metadata, base)
+
+
+class DeltaWriter:
+    """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added,
+    and nothing appears under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._w = _core.DeltaWriter(self.path)
+
+    def add(self, name: str, enc: Encoded) -> None:
+        self._w.add(enc._core(name))
+
+    def __len__(self) -> int:
+        return len(self._w)  # tensors added
+
+    def size(self, metadata=None, base=None) -> int:
+        """The file size close() would write with this metadata."""
+        return self._w.size(_extra_manifest(metadata, base))
+
+    def close(self, metadata=None, base=None, durable: bool = True) -> int:
+        """Write header + data and link it into place; returns the file size."""
+        return self._w.close(_extra_manifest(metadata, base), durable)
+
+    def abort(self) -> None:
+        self._w.abort()
 
 
 class DeltaFile:

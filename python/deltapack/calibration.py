@@ -388,7 +388,8 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
     before). Returns {"refitted": [names], "examples": n}."""
     from . import _api
-    from .checkpoint import DeltaWriter, _as_checkpoint, _Compressor, _progress, checkpoint_record
+    from ._api import DeltaWriter
+    from .checkpoint import _as_checkpoint, _Compressor, _progress, checkpoint_record
 
     base, ft = _as_checkpoint(base), _as_checkpoint(ft)
     f = _api.open(delta)

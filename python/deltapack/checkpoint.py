@@ -40,7 +40,6 @@ from .recipes import Rules
 
 CHECKPOINT_VERSION = 1
 NEW_ROWS = "#new_rows"
-FORMAT_VERSION = 2  # of the delta file (docs/FORMAT.md), as the C++ writer writes it
 # safetensors dtype -> (deltapack float name or None, numpy dtype used to hold the bytes, size)
 _ST_DTYPES = {
     "F64": (None, np.float64, 8), "F32": ("f32", np.float32, 4), "F16": ("f16", np.float16, 2),
@@ -50,11 +49,7 @@ _ST_DTYPES = {
     "BOOL": (None, np.bool_, 1), "F8_E4M3": (None, np.uint8, 1), "F8_E5M2": (None, np.uint8, 1),
 }
 _FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
-_NP_COMPONENT_ST = {np.dtype(np.int64): "I64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                    np.dtype(np.uint16): "BF16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
-_MAX_HEADER = 100 << 20
 _CHUNK = 16 << 20  # elements per streaming chunk (64 MiB of f32)
-_IO_CHUNK = 1 << 30  # bytes per read()/write() system call (Linux caps one call near 2 GiB)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _MAX_KEPT_FILE = 32 << 20
 _REOPEN = 256 << 20  # bytes of delta read before the delta file is reopened (see _Rebuilder._enc)
@@ -97,27 +92,6 @@ def read_json_object(path) -> dict:
     return value
 
 
-def _pread_into(fd, mv, offset, path):
-    """Fill memoryview `mv` from file offset, in calls of at most _IO_CHUNK bytes."""
-    done, n = 0, len(mv)
-    while done < n:
-        got = os.preadv(fd, [mv[done:done + _IO_CHUNK]], offset + done)
-        if got == 0:
-            raise _api.FormatError(f"{path}: file ends early (truncated?) at byte {offset + done}")
-        done += got
-
-
-def _write_all(fd, data, path):
-    mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-    done = 0
-    try:
-        while done < len(mv):
-            done += os.write(fd, mv[done:done + _IO_CHUNK])
-    except OSError as ex:
-        what = "disk full" if ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ex.strerror
-        raise OSError(ex.errno, f"writing {path}: {what} ({ex.strerror})") from None
-
-
 @dataclass
 class TensorInfo:
     """Where one tensor lives: its shard file, safetensors dtype, shape and absolute byte range."""
@@ -146,52 +120,6 @@ class TensorInfo:
         return np.dtype(_ST_DTYPES[self.dtype][1])
 
 
-def read_safetensors_header(path) -> tuple[dict, dict[str, TensorInfo]]:
-    """Parse and check a safetensors header (sizes, offsets, overlaps): (metadata, tensors in data order)."""
-    path = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size < 8:
-            raise _api.FormatError(f"{path}: not a safetensors file (only {size} bytes)")
-        n = int.from_bytes(os.pread(fd, 8, 0), "little")
-        if n > _MAX_HEADER or n > size - 8:
-            raise _api.FormatError(f"{path}: not a safetensors file (header length {n} is invalid for "
-                                   f"a file of {size} bytes)")
-        raw = os.pread(fd, n, 8)
-    finally:
-        os.close(fd)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise _api.FormatError(f"{path}: safetensors header is not valid JSON ({ex})") from None
-    if not isinstance(header, dict):
-        raise _api.FormatError(f"{path}: safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    data_start, data_size = 8 + n, size - 8 - n
-    tensors = []
-    for name, e in header.items():
-        bad = f"{path}: tensor '{name}':"
-        if not isinstance(e, dict) or e.get("dtype") not in _ST_DTYPES:
-            raise _api.FormatError(f"{bad} unknown or missing dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
-        shape, offs = e.get("shape"), e.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise _api.FormatError(f"{bad} bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_size):
-            raise _api.FormatError(f"{bad} data_offsets {offs!r} fall outside the file's {data_size} data bytes "
-                                   "(truncated file?)")
-        if math.prod(shape) * _ST_DTYPES[e["dtype"]][2] != offs[1] - offs[0]:
-            raise _api.FormatError(f"{bad} {e['dtype']} {shape} needs {math.prod(shape) * _ST_DTYPES[e['dtype']][2]} "
-                                   f"bytes but data_offsets span {offs[1] - offs[0]}")
-        tensors.append(TensorInfo(name, path, e["dtype"], tuple(shape), data_start + offs[0], data_start + offs[1]))
-    tensors.sort(key=lambda t: t.start)
-    for a, b in zip(tensors, tensors[1:]):
-        if b.start < a.end:
-            raise _api.FormatError(f"{path}: tensors '{a.name}' and '{b.name}' overlap")
-    return meta, {t.name: t for t in tensors}
-
-
 class Checkpoint:
     """A model: a directory (model.safetensors, or shards + model.safetensors.index.json) or one
     .safetensors file. Lists tensors (in shard and data order) and reads them one at a time."""
@@ -217,14 +145,16 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.shard_metadata: dict[str, dict] = {}
         self.shard_of: dict[str, str] = {}
+        self._files = {}
         for shard in self.shards:
             full = self._full(shard)
             try:
-                meta, tensors = read_safetensors_header(full)
-            except (IsADirectoryError, PermissionError, FileNotFoundError) as ex:
-                raise type(ex)(ex.errno, f"{full}: cannot read shard ({ex.strerror})") from None
-            self.shard_metadata[shard] = meta
-            for name, info in tensors.items():
+                f = self._files[shard] = _core.SafetensorsFile.read_header(full)
+            except OSError as ex:
+                raise type(ex)(ex.errno, f"{full}: cannot read shard ({os.strerror(ex.errno)})") from None
+            self.shard_metadata[shard] = dict(f.metadata)
+            for name, st, shape, start, nbytes in f.tensors():
+                info = TensorInfo(name, full, st, tuple(shape), start, start + nbytes)
                 if name in self.tensors:
                     raise _api.FormatError(f"{self.path}: tensor '{name}' is stored twice, in "
                                            f"{os.path.basename(self.tensors[name].path)} and {shard}")
@@ -278,14 +208,9 @@ class Checkpoint:
         stop = info.numel if stop is None else stop
         if out is None:
             out = np.empty(stop - start, info.np_dtype)
-        mv = memoryview(out).cast("B")
-        if len(mv) != (stop - start) * size:
-            raise ValueError(f"tensor '{name}': read buffer holds {len(mv)} bytes, need {(stop - start) * size}")
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            _pread_into(fd, mv, info.start + start * size, info.path)
-        finally:
-            os.close(fd)
+        if out.nbytes != (stop - start) * size:
+            raise ValueError(f"tensor '{name}': read buffer holds {out.nbytes} bytes, need {(stop - start) * size}")
+        self._files[self.shard_of[name]].read(name, out, start * size)
         return out
 
     def read_tensor(self, name) -> np.ndarray:
@@ -324,98 +249,6 @@ def _fsync_dir(d):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _link_fd(fd, path):
-    """Give the unnamed file open as `fd` a name: linkat(AT_EMPTY_PATH), else via /proc/self/fd."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.linkat(fd, b"", -100, os.fsencode(path), 0x1000) == 0:  # AT_FDCWD, AT_EMPTY_PATH
-        return
-    os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
-
-
-_LINKABLE: dict[str, bool] = {}
-
-
-def _can_link_tmpfile(directory) -> bool:
-    """Whether an O_TMPFILE in `directory` can later be linked to a name (probed once per directory)."""
-    if directory not in _LINKABLE:
-        ok = False
-        try:
-            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644)
-            probe = os.path.join(directory, f".deltapack-probe-{os.getpid()}-{secrets.token_hex(4)}")
-            try:
-                _link_fd(fd, probe)
-                os.unlink(probe)
-                ok = True
-            finally:
-                os.close(fd)
-        except (AttributeError, OSError):
-            pass
-        _LINKABLE[directory] = ok
-    return _LINKABLE[directory]
-
-
-class _AtomicFile:
-    """A file that appears under its final name only when commit() succeeds.
-
-    Uses an unnamed O_TMPFILE where the file system has it (nothing is left behind if the process
-    is killed), else a hidden temporary name removed on failure."""
-
-    def __init__(self, path, anonymous_only=False):
-        self.path = os.fspath(path)
-        self.dir = os.path.dirname(os.path.abspath(self.path))
-        self.tmpname = None
-        try:
-            if not (anonymous_only or _can_link_tmpfile(self.dir)):
-                raise OSError(errno.EOPNOTSUPP, "no linkable O_TMPFILE here")
-            self.fd = os.open(self.dir, os.O_TMPFILE | os.O_RDWR, 0o644)
-        except (AttributeError, OSError):
-            if anonymous_only:
-                import tempfile
-                self.fd, name = tempfile.mkstemp(dir=self.dir, prefix=".deltapack-spill-")
-                os.unlink(name)  # still anonymous: the open descriptor keeps the data
-            else:
-                self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
-                self.fd = os.open(self.tmpname, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-
-    def write(self, data):
-        _write_all(self.fd, data, self.path)
-
-    def commit(self, fsync=True):
-        if fsync:
-            os.fsync(self.fd)
-        if self.tmpname is None:
-            try:  # a new name: the unnamed file gets it directly, nothing else is ever visible
-                _link_fd(self.fd, self.path)
-                linked = True
-            except FileExistsError:  # replacing a file takes a temporary name and a rename
-                linked = False
-                self.tmpname = f"{self.path}.tmp{secrets.token_hex(4)}"
-                _link_fd(self.fd, self.tmpname)
-        else:
-            linked = False
-        os.close(self.fd)
-        self.fd = None
-        if not linked:
-            try:
-                os.replace(self.tmpname, self.path)
-            except OSError:
-                os.unlink(self.tmpname)
-                raise
-        self.tmpname = None
-        if fsync:
-            _fsync_dir(self.dir)
-
-    def abort(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.tmpname is not None and os.path.exists(self.tmpname):
-            os.unlink(self.tmpname)
-            self.tmpname = None
 
 
 class _AtomicDir:
@@ -469,122 +302,6 @@ class _AtomicDir:
 
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- delta writer
-
-def _float_repr(x: float) -> str:
-    for digits in (15, 16, 17):
-        s = f"{x:.{digits}g}"
-        if float(s) == x:
-            break
-    return s if any(c in s for c in ".eEn") else s + ".0"
-
-
-def _dumps(obj) -> str:
-    """Compact JSON as deltapack's C++ writer emits it (raw UTF-8, shortest 15-17 digit reals)."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return json.dumps(obj, ensure_ascii=False)
-    if isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise ValueError(f"cannot store non-finite number {obj} in a manifest")
-        return _float_repr(obj)
-    if isinstance(obj, dict):
-        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{_dumps(v)}" for k, v in obj.items()) + "}"
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(_dumps(v) for v in obj) + "]"
-    raise TypeError(f"cannot store {type(obj).__name__} in a manifest")
-
-
-class DeltaWriter:
-    """Writes a delta file tensor by tensor, holding only one tensor's components in memory.
-
-    The bytes are those `deltapack.save` writes for the same tensors (docs/FORMAT.md §1): components
-    go to one spill file per element size (8, 4, 2, 1 bytes) as they come; close() writes the header
-    and concatenates the spills into the final file, atomically."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.final = _AtomicFile(self.path)
-        self.spills = {}
-        self.entries = {}  # tensor name -> manifest entry
-        self.layout = []  # (component key, st dtype, shape, size class, nbytes) in arrival order
-        self.spill_size = {8: 0, 4: 0, 2: 0, 1: 0}
-
-    def add(self, name: str, enc) -> None:
-        if name in self.entries:
-            raise ValueError(f"{self.path}: tensor '{name}' added twice")
-        if ":" in name:
-            raise ValueError(f"{self.path}: tensor name '{name}' contains ':' (reserved for components)")
-        _core.validate(enc._core(name))
-        comps = sorted(enc.components, key=lambda c: c.encode())
-        crc = 0
-        for c in comps:
-            arr = np.ascontiguousarray(enc.components[c])
-            if arr.dtype not in _NP_COMPONENT_ST:
-                raise ValueError(f"tensor '{name}': component {c} has unsupported dtype {arr.dtype}")
-            crc = _crc32c(arr, crc)
-            size = arr.dtype.itemsize
-            if size not in self.spills:
-                self.spills[size] = _AtomicFile(self.path, anonymous_only=True)
-            self.spills[size].write(arr)
-            self.layout.append((f"{name}:{c}", _NP_COMPONENT_ST[arr.dtype], list(arr.shape), size, arr.nbytes))
-            self.spill_size[size] += arr.nbytes
-        checked = {"codec": enc.codec, "params": enc.params, "shape": list(enc.shape), "dtype": enc.dtype}
-        crc = _core.crc32c(_dumps(checked).encode("utf-8"), crc)  # version 2: the CRC covers the entry too
-        self.entries[name] = {**checked, "components": comps, "crc32c": f"{crc:08x}"}
-
-    def _header(self, metadata, base) -> bytes:
-        from . import __version__
-        manifest = {"format": "deltapack", "version": FORMAT_VERSION, "tool": f"deltapack {__version__}"}
-        if metadata is not None:
-            manifest["metadata"] = metadata
-        if base is not None:
-            manifest["base"] = base
-        manifest["tensors"] = self.entries
-        header = {"__metadata__": {"deltapack": _dumps(manifest)}}
-        offset = 0
-        for size in (8, 4, 2, 1):
-            for key, st, shape, s, nbytes in self.layout:
-                if s == size:
-                    header[key] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-                    offset += nbytes
-        text = _dumps(header).encode("utf-8")
-        text += b" " * (-len(text) % 8)
-        if len(text) > _MAX_HEADER:
-            raise ValueError(f"{self.path}: manifest is {len(text)} bytes, over the format's 100 MiB limit "
-                             "(too many kept files?)")
-        return len(text).to_bytes(8, "little") + text
-
-    def size(self, metadata=None, base=None) -> int:
-        """The file size close() would write with this metadata."""
-        return len(self._header(metadata, base)) + sum(self.spill_size.values())
-
-    def close(self, metadata=None, base=None) -> int:
-        """Write header + data and rename into place; returns the file size."""
-        head = self._header(metadata, base)
-        self.final.write(head)
-        for size in (8, 4, 2, 1):
-            if size in self.spills:
-                self._copy_spill(self.spills[size].fd, self.spill_size[size])
-        self.final.commit()
-        self.abort()
-        return len(head) + sum(self.spill_size.values())
-
-    def _copy_spill(self, src_fd, nbytes):
-        buf = np.empty(min(nbytes, 64 << 20), np.uint8)
-        done = 0
-        while done < nbytes:
-            n = min(len(buf), nbytes - done)
-            _pread_into(src_fd, memoryview(buf)[:n], done, "<spill>")
-            self.final.write(memoryview(buf)[:n])
-            done += n
-
-    def abort(self):
-        for f in self.spills.values():
-            f.abort()
-        self.spills = {}
-        self.final.abort()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -904,7 +621,7 @@ def _total_bytes(base, ft, plan) -> int:
 def _summary(out, size, record, writer) -> dict:
     ops = [s["op"] for s in record["tensors"].values()]
     return {"file": os.fspath(out), "file_bytes": size, "ft_bytes": record["ft_bytes"],
-            "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer.entries),
+            "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer),
             **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
 
 
@@ -913,7 +630,7 @@ def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files):
     fingerprint) with the writer not yet closed (the caller closes or aborts it). `plan` is not modified."""
     base, ft = c.base, c.ft
     plan = {n: dict(s) for n, s in plan.items()}
-    writer = DeltaWriter(out)
+    writer = _api.DeltaWriter(out)
     try:
         for name, spec in plan.items():
             fi = ft[name]
@@ -1111,37 +828,37 @@ def _output_layout(rb: _Rebuilder):
     return shards
 
 
-def _scratch_view(rb, entry):
+def _scratch_view(rb, st, shape):
     """An output buffer for one tensor, carved from one reused allocation (kept on the rebuilder):
     fresh pages would be faulted in again for every tensor."""
-    nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+    nbytes = math.prod(shape) * _ST_DTYPES[st][2]
     if getattr(rb, "_scratch", None) is None or rb._scratch.size < nbytes:
         rb._scratch = None
         rb._scratch = np.empty(nbytes, np.uint8)
-    return rb._scratch[:nbytes].view(_ST_DTYPES[entry["dtype"]][1]).reshape(entry["shape"])
+    return rb._scratch[:nbytes].view(_ST_DTYPES[st][1]).reshape(shape)
 
 
-def _write_shard(fd, path, names, rb, dtype, bar, shard_meta, fsync=True):
-    """Write one safetensors shard tensor by tensor: header first (shapes and dtypes are known), then
-    each rebuilt tensor; writeback to disk is started after each so the final fsync has little left."""
-    header, offset = {"__metadata__": {**shard_meta, "format": "pt"}}, 0
+def _write_shard(path, names, rb, dtype, bar, shard_meta, fsync=True):
+    """Write one safetensors shard tensor by tensor (the C++ core's writer: header first, since shapes
+    and dtypes are known, then each rebuilt tensor; atomic). Returns the bytes of tensor data."""
+    tensors = []
     for name in names:
         spec = rb.specs()[name]
-        st = _FLOAT_ST.get(rb.out_float(name, dtype), spec["dtype"])
-        nbytes = math.prod(spec["shape"]) * _ST_DTYPES[st][2]
-        header[name] = {"dtype": st, "shape": spec["shape"], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    _write_all(fd, len(text).to_bytes(8, "little") + text, path)
-    for name in names:
-        arr = rb.rebuild(name, dtype, out=_scratch_view(rb, header[name]))
-        _write_all(fd, np.ascontiguousarray(arr), path)
-        bar.update(arr.nbytes)
-        del arr
-        if fsync and hasattr(os, "posix_fadvise"):  # DONTNEED on dirty pages starts their writeback now
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return offset
+        tensors.append((name, _FLOAT_ST.get(rb.out_float(name, dtype), spec["dtype"]), list(spec["shape"])))
+    w = _core.SafetensorsWriter(os.fspath(path), tensors, {**shard_meta, "format": "pt"}, fsync)
+    try:
+        size = 0
+        for name, st, shape in tensors:
+            arr = rb.rebuild(name, dtype, out=_scratch_view(rb, st, shape))
+            w.write(name, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            bar.update(arr.nbytes)
+            size += arr.nbytes
+            del arr
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
+    return size
 
 
 def _config_files(rb, dtype) -> dict[str, bytes]:
@@ -1188,31 +905,23 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     bar = _progress(total, "apply", quiet)
     try:
         if rb.base.dir is None:
-            f = _AtomicFile(out)
-            try:
-                if os.path.isdir(os.fspath(out)):
-                    raise IsADirectoryError(errno.EISDIR, f"{out}: is a directory (the base is one file, so "
-                                            "the output is one .safetensors file)")
-                if os.path.exists(os.fspath(out)) and not overwrite:
-                    raise FileExistsError(errno.EEXIST, f"{out} already exists (use --overwrite to replace it)")
-                _write_shard(f.fd, os.fspath(out), layout[rb.base.shards[0]], rb, dtype, bar,
-                             rb.base.shard_metadata[rb.base.shards[0]], fsync)
-                f.commit(fsync)
-            except BaseException:
-                f.abort()
-                raise
+            if os.path.isdir(os.fspath(out)):
+                raise IsADirectoryError(errno.EISDIR, f"{out}: is a directory (the base is one file, so "
+                                        "the output is one .safetensors file)")
+            if os.path.exists(os.fspath(out)) and not overwrite:
+                raise FileExistsError(errno.EEXIST, f"{out} already exists (use --overwrite to replace it)")
+            _write_shard(out, layout[rb.base.shards[0]], rb, dtype, bar,
+                         rb.base.shard_metadata[rb.base.shards[0]], fsync)
             return {"out": os.fspath(out), "tensors": len(rb.specs()), "bytes": total}
         d = _AtomicDir(out, overwrite)
         try:
             weight_map, sizes = {}, 0
             for shard, names in layout.items():
-                path = os.path.join(d.tmp, shard)
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 try:
-                    sizes += _write_shard(fd, os.path.join(os.fspath(out), shard),
-                                          names, rb, dtype, bar, rb.base.shard_metadata[shard], fsync)
-                finally:
-                    os.close(fd)
+                    sizes += _write_shard(os.path.join(d.tmp, shard), names, rb, dtype, bar,
+                                          rb.base.shard_metadata[shard], fsync)
+                except OSError as ex:  # name the file the user asked for, not the hidden directory
+                    raise type(ex)(ex.errno, str(ex.strerror).replace(d.tmp, os.fspath(out))) from None
                 weight_map.update({n: shard for n in names})
             if rb.base.weight_map is not None:
                 meta = dict(rb.base.index_metadata or {})

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@ namespace deltapack {
 enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U64, U32, U16, U8, BOOL, F8_E4M3, F8_E5M2 };
 
 const char* dtype_name(DType t);                 // "f32", "f16", "bf16", "f64", "i64", ...
+const char* safetensors_dtype_name(DType t);     // "F32", "F16", "BF16", "I64", ... (safetensors' spelling)
 DType dtype_from_name(const std::string& name);  // accepts deltapack and safetensors spellings
 size_t dtype_size(DType t);                      // bytes per element
 
@@ -112,11 +114,23 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
 // ----------------------------------------------------------------------------------- files
 
-// Any safetensors file, opened read-only and memory-mapped. Checked before use: header length,
-// JSON, dtypes, shape * dtype size == byte span, offsets in bounds, no overlapping regions.
+// Where one tensor of a safetensors file lives: dtype, shape and its byte range in the file.
+struct TensorInfo {
+    std::string name;
+    DType dtype = DType::F32;
+    std::vector<int64_t> shape;
+    uint64_t offset = 0;  // absolute byte offset of its data in the file
+    uint64_t nbytes = 0;
+};
+
+// Any safetensors file. Checked before use: header length (<= 100 MiB, inside the file), strict
+// JSON, known dtypes, shape * dtype size == byte span, offsets inside the data section, no overlaps.
+// open() maps the file read-only (get() returns views); read_header() reads only the header, and
+// read() copies tensors into caller memory with pread (no mapping keeps pages resident).
 class SafetensorsFile {
 public:
     static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+    static std::unique_ptr<SafetensorsFile> read_header(const std::string& path);
     // The same checks on bytes already in memory (not copied: they must outlive the object); `name`
     // stands for the path in error messages.
     static std::unique_ptr<SafetensorsFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
@@ -124,15 +138,24 @@ public:
 
     const std::string& path() const { return path_; }
     std::vector<std::string> keys() const;                      // in data-offset order
-    bool contains(const std::string& name) const { return arrays_.count(name) != 0; }
-    const ArrayRef& get(const std::string& name) const;         // throws std::out_of_range
+    bool contains(const std::string& name) const { return infos_.count(name) != 0; }
+    const TensorInfo& info(const std::string& name) const;      // throws std::out_of_range
+    const ArrayRef& get(const std::string& name) const;         // mapped or in-memory files only
+    // Copies bytes [first_byte, first_byte + nbytes) of tensor `name` into `out` (pread; FormatError if
+    // the range leaves the tensor or the file ends early, naming the file).
+    void read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte = 0) const;
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
 private:
+    friend class DeltaFile;  // checks its manifest before the layout: a manifest error says more
     SafetensorsFile() = default;
-    void parse();
-    std::string path_;
-    std::map<std::string, ArrayRef> arrays_;
+    static std::unique_ptr<SafetensorsFile> map(const std::string& path);
+    static std::unique_ptr<SafetensorsFile> wrap(const std::string& name, const uint8_t* data, size_t size);
+    void parse(const uint8_t* header, uint64_t header_len, uint64_t file_size);
+    void check_layout() const;  // the arrays tile the data section (found by parse, reported here)
+    std::string path_, layout_problem_;
+    std::map<std::string, TensorInfo> infos_;
+    std::map<std::string, ArrayRef> arrays_;  // views, when the bytes are in memory
     std::vector<std::string> order_;
     std::map<std::string, std::string> metadata_;
     const uint8_t* map_ = nullptr;
@@ -140,8 +163,54 @@ private:
     bool mapped_ = false;
 };
 
-// Writes a safetensors file atomically (temporary name, fsync, rename). Tensors are laid out
-// larger element sizes first (so each is aligned to its element size), otherwise in the given order.
+// An output file that appears under its final name only when commit() succeeds: an unnamed
+// O_TMPFILE linked into place where the file system allows it (nothing is left if the process is
+// killed), else a hidden "<path>.tmpXXXXXXXX" renamed into place. Destroyed or aborted before
+// commit: nothing remains. Write errors name the path and say "disk full" where that is the cause.
+class AtomicFile {
+public:
+    explicit AtomicFile(const std::string& path);
+    ~AtomicFile();
+    AtomicFile(const AtomicFile&) = delete;
+    AtomicFile& operator=(const AtomicFile&) = delete;
+    void write(const void* data, size_t n);
+    void commit(bool durable = true);  // durable: fsync the data and the directory
+    void abort();
+    void start_writeback();  // begin writing what was written so far to disk (no wait)
+    const std::string& path() const { return path_; }
+    uint64_t size() const { return written_; }
+    // An unnamed scratch file in `dir` (O_TMPFILE, or a created and at once unlinked file): its
+    // descriptor, which the caller closes.
+    static int scratch(const std::string& dir);
+
+private:
+    std::string path_, dir_, tmpname_;
+    int fd_ = -1;
+    uint64_t written_ = 0;
+};
+
+// Writes a safetensors file tensor by tensor in the given order: the header first (every name,
+// dtype and shape is declared up front), then each tensor's bytes with write(), which checks the
+// name and size against the declaration. Atomic (AtomicFile); finish() checks every tensor came.
+// durable: each write() starts the writeback of what it wrote (so the final fsync has little left),
+// and finish() makes the file and its name durable before returning.
+class SafetensorsWriter {
+public:
+    SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
+                      const std::map<std::string, std::string>& metadata = {}, bool durable = true);
+    void write(const std::string& name, const void* data, uint64_t nbytes);
+    uint64_t finish();  // returns the file size
+    void abort() { file_.abort(); }
+
+private:
+    AtomicFile file_;
+    std::vector<TensorInfo> tensors_;
+    size_t next_ = 0;
+    bool durable_;
+};
+
+// Writes a safetensors file atomically at once. Tensors are laid out larger element sizes first
+// (so each is aligned to its element size), otherwise in the given order.
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
@@ -171,8 +240,38 @@ private:
     std::unique_ptr<SafetensorsFile> file_;
 };
 
-// Writes a delta file atomically (a temporary name in the same directory, fsync, rename).
-// `extra_manifest` is a JSON object text merged into the manifest ("metadata", "base", ...).
+// Writes a delta file tensor by tensor, holding no tensor once add() returns: components are
+// spilled to unnamed scratch files by element size (8, 4, 2, 1 bytes: every component stays aligned),
+// and close() writes the header, then the spills, atomically (AtomicFile). Memory stays bounded by
+// the manifest. Not closed (destroyed, aborted, or close() failed): nothing remains under `path`.
+class DeltaWriter {
+public:
+    explicit DeltaWriter(const std::string& path);
+    ~DeltaWriter();
+    // Validates the tensor, checksums it (the CRC-32C of its components, then of its entry text) and
+    // spills its components. Names must be new and non-empty (they may hold ':': a stored array's key
+    // "<tensor>:<component>" splits at its last ':', as component names have none).
+    void add(const EncodedRef& tensor);
+    // `extra_manifest`: a JSON object text merged into the manifest ("metadata", "base", ...).
+    uint64_t size(const std::string& extra_manifest = "{}") const;  // the bytes close() would write
+    uint64_t close(const std::string& extra_manifest = "{}", bool durable = true);  // returns the size
+    void abort();
+    const std::string& path() const { return path_; }
+    size_t count() const { return entries_.size(); }  // tensors added
+
+private:
+    std::string header(const std::string& extra_manifest) const;
+    struct Component { std::string key; DType dtype; std::vector<int64_t> shape; uint64_t nbytes; };
+    std::string path_;
+    std::unique_ptr<AtomicFile> out_;
+    std::vector<std::pair<std::string, std::string>> entries_;  // tensor name, manifest entry JSON text
+    std::set<std::string> names_;
+    std::vector<Component> components_;  // arrival order
+    int spill_fd_[4] = {-1, -1, -1, -1};  // element sizes 8, 4, 2, 1
+    uint64_t spill_size_[4] = {0, 0, 0, 0};
+};
+
+// Writes a delta file at once (a DeltaWriter over `tensors`).
 void save(const std::string& path, const std::vector<EncodedRef>& tensors,
           const std::string& extra_manifest = "{}");
 

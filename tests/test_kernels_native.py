@@ -1,7 +1,11 @@
-"""C++-level checks built straight from the sources: every kernel of every SIMD path against the
-scalar path (natively, and the NEON path cross-compiled for AArch64 and run under qemu-user, skipped
-where that toolchain is missing), and the C API used from a plain C program."""
+"""The C and C++ checks, built by CMake and run by CTest (DELTAPACK_TESTS=ON): every kernel of every
+SIMD path against the scalar path (natively, and for AArch64 cross-compiled and run under qemu-user,
+skipped where that toolchain is missing), the C API from plain C99 against a static and a shared
+library, and several threads rebuilding from one delta file.
+
+native_build() is the one CMake build of a session; test_c_api_ctypes.py and test_install.py use it too."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -9,70 +13,114 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = [os.path.join(ROOT, "cpp", "src", f) for f in ("core.cpp", "json.cpp", "engine.cpp", "registry.cpp",
-                                                        "container.cpp", "kernels_scalar.cpp", "c_api.cpp")]
-SOURCES += [os.path.join(ROOT, "cpp", "src", "codecs", f) for f in os.listdir(os.path.join(ROOT, "cpp", "src", "codecs"))
-            if f.endswith(".cpp")]
-CHECK = os.path.join(ROOT, "tests", "cpp", "kernel_check.cpp")
-FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-I" + os.path.join(ROOT, "cpp", "include"),
-         "-I" + os.path.join(ROOT, "cpp", "src"), '-DDELTAPACK_VERSION="test"', "-pthread"]
+HAVE_TOOLS = bool(shutil.which("cmake") and shutil.which("ctest") and shutil.which("gcc") and shutil.which("g++"))
+NEEDS_TOOLS = pytest.mark.skipif(not HAVE_TOOLS, reason="cmake, ctest, gcc and g++ needed")
+_BUILD = {}
 
 
-def build(compiler, extra_sources, defines, out, link=(), c_main=None):
-    objs = []
-    if c_main:  # a C program: compiled as C, linked with the C++ library objects
-        obj = os.path.join(os.path.dirname(out), "main.o")
-        subprocess.run([compiler.replace("g++", "gcc"), "-std=c99", "-O2", "-I" + os.path.join(ROOT, "cpp", "include"),
-                        "-c", c_main, "-o", obj], check=True)
-        objs.append(obj)
-    for src in SOURCES + extra_sources:
-        obj = os.path.join(os.path.dirname(out), os.path.basename(src) + ".o")
-        flags = list(FLAGS)
-        if src.endswith("kernels_avx2.cpp"):
-            flags += ["-mavx2", "-mf16c", "-mpopcnt"]
-        if src.endswith("kernels_avx512.cpp"):
-            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mf16c", "-mpopcnt"]
-        subprocess.run([compiler, *flags, *defines, "-c", src, "-o", obj], check=True)
-        objs.append(obj)
-    subprocess.run([compiler, *objs, "-o", out, "-pthread", *link], check=True)
+def cmake_generator():
+    return ["-G", "Ninja"] if shutil.which("ninja") else []
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64" or not shutil.which("g++"), reason="x86-64 g++ needed")
-def test_x86_kernels_match_scalar(tmp_path):
-    src = os.path.join(ROOT, "cpp", "src")
-    build("g++", [os.path.join(src, "kernels_avx2.cpp"), os.path.join(src, "kernels_avx512.cpp"), CHECK],
-          ["-DDELTAPACK_X86"], str(tmp_path / "check"))
-    r = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "all kernels identical" in r.stdout
-
-
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs g++-aarch64-linux-gnu and qemu-user (Debian packages)")
-def test_neon_kernels_match_scalar_under_qemu(tmp_path):
-    build("aarch64-linux-gnu-g++", [os.path.join(ROOT, "cpp", "src", "kernels_neon.cpp"), CHECK], ["-DDELTAPACK_ARM"],
-          str(tmp_path / "check"), link=["-static"])
-    r = subprocess.run(["qemu-aarch64", str(tmp_path / "check")], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "checked neon against scalar" in r.stdout and "all kernels identical" in r.stdout
-
-
-@pytest.mark.skipif(not shutil.which("gcc") or not shutil.which("g++"), reason="gcc/g++ needed")
-def test_c_api_from_plain_c(tmp_path):
+def write_c_api_fixture(d):
+    """The files tests/cpp/c_api_check.c reads (its names, shapes and metadata are fixed there), written
+    with the Python API, and reference outputs computed by dp.apply / dp.decode or plain numpy."""
     import torch
-    from conftest import bits, make_delta
+    from conftest import bits, exact_f32, make_delta
+    from safetensors.torch import save_file
 
     import deltapack as dp
-    build("g++", [], [], str(tmp_path / "capi"), c_main=os.path.join(ROOT, "tests", "cpp", "c_api_check.c"))
-    enc = dp.encode(make_delta((37, 70), seed=1), "quant", bits=4)
-    dp.save(tmp_path / "d.dpk", {"w": enc})
-    base = make_delta((37, 70), "bf16", seed=2, scale=0.05)
-    base.view(torch.int16).numpy().tofile(tmp_path / "base.raw")
-    r = subprocess.run([str(tmp_path / "capi"), str(tmp_path / "d.dpk"), "w", str(tmp_path / "base.raw"), "2",
-                        str(tmp_path / "out.raw"), "0.5"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    got = np.fromfile(tmp_path / "out.raw", dtype=np.uint16).reshape(37, 70)
-    np.testing.assert_array_equal(got, bits(dp.apply(base, enc, alpha=0.5)))
-    r = subprocess.run([str(tmp_path / "capi"), str(tmp_path / "d.dpk"), "nope", str(tmp_path / "base.raw"), "2",
-                        str(tmp_path / "out.raw"), "1"], capture_output=True, text=True)
-    assert r.returncode == 1 and "no tensor 'nope'" in r.stderr
+    d.mkdir(parents=True, exist_ok=True)
+    b_delta = make_delta((70,), "f16", seed=3)
+    enc = {"w": dp.encode(make_delta((37, 70), seed=1), "sign", scope="row"),
+           "b": dp.encode(b_delta, "dense", dtype="f32"),
+           "q": dp.encode(make_delta((3, 4, 50), "bf16", seed=4), "quant", bits=4),
+           "s": dp.encode(make_delta((4, 5), seed=5), "dense"),
+           "i": dp.encode(make_delta((6,), seed=6), "dense"),
+           "missing": dp.encode(make_delta((2,), seed=7), "dense")}
+    dp.save(d / "delta.dpk", enc, metadata={"task": "gsm8k", "steps": 3, "nested": {"a": [1, 2.5]}})
+    base_w = make_delta((37, 70), "bf16", seed=2, scale=0.05)
+    base_b = make_delta((70,), seed=8, scale=0.05)
+    base_q = make_delta((3, 4, 50), "f16", seed=9, scale=0.05)
+    save_file({"w": base_w, "b": torch.from_numpy(base_b), "q": torch.from_numpy(base_q), "s": torch.zeros(5, 4),
+               "i": torch.arange(6, dtype=torch.int32), "extra": torch.zeros(10, dtype=torch.uint8)},
+              str(d / "base.safetensors"))
+    bits(base_w).tofile(d / "base_w.raw")
+    bits(dp.apply(base_w, enc["w"], alpha=0.5)).tofile(d / "ref_w_bf16.raw")
+    decoded = dp.decode(enc["w"])
+    decoded.tofile(d / "decode_w.raw")
+    (exact_f32(base_w) + np.float32(0.5) * decoded).astype(np.float32).tofile(d / "ref_w_f32.raw")
+    bits(dp.apply(base_q, enc["q"])).tofile(d / "ref_q_f16.raw")
+    (base_b + b_delta.astype(np.float32)).tofile(d / "ref_b_f32.raw")  # dense f32 keeps the f16 delta exactly
+    return enc
+
+
+def native_build(tmp_path_factory):
+    """One CMake build per session (static + shared library, examples, checks), with the C API fixture."""
+    if "dir" not in _BUILD:
+        if not HAVE_TOOLS:
+            pytest.skip("cmake, ctest, gcc and g++ needed")
+        top = tmp_path_factory.mktemp("native")
+        write_c_api_fixture(top / "fixture")
+        build = top / "build"
+        subprocess.run(["cmake", "-S", ROOT, "-B", str(build), *cmake_generator(), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DDELTAPACK_SHARED=ON", "-DDELTAPACK_TESTS=ON", f"-DDELTAPACK_TEST_DATA={top / 'fixture'}"],
+                       check=True, capture_output=True)
+        r = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        _BUILD["dir"] = build
+    return _BUILD["dir"]
+
+
+def run_ctest(build, name, timeout=600):
+    """Runs one CTest test (verbose: its output comes back); it must exist, run and pass."""
+    r = subprocess.run(["ctest", "-R", f"^{name}$", "-V"], cwd=str(build), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert re.search(rf"Test +#\d+: {name} \.* *Passed", r.stdout), r.stdout[-3000:]  # not skipped, not absent
+    return r.stdout
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("name", ["kernel_check", "c_api_check", "c_api_check_shared", "thread_check"])
+def test_ctest(tmp_path_factory, name):
+    out = run_ctest(native_build(tmp_path_factory), name)
+    expected = {"kernel_check": "all kernels identical", "c_api_check": "C API: all checks passed",
+                "c_api_check_shared": "C API: all checks passed", "thread_check": "threaded rebuilds identical"}[name]
+    assert expected in out
+
+
+@NEEDS_TOOLS
+def test_c_api_check_without_fixture_is_skipped(tmp_path_factory):
+    exe = native_build(tmp_path_factory) / "c_api_check"
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 77 and "skipped" in r.stdout
+
+
+@NEEDS_TOOLS
+def test_c_api_check_detects_a_wrong_reference(tmp_path_factory, tmp_path):
+    """The C check compares real outputs: one flipped reference bit fails it."""
+    build = native_build(tmp_path_factory)
+    fixture = build.parent / "fixture"
+    shutil.copytree(fixture, tmp_path / "fx")
+    ref = np.fromfile(tmp_path / "fx" / "ref_q_f16.raw", dtype=np.uint16)
+    ref[17] ^= 1
+    ref.tofile(tmp_path / "fx" / "ref_q_f16.raw")
+    r = subprocess.run([str(build / "c_api_check"), str(tmp_path / "fx")], capture_output=True, text=True)
+    assert r.returncode == 1 and "FAILED" in r.stdout and "1 C API checks failed" in r.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+                    reason="needs cmake, g++-aarch64-linux-gnu and qemu-user (Debian packages)")
+def test_neon_kernels_match_scalar_under_qemu(tmp_path):
+    """The same CMake project cross-compiled for AArch64; CTest runs kernel_check through qemu-aarch64."""
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", ROOT, "-B", str(build), *cmake_generator(), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+                    "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+                    "-DCMAKE_EXE_LINKER_FLAGS=-static", "-DCMAKE_CROSSCOMPILING_EMULATOR=qemu-aarch64",
+                    "-DDELTAPACK_TESTS=ON", "-DDELTAPACK_EXAMPLES=OFF"], check=True, capture_output=True)
+    r = subprocess.run(["cmake", "--build", str(build), "--target", "kernel_check", "-j", str(os.cpu_count() or 2)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = run_ctest(build, "kernel_check")
+    assert "checked neon against scalar" in out and "all kernels identical" in out

@@ -1,101 +1,335 @@
-// The C API (cpp/include/deltapack/deltapack_c.h): a thin layer over the C++ API that turns
-// exceptions into return codes and a per-thread error message.
+// The C API (cpp/include/deltapack/deltapack_c.h): a thin layer over the C++ API that checks every
+// caller buffer against its size, and turns exceptions into return codes and a per-thread message.
 #include "deltapack/deltapack_c.h"
 
+#include <sys/stat.h>
+
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "deltapack/deltapack.h"
+#include "json.h"
+
+#ifndef DELTAPACK_VERSION
+#define DELTAPACK_VERSION "unknown"
+#endif
 
 struct dp_file {
     std::unique_ptr<deltapack::DeltaFile> file;
     std::vector<std::string> names;
+    deltapack::json::Value metadata;  // the manifest's "metadata" value (Null if absent)
 };
 
-static thread_local std::string g_error;
+struct dp_base {
+    std::unique_ptr<deltapack::SafetensorsFile> file;
+    std::vector<std::string> names;
+};
 
-template <class F>
-static int guarded(F&& fn) {
+namespace {
+
+thread_local std::string g_error;
+
+// Runs fn, returning its result; on an exception records the message and returns `failed`.
+template <class R, class F>
+R guarded(R failed, F&& fn) {
     try {
-        fn();
+        R r = fn();
         g_error.clear();
-        return 0;
+        return r;
     } catch (const std::exception& ex) {
         g_error = ex.what();
     } catch (...) {
         g_error = "unknown error";
     }
-    return -1;
+    return failed;
 }
 
-static deltapack::DType to_dtype(dp_dtype t) {
-    switch (t) {
-        case DP_F32: return deltapack::DType::F32;
-        case DP_F16: return deltapack::DType::F16;
-        case DP_BF16: return deltapack::DType::BF16;
-    }
-    throw std::invalid_argument("unknown dp_dtype " + std::to_string(int(t)));
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+bool known_dtype(int t) { return t >= int(deltapack::DType::F32) && t <= int(deltapack::DType::F8_E5M2); }
+
+deltapack::DType to_dtype(int t, const char* what) {
+    if (!known_dtype(t)) fail(std::string(what) + ": unknown dp_dtype " + std::to_string(t));
+    return deltapack::DType(t);
 }
+
+// A float dtype the engine computes with, or a failure naming the role of the buffer.
+deltapack::DType float_dtype(int t, const std::string& where, const char* what) {
+    deltapack::DType d = to_dtype(t, what);
+    if (d != deltapack::DType::F32 && d != deltapack::DType::F16 && d != deltapack::DType::BF16)
+        fail(where + ": " + what + " dtype " + deltapack::dtype_name(d) + " is not f32, f16 or bf16");
+    return d;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+// The byte size a buffer of `shape` in `dtype` must have; a failure if `given` differs.
+void check_size(const std::string& where, const char* what, const std::vector<int64_t>& shape, deltapack::DType dtype,
+                size_t given) {
+    deltapack::ArrayRef a{nullptr, dtype, shape};
+    const size_t expected = a.nbytes();
+    if (given != expected)
+        fail(where + ": " + what + " holds " + std::to_string(given) + " bytes, expected " + std::to_string(expected) +
+             " (" + shape_text(shape) + " " + deltapack::dtype_name(dtype) + ")");
+}
+
+std::string tensor_where(const dp_file* f, const char* name) {
+    return f->file->path() + ": tensor '" + name + "'";
+}
+
+// snprintf-style copy: the full length, at most buf_size - 1 bytes and a NUL written.
+int64_t copy_text(const std::string& text, char* buf, size_t buf_size, const char* fn) {
+    if (!buf && buf_size) fail(std::string(fn) + ": buf is NULL but buf_size is " + std::to_string(buf_size));
+    if (buf_size) {
+        const size_t n = text.size() < buf_size - 1 ? text.size() : buf_size - 1;
+        std::memcpy(buf, text.data(), n);
+        buf[n] = '\0';
+    }
+    return int64_t(text.size());
+}
+
+int copy_shape(const std::string& where, const std::vector<int64_t>& shape, int64_t* dims, size_t max_dims) {
+    if (dims == nullptr && max_dims == 0) return int(shape.size());  // a rank query
+    if (!dims) fail(where + ": dims is NULL but max_dims is " + std::to_string(max_dims));
+    if (max_dims < shape.size())
+        fail(where + ": rank " + std::to_string(shape.size()) + " does not fit in dims of " + std::to_string(max_dims));
+    for (size_t i = 0; i < shape.size(); ++i) dims[i] = shape[i];
+    return int(shape.size());
+}
+
+void need(const void* p, const char* fn, const char* arg) {
+    if (!p) fail(std::string(fn) + ": " + arg + " is NULL");
+}
+
+deltapack::ApplyParams engine_params(const dp_apply_params& params) {
+    deltapack::ApplyParams p = deltapack::apply_default_params();
+    p.alpha = params.alpha;
+    p.threads = params.threads;
+    return p;
+}
+
+}  // namespace
 
 extern "C" {
 
-dp_apply_params dp_apply_default_params(void) { return {1.0f, 0, 1}; }
+const char* dp_version(void) { return DELTAPACK_VERSION; }
 
 const char* dp_last_error(void) { return g_error.c_str(); }
 
+dp_apply_params dp_apply_default_params(void) { return {1.0f, 0, 1}; }
+
+const char* dp_dtype_name(dp_dtype t) {
+    return guarded<const char*>(nullptr, [&] { return deltapack::dtype_name(to_dtype(int(t), "dp_dtype_name")); });
+}
+
+size_t dp_dtype_size(dp_dtype t) {
+    return guarded<size_t>(0, [&] { return deltapack::dtype_size(to_dtype(int(t), "dp_dtype_size")); });
+}
+
+const char* dp_simd(void) {
+    // The few path names as static strings, so the pointer stays valid.
+    const std::string path = deltapack::simd();
+    for (const char* known : {"scalar", "avx2", "avx512", "neon"})
+        if (path == known) return known;
+    return "unknown";
+}
+
+int dp_set_simd(const char* path) {
+    return guarded(-1, [&] {
+        deltapack::set_simd(path ? path : "auto");
+        return 0;
+    });
+}
+
+// ----------------------------------------------------------------------------- delta files
+
 dp_file* dp_file_open(const char* path) {
-    dp_file* out = nullptr;
-    guarded([&] {
-        if (!path) throw std::invalid_argument("dp_file_open: path is NULL");
+    return guarded<dp_file*>(nullptr, [&] {
+        need(path, "dp_file_open", "path");
         auto f = std::make_unique<dp_file>();
         f->file = deltapack::DeltaFile::open(path);
         f->names = f->file->keys();
-        out = f.release();
+        // The manifest was checked by open(); only its metadata value is kept for lookups.
+        deltapack::json::Value manifest = deltapack::json::parse(f->file->manifest());
+        if (const deltapack::json::Value* m = manifest.find("metadata")) f->metadata = *m;
+        return f.release();
     });
-    return out;
 }
 
 void dp_file_close(dp_file* f) { delete f; }
 
 size_t dp_file_count(const dp_file* f) { return f ? f->names.size() : 0; }
 
-const char* dp_file_name(const dp_file* f, size_t i) {
-    return f && i < f->names.size() ? f->names[i].c_str() : nullptr;
+int64_t dp_file_name(const dp_file* f, size_t i, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(f, "dp_file_name", "f");
+        if (i >= f->names.size())
+            fail(f->file->path() + ": tensor index " + std::to_string(i) + " out of range (" +
+                 std::to_string(f->names.size()) + " tensors)");
+        return copy_text(f->names[i], buf, buf_size, "dp_file_name");
+    });
 }
 
-int dp_file_shape(const dp_file* f, const char* name, int64_t* dims, int max_dims) {
-    int rank = -1;
-    guarded([&] {
-        if (!f || !name) throw std::invalid_argument("dp_file_shape: NULL argument");
+// The manifest entry of tensor `name` (no CRC check: only shape, dtype and codec are read).
+static deltapack::EncodedRef entry(const dp_file* f, const char* name, const char* fn) {
+    need(f, fn, "f");
+    need(name, fn, "name");
+    return f->file->get(name, false);
+}
+
+int dp_file_shape(const dp_file* f, const char* name, int64_t* dims, size_t max_dims) {
+    return guarded(-1, [&] {
+        deltapack::EncodedRef e = entry(f, name, "dp_file_shape");
+        return copy_shape(tensor_where(f, name), e.shape, dims, max_dims);
+    });
+}
+
+int64_t dp_file_numel(const dp_file* f, const char* name) {
+    return guarded<int64_t>(-1, [&] {
+        deltapack::EncodedRef e = entry(f, name, "dp_file_numel");
+        return deltapack::ArrayRef{nullptr, e.dtype, e.shape}.numel();
+    });
+}
+
+int dp_file_dtype(const dp_file* f, const char* name) {
+    return guarded(-1, [&] { return int(entry(f, name, "dp_file_dtype").dtype); });
+}
+
+int64_t dp_file_codec(const dp_file* f, const char* name, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] { return copy_text(entry(f, name, "dp_file_codec").codec, buf, buf_size, "dp_file_codec"); });
+}
+
+int64_t dp_file_metadata(const dp_file* f, const char* key, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(f, "dp_file_metadata", "f");
+        need(key, "dp_file_metadata", "key");
+        if (f->metadata.kind != deltapack::json::Value::Object)
+            fail(f->file->path() + ": no metadata object in this delta file");
+        const deltapack::json::Value* v = f->metadata.find(key);
+        if (!v) fail(f->file->path() + ": no metadata key '" + key + "'");
+        return copy_text(deltapack::json::dump(*v), buf, buf_size, "dp_file_metadata");
+    });
+}
+
+int64_t dp_file_manifest(const dp_file* f, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(f, "dp_file_manifest", "f");
+        return copy_text(f->file->manifest(), buf, buf_size, "dp_file_manifest");
+    });
+}
+
+int dp_apply(const dp_file* f, const char* name, const void* base, size_t base_size, dp_dtype base_dtype, void* out,
+             size_t out_size, dp_dtype out_dtype, dp_apply_params params) {
+    return guarded(-1, [&] {
+        need(f, "dp_apply", "f");
+        need(name, "dp_apply", "name");
+        need(base, "dp_apply", "base");
+        need(out, "dp_apply", "out");
+        const std::string where = tensor_where(f, name);
+        const deltapack::DType bt = float_dtype(base_dtype, where, "base"), ot = float_dtype(out_dtype, where, "out");
         deltapack::EncodedRef e = f->file->get(name, false);
-        rank = int(e.shape.size());
-        for (int i = 0; i < rank && i < max_dims; ++i) dims[i] = e.shape[size_t(i)];
-    });
-    return rank;
-}
-
-int dp_apply(const dp_file* f, const char* name, const void* base, dp_dtype base_dtype, void* out,
-             dp_dtype out_dtype, dp_apply_params params) {
-    return guarded([&] {
-        if (!f || !name || !base || !out) throw std::invalid_argument("dp_apply: NULL argument");
-        deltapack::EncodedRef e = f->file->get(name, params.verify != 0);
-        deltapack::ArrayRef b{const_cast<void*>(base), to_dtype(base_dtype), e.shape};
-        deltapack::ArrayRef o{out, to_dtype(out_dtype), e.shape};
-        deltapack::ApplyParams p = deltapack::apply_default_params();
-        p.alpha = params.alpha;
-        p.threads = params.threads;
-        deltapack::apply(e, b, o, p);
+        check_size(where, "base", e.shape, bt, base_size);  // before the CRC: a wrong call fails fast
+        check_size(where, "out", e.shape, ot, out_size);
+        if (params.verify) e = f->file->get(name, true);
+        deltapack::apply(e, deltapack::ArrayRef{const_cast<void*>(base), bt, e.shape}, deltapack::ArrayRef{out, ot, e.shape},
+                         engine_params(params));
+        return 0;
     });
 }
 
-const char* dp_simd(void) {
-    static thread_local std::string name;
-    name = deltapack::simd();
-    return name.c_str();
+int dp_decode(const dp_file* f, const char* name, float* out, size_t out_size, int threads) {
+    return guarded(-1, [&] {
+        need(f, "dp_decode", "f");
+        need(name, "dp_decode", "name");
+        need(out, "dp_decode", "out");
+        deltapack::EncodedRef e = f->file->get(name, false);
+        check_size(tensor_where(f, name), "out", e.shape, deltapack::DType::F32, out_size);
+        e = f->file->get(name, true);
+        deltapack::decode(e, deltapack::ArrayRef{out, deltapack::DType::F32, e.shape}, threads);
+        return 0;
+    });
 }
 
-int dp_set_simd(const char* path) {
-    return guarded([&] { deltapack::set_simd(path ? path : "auto"); });
+// ----------------------------------------------------------------------------- base models
+
+dp_base* dp_base_open(const char* path) {
+    return guarded<dp_base*>(nullptr, [&] {
+        need(path, "dp_base_open", "path");
+        struct stat st;
+        if (::stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+            fail(std::string(path) + ": is a directory; dp_base_open reads one .safetensors file for now");
+        auto b = std::make_unique<dp_base>();
+        b->file = deltapack::SafetensorsFile::open(path);
+        b->names = b->file->keys();
+        return b.release();
+    });
+}
+
+void dp_base_close(dp_base* b) { delete b; }
+
+size_t dp_base_count(const dp_base* b) { return b ? b->names.size() : 0; }
+
+int64_t dp_base_name(const dp_base* b, size_t i, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(b, "dp_base_name", "b");
+        if (i >= b->names.size())
+            fail(b->file->path() + ": tensor index " + std::to_string(i) + " out of range (" +
+                 std::to_string(b->names.size()) + " tensors)");
+        return copy_text(b->names[i], buf, buf_size, "dp_base_name");
+    });
+}
+
+static const deltapack::ArrayRef& base_tensor(const dp_base* b, const char* name, const char* fn) {
+    need(b, fn, "b");
+    need(name, fn, "name");
+    return b->file->get(name);
+}
+
+int dp_base_shape(const dp_base* b, const char* name, int64_t* dims, size_t max_dims) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_base_shape");
+        return copy_shape(b->file->path() + ": tensor '" + name + "'", t.shape, dims, max_dims);
+    });
+}
+
+int dp_base_dtype(const dp_base* b, const char* name) {
+    return guarded(-1, [&] { return int(base_tensor(b, name, "dp_base_dtype").dtype); });
+}
+
+int dp_base_read(const dp_base* b, const char* name, void* out, size_t out_size) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_base_read");
+        need(out, "dp_base_read", "out");
+        check_size(b->file->path() + ": tensor '" + name + "'", "out", t.shape, t.dtype, out_size);
+        if (out_size) std::memcpy(out, t.data, out_size);
+        return 0;
+    });
+}
+
+int dp_apply_from_base(const dp_file* f, const dp_base* b, const char* name, void* out, size_t out_size,
+                       dp_dtype out_dtype, dp_apply_params params) {
+    return guarded(-1, [&] {
+        need(f, "dp_apply_from_base", "f");
+        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_apply_from_base");
+        need(out, "dp_apply_from_base", "out");
+        const std::string where = tensor_where(f, name);
+        const std::string base_where = b->file->path() + ": tensor '" + name + "'";
+        deltapack::EncodedRef e = f->file->get(name, false);
+        if (t.shape != e.shape)
+            fail(where + ": the delta's shape " + shape_text(e.shape) + " differs from the base's " + shape_text(t.shape) +
+                 " in " + b->file->path());
+        float_dtype(int(t.dtype), base_where, "base");
+        const deltapack::DType ot = float_dtype(out_dtype, where, "out");
+        check_size(where, "out", e.shape, ot, out_size);
+        if (params.verify) e = f->file->get(name, true);
+        deltapack::apply(e, t, deltapack::ArrayRef{out, ot, e.shape}, engine_params(params));
+        return 0;
+    });
 }
 
 }  // extern "C"

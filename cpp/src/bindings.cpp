@@ -105,6 +105,7 @@ NB_MODULE(_core, m) {
     m.doc() = "deltapack C++ core";
     m.attr("__version__") = DELTAPACK_VERSION;
     nb::exception<FormatError>(m, "FormatError", PyExc_ValueError);
+    nb::exception<BaseMismatch>(m, "BaseMismatchError", PyExc_ValueError);
     // File-system failures (disk full, permission denied, a vanished shard) become OSError with errno,
     // hence FileNotFoundError, PermissionError, ... as Python's own I/O raises them.
     nb::register_exception_translator([](const std::exception_ptr& p, void*) {
@@ -220,6 +221,97 @@ NB_MODULE(_core, m) {
                 f.read(name, p, n, first_byte);
             },
             "name"_a, "out"_a.noconvert(), "first_byte"_a = 0);
+
+    // A model: one .safetensors file or a Hugging Face directory (shards + index), read with pread.
+    nb::class_<ModelFiles>(m, "ModelFiles")
+        .def_static("open", &ModelFiles::open, "path"_a)
+        .def_prop_ro("path", &ModelFiles::path)
+        .def_prop_ro("is_directory", &ModelFiles::is_directory)
+        .def_prop_ro("shards", &ModelFiles::shards)
+        .def_prop_ro("has_index", &ModelFiles::has_index)
+        .def_prop_ro("index_metadata", &ModelFiles::index_metadata)
+        .def_prop_ro("config", &ModelFiles::config)
+        .def("shard_path", &ModelFiles::shard_path, "shard"_a)
+        .def("shard_metadata", [](const ModelFiles& m, const std::string& shard) { return m.shard(shard).metadata(); },
+             "shard"_a)
+        .def(
+            "tensors",
+            [](const ModelFiles& m) {  // (name, dtype, shape, offset, nbytes, shard) by shard, then data order
+                std::vector<std::tuple<std::string, std::string, std::vector<int64_t>, uint64_t, uint64_t, std::string>> out;
+                for (const std::string& k : m.keys()) {
+                    const TensorInfo& t = m.info(k);
+                    out.emplace_back(t.name, safetensors_dtype_name(t.dtype), t.shape, t.offset, t.nbytes, m.shard_of(k));
+                }
+                return out;
+            })
+        .def(
+            "read",
+            [](const ModelFiles& m, const std::string& name, AnyArray out, uint64_t first_byte) {
+                void* p = out.data();
+                const uint64_t n = out.nbytes();
+                nb::gil_scoped_release nogil;
+                m.read(name, p, n, first_byte);
+            },
+            "name"_a, "out"_a.noconvert(), "first_byte"_a = 0);
+
+    // A fine-tune over its base, as `deltapack compress` recorded it: tensors rebuilt into caller memory.
+    nb::class_<CheckpointDelta>(m, "CheckpointDelta")
+        .def(
+            "__init__",
+            [](CheckpointDelta* self, const std::string& base, const std::string& delta, bool force) {
+                std::shared_ptr<const ModelFiles> b = ModelFiles::open(base);
+                std::shared_ptr<const DeltaFile> d = DeltaFile::open(delta);
+                new (self) CheckpointDelta(b, d, force);
+            },
+            "base"_a, "delta"_a, "force"_a = false)
+        .def_prop_ro("record", &CheckpointDelta::record)
+        .def_prop_ro("removed", &CheckpointDelta::removed)
+        .def(
+            "tensors",
+            [](const CheckpointDelta& c) {  // (name, op, dtype, shape, source, new_rows) in the fine-tune's order
+                std::vector<std::tuple<std::string, std::string, std::string, std::vector<int64_t>, std::string, std::string>> out;
+                for (const CheckpointTensor& t : c.tensors())
+                    out.emplace_back(t.name, tensor_kind_name(t.kind), safetensors_dtype_name(t.dtype), t.shape, t.source,
+                                     t.new_rows);
+                return out;
+            })
+        .def(
+            "rebuild",
+            [](const CheckpointDelta& c, const std::string& name, AnyArray out, const std::string& dtype, float alpha,
+               int threads) {
+                void* p = out.data();
+                const uint64_t n = out.nbytes();
+                const DType t = dtype_from_name(dtype);
+                nb::gil_scoped_release nogil;
+                c.rebuild(name, p, n, t, alpha, threads);
+            },
+            "name"_a, "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0);
+
+    m.def(
+        "apply_checkpoint",
+        [](const std::string& base, const std::string& delta, const std::string& out, float alpha,
+           const std::string& dtype, bool force, bool overwrite, bool durable, int threads, nb::object progress) {
+            ApplyCheckpointOptions o;
+            o.alpha = alpha, o.dtype = dtype, o.force = force, o.overwrite = overwrite, o.durable = durable;
+            o.threads = threads;
+            if (!progress.is_none())
+                o.progress = [progress](uint64_t n) {
+                    nb::gil_scoped_acquire gil;
+                    progress(n);
+                };
+            nb::gil_scoped_release nogil;
+            CheckpointOutput r = apply_checkpoint(base, delta, out, o);
+            return std::make_tuple(r.path, r.tensors, r.bytes);
+        },
+        "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
+        "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none());
+
+    nb::class_<AtomicDir>(m, "AtomicDir")
+        .def(nb::init<const std::string&, bool>(), "path"_a, "overwrite"_a = false)
+        .def_prop_ro("tmp", &AtomicDir::tmp)
+        .def_prop_ro("path", &AtomicDir::path)
+        .def("commit", &AtomicDir::commit, "durable"_a = true)
+        .def("abort", &AtomicDir::abort);
 
     nb::class_<SafetensorsWriter>(m, "SafetensorsWriter")
         .def(

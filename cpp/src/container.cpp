@@ -1,6 +1,7 @@
 // The delta file: a safetensors file (memory-mapped, checked before use) whose __metadata__
 // carries the deltapack manifest. See docs/FORMAT.md.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +10,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <mutex>
 #include <set>
@@ -159,6 +161,14 @@ const ArrayRef& SafetensorsFile::get(const std::string& name) const {
         throw std::out_of_range(path_ + ": no tensor '" + name + "'");
     }
     return it->second;
+}
+
+void SafetensorsFile::drop_pages(const std::string& name) const {
+    if (!mapped_) return;
+    const TensorInfo& t = info(name);
+    const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+    const uint64_t begin = t.offset / page * page, end = t.offset + t.nbytes;
+    ::madvise(const_cast<uint8_t*>(map_) + begin, size_t(end - begin), MADV_DONTNEED);
 }
 
 void SafetensorsFile::read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte) const {
@@ -461,6 +471,18 @@ std::vector<std::string> DeltaFile::keys() const { return order_; }
 
 bool DeltaFile::contains(const std::string& name) const { return entries_.count(name) != 0; }
 
+void DeltaFile::drop_pages(const std::string& name) const {
+    auto it = entries_.find(name);
+    if (it == entries_.end()) return;
+    for (auto& c : it->second->components) file_->drop_pages(name + ":" + c.first);
+}
+
+const std::vector<int64_t>& DeltaFile::shape(const std::string& name) const {
+    auto it = entries_.find(name);
+    if (it == entries_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "' in this delta file");
+    return it->second->shape;
+}
+
 EncodedRef DeltaFile::get(const std::string& name, bool verify) const {
     auto it = entries_.find(name);
     if (it == entries_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "' in this delta file");
@@ -600,6 +622,67 @@ int AtomicFile::scratch(const std::string& dir) {
     if (fd < 0) os_fail(errno, "cannot create a scratch file in " + dir);
     ::unlink(name.c_str());  // still readable through the descriptor; nothing is left behind
     return fd;
+}
+
+// ---------------------------------------------------------------------------- atomic directories
+
+static const char kDirTmp[] = ".deltapack-tmp-";
+
+AtomicDir::AtomicDir(const std::string& path, bool overwrite) {
+    namespace fs = std::filesystem;
+    path_ = fs::absolute(path).lexically_normal().string();
+    while (path_.size() > 1 && path_.back() == '/') path_.pop_back();
+    std::error_code ec;
+    if (fs::exists(path_, ec) && !overwrite)
+        throw std::system_error(EEXIST, std::generic_category(), path + " already exists (use --overwrite to replace it)");
+    const fs::path parent = fs::path(path_).parent_path();
+    const std::string leaf = fs::path(path_).filename().string();
+    fs::create_directories(parent, ec);
+    if (ec) throw std::system_error(ec, "cannot create " + parent.string());
+    // Temporaries of killed runs: ".<leaf>.deltapack-tmp-<pid>-..." whose process no longer exists.
+    const std::string prefix = "." + leaf + kDirTmp;
+    for (auto& entry : fs::directory_iterator(parent, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.compare(0, prefix.size(), prefix) != 0) continue;
+        const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+        if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH) fs::remove_all(entry.path(), ec);
+    }
+    std::random_device rd;
+    char suffix[40];
+    std::snprintf(suffix, sizeof suffix, "%ld-%08x", long(::getpid()), unsigned(rd()));
+    tmp_ = (parent / (prefix + suffix)).string();
+    if (::mkdir(tmp_.c_str(), 0755) != 0) os_fail(errno, "cannot create " + tmp_);
+}
+
+AtomicDir::~AtomicDir() { abort(); }
+
+void AtomicDir::commit(bool durable) {
+    namespace fs = std::filesystem;
+    if (tmp_.empty()) throw std::logic_error(path_ + ": committed twice or after abort");
+    if (durable) {  // contents durable before the rename makes them visible
+        for (auto& entry : fs::directory_iterator(tmp_)) {
+            const int fd = ::open(entry.path().c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd >= 0) { ::fsync(fd); ::close(fd); }
+        }
+        fsync_dir(tmp_);
+    }
+    std::error_code ec;
+    std::string old;
+    if (fs::exists(path_, ec)) {
+        old = tmp_ + "-old";
+        if (::rename(path_.c_str(), old.c_str()) != 0) os_fail(errno, "cannot move " + path_ + " aside");
+    }
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0) os_fail(errno, "cannot rename " + tmp_ + " to " + path_);
+    tmp_.clear();
+    if (durable) fsync_dir(dir_of(path_));
+    if (!old.empty()) fs::remove_all(old, ec);
+}
+
+void AtomicDir::abort() {
+    if (tmp_.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(tmp_, ec);
+    tmp_.clear();
 }
 
 // ---------------------------------------------------------------------------- safetensors writer

@@ -226,7 +226,7 @@ void dump_string(std::string& out, const std::string& s) {
     out += '"';
 }
 
-void dump_to(std::string& out, const Value& v) {
+void dump_to(std::string& out, const Value& v, int indent, size_t depth) {
     switch (v.kind) {
         case Value::Null: out += "null"; break;
         case Value::Bool: out += v.b ? "true" : "false"; break;
@@ -246,20 +246,23 @@ void dump_to(std::string& out, const Value& v) {
         }
         case Value::String: dump_string(out, v.str); break;
         case Value::Array:
-            out += '[';
-            for (size_t k = 0; k < v.arr.size(); ++k) { if (k) out += ','; dump_to(out, v.arr[k]); }
-            out += ']';
-            break;
-        case Value::Object:
-            out += '{';
-            for (size_t k = 0; k < v.obj.size(); ++k) {
+        case Value::Object: {
+            const bool obj = v.kind == Value::Object;
+            const size_t n = obj ? v.obj.size() : v.arr.size();
+            out += obj ? '{' : '[';
+            for (size_t k = 0; k < n; ++k) {
                 if (k) out += ',';
-                dump_string(out, v.obj[k].first);
-                out += ':';
-                dump_to(out, v.obj[k].second);
+                if (indent) out += '\n' + std::string(size_t(indent) * (depth + 1), ' ');
+                if (obj) {
+                    dump_string(out, v.obj[k].first);
+                    out += indent ? ": " : ":";
+                }
+                dump_to(out, obj ? v.obj[k].second : v.arr[k], indent, depth + 1);
             }
-            out += '}';
+            if (indent && n) out += '\n' + std::string(size_t(indent) * depth, ' ');
+            out += obj ? '}' : ']';
             break;
+        }
     }
 }
 
@@ -273,9 +276,9 @@ Value parse(const std::string& text) {
     return v;
 }
 
-std::string dump(const Value& v) {
+std::string dump(const Value& v, int indent) {
     std::string out;
-    dump_to(out, v);
+    dump_to(out, v, indent, 0);
     return out;
 }
 

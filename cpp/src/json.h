@@ -32,6 +32,8 @@ struct Value {
 
 // Throws std::runtime_error("...at byte N") on malformed input, duplicate keys, depth > 64.
 Value parse(const std::string& text);
-std::string dump(const Value& v);  // compact, deterministic (insertion order)
+// Compact and deterministic (insertion order); indent > 0: one member per line, as Python's
+// json.dumps(indent=...) lays it out (for files people read: index.json, config.json).
+std::string dump(const Value& v, int indent = 0);
 
 }  // namespace deltapack::json

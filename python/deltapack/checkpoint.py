@@ -52,14 +52,12 @@ _FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _CHUNK = 16 << 20  # elements per streaming chunk (64 MiB of f32)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _MAX_KEPT_FILE = 32 << 20
-_REOPEN = 256 << 20  # bytes of delta read before the delta file is reopened (see _Rebuilder._enc)
 _OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 _INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
                      "transformer.word_embeddings.weight", "embed_tokens.weight")
 
 
-class BaseMismatchError(ValueError):
-    """The base given to apply is not the one the delta was made from."""
+BaseMismatchError = _core.BaseMismatchError  # the base given is not the one the delta was made from (ValueError)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -126,71 +124,22 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            self.dir = self.path
-            index = os.path.join(self.path, "model.safetensors.index.json")
-            single = os.path.join(self.path, "model.safetensors")
-            if os.path.exists(index):
-                self.shards, self.weight_map, self.index_metadata = self._read_index(index)
-            elif os.path.exists(single):
-                self.shards, self.weight_map, self.index_metadata = ["model.safetensors"], None, None
-            else:
-                raise FileNotFoundError(errno.ENOENT, f"{self.path}: no model.safetensors or "
-                                        "model.safetensors.index.json in this directory")
-        elif os.path.exists(self.path):
-            self.dir = None
-            self.shards, self.weight_map, self.index_metadata = [self.path], None, None
-        else:
-            raise FileNotFoundError(errno.ENOENT, f"{self.path}: no such file or directory")
+        self._files = _core.ModelFiles.open(self.path)  # headers, index and config.json, checked in C++
+        self.dir = self.path if self._files.is_directory else None
+        self.shards = list(self._files.shards)
+        index_meta = json.loads(self._files.index_metadata)
+        self.weight_map = {} if self._files.has_index else None
+        self.index_metadata = index_meta if self._files.has_index else None
         self.tensors: dict[str, TensorInfo] = {}
-        self.shard_metadata: dict[str, dict] = {}
         self.shard_of: dict[str, str] = {}
-        self._files = {}
-        for shard in self.shards:
-            full = self._full(shard)
-            try:
-                f = self._files[shard] = _core.SafetensorsFile.read_header(full)
-            except OSError as ex:
-                raise type(ex)(ex.errno, f"{full}: cannot read shard ({os.strerror(ex.errno)})") from None
-            self.shard_metadata[shard] = dict(f.metadata)
-            for name, st, shape, start, nbytes in f.tensors():
-                info = TensorInfo(name, full, st, tuple(shape), start, start + nbytes)
-                if name in self.tensors:
-                    raise _api.FormatError(f"{self.path}: tensor '{name}' is stored twice, in "
-                                           f"{os.path.basename(self.tensors[name].path)} and {shard}")
-                self.tensors[name] = info
-                self.shard_of[name] = shard
-        if self.weight_map is not None:
-            for name, shard in self.weight_map.items():
-                if self.shard_of.get(name) != shard:
-                    where = self.shard_of.get(name)
-                    raise _api.FormatError(f"{self.path}: index lists tensor '{name}' in {shard}, but "
-                                           + (f"it is in {where}" if where else "that shard does not hold it"))
-            extra = [n for n in self.tensors if n not in self.weight_map]
-            if extra:
-                raise _api.FormatError(f"{self.path}: tensor '{extra[0]}' is in "
-                                       f"{self.shard_of[extra[0]]} but not in the index")
-        self.config = self._read_json("config.json") if self.dir else None
-
-    def _full(self, shard):
-        return os.path.join(self.dir, shard) if self.dir else shard
-
-    def _read_index(self, index):
-        data = read_json(index, object_pairs_hook=_no_duplicates(index))
-        wm = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise _api.FormatError(f"{index}: no 'weight_map' object of tensor name -> shard file")
-        shards = list(dict.fromkeys(wm.values()))
-        for shard in shards:
-            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
-                raise _api.FormatError(f"{index}: shard name {shard!r} is not a plain file name")
-            if not os.path.exists(os.path.join(self.path, shard)):
-                raise FileNotFoundError(errno.ENOENT, f"{index}: points at shard {shard}, which does not exist")
-        return sorted(shards), wm, data.get("metadata")
-
-    def _read_json(self, name):
-        p = os.path.join(self.dir, name)
-        return read_json_object(p) if os.path.exists(p) else None
+        for name, st, shape, start, nbytes, shard in self._files.tensors():
+            self.tensors[name] = TensorInfo(name, self._files.shard_path(shard), st, tuple(shape), start,
+                                            start + nbytes)
+            self.shard_of[name] = shard
+            if self.weight_map is not None:
+                self.weight_map[name] = shard
+        self.shard_metadata = {s: dict(self._files.shard_metadata(s)) for s in self.shards}
+        self.config = json.loads(self._files.config) if self._files.config else None
 
     def keys(self):
         return list(self.tensors)
@@ -210,7 +159,7 @@ class Checkpoint:
             out = np.empty(stop - start, info.np_dtype)
         if out.nbytes != (stop - start) * size:
             raise ValueError(f"tensor '{name}': read buffer holds {out.nbytes} bytes, need {(stop - start) * size}")
-        self._files[self.shard_of[name]].read(name, out, start * size)
+        self._files.read(name, out, start * size)
         return out
 
     def read_tensor(self, name) -> np.ndarray:
@@ -243,65 +192,24 @@ def _as_delta(x):
 
 # ----------------------------------------------------------------------------- atomic files
 
-def _fsync_dir(d):
-    fd = os.open(d or ".", os.O_RDONLY)
+def write_torch_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file of torch tensors (any dtype, CPU), written by the C++ core's SafetensorsWriter
+    (atomic; errors name the path and say "disk full" where that is the cause)."""
+    import torch
+
+    st = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+    items = [(name, t.detach().cpu().contiguous()) for name, t in tensors.items()]
+    w = _core.SafetensorsWriter(os.fspath(path), [(n, st[t.dtype], list(t.shape)) for n, t in items],
+                                metadata or {})
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _AtomicDir:
-    """An output directory built under a hidden temporary name and renamed into place."""
-
-    def __init__(self, path, overwrite=False):
-        self.path = os.path.abspath(os.fspath(path))
-        parent, leaf = os.path.split(self.path)
-        if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(errno.EEXIST, f"{self.path} already exists (use --overwrite to replace it)")
-        os.makedirs(parent, exist_ok=True)
-        self._remove_stale(parent, leaf)
-        self.tmp = os.path.join(parent, f".{leaf}.deltapack-tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        os.mkdir(self.tmp)
-        self.overwrite = overwrite
-
-    @staticmethod
-    def _remove_stale(parent, leaf):
-        """Remove temporary directories left by killed runs (their process no longer exists)."""
-        prefix = f".{leaf}.deltapack-tmp-"
-        for entry in os.listdir(parent):
-            if entry.startswith(prefix):
-                try:
-                    os.kill(int(entry[len(prefix):].split("-")[0]), 0)
-                except ProcessLookupError:
-                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-                except (ValueError, PermissionError):
-                    pass
-
-    def commit(self, fsync=True):
-        if fsync:  # contents durable before the rename makes them visible
-            for entry in os.listdir(self.tmp):
-                fd = os.open(os.path.join(self.tmp, entry), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            _fsync_dir(self.tmp)
-        old = None
-        if os.path.exists(self.path):
-            old = f"{self.tmp}-old"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if fsync:
-            _fsync_dir(os.path.dirname(self.path))
-        if old:
-            if os.path.isdir(old):
-                shutil.rmtree(old)
-            else:
-                os.unlink(old)
-
-    def abort(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for name, t in items:
+            w.write(name, t.reshape(-1).view(torch.uint8).numpy())
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -353,13 +261,6 @@ def _delta_into(ft_chunk, ft_name, base_chunk, base_name, out, block=1 << 20):
 
 def _round_to(values_f32, float_name):
     return reference.round_to(values_f32, float_name)
-
-
-def _convert(arr, src_float, dst_float):
-    """Convert a float array between f32/f16/bf16 storage with one round-to-nearest-even."""
-    if src_float == dst_float:
-        return arr
-    return _round_to(reference.widen(arr, src_float), dst_float)
 
 
 def _keep_files(ft: Checkpoint) -> dict:
@@ -701,67 +602,18 @@ def checkpoint_record(delta) -> dict:
     return rec
 
 
-def check_base(base: Checkpoint, delta) -> None:
-    """Names, dtypes and shapes of `base` against the delta's fingerprint; raises naming the first difference."""
-    d = _as_delta(delta)
-    fp = (d.base or {}).get("tensors")
-    if not isinstance(fp, dict):
-        return
-    for name, e in fp.items():
-        if name not in base:
-            raise BaseMismatchError(f"{base.path}: this is not the delta's base: tensor '{name}' is missing "
-                                    "(use --force / force=True to apply anyway)")
-        info = base[name]
-        if info.dtype != e.get("dtype") or list(info.shape) != e.get("shape"):
-            raise BaseMismatchError(f"{base.path}: this is not the delta's base: tensor '{name}' is "
-                                    f"{info.dtype} {list(info.shape)}, the delta was made against "
-                                    f"{e.get('dtype')} {e.get('shape')} (use --force to apply anyway)")
-    extra = [n for n in base.tensors if n not in fp]
-    if extra:
-        raise BaseMismatchError(f"{base.path}: this is not the delta's base: it has tensor '{extra[0]}' that "
-                                "the delta's base lacked (use --force to apply anyway)")
-
-
 class _Rebuilder:
-    """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file."""
+    """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file (the C++ core's
+    CheckpointDelta: record and base checked on open, each base tensor's CRC-32C as it is read)."""
 
     def __init__(self, base, delta, alpha=1.0, force=False, threads=None):
         self.base, self.delta = _as_checkpoint(base), _as_delta(delta)
-        self._delta_arg, self._mapped = delta, 0
         self.record = checkpoint_record(self.delta)
         self.alpha, self.force, self.threads = float(alpha), force, threads
-        fp = (self.delta.base or {}).get("tensors") or {}
-        self.want_crc = {n: int(e["crc32c"], 16) for n, e in fp.items() if "crc32c" in e}
-        if not force:
-            check_base(self.base, self.delta)
-        for name, spec in self.record["tensors"].items():
-            src = spec.get("source", name)
-            if spec["op"] != "new" and src not in self.base:
-                raise BaseMismatchError(f"{self.base.path}: tensor '{src}', needed for '{name}', is not in the base")
+        self._c = _core.CheckpointDelta(self.base.path, self.delta.path, force)
 
     def specs(self):
         return self.record["tensors"]
-
-    def _enc(self, name):
-        """An encoded tensor. The delta file is memory-mapped and touched pages stay resident while
-        it is open, so it is reopened every _REOPEN bytes: memory stays flat however big the delta."""
-        if self._mapped > _REOPEN and isinstance(self._delta_arg, (str, os.PathLike)):
-            self.delta = _api.open(self.delta.path, self.delta.verify)
-            self._mapped = 0
-        enc = self.delta[name]
-        self._mapped += enc.nbytes
-        return enc
-
-    def _base_tensor(self, src, out=None) -> np.ndarray:
-        info = self.base[src]
-        arr = self.base.read(src, out=out)
-        if not self.force and src in self.want_crc:
-            got = _crc32c(arr)
-            if got != self.want_crc[src]:
-                raise BaseMismatchError(f"{self.base.path}: this is not the delta's base: tensor '{src}' has "
-                                        f"different contents (CRC-32C {got:08x}, expected "
-                                        f"{self.want_crc[src]:08x}; use --force to apply anyway)")
-        return arr.reshape(info.shape)
 
     def out_float(self, name, dtype=None):
         spec = self.specs()[name]
@@ -774,115 +626,14 @@ class _Rebuilder:
         `out` (optional): a C-contiguous numpy array of the right shape and dtype to fill."""
         spec = self.specs()[name]
         shape = tuple(spec["shape"])
-        dst = self.out_float(name, dtype)
-        np_dst = np.dtype(_ST_DTYPES[_FLOAT_ST.get(dst, spec["dtype"])][1])
+        st = _FLOAT_ST.get(self.out_float(name, dtype), spec["dtype"])
+        np_dst = np.dtype(_ST_DTYPES[st][1])
         if out is not None and (tuple(out.shape) != shape or out.dtype != np_dst):
             raise ValueError(f"tensor '{name}': destination is {out.dtype} {list(out.shape)}, "
                              f"need {np_dst} {list(shape)}")
-        op, src = spec["op"], spec.get("source", name)
-        if op == "same":
-            binfo = self.base[src]
-            if binfo.dtype == _FLOAT_ST.get(dst, binfo.dtype):
-                return self._base_tensor(src, out=out.reshape(-1) if out is not None else None).reshape(shape)
-            res = _convert(self._base_tensor(src), binfo.float_name, dst)
-        elif op == "new":
-            res = _round_to(_api.decode(self._enc(name), threads=self.threads), dst)
-        elif op == "delta":
-            binfo = self.base[src]
-            enc = self._enc(name)
-            if binfo.float_name == dst:  # in place in the base's buffer: one tensor-sized buffer
-                b = self._base_tensor(src, out=out.reshape(-1) if out is not None else None)
-                _api.apply(b, enc, alpha=self.alpha, out=b, threads=self.threads)
-                return b.reshape(shape)
-            b = self._base_tensor(src)
-            res = out if out is not None else np.empty(shape, np_dst)
-            _api.apply(b, enc, alpha=self.alpha, out=res, threads=self.threads)
-            return res
-        elif op == "resized":
-            b = self._base_tensor(src)
-            enc = self._enc(name)
-            k = enc.shape[0]
-            res = out if out is not None else np.empty(shape, np_dst)
-            _api.apply(b[:k], enc, alpha=self.alpha, out=res[:k], threads=self.threads)
-            if shape[0] > k:
-                res[k:] = _round_to(_api.decode(self._enc(spec["new_rows"]), threads=self.threads), dst)
-            return res
-        else:
-            raise _api.FormatError(f"{self.delta.path}: tensor '{name}': unknown op {op!r}")
-        res = res.reshape(shape)
-        if out is not None:
-            out[...] = res
-            return out
+        res = out if out is not None else np.empty(shape, np_dst)
+        self._c.rebuild(name, res, st, self.alpha, 0 if self.threads is None else int(self.threads))
         return res
-
-
-def _output_layout(rb: _Rebuilder):
-    """Output shards like the base: each tensor goes where its base tensor (or source) lives; new ones last."""
-    base = rb.base
-    shards = {s: [] for s in base.shards}
-    last = base.shards[-1]
-    for name, spec in rb.specs().items():
-        src = spec.get("source", name)
-        shard = base.shard_of.get(name) or base.shard_of.get(src) or last
-        shards[shard].append(name)
-    return shards
-
-
-def _scratch_view(rb, st, shape):
-    """An output buffer for one tensor, carved from one reused allocation (kept on the rebuilder):
-    fresh pages would be faulted in again for every tensor."""
-    nbytes = math.prod(shape) * _ST_DTYPES[st][2]
-    if getattr(rb, "_scratch", None) is None or rb._scratch.size < nbytes:
-        rb._scratch = None
-        rb._scratch = np.empty(nbytes, np.uint8)
-    return rb._scratch[:nbytes].view(_ST_DTYPES[st][1]).reshape(shape)
-
-
-def _write_shard(path, names, rb, dtype, bar, shard_meta, fsync=True):
-    """Write one safetensors shard tensor by tensor (the C++ core's writer: header first, since shapes
-    and dtypes are known, then each rebuilt tensor; atomic). Returns the bytes of tensor data."""
-    tensors = []
-    for name in names:
-        spec = rb.specs()[name]
-        tensors.append((name, _FLOAT_ST.get(rb.out_float(name, dtype), spec["dtype"]), list(spec["shape"])))
-    w = _core.SafetensorsWriter(os.fspath(path), tensors, {**shard_meta, "format": "pt"}, fsync)
-    try:
-        size = 0
-        for name, st, shape in tensors:
-            arr = rb.rebuild(name, dtype, out=_scratch_view(rb, st, shape))
-            w.write(name, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-            bar.update(arr.nbytes)
-            size += arr.nbytes
-            del arr
-        w.finish()
-    except BaseException:
-        w.abort()
-        raise
-    return size
-
-
-def _config_files(rb, dtype) -> dict[str, bytes]:
-    files = {}
-    for fname, entry in (rb.record.get("files") or {}).items():
-        if os.path.basename(fname) != fname:
-            raise _api.FormatError(f"{rb.delta.path}: kept file name {fname!r} is not a plain file name")
-        data = entry["text"].encode("utf-8") if "text" in entry else base64.b64decode(entry["base64"])
-        if fname == "config.json" and dtype is not None:
-            cfg = json.loads(data)
-            name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
-            for key in ("torch_dtype", "dtype"):
-                if key in cfg:
-                    cfg[key] = name
-            data = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
-        files[fname] = data
-    if not files and rb.base.dir:  # nothing kept: fall back to the base's own config/tokenizer files
-        for entry in os.listdir(rb.base.dir):
-            full = os.path.join(rb.base.dir, entry)
-            if (os.path.isfile(full) and not entry.startswith(".") and not entry.endswith(_WEIGHT_SUFFIXES)
-                    and not entry.endswith(".index.json")):
-                with open(full, "rb") as fh:
-                    files[entry] = fh.read()
-    return files
 
 
 def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = None, *, force: bool = False,
@@ -898,46 +649,18 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     """
     if dtype not in (None, "bf16", "f16", "f32"):
         raise ValueError(f"dtype {dtype!r}: use bf16, f16 or f32")
-    rb = _Rebuilder(base, delta, alpha, force, threads)
-    layout = _output_layout(rb)
-    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_FLOAT_ST.get(rb.out_float(n, dtype), s["dtype"])][2]
-                for n, s in rb.specs().items())
+    base_path = base.path if isinstance(base, Checkpoint) else os.fspath(base)
+    delta_path = delta.path if isinstance(delta, _api.DeltaFile) else os.fspath(delta)
+    specs = checkpoint_record(_as_delta(delta))["tensors"]
+    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_FLOAT_ST.get(dtype, s["dtype"]) if _ST_DTYPES[s["dtype"]][0]
+                                                   else s["dtype"]][2] for s in specs.values())
     bar = _progress(total, "apply", quiet)
-    try:
-        if rb.base.dir is None:
-            if os.path.isdir(os.fspath(out)):
-                raise IsADirectoryError(errno.EISDIR, f"{out}: is a directory (the base is one file, so "
-                                        "the output is one .safetensors file)")
-            if os.path.exists(os.fspath(out)) and not overwrite:
-                raise FileExistsError(errno.EEXIST, f"{out} already exists (use --overwrite to replace it)")
-            _write_shard(out, layout[rb.base.shards[0]], rb, dtype, bar,
-                         rb.base.shard_metadata[rb.base.shards[0]], fsync)
-            return {"out": os.fspath(out), "tensors": len(rb.specs()), "bytes": total}
-        d = _AtomicDir(out, overwrite)
-        try:
-            weight_map, sizes = {}, 0
-            for shard, names in layout.items():
-                try:
-                    sizes += _write_shard(os.path.join(d.tmp, shard), names, rb, dtype, bar,
-                                          rb.base.shard_metadata[shard], fsync)
-                except OSError as ex:  # name the file the user asked for, not the hidden directory
-                    raise type(ex)(ex.errno, str(ex.strerror).replace(d.tmp, os.fspath(out))) from None
-                weight_map.update({n: shard for n in names})
-            if rb.base.weight_map is not None:
-                meta = dict(rb.base.index_metadata or {})
-                meta["total_size"] = sizes
-                with open(os.path.join(d.tmp, "model.safetensors.index.json"), "w") as fh:
-                    json.dump({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
-            for fname, data in _config_files(rb, dtype).items():
-                with open(os.path.join(d.tmp, fname), "wb") as fh:
-                    fh.write(data)
-            d.commit(fsync)
-        except BaseException:
-            d.abort()
-            raise
+    try:  # the C++ core: the same code as deltapack-apply, so both write the same bytes
+        path, n, size = _core.apply_checkpoint(base_path, delta_path, os.fspath(out), alpha, dtype or "", force,
+                                               overwrite, fsync, 0 if threads is None else int(threads), bar.update)
     finally:
         bar.close()
-    return {"out": os.fspath(out), "tensors": len(rb.specs()), "bytes": total}
+    return {"out": path, "tensors": n, "bytes": size}
 
 
 def _to_torch(arr, float_name):

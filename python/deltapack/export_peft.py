@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _api, checkpoint, reference
+from . import _api, _core, checkpoint, reference
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -310,8 +310,6 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
 def _write_adapter(out_dir, tensors, config) -> None:
     """Weights and config written into a hidden sibling directory that replaces `out_dir` in one rename: a
     killed or failed export leaves the previous adapter (or nothing), never a mix or a half-written one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir):
@@ -320,13 +318,12 @@ def _write_adapter(out_dir, tensors, config) -> None:
         if others:
             raise FileExistsError(errno.EEXIST, f"{out_dir} exists and holds other files than an adapter "
                                   f"({sorted(others)[0]}, ...): choose a new directory")
-    writer = checkpoint._AtomicDir(out_dir, overwrite=True)
+    writer = _core.AtomicDir(out_dir, overwrite=True)
     try:
-        weights = os.path.join(writer.tmp, ADAPTER_WEIGHTS)
         try:
-            save_file(tensors, weights, metadata={"format": "pt"})
-        except SafetensorError as ex:  # safetensors reports I/O failures (a full disk) as its own error
-            raise OSError(f"writing {os.path.join(out_dir, ADAPTER_WEIGHTS)}: {ex}") from None
+            checkpoint.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
+        except OSError as ex:  # name the file the user asked for, not the hidden directory
+            raise type(ex)(ex.errno, str(ex.strerror).replace(writer.tmp, out_dir)) from None
         with open(os.path.join(writer.tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
             fh.write("\n")

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -145,6 +146,9 @@ public:
     // the range leaves the tensor or the file ends early, naming the file).
     void read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte = 0) const;
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
+    // A mapped file: lets the kernel drop the pages of tensor `name` (read again from the file if touched),
+    // so a long pass over a big file keeps its resident memory flat. No-op otherwise.
+    void drop_pages(const std::string& name) const;
 
 private:
     friend class DeltaFile;  // checks its manifest before the layout: a manifest error says more
@@ -189,6 +193,25 @@ private:
     uint64_t written_ = 0;
 };
 
+// An output directory built under a hidden temporary name beside it, ".<name>.deltapack-tmp-<pid>-<hex>",
+// and renamed into place when commit() succeeds. Temporaries of killed runs (their process gone) are
+// removed when the next one starts. Replacing a directory moves the old one aside first, so a kill
+// between the two renames leaves neither under the name, never a mix. Not committed: removed.
+class AtomicDir {
+public:
+    AtomicDir(const std::string& path, bool overwrite = false);  // EEXIST if it exists and !overwrite
+    ~AtomicDir();
+    AtomicDir(const AtomicDir&) = delete;
+    AtomicDir& operator=(const AtomicDir&) = delete;
+    const std::string& tmp() const { return tmp_; }    // write the contents here
+    const std::string& path() const { return path_; }
+    void commit(bool durable = true);  // durable: fsync every file and both directories first
+    void abort();
+
+private:
+    std::string path_, tmp_;
+};
+
 // Writes a safetensors file tensor by tensor in the given order: the header first (every name,
 // dtype and shape is declared up front), then each tensor's bytes with write(), which checks the
 // name and size against the declaration. Atomic (AtomicFile); finish() checks every tensor came.
@@ -207,6 +230,41 @@ private:
     std::vector<TensorInfo> tensors_;
     size_t next_ = 0;
     bool durable_;
+};
+
+// A model's weights: one .safetensors file, or a Hugging Face directory holding model.safetensors or
+// the shards that model.safetensors.index.json lists. Every header is read and checked on open (pread,
+// no mapping); the index must agree with the shards (each listed tensor in its shard, none unlisted, no
+// tensor stored twice); config.json, if present, must be a JSON object. Tensors are then read one at
+// a time into caller memory. Missing files are std::system_error (ENOENT), bad contents FormatError.
+class ModelFiles {
+public:
+    static std::unique_ptr<ModelFiles> open(const std::string& path);
+    ModelFiles(const ModelFiles&) = delete;
+    ModelFiles& operator=(const ModelFiles&) = delete;
+
+    const std::string& path() const { return path_; }
+    bool is_directory() const { return is_dir_; }
+    const std::vector<std::string>& shards() const { return shards_; }  // file names, sorted (or the file)
+    std::string shard_path(const std::string& shard) const;
+    const SafetensorsFile& shard(const std::string& shard) const;
+    std::vector<std::string> keys() const { return order_; }            // by shard, then data offset
+    bool contains(const std::string& name) const { return shard_of_.count(name) != 0; }
+    const TensorInfo& info(const std::string& name) const;             // throws std::out_of_range
+    const std::string& shard_of(const std::string& name) const;
+    void read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte = 0) const;
+    bool has_index() const { return has_index_; }
+    const std::string& index_metadata() const { return index_metadata_; }  // JSON text ("null" if none)
+    const std::string& config() const { return config_; }  // config.json as a JSON object's text ("" if none)
+
+private:
+    ModelFiles() = default;
+    void read_index(const std::string& index);
+    std::string path_, index_metadata_ = "null", config_;
+    bool is_dir_ = false, has_index_ = false;
+    std::vector<std::string> shards_, order_;
+    std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
+    std::map<std::string, std::string> shard_of_, index_map_;
 };
 
 // Writes a safetensors file atomically at once. Tensors are laid out larger element sizes first
@@ -228,6 +286,8 @@ public:
     // The encoded tensor (views into the mapping, valid while this DeltaFile lives). With
     // verify, the components' CRC-32C is checked first (FormatError on mismatch).
     EncodedRef get(const std::string& name, bool verify = true) const;
+    const std::vector<int64_t>& shape(const std::string& name) const;  // as the manifest states it (no reading)
+    void drop_pages(const std::string& name) const;  // of its components (SafetensorsFile::drop_pages)
     const std::string& manifest() const { return manifest_; }  // the JSON manifest text
 
 private:
@@ -270,6 +330,93 @@ private:
     int spill_fd_[4] = {-1, -1, -1, -1};  // element sizes 8, 4, 2, 1
     uint64_t spill_size_[4] = {0, 0, 0, 0};
 };
+
+// ----------------------------------------------------------------------------------- checkpoints
+
+// The base given for a checkpoint delta is not the one it was made from (names, dtypes, shapes or
+// contents differ from the delta's fingerprint). Pass force to rebuild anyway.
+struct BaseMismatch : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// How one tensor of the fine-tune is rebuilt (docs/checkpoints.md).
+enum class TensorKind : uint8_t {
+    Unchanged,  // "same": the base tensor `source`, as is (converted if another dtype is asked for)
+    Delta,      // "delta": base[source] + alpha * delta[name]
+    Replaced,   // "new": delta[name] as stored (an added tensor, or one whose shape changed)
+    Resized,    // "resized": rows [:k] = base[source][:k] + alpha * delta[name], rows [k:] = delta[new_rows]
+};
+const char* tensor_kind_name(TensorKind k);  // "same", "delta", "new", "resized"
+
+struct CheckpointTensor {
+    std::string name;
+    TensorKind kind = TensorKind::Unchanged;
+    DType dtype = DType::F32;     // the fine-tune's
+    std::vector<int64_t> shape;   // the fine-tune's
+    std::string source;           // the base tensor it starts from (empty for Replaced)
+    std::string new_rows;         // Resized: the delta tensor holding rows [k:] (empty if none)
+    // The dtype rebuild() writes when `requested` (F32, F16 or BF16) is asked for: it, for a float
+    // tensor; the tensor's own dtype otherwise (integer tensors never change).
+    DType output_dtype(DType requested) const;
+    DType output_dtype() const { return dtype; }
+    uint64_t nbytes(DType out) const;
+};
+
+// A fine-tune as `deltapack compress` records it in a delta file (its manifest's metadata["checkpoint"]),
+// over a base model. Opening checks the record against the delta file and the base (every source in the
+// base with a compatible shape, every stored tensor with the shape its kind needs) and, unless `force`,
+// the base against the delta's fingerprint: the same tensor names, dtypes and shapes (BaseMismatch
+// naming the first difference), and, as each base tensor is read, its CRC-32C.
+class CheckpointDelta {
+public:
+    CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::shared_ptr<const DeltaFile> delta, bool force = false);
+    static bool recorded_in(const DeltaFile& delta);  // whether `deltapack compress` made it (it has a record)
+
+    const std::vector<CheckpointTensor>& tensors() const { return tensors_; }  // the fine-tune's, in order
+    const CheckpointTensor& tensor(const std::string& name) const;            // throws std::out_of_range
+    const std::vector<std::string>& removed() const { return removed_; }       // base tensors it dropped
+    const std::string& record() const { return record_; }                       // the record's JSON text
+    const ModelFiles& base() const { return *base_; }
+    const DeltaFile& delta() const { return *delta_; }
+
+    // Rebuilds tensor `name` into `out` (out_bytes = numel * size of out_dtype exactly; out_dtype must be
+    // tensor(name).output_dtype(...) of some request). Never holds more than the tensor and its base.
+    void rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha = 1.0f,
+                 int threads = 0) const;
+
+private:
+    void read_base(const std::string& src, void* out, uint64_t nbytes) const;  // with the fingerprint check
+    std::shared_ptr<const ModelFiles> base_;
+    std::shared_ptr<const DeltaFile> delta_;
+    bool force_;
+    std::string record_;
+    std::vector<CheckpointTensor> tensors_;
+    std::map<std::string, size_t> index_;
+    std::vector<std::string> removed_;
+    std::map<std::string, uint32_t> base_crc_;
+};
+
+struct ApplyCheckpointOptions {
+    float alpha = 1.0f;     // base + alpha * delta (1: the fine-tune; > 1 extrapolates, < 1 interpolates)
+    std::string dtype;      // "f32", "f16" or "bf16" for every float tensor; empty: each tensor's own
+    bool force = false;     // rebuild even from a base that differs from the delta's fingerprint
+    bool overwrite = false; // replace an existing output
+    bool durable = true;    // fsync before the output appears (off: still atomic if killed, not on power loss)
+    int threads = 0;
+    std::function<void(uint64_t)> progress;  // called with the bytes of each tensor written
+};
+
+struct CheckpointOutput {
+    std::string path;
+    size_t tensors = 0;
+    uint64_t bytes = 0;  // tensor data written
+};
+
+// Rebuilds the fine-tune `delta` records over `base` and writes it to `out`, atomically: for a base
+// directory, a directory sharded like the base (index, kept config and tokenizer files, config.json's
+// dtype set when `dtype` is given), loadable by transformers; for a base file, one .safetensors file.
+CheckpointOutput apply_checkpoint(const std::string& base, const std::string& delta, const std::string& out,
+                                  const ApplyCheckpointOptions& options = {});
 
 // Writes a delta file at once (a DeltaWriter over `tensors`).
 void save(const std::string& path, const std::vector<EncodedRef>& tensors,

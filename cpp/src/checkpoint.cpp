@@ -1,0 +1,463 @@
+// Rebuilding a fine-tuned checkpoint from its base and the record `deltapack compress` keeps in the
+// delta file (docs/checkpoints.md). The record is input from strangers: every name, shape and kind is
+// checked against the delta file and the base before anything is read.
+#include <sys/stat.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <system_error>
+
+#include "codec.h"
+
+namespace deltapack {
+
+const char* tensor_kind_name(TensorKind k) {
+    switch (k) {
+        case TensorKind::Unchanged: return "same";
+        case TensorKind::Delta: return "delta";
+        case TensorKind::Replaced: return "new";
+        case TensorKind::Resized: return "resized";
+    }
+    return "?";
+}
+
+DType CheckpointTensor::output_dtype(DType requested) const { return is_float_dtype(dtype) ? requested : dtype; }
+
+uint64_t CheckpointTensor::nbytes(DType out) const {
+    uint64_t n = dtype_size(out);
+    for (int64_t d : shape) n *= uint64_t(d);
+    return n;
+}
+
+static int64_t numel_of(const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+}
+
+CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::shared_ptr<const DeltaFile> delta,
+                                 bool force)
+    : base_(std::move(base)), delta_(std::move(delta)), force_(force) {
+    const std::string& dpath = delta_->path();
+    auto fail = [&](const std::string& m) -> void { throw FormatError(dpath + ": " + m); };
+    const json::Value man = json::parse(delta_->manifest());  // checked when the file was opened
+    const json::Value* meta = man.find("metadata");
+    const json::Value* rec = meta && meta->kind == json::Value::Object ? meta->find("checkpoint") : nullptr;
+    const json::Value* specs = rec && rec->kind == json::Value::Object ? rec->find("tensors") : nullptr;
+    if (!specs || specs->kind != json::Value::Object)
+        fail("not a checkpoint delta (no metadata['checkpoint'] record; it was not made by `deltapack compress`)");
+    const json::Value* ver = rec->find("version");
+    if (!ver || !ver->is_integer || ver->integer != 1)
+        fail("checkpoint record version " + (ver ? json::dump(*ver) : std::string("None")) + " is not supported");
+    record_ = json::dump(*rec);
+
+    // The fingerprint of the base the delta was made from.
+    const json::Value* fp_base = man.find("base");
+    const json::Value* fp = fp_base && fp_base->kind == json::Value::Object ? fp_base->find("tensors") : nullptr;
+    if (fp && fp->kind == json::Value::Object) {
+        for (auto& kv : fp->obj) {
+            const json::Value* crc = kv.second.kind == json::Value::Object ? kv.second.find("crc32c") : nullptr;
+            if (crc && crc->kind == json::Value::String && crc->str.size() == 8 &&
+                crc->str.find_first_not_of("0123456789abcdef") == std::string::npos)
+                base_crc_[kv.first] = uint32_t(std::stoul(crc->str, nullptr, 16));
+        }
+        if (!force_) {
+            const std::string& bp = base_->path();
+            auto mismatch = [&](const std::string& m) -> void {
+                throw BaseMismatch(bp + ": this is not the delta's base: " + m);
+            };
+            for (auto& kv : fp->obj) {
+                if (!base_->contains(kv.first))
+                    mismatch("tensor '" + kv.first + "' is missing (use --force / force=True to apply anyway)");
+                const TensorInfo& bi = base_->info(kv.first);
+                const json::Value* dt = kv.second.kind == json::Value::Object ? kv.second.find("dtype") : nullptr;
+                const json::Value* sh = kv.second.kind == json::Value::Object ? kv.second.find("shape") : nullptr;
+                json::Value have = json::Value::make_array();
+                for (int64_t d : bi.shape) have.arr.push_back(json::Value::make_int(d));
+                const std::string want_dt = dt && dt->kind == json::Value::String ? dt->str : "?";
+                const std::string want_sh = sh ? json::dump(*sh) : "?";
+                if (want_dt != safetensors_dtype_name(bi.dtype) || want_sh != json::dump(have))
+                    mismatch("tensor '" + kv.first + "' is " + safetensors_dtype_name(bi.dtype) + " " + json::dump(have) +
+                             ", the delta was made against " + want_dt + " " + want_sh + " (use --force to apply anyway)");
+            }
+            for (const std::string& name : base_->keys())
+                if (!fp->find(name))
+                    mismatch("it has tensor '" + name + "' that the delta's base lacked (use --force to apply anyway)");
+        }
+    }
+
+    for (auto& kv : specs->obj) {
+        const std::string& name = kv.first;
+        auto tfail = [&](const std::string& m) { fail("checkpoint record: tensor '" + name + "': " + m); };
+        const json::Value& s = kv.second;
+        if (s.kind != json::Value::Object) tfail("not an object");
+        CheckpointTensor t;
+        t.name = name;
+        const json::Value* op = s.find("op");
+        const std::string ops = op && op->kind == json::Value::String ? op->str : "";
+        if (ops == "same") t.kind = TensorKind::Unchanged;
+        else if (ops == "delta") t.kind = TensorKind::Delta;
+        else if (ops == "new") t.kind = TensorKind::Replaced;
+        else if (ops == "resized") t.kind = TensorKind::Resized;
+        else tfail("unknown op " + (op ? json::dump(*op) : std::string("(missing)")));
+        const json::Value* dt = s.find("dtype");
+        try {
+            if (!dt || dt->kind != json::Value::String) throw std::invalid_argument("missing");
+            t.dtype = dtype_from_name(dt->str);
+            if (dt->str != safetensors_dtype_name(t.dtype)) throw std::invalid_argument("spelling");
+        } catch (const std::invalid_argument&) {
+            tfail("dtype " + (dt ? json::dump(*dt) : std::string("(missing)")) + " is not a safetensors dtype");
+        }
+        const json::Value* sh = s.find("shape");
+        if (!sh || sh->kind != json::Value::Array) tfail("shape must be an array");
+        uint64_t n = 1;
+        for (auto& d : sh->arr) {
+            if (!d.is_integer || d.integer < 0) tfail("shape entries must be integers >= 0");
+            if (__builtin_mul_overflow(n, uint64_t(d.integer), &n) || n > (uint64_t(1) << 48))
+                tfail("shape is implausibly large");
+            t.shape.push_back(d.integer);
+        }
+        if (t.kind != TensorKind::Replaced) {
+            const json::Value* src = s.find("source");
+            if (src && src->kind != json::Value::String) tfail("source must be a string");
+            t.source = src ? src->str : name;
+            if (!base_->contains(t.source))
+                throw BaseMismatch(base_->path() + ": tensor '" + t.source + "', needed for '" + name + "', is not in the base");
+        }
+        // Every stored tensor this one reads must be in the delta file with the shape its kind implies.
+        auto stored = [&](const std::string& key, const std::vector<int64_t>& want) {
+            if (!delta_->contains(key)) tfail("delta tensor '" + key + "' is not in the file");
+            if (delta_->shape(key) != want) tfail("delta tensor '" + key + "' has another shape than it needs");
+        };
+        const std::vector<int64_t>* bshape = t.source.empty() ? nullptr : &base_->info(t.source).shape;
+        switch (t.kind) {
+            case TensorKind::Unchanged:
+                if (*bshape != t.shape) tfail("is unchanged but its shape differs from base tensor '" + t.source + "'");
+                if (!is_float_dtype(t.dtype) && base_->info(t.source).dtype != t.dtype)
+                    tfail("is unchanged but its dtype differs from base tensor '" + t.source + "'");
+                break;
+            case TensorKind::Delta:
+                if (*bshape != t.shape) tfail("shape differs from base tensor '" + t.source + "'");
+                if (!is_float_dtype(t.dtype) || !is_float_dtype(base_->info(t.source).dtype))
+                    tfail("a delta needs float tensors");
+                stored(name, t.shape);
+                break;
+            case TensorKind::Replaced:
+                if (!is_float_dtype(t.dtype)) tfail("a stored tensor must be f32, f16 or bf16");
+                stored(name, t.shape);
+                break;
+            case TensorKind::Resized: {
+                if (t.shape.empty() || bshape->size() != t.shape.size() ||
+                    !std::equal(t.shape.begin() + 1, t.shape.end(), bshape->begin() + 1))
+                    tfail("is resized along dim 0 but base tensor '" + t.source + "' differs in another dimension");
+                if (!is_float_dtype(t.dtype) || !is_float_dtype(base_->info(t.source).dtype))
+                    tfail("a delta needs float tensors");
+                std::vector<int64_t> shared = t.shape;
+                shared[0] = std::min(t.shape[0], (*bshape)[0]);
+                stored(name, shared);
+                const json::Value* nr = s.find("new_rows");
+                if (t.shape[0] > shared[0]) {
+                    if (!nr || nr->kind != json::Value::String) tfail("grows along dim 0 but has no new_rows tensor");
+                    t.new_rows = nr->str;
+                    std::vector<int64_t> rows = t.shape;
+                    rows[0] = t.shape[0] - shared[0];
+                    stored(t.new_rows, rows);
+                }
+                break;
+            }
+        }
+        index_[name] = tensors_.size();
+        tensors_.push_back(std::move(t));
+    }
+    if (const json::Value* rm = rec->find("removed"))
+        if (rm->kind == json::Value::Array)
+            for (auto& r : rm->arr)
+                if (r.kind == json::Value::String) removed_.push_back(r.str);
+}
+
+bool CheckpointDelta::recorded_in(const DeltaFile& delta) {
+    const json::Value man = json::parse(delta.manifest());
+    const json::Value* meta = man.find("metadata");
+    const json::Value* rec = meta && meta->kind == json::Value::Object ? meta->find("checkpoint") : nullptr;
+    return rec && rec->kind == json::Value::Object;
+}
+
+const CheckpointTensor& CheckpointDelta::tensor(const std::string& name) const {
+    auto it = index_.find(name);
+    if (it == index_.end()) throw std::out_of_range(delta_->path() + ": the fine-tune has no tensor '" + name + "'");
+    return tensors_[it->second];
+}
+
+void CheckpointDelta::read_base(const std::string& src, void* out, uint64_t nbytes) const {
+    base_->read(src, out, nbytes);
+    auto it = base_crc_.find(src);
+    if (force_ || it == base_crc_.end()) return;
+    const uint32_t got = crc32c(out, size_t(nbytes));
+    if (got != it->second) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "CRC-32C %08x, expected %08x", got, it->second);
+        throw BaseMismatch(base_->path() + ": this is not the delta's base: tensor '" + src +
+                           "' has different contents (" + buf + "; use --force to apply anyway)");
+    }
+}
+
+// out (n elements of `to`) = the n elements of `from` at src, rounded once (f32 widened exactly).
+static void convert(const void* src, DType from, void* out, DType to, size_t n) {
+    if (from == to) {
+        std::memcpy(out, src, n * dtype_size(to));
+        return;
+    }
+    std::vector<float> buf(std::min<size_t>(n, size_t(1) << 16));
+    for (size_t i = 0; i < n; i += buf.size()) {
+        const size_t m = std::min(buf.size(), n - i);
+        kernels().to_f32(static_cast<const uint8_t*>(src) + i * dtype_size(from), from, buf.data(), m);
+        void* dst = static_cast<uint8_t*>(out) + i * dtype_size(to);
+        for (size_t j = 0; j < m; ++j) store_one(dst, to, j, buf[j]);
+    }
+}
+
+void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha,
+                              int threads) const {
+    const CheckpointTensor& t = tensor(name);
+    if (out_dtype != t.output_dtype(out_dtype) || (!is_float_dtype(t.dtype) && out_dtype != t.dtype))
+        throw std::invalid_argument(delta_->path() + ": tensor '" + name + "' is " + safetensors_dtype_name(t.dtype) +
+                                    ", it cannot be rebuilt as " + safetensors_dtype_name(out_dtype));
+    if (out_bytes != t.nbytes(out_dtype))
+        throw std::invalid_argument(delta_->path() + ": tensor '" + name + "': destination holds " +
+                                    std::to_string(out_bytes) + " bytes, need " + std::to_string(t.nbytes(out_dtype)));
+    const size_t n = size_t(numel_of(t.shape));
+    ApplyParams p = apply_default_params();
+    p.alpha = alpha;
+    p.threads = threads;
+    std::vector<uint8_t> scratch;
+    auto read_whole_base = [&]() -> const TensorInfo& {
+        const TensorInfo& bi = base_->info(t.source);
+        scratch.resize(size_t(bi.nbytes));
+        read_base(t.source, scratch.data(), bi.nbytes);
+        return bi;
+    };
+    auto decode_into = [&](const std::string& key, void* dst, size_t count) {
+        EncodedRef e = delta_->get(key);
+        std::vector<float> f(count);
+        decode(e, ArrayRef{f.data(), DType::F32, e.shape}, threads);
+        convert(f.data(), DType::F32, dst, out_dtype, count);
+        delta_->drop_pages(key);
+    };
+    switch (t.kind) {
+        case TensorKind::Unchanged: {
+            const TensorInfo& bi = base_->info(t.source);
+            if (bi.dtype == out_dtype) {
+                read_base(t.source, out, out_bytes);
+            } else {
+                read_whole_base();
+                convert(scratch.data(), bi.dtype, out, out_dtype, n);
+            }
+            return;
+        }
+        case TensorKind::Replaced:
+            decode_into(name, out, n);
+            return;
+        case TensorKind::Delta: {
+            EncodedRef e = delta_->get(name);
+            const TensorInfo& bi = base_->info(t.source);
+            if (bi.dtype == out_dtype) {  // in place: one tensor-sized buffer
+                read_base(t.source, out, out_bytes);
+                apply(e, ArrayRef{out, out_dtype, t.shape}, ArrayRef{out, out_dtype, t.shape}, p);
+            } else {
+                read_whole_base();
+                apply(e, ArrayRef{scratch.data(), bi.dtype, t.shape}, ArrayRef{out, out_dtype, t.shape}, p);
+            }
+            delta_->drop_pages(name);  // touched pages of a mapping stay resident: keep memory flat
+            return;
+        }
+        case TensorKind::Resized: {
+            EncodedRef e = delta_->get(name);
+            const TensorInfo& bi = read_whole_base();
+            apply(e, ArrayRef{scratch.data(), bi.dtype, e.shape}, ArrayRef{out, out_dtype, e.shape}, p);
+            delta_->drop_pages(name);
+            if (!t.new_rows.empty()) {
+                const size_t done = size_t(numel_of(e.shape));
+                decode_into(t.new_rows, static_cast<uint8_t*>(out) + done * dtype_size(out_dtype), n - done);
+            }
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- writing a checkpoint
+
+static std::string base64_decode(const std::string& in, const std::string& what) {
+    static const std::string abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string out;
+    uint32_t acc = 0;
+    int bits = 0;
+    size_t pad = 0;
+    for (char c : in) {
+        if (c == '=') { ++pad; continue; }
+        const size_t v = abc.find(c);
+        if (v == std::string::npos || pad) throw FormatError(what + ": not valid base64");
+        acc = (acc << 6) | uint32_t(v);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out += char((acc >> bits) & 0xffu);
+        }
+    }
+    if (pad > 2 || (in.size() % 4) != 0) throw FormatError(what + ": not valid base64");
+    return out;
+}
+
+static void write_file(const std::string& path, const std::string& data) {
+    AtomicFile f(path);
+    f.write(data.data(), data.size());
+    f.commit(false);  // inside an AtomicDir, which makes everything durable at once
+}
+
+static bool is_weight_file(const std::string& name) {
+    static const char* suffixes[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                                     ".onnx", ".index.json"};
+    for (const char* s : suffixes) {
+        const size_t n = std::strlen(s);
+        if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
+    }
+    return false;
+}
+
+// The non-weight files of the output: those the delta kept (config.json's dtype set to `dtype` if given),
+// else, when it kept none, the base directory's own.
+static std::vector<std::pair<std::string, std::string>> config_files(const CheckpointDelta& c, const std::string& dtype) {
+    std::vector<std::pair<std::string, std::string>> files;
+    const json::Value rec = json::parse(c.record());
+    const json::Value* kept = rec.find("files");
+    if (kept && kept->kind == json::Value::Object) {
+        for (auto& kv : kept->obj) {
+            const std::string& name = kv.first;
+            const std::string what = c.delta().path() + ": kept file '" + name + "'";
+            if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+                throw FormatError(what + " is not a plain file name");
+            const json::Value* text = kv.second.kind == json::Value::Object ? kv.second.find("text") : nullptr;
+            const json::Value* b64 = kv.second.kind == json::Value::Object ? kv.second.find("base64") : nullptr;
+            std::string data;
+            if (text && text->kind == json::Value::String) data = text->str;
+            else if (b64 && b64->kind == json::Value::String) data = base64_decode(b64->str, what);
+            else throw FormatError(what + " has neither text nor base64");
+            if (name == "config.json" && !dtype.empty()) {
+                json::Value cfg;
+                try {
+                    cfg = json::parse(data);
+                } catch (const std::exception& ex) {
+                    throw FormatError(what + ": not valid JSON (" + ex.what() + ")");
+                }
+                const char* torch_name = dtype == "f32" ? "float32" : dtype == "f16" ? "float16" : "bfloat16";
+                for (const char* key : {"torch_dtype", "dtype"})
+                    if (cfg.kind == json::Value::Object && cfg.find(key)) cfg.set(key, json::Value::make_string(torch_name));
+                data = json::dump(cfg, 2) + "\n";
+            }
+            files.emplace_back(name, std::move(data));
+        }
+    }
+    if (files.empty() && c.base().is_directory()) {
+        std::error_code ec;
+        for (auto& entry : std::filesystem::directory_iterator(c.base().path(), ec)) {
+            const std::string name = entry.path().filename().string();
+            if (name.empty() || name[0] == '.' || !entry.is_regular_file() || is_weight_file(name)) continue;
+            std::ifstream in(entry.path(), std::ios::binary);
+            std::ostringstream data;
+            data << in.rdbuf();
+            files.emplace_back(name, data.str());
+        }
+    }
+    return files;
+}
+
+// A system_error raised while writing in the temporary directory, told with the name the user asked for.
+[[noreturn]] static void rethrow_named(const std::system_error& ex, const std::string& tmp, const std::string& out) {
+    std::string msg = ex.what();
+    const std::string reason = ": " + ex.code().message();
+    if (msg.size() >= reason.size() && msg.compare(msg.size() - reason.size(), reason.size(), reason) == 0)
+        msg.resize(msg.size() - reason.size());
+    for (size_t at; (at = msg.find(tmp)) != std::string::npos;) msg.replace(at, tmp.size(), out);
+    throw std::system_error(ex.code(), msg);
+}
+
+CheckpointOutput apply_checkpoint(const std::string& base, const std::string& delta, const std::string& out,
+                                  const ApplyCheckpointOptions& o) {
+    if (!o.dtype.empty() && o.dtype != "f32" && o.dtype != "f16" && o.dtype != "bf16")
+        throw std::invalid_argument("dtype '" + o.dtype + "': use bf16, f16 or f32");
+    std::shared_ptr<const ModelFiles> b = ModelFiles::open(base);
+    std::shared_ptr<const DeltaFile> d = DeltaFile::open(delta);
+    CheckpointDelta c(b, d, o.force);
+    auto out_dtype = [&](const CheckpointTensor& t) { return o.dtype.empty() ? t.dtype : t.output_dtype(dtype_from_name(o.dtype)); };
+
+    // Each tensor goes to the shard of its base tensor (or of its source); added ones to the last shard.
+    std::map<std::string, std::vector<const CheckpointTensor*>> layout;
+    for (const std::string& s : b->shards()) layout[s];
+    for (const CheckpointTensor& t : c.tensors()) {
+        const std::string& shard = b->contains(t.name) ? b->shard_of(t.name)
+                                   : (!t.source.empty() && b->contains(t.source)) ? b->shard_of(t.source)
+                                                                                 : b->shards().back();
+        layout[shard].push_back(&t);
+    }
+    CheckpointOutput result{out, c.tensors().size(), 0};
+    std::vector<uint8_t> scratch;  // one buffer reused from tensor to tensor: pages are faulted in once
+    auto write_shard = [&](const std::string& path, const std::string& shard) {
+        std::vector<TensorInfo> infos;
+        for (const CheckpointTensor* t : layout[shard]) infos.push_back(TensorInfo{t->name, out_dtype(*t), t->shape, 0, 0});
+        std::map<std::string, std::string> meta = b->shard(shard).metadata();
+        meta["format"] = "pt";
+        SafetensorsWriter w(path, infos, meta, o.durable);
+        for (const CheckpointTensor* t : layout[shard]) {
+            const DType dt = out_dtype(*t);
+            const uint64_t n = t->nbytes(dt);
+            if (scratch.size() < n) scratch = std::vector<uint8_t>(size_t(n));
+            c.rebuild(t->name, scratch.data(), n, dt, o.alpha, o.threads);
+            w.write(t->name, scratch.data(), n);
+            result.bytes += n;
+            if (o.progress) o.progress(n);
+        }
+        w.finish();
+    };
+
+    if (!b->is_directory()) {
+        struct stat st;
+        if (::stat(out.c_str(), &st) == 0) {
+            if (S_ISDIR(st.st_mode))
+                throw std::system_error(EISDIR, std::generic_category(),
+                                        out + ": is a directory (the base is one file, so the output is one .safetensors file)");
+            if (!o.overwrite)
+                throw std::system_error(EEXIST, std::generic_category(), out + " already exists (use --overwrite to replace it)");
+        }
+        write_shard(out, b->shards().front());
+        return result;
+    }
+    AtomicDir dir(out, o.overwrite);
+    try {
+        json::Value weight_map = json::Value::make_object();
+        std::map<std::string, std::string> sorted;
+        for (auto& kv : layout) {
+            write_shard(dir.tmp() + "/" + kv.first, kv.first);
+            for (const CheckpointTensor* t : kv.second) sorted[t->name] = kv.first;
+        }
+        if (b->has_index()) {
+            json::Value meta = json::parse(b->index_metadata());
+            if (meta.kind != json::Value::Object) meta = json::Value::make_object();
+            meta.set("total_size", json::Value::make_int(int64_t(result.bytes)));
+            for (auto& kv : sorted) weight_map.obj.emplace_back(kv.first, json::Value::make_string(kv.second));
+            json::Value index = json::Value::make_object();
+            index.set("metadata", meta);
+            index.set("weight_map", weight_map);
+            write_file(dir.tmp() + "/model.safetensors.index.json", json::dump(index, 2));
+        }
+        for (auto& f : config_files(c, o.dtype)) write_file(dir.tmp() + "/" + f.first, f.second);
+        dir.commit(o.durable);
+    } catch (const std::system_error& ex) {
+        const std::string tmp = dir.tmp();
+        dir.abort();
+        rethrow_named(ex, tmp, out);
+    }
+    return result;
+}
+
+}  // namespace deltapack

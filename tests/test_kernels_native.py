@@ -52,7 +52,41 @@ def write_c_api_fixture(d):
     (exact_f32(base_w) + np.float32(0.5) * decoded).astype(np.float32).tofile(d / "ref_w_f32.raw")
     bits(dp.apply(base_q, enc["q"])).tofile(d / "ref_q_f16.raw")
     (base_b + b_delta.astype(np.float32)).tofile(d / "ref_b_f32.raw")  # dense f32 keeps the f16 delta exactly
+    write_checkpoint_fixture(d)
     return enc
+
+
+def write_checkpoint_fixture(d):
+    """A sharded base directory and a fine-tune of it with every kind of tensor (changed, unchanged, a
+    resized embedding, an added and a removed tensor, an integer one), compressed by deltapack compress;
+    the references are what deltapack.load rebuilds (ck_<name>.raw) and one tensor in f32."""
+    import json
+
+    import torch
+    from conftest import bits
+    from safetensors.torch import save_file
+
+    from deltapack import checkpoint as ck
+    g = torch.Generator().manual_seed(11)
+    base = {"emb": torch.randn(20, 8, generator=g).to(torch.bfloat16), "w": torch.randn(16, 12, generator=g),
+            "n": torch.randn(12, generator=g).to(torch.bfloat16), "pos": torch.arange(5),
+            "old": torch.randn(4, 4, generator=g).to(torch.float16)}
+    ft = {"emb": torch.cat([base["emb"] + 0.01, torch.randn(4, 8, generator=g).to(torch.bfloat16)]),
+          "w": base["w"] + 0.01 * torch.randn(16, 12, generator=g), "n": base["n"], "pos": base["pos"],
+          "added": torch.randn(3, 5, generator=g)}
+    for name, sd, shards in (("ckpt_base", base, (["emb", "w"], ["n", "pos", "old"])),
+                             ("ckpt_ft", ft, (["emb", "w"], ["n", "pos", "added"]))):
+        (d / name).mkdir()
+        files = {f"model-0000{i + 1}-of-00002.safetensors": keys for i, keys in enumerate(shards)}
+        for fname, keys in files.items():
+            save_file({k: sd[k] for k in keys}, str(d / name / fname), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f for f, keys in files.items() for k in keys}}
+        (d / name / "model.safetensors.index.json").write_text(json.dumps(index))
+        (d / name / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    ck.compress(d / "ckpt_base", d / "ckpt_ft", d / "ckpt.dpk", "*emb*=quant:bits=4;*=sign", min_size=0, force=True)
+    for name, t in ck.load(d / "ckpt_base", d / "ckpt.dpk").items():
+        (bits(t) if t.is_floating_point() else t.numpy()).tofile(d / f"ck_{name}.raw")
+    bits(ck.load(d / "ckpt_base", d / "ckpt.dpk", dtype="f32")["emb"]).tofile(d / "ck_emb_f32.raw")
 
 
 def native_build(tmp_path_factory):

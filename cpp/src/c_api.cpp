@@ -16,14 +16,18 @@
 #endif
 
 struct dp_file {
-    std::unique_ptr<deltapack::DeltaFile> file;
+    std::shared_ptr<deltapack::DeltaFile> file;
     std::vector<std::string> names;
     deltapack::json::Value metadata;  // the manifest's "metadata" value (Null if absent)
 };
 
 struct dp_base {
-    std::unique_ptr<deltapack::SafetensorsFile> file;
+    std::shared_ptr<deltapack::ModelFiles> files;
     std::vector<std::string> names;
+};
+
+struct dp_checkpoint {
+    std::unique_ptr<deltapack::CheckpointDelta> ck;
 };
 
 namespace {
@@ -260,12 +264,9 @@ int dp_decode(const dp_file* f, const char* name, float* out, size_t out_size, i
 dp_base* dp_base_open(const char* path) {
     return guarded<dp_base*>(nullptr, [&] {
         need(path, "dp_base_open", "path");
-        struct stat st;
-        if (::stat(path, &st) == 0 && S_ISDIR(st.st_mode))
-            fail(std::string(path) + ": is a directory; dp_base_open reads one .safetensors file for now");
         auto b = std::make_unique<dp_base>();
-        b->file = deltapack::SafetensorsFile::open(path);
-        b->names = b->file->keys();
+        b->files = deltapack::ModelFiles::open(path);
+        b->names = b->files->keys();
         return b.release();
     });
 }
@@ -278,22 +279,22 @@ int64_t dp_base_name(const dp_base* b, size_t i, char* buf, size_t buf_size) {
     return guarded<int64_t>(-1, [&] {
         need(b, "dp_base_name", "b");
         if (i >= b->names.size())
-            fail(b->file->path() + ": tensor index " + std::to_string(i) + " out of range (" +
+            fail(b->files->path() + ": tensor index " + std::to_string(i) + " out of range (" +
                  std::to_string(b->names.size()) + " tensors)");
         return copy_text(b->names[i], buf, buf_size, "dp_base_name");
     });
 }
 
-static const deltapack::ArrayRef& base_tensor(const dp_base* b, const char* name, const char* fn) {
+static const deltapack::TensorInfo& base_tensor(const dp_base* b, const char* name, const char* fn) {
     need(b, fn, "b");
     need(name, fn, "name");
-    return b->file->get(name);
+    return b->files->info(name);
 }
 
 int dp_base_shape(const dp_base* b, const char* name, int64_t* dims, size_t max_dims) {
     return guarded(-1, [&] {
-        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_base_shape");
-        return copy_shape(b->file->path() + ": tensor '" + name + "'", t.shape, dims, max_dims);
+        const deltapack::TensorInfo& t = base_tensor(b, name, "dp_base_shape");
+        return copy_shape(b->files->path() + ": tensor '" + name + "'", t.shape, dims, max_dims);
     });
 }
 
@@ -303,10 +304,10 @@ int dp_base_dtype(const dp_base* b, const char* name) {
 
 int dp_base_read(const dp_base* b, const char* name, void* out, size_t out_size) {
     return guarded(-1, [&] {
-        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_base_read");
+        const deltapack::TensorInfo& t = base_tensor(b, name, "dp_base_read");
         need(out, "dp_base_read", "out");
-        check_size(b->file->path() + ": tensor '" + name + "'", "out", t.shape, t.dtype, out_size);
-        if (out_size) std::memcpy(out, t.data, out_size);
+        check_size(b->files->path() + ": tensor '" + name + "'", "out", t.shape, t.dtype, out_size);
+        b->files->read(name, out, out_size);
         return 0;
     });
 }
@@ -315,19 +316,118 @@ int dp_apply_from_base(const dp_file* f, const dp_base* b, const char* name, voi
                        dp_dtype out_dtype, dp_apply_params params) {
     return guarded(-1, [&] {
         need(f, "dp_apply_from_base", "f");
-        const deltapack::ArrayRef& t = base_tensor(b, name, "dp_apply_from_base");
+        const deltapack::TensorInfo& t = base_tensor(b, name, "dp_apply_from_base");
         need(out, "dp_apply_from_base", "out");
         const std::string where = tensor_where(f, name);
-        const std::string base_where = b->file->path() + ": tensor '" + name + "'";
-        deltapack::EncodedRef e = f->file->get(name, false);
+        const std::string base_where = b->files->path() + ": tensor '" + name + "'";
+        deltapack::EncodedRef e = f->file->get(name, params.verify != 0);
         if (t.shape != e.shape)
             fail(where + ": the delta's shape " + shape_text(e.shape) + " differs from the base's " + shape_text(t.shape) +
-                 " in " + b->file->path());
+                 " in " + b->files->path());
         float_dtype(int(t.dtype), base_where, "base");
         const deltapack::DType ot = float_dtype(out_dtype, where, "out");
         check_size(where, "out", e.shape, ot, out_size);
-        if (params.verify) e = f->file->get(name, true);
-        deltapack::apply(e, t, deltapack::ArrayRef{out, ot, e.shape}, engine_params(params));
+        if (t.dtype == ot) {  // the base read straight into out, rebuilt in place
+            b->files->read(name, out, out_size);
+            deltapack::apply(e, deltapack::ArrayRef{out, ot, e.shape}, deltapack::ArrayRef{out, ot, e.shape},
+                             engine_params(params));
+        } else {
+            std::vector<uint8_t> base(size_t(t.nbytes));
+            b->files->read(name, base.data(), t.nbytes);
+            deltapack::apply(e, deltapack::ArrayRef{base.data(), t.dtype, e.shape}, deltapack::ArrayRef{out, ot, e.shape},
+                             engine_params(params));
+        }
+        return 0;
+    });
+}
+
+// ----------------------------------------------------------------------------- checkpoints
+
+dp_checkpoint* dp_checkpoint_open(const dp_file* f, const dp_base* b, int force) {
+    return guarded<dp_checkpoint*>(nullptr, [&] {
+        need(f, "dp_checkpoint_open", "f");
+        auto c = std::make_unique<dp_checkpoint>();
+        c->ck = std::make_unique<deltapack::CheckpointDelta>(b ? b->files : nullptr, f->file, force != 0);
+        return c.release();
+    });
+}
+
+void dp_checkpoint_close(dp_checkpoint* c) { delete c; }
+
+size_t dp_checkpoint_count(const dp_checkpoint* c) { return c ? c->ck->tensors().size() : 0; }
+
+int64_t dp_checkpoint_name(const dp_checkpoint* c, size_t i, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(c, "dp_checkpoint_name", "c");
+        if (i >= c->ck->tensors().size())
+            fail(c->ck->delta().path() + ": tensor index " + std::to_string(i) + " out of range (" +
+                 std::to_string(c->ck->tensors().size()) + " tensors)");
+        return copy_text(c->ck->tensors()[i].name, buf, buf_size, "dp_checkpoint_name");
+    });
+}
+
+static const deltapack::CheckpointTensor& ck_tensor(const dp_checkpoint* c, const char* name, const char* fn) {
+    need(c, fn, "c");
+    need(name, fn, "name");
+    return c->ck->tensor(name);
+}
+
+int dp_checkpoint_kind(const dp_checkpoint* c, const char* name) {
+    return guarded(-1, [&] { return int(ck_tensor(c, name, "dp_checkpoint_kind").kind); });
+}
+
+int dp_checkpoint_dtype(const dp_checkpoint* c, const char* name) {
+    return guarded(-1, [&] { return int(ck_tensor(c, name, "dp_checkpoint_dtype").dtype); });
+}
+
+int dp_checkpoint_shape(const dp_checkpoint* c, const char* name, int64_t* dims, size_t max_dims) {
+    return guarded(-1, [&] {
+        const deltapack::CheckpointTensor& t = ck_tensor(c, name, "dp_checkpoint_shape");
+        return copy_shape(c->ck->delta().path() + ": tensor '" + name + "'", t.shape, dims, max_dims);
+    });
+}
+
+int64_t dp_checkpoint_source(const dp_checkpoint* c, const char* name, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        return copy_text(ck_tensor(c, name, "dp_checkpoint_source").source, buf, buf_size, "dp_checkpoint_source");
+    });
+}
+
+int dp_checkpoint_rebuild(const dp_checkpoint* c, const char* name, void* out, size_t out_size, dp_dtype out_dtype,
+                          dp_apply_params params) {
+    return guarded(-1, [&] {
+        ck_tensor(c, name, "dp_checkpoint_rebuild");
+        need(out, "dp_checkpoint_rebuild", "out");
+        c->ck->rebuild(name, out, out_size, to_dtype(out_dtype, "out"), params.alpha, params.threads);
+        return 0;
+    });
+}
+
+int dp_checkpoint_rebuild_from(const dp_checkpoint* c, const char* name, const void* base, size_t base_size,
+                               dp_dtype base_dtype, void* out, size_t out_size, dp_dtype out_dtype,
+                               dp_apply_params params) {
+    return guarded(-1, [&] {
+        ck_tensor(c, name, "dp_checkpoint_rebuild_from");
+        need(out, "dp_checkpoint_rebuild_from", "out");
+        c->ck->rebuild_from(name, base, base_size, to_dtype(base_dtype, "base"), out, out_size,
+                            to_dtype(out_dtype, "out"), params.alpha, params.threads);
+        return 0;
+    });
+}
+
+int dp_apply_checkpoint(const char* base, const char* delta, const char* out, const char* dtype,
+                        dp_apply_params params, int force, int overwrite) {
+    return guarded(-1, [&] {
+        need(base, "dp_apply_checkpoint", "base");
+        need(delta, "dp_apply_checkpoint", "delta");
+        need(out, "dp_apply_checkpoint", "out");
+        deltapack::ApplyCheckpointOptions o;
+        o.alpha = params.alpha;
+        o.threads = params.threads;
+        o.dtype = dtype ? dtype : "";
+        o.force = force != 0;
+        o.overwrite = overwrite != 0;
+        deltapack::apply_checkpoint(base, delta, out, o);
         return 0;
     });
 }

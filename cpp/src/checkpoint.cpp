@@ -58,12 +58,20 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
     const json::Value* fp = fp_base && fp_base->kind == json::Value::Object ? fp_base->find("tensors") : nullptr;
     if (fp && fp->kind == json::Value::Object) {
         for (auto& kv : fp->obj) {
-            const json::Value* crc = kv.second.kind == json::Value::Object ? kv.second.find("crc32c") : nullptr;
+            if (kv.second.kind != json::Value::Object) fail("base fingerprint: tensor '" + kv.first + "' is not an object");
+            Fingerprint& f = fingerprint_[kv.first];
+            const json::Value* dt = kv.second.find("dtype");
+            const json::Value* sh = kv.second.find("shape");
+            const json::Value* crc = kv.second.find("crc32c");
+            if (dt && dt->kind == json::Value::String) f.dtype = dt->str;
+            if (sh && sh->kind == json::Value::Array)
+                for (auto& d : sh->arr)
+                    if (d.is_integer && d.integer >= 0) f.shape.push_back(d.integer);
             if (crc && crc->kind == json::Value::String && crc->str.size() == 8 &&
                 crc->str.find_first_not_of("0123456789abcdef") == std::string::npos)
-                base_crc_[kv.first] = uint32_t(std::stoul(crc->str, nullptr, 16));
+                f.has_crc = true, f.crc = uint32_t(std::stoul(crc->str, nullptr, 16));
         }
-        if (!force_) {
+        if (!force_ && base_) {
             const std::string& bp = base_->path();
             auto mismatch = [&](const std::string& m) -> void {
                 throw BaseMismatch(bp + ": this is not the delta's base: " + m);
@@ -123,7 +131,7 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
             const json::Value* src = s.find("source");
             if (src && src->kind != json::Value::String) tfail("source must be a string");
             t.source = src ? src->str : name;
-            if (!base_->contains(t.source))
+            if (base_ && !base_->contains(t.source))
                 throw BaseMismatch(base_->path() + ": tensor '" + t.source + "', needed for '" + name + "', is not in the base");
         }
         // Every stored tensor this one reads must be in the delta file with the shape its kind implies.
@@ -131,17 +139,32 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
             if (!delta_->contains(key)) tfail("delta tensor '" + key + "' is not in the file");
             if (delta_->shape(key) != want) tfail("delta tensor '" + key + "' has another shape than it needs");
         };
-        const std::vector<int64_t>* bshape = t.source.empty() ? nullptr : &base_->info(t.source).shape;
+        // The source's shape and dtype: from the base, else from the fingerprint (else checked when rebuilt).
+        const std::vector<int64_t>* bshape = nullptr;
+        DType bdtype = t.dtype;
+        if (!t.source.empty() && base_) {
+            bshape = &base_->info(t.source).shape;
+            bdtype = base_->info(t.source).dtype;
+        } else if (!t.source.empty() && fingerprint_.count(t.source)) {
+            const Fingerprint& f = fingerprint_.at(t.source);
+            bshape = &f.shape;
+            try {
+                bdtype = dtype_from_name(f.dtype);
+            } catch (const std::invalid_argument&) {
+                fail("base fingerprint: tensor '" + t.source + "' has dtype '" + f.dtype + "'");
+            }
+        }
+        if (t.kind == TensorKind::Resized && !bshape)
+            tfail("is resized but neither a base nor the fingerprint gives base tensor '" + t.source + "'");
         switch (t.kind) {
             case TensorKind::Unchanged:
-                if (*bshape != t.shape) tfail("is unchanged but its shape differs from base tensor '" + t.source + "'");
-                if (!is_float_dtype(t.dtype) && base_->info(t.source).dtype != t.dtype)
+                if (bshape && *bshape != t.shape) tfail("is unchanged but its shape differs from base tensor '" + t.source + "'");
+                if (!is_float_dtype(t.dtype) && bdtype != t.dtype)
                     tfail("is unchanged but its dtype differs from base tensor '" + t.source + "'");
                 break;
             case TensorKind::Delta:
-                if (*bshape != t.shape) tfail("shape differs from base tensor '" + t.source + "'");
-                if (!is_float_dtype(t.dtype) || !is_float_dtype(base_->info(t.source).dtype))
-                    tfail("a delta needs float tensors");
+                if (bshape && *bshape != t.shape) tfail("shape differs from base tensor '" + t.source + "'");
+                if (!is_float_dtype(t.dtype) || !is_float_dtype(bdtype)) tfail("a delta needs float tensors");
                 stored(name, t.shape);
                 break;
             case TensorKind::Replaced:
@@ -152,8 +175,7 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
                 if (t.shape.empty() || bshape->size() != t.shape.size() ||
                     !std::equal(t.shape.begin() + 1, t.shape.end(), bshape->begin() + 1))
                     tfail("is resized along dim 0 but base tensor '" + t.source + "' differs in another dimension");
-                if (!is_float_dtype(t.dtype) || !is_float_dtype(base_->info(t.source).dtype))
-                    tfail("a delta needs float tensors");
+                if (!is_float_dtype(t.dtype) || !is_float_dtype(bdtype)) tfail("a delta needs float tensors");
                 std::vector<int64_t> shared = t.shape;
                 shared[0] = std::min(t.shape[0], (*bshape)[0]);
                 stored(name, shared);
@@ -192,14 +214,18 @@ const CheckpointTensor& CheckpointDelta::tensor(const std::string& name) const {
 
 void CheckpointDelta::read_base(const std::string& src, void* out, uint64_t nbytes) const {
     base_->read(src, out, nbytes);
-    auto it = base_crc_.find(src);
-    if (force_ || it == base_crc_.end()) return;
-    const uint32_t got = crc32c(out, size_t(nbytes));
-    if (got != it->second) {
+    if (!force_) check_contents(src, out, nbytes);
+}
+
+void CheckpointDelta::check_contents(const std::string& src, const void* data, uint64_t nbytes) const {
+    auto it = fingerprint_.find(src);
+    if (it == fingerprint_.end() || !it->second.has_crc) return;
+    const uint32_t got = crc32c(data, size_t(nbytes));
+    if (got != it->second.crc) {
         char buf[64];
-        std::snprintf(buf, sizeof buf, "CRC-32C %08x, expected %08x", got, it->second);
-        throw BaseMismatch(base_->path() + ": this is not the delta's base: tensor '" + src +
-                           "' has different contents (" + buf + "; use --force to apply anyway)");
+        std::snprintf(buf, sizeof buf, "CRC-32C %08x, expected %08x", got, it->second.crc);
+        throw BaseMismatch((base_ ? base_->path() : std::string("the base")) + ": this is not the delta's base: tensor '" +
+                           src + "' has different contents (" + buf + "; use --force to apply anyway)");
     }
 }
 
@@ -218,8 +244,7 @@ static void convert(const void* src, DType from, void* out, DType to, size_t n) 
     }
 }
 
-void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha,
-                              int threads) const {
+const CheckpointTensor& CheckpointDelta::check_out(const std::string& name, uint64_t out_bytes, DType out_dtype) const {
     const CheckpointTensor& t = tensor(name);
     if (out_dtype != t.output_dtype(out_dtype) || (!is_float_dtype(t.dtype) && out_dtype != t.dtype))
         throw std::invalid_argument(delta_->path() + ": tensor '" + name + "' is " + safetensors_dtype_name(t.dtype) +
@@ -227,56 +252,85 @@ void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_b
     if (out_bytes != t.nbytes(out_dtype))
         throw std::invalid_argument(delta_->path() + ": tensor '" + name + "': destination holds " +
                                     std::to_string(out_bytes) + " bytes, need " + std::to_string(t.nbytes(out_dtype)));
+    return t;
+}
+
+void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha,
+                              int threads) const {
+    const CheckpointTensor& t = check_out(name, out_bytes, out_dtype);
+    if (t.kind == TensorKind::Replaced) return rebuild_core(t, nullptr, out_dtype, out, out_dtype, alpha, threads);
+    if (!base_) throw std::logic_error(delta_->path() + ": no base model was given: use rebuild_from");
+    const TensorInfo& bi = base_->info(t.source);
+    if (bi.dtype == out_dtype && bi.nbytes == out_bytes) {  // in place: one tensor-sized buffer
+        read_base(t.source, out, out_bytes);
+        return rebuild_core(t, out, bi.dtype, out, out_dtype, alpha, threads);
+    }
+    std::vector<uint8_t> scratch(size_t(bi.nbytes));
+    read_base(t.source, scratch.data(), bi.nbytes);
+    rebuild_core(t, scratch.data(), bi.dtype, out, out_dtype, alpha, threads);
+}
+
+void CheckpointDelta::rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype,
+                                   void* out, uint64_t out_bytes, DType out_dtype, float alpha, int threads) const {
+    const CheckpointTensor& t = check_out(name, out_bytes, out_dtype);
+    if (t.kind != TensorKind::Replaced) {
+        const std::string what = delta_->path() + ": tensor '" + name + "': base tensor '" + t.source + "'";
+        if (!base) throw std::invalid_argument(what + " is NULL");
+        if (!is_float_dtype(base_dtype) && (t.kind != TensorKind::Unchanged || base_dtype != t.dtype))
+            throw std::invalid_argument(what + " is " + safetensors_dtype_name(base_dtype) + ", not a float dtype");
+        // Its size: the fine-tune's shape, but for a resized tensor the base's row count (known from the base or
+        // the fingerprint).
+        std::vector<int64_t> shape = t.shape;
+        if (t.kind == TensorKind::Resized) {
+            auto fp = fingerprint_.find(t.source);
+            if (base_) shape = base_->info(t.source).shape;
+            else if (fp != fingerprint_.end()) shape = fp->second.shape;
+            else throw std::invalid_argument(what + ": its row count is unknown (no base and no fingerprint)");
+        }
+        uint64_t want = dtype_size(base_dtype);
+        for (int64_t d : shape) want *= uint64_t(d);
+        if (base_bytes != want)
+            throw std::invalid_argument(what + " holds " + std::to_string(base_bytes) + " bytes, need " + std::to_string(want));
+        auto fp = fingerprint_.find(t.source);
+        if (!force_ && fp != fingerprint_.end()) {
+            if (fp->second.dtype != safetensors_dtype_name(base_dtype))
+                throw BaseMismatch(what + " is " + safetensors_dtype_name(base_dtype) + ", the delta was made against " +
+                                   fp->second.dtype + " (force to apply anyway)");
+            check_contents(t.source, base, base_bytes);
+        }
+    }
+    rebuild_core(t, base, base_dtype, out, out_dtype, alpha, threads);
+}
+
+void CheckpointDelta::rebuild_core(const CheckpointTensor& t, const void* base, DType base_dtype, void* out,
+                                   DType out_dtype, float alpha, int threads) const {
     const size_t n = size_t(numel_of(t.shape));
     ApplyParams p = apply_default_params();
     p.alpha = alpha;
     p.threads = threads;
-    std::vector<uint8_t> scratch;
-    auto read_whole_base = [&]() -> const TensorInfo& {
-        const TensorInfo& bi = base_->info(t.source);
-        scratch.resize(size_t(bi.nbytes));
-        read_base(t.source, scratch.data(), bi.nbytes);
-        return bi;
-    };
     auto decode_into = [&](const std::string& key, void* dst, size_t count) {
         EncodedRef e = delta_->get(key);
         std::vector<float> f(count);
         decode(e, ArrayRef{f.data(), DType::F32, e.shape}, threads);
         convert(f.data(), DType::F32, dst, out_dtype, count);
-        delta_->drop_pages(key);
+        delta_->drop_pages(key);  // touched pages of a mapping stay resident: keep memory flat
     };
     switch (t.kind) {
-        case TensorKind::Unchanged: {
-            const TensorInfo& bi = base_->info(t.source);
-            if (bi.dtype == out_dtype) {
-                read_base(t.source, out, out_bytes);
-            } else {
-                read_whole_base();
-                convert(scratch.data(), bi.dtype, out, out_dtype, n);
-            }
+        case TensorKind::Unchanged:
+            if (base != out) convert(base, base_dtype, out, out_dtype, n);
             return;
-        }
         case TensorKind::Replaced:
-            decode_into(name, out, n);
+            decode_into(t.name, out, n);
             return;
-        case TensorKind::Delta: {
-            EncodedRef e = delta_->get(name);
-            const TensorInfo& bi = base_->info(t.source);
-            if (bi.dtype == out_dtype) {  // in place: one tensor-sized buffer
-                read_base(t.source, out, out_bytes);
-                apply(e, ArrayRef{out, out_dtype, t.shape}, ArrayRef{out, out_dtype, t.shape}, p);
-            } else {
-                read_whole_base();
-                apply(e, ArrayRef{scratch.data(), bi.dtype, t.shape}, ArrayRef{out, out_dtype, t.shape}, p);
-            }
-            delta_->drop_pages(name);  // touched pages of a mapping stay resident: keep memory flat
+        case TensorKind::Delta:
+            apply(delta_->get(t.name), ArrayRef{const_cast<void*>(base), base_dtype, t.shape},
+                  ArrayRef{out, out_dtype, t.shape}, p);
+            delta_->drop_pages(t.name);
             return;
-        }
         case TensorKind::Resized: {
-            EncodedRef e = delta_->get(name);
-            const TensorInfo& bi = read_whole_base();
-            apply(e, ArrayRef{scratch.data(), bi.dtype, e.shape}, ArrayRef{out, out_dtype, e.shape}, p);
-            delta_->drop_pages(name);
+            EncodedRef e = delta_->get(t.name);
+            apply(e, ArrayRef{const_cast<void*>(base), base_dtype, e.shape}, ArrayRef{out, out_dtype, e.shape}, p);
+            delta_->drop_pages(t.name);
             if (!t.new_rows.empty()) {
                 const size_t done = size_t(numel_of(e.shape));
                 decode_into(t.new_rows, static_cast<uint8_t*>(out) + done * dtype_size(out_dtype), n - done);

@@ -202,7 +202,7 @@ static void check_base(dp_file* f) {
     dp_base* b;
 
     CHECK_ERROR(dp_base_open(NULL) == NULL, "path is NULL");
-    CHECK_ERROR(dp_base_open(dir) == NULL, "is a directory");
+    CHECK_ERROR(dp_base_open(dir) == NULL, "no model.safetensors or model.safetensors.index.json");
     CHECK_ERROR(dp_base_open(path_of("no-such-file.safetensors")) == NULL, "no-such-file.safetensors");
     b = dp_base_open(path_of("base.safetensors"));
     CHECK(b != NULL);
@@ -259,6 +259,113 @@ static void check_base(dp_file* f) {
     free(out);
 }
 
+/* A checkpoint delta over a sharded base directory (write_checkpoint_fixture): every kind of tensor. */
+static const char* const ck_names[] = {"w", "emb", "pos", "added", "n"};
+static const int ck_kinds[] = {DP_DELTA, DP_RESIZED, DP_UNCHANGED, DP_REPLACED, DP_UNCHANGED};
+static const int ck_dtypes[] = {DP_F32, DP_BF16, DP_I64, DP_F32, DP_BF16};
+static const char* const ck_sources[] = {"w", "emb", "pos", "", "n"};
+
+static void check_checkpoint(dp_file* plain) {
+    char buf[64], rawname[64];
+    int64_t dims[4];
+    size_t i, size, wsize;
+    dp_file* f = dp_file_open(path_of("ckpt.dpk"));
+    dp_base* b = dp_base_open(path_of("ckpt_base"));  /* a directory: shards + index */
+    dp_base* other = dp_base_open(path_of("base.safetensors"));
+    struct dp_apply_params p = dp_apply_default_params();
+    dp_checkpoint* c;
+    float* out = malloc(64 * 64 * 4);
+    float* w = malloc(16 * 12 * 4);
+    void *ref, *ref_w = slurp("ck_w.raw", &wsize);
+
+    CHECK(f != NULL && b != NULL && other != NULL);
+    if (!f || !b || !other) return;
+    CHECK(dp_base_count(b) == 5 && dp_base_dtype(b, "old") == DP_F16);
+    CHECK_ERROR(dp_checkpoint_open(NULL, b, 0) == NULL, "f is NULL");
+    CHECK_ERROR(dp_checkpoint_open(plain, b, 0) == NULL, "not a checkpoint delta");
+    CHECK_ERROR(dp_checkpoint_open(f, other, 0) == NULL, "this is not the delta's base");
+    c = dp_checkpoint_open(f, b, 0);
+    CHECK(c != NULL);
+    if (!c) return;
+    CHECK(dp_checkpoint_count(c) == 5 && dp_checkpoint_count(NULL) == 0);
+    for (i = 0; i < 5; ++i) {
+        const char* n = ck_names[i];
+        CHECK(dp_checkpoint_name(c, i, buf, sizeof buf) == (int64_t)strlen(n) && strcmp(buf, n) == 0);
+        CHECK(dp_checkpoint_kind(c, n) == ck_kinds[i] && dp_checkpoint_dtype(c, n) == ck_dtypes[i]);
+        CHECK(dp_checkpoint_source(c, n, buf, sizeof buf) == (int64_t)strlen(ck_sources[i]) && strcmp(buf, ck_sources[i]) == 0);
+        snprintf(rawname, sizeof rawname, "ck_%s.raw", n);
+        ref = slurp(rawname, &size);
+        memset(out, 0xAB, size);
+        CHECK(dp_checkpoint_rebuild(c, n, out, size, (enum dp_dtype)ck_dtypes[i], p) == 0 && same_bytes(out, ref, size));
+        free(ref);
+    }
+    CHECK(dp_checkpoint_shape(c, "emb", dims, 4) == 2 && dims[0] == 24 && dims[1] == 8);
+    ref = slurp("ck_emb_f32.raw", &size);  /* another output dtype */
+    CHECK(dp_checkpoint_rebuild(c, "emb", out, size, DP_F32, p) == 0 && same_bytes(out, ref, size));
+    free(ref);
+    CHECK_ERROR(dp_checkpoint_rebuild(c, "emb", out, 24 * 8 * 2 + 2, DP_BF16, p) == -1, "holds 386 bytes, need 384");
+    CHECK_ERROR(dp_checkpoint_rebuild(c, "pos", out, 5 * 4, DP_F32, p) == -1, "cannot be rebuilt as F32");
+    CHECK_ERROR(dp_checkpoint_rebuild(c, "nope", out, 4, DP_F32, p) == -1, "no tensor 'nope'");
+    CHECK_ERROR(dp_checkpoint_rebuild(c, NULL, out, 4, DP_F32, p) == -1, "name is NULL");
+    CHECK_ERROR(dp_checkpoint_kind(NULL, "w") == -1, "c is NULL");
+    CHECK_ERROR(dp_checkpoint_name(c, 5, buf, sizeof buf) == -1, "out of range");
+
+    /* From the caller's own copy of the base tensor: into another buffer, in place, and a damaged copy. */
+    CHECK(dp_base_read(b, "w", w, 16 * 12 * 4) == 0);
+    CHECK(dp_checkpoint_rebuild_from(c, "w", w, 16 * 12 * 4, DP_F32, out, wsize, DP_F32, p) == 0 &&
+          same_bytes(out, ref_w, wsize));
+    CHECK(dp_checkpoint_rebuild_from(c, "w", w, 16 * 12 * 4, DP_F32, w, wsize, DP_F32, p) == 0 &&
+          same_bytes(w, ref_w, wsize));
+    CHECK_ERROR(dp_checkpoint_rebuild_from(c, "w", w, 16 * 12 * 4, DP_F32, out, wsize, DP_F32, p) == -1,
+                "has different contents");  /* w now holds the fine-tune, not the base */
+    CHECK_ERROR(dp_checkpoint_rebuild_from(c, "w", w, 16 * 12 * 2, DP_F16, out, wsize, DP_F32, p) == -1,
+                "the delta was made against F32");
+    CHECK_ERROR(dp_checkpoint_rebuild_from(c, "w", w, 100, DP_F32, out, wsize, DP_F32, p) == -1, "holds 100 bytes, need 768");
+    ref = slurp("ck_added.raw", &size);
+    CHECK(dp_checkpoint_rebuild_from(c, "added", NULL, 0, DP_F32, out, size, DP_F32, p) == 0 && same_bytes(out, ref, size));
+    free(ref);
+    dp_checkpoint_close(c);
+    dp_checkpoint_close(NULL);
+
+    /* Without a base (own weight storage): the fingerprint still checks what the caller passes. */
+    c = dp_checkpoint_open(f, NULL, 0);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK(dp_base_read(b, "w", w, 16 * 12 * 4) == 0);
+        CHECK(dp_checkpoint_rebuild_from(c, "w", w, 16 * 12 * 4, DP_F32, w, wsize, DP_F32, p) == 0 &&
+              same_bytes(w, ref_w, wsize));
+        CHECK_ERROR(dp_checkpoint_rebuild(c, "w", out, wsize, DP_F32, p) == -1, "no base model was given");
+        dp_checkpoint_close(c);
+    }
+    /* force skips the fingerprint, not the shapes the record needs */
+    CHECK_ERROR(dp_checkpoint_open(f, other, 1) == NULL, "shape differs from base tensor 'w'");
+
+    /* The whole fine-tune, as deltapack apply writes it. */
+    {
+        char base_dir[4096], delta[4096], out_dir[4096], out2[4096];
+        snprintf(base_dir, sizeof base_dir, "%s", path_of("ckpt_base"));
+        snprintf(delta, sizeof delta, "%s", path_of("ckpt.dpk"));
+        snprintf(out_dir, sizeof out_dir, "%s", path_of("ckpt_out"));
+        snprintf(out2, sizeof out2, "%s", path_of("ckpt_out2"));
+        CHECK(dp_apply_checkpoint(base_dir, delta, out_dir, NULL, p, 0, 1) == 0);
+        CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, out_dir, NULL, p, 0, 0) == -1, "already exists");
+        CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, out2, "f8", p, 0, 0) == -1, "use bf16, f16 or f32");
+        CHECK_ERROR(dp_apply_checkpoint(NULL, delta, out2, NULL, p, 0, 0) == -1, "base is NULL");
+    }
+    dp_base_close(other);
+    other = dp_base_open(path_of("ckpt_out"));
+    CHECK(other != NULL && dp_base_count(other) == 5);
+    if (other) {
+        ref = slurp("ck_emb.raw", &size);
+        CHECK(dp_base_read(other, "emb", out, size) == 0 && same_bytes(out, ref, size));
+        free(ref);
+    }
+    dp_base_close(other);
+    dp_base_close(b);
+    dp_file_close(f);
+    free(out); free(w); free(ref_w);
+}
+
 int main(int argc, char** argv) {
     dp_file* f;
     if (argc < 2 || !*argv[1]) {
@@ -276,6 +383,7 @@ int main(int argc, char** argv) {
         check_file_accessors(f);
         check_apply_and_decode(f);
         check_base(f);
+        check_checkpoint(f);
         dp_file_close(f);
     }
     dp_file_close(NULL);

@@ -366,7 +366,9 @@ struct CheckpointTensor {
 // over a base model. Opening checks the record against the delta file and the base (every source in the
 // base with a compatible shape, every stored tensor with the shape its kind needs) and, unless `force`,
 // the base against the delta's fingerprint: the same tensor names, dtypes and shapes (BaseMismatch
-// naming the first difference), and, as each base tensor is read, its CRC-32C.
+// naming the first difference), and, as each base tensor is read, its CRC-32C. `base` may be null for
+// an application that keeps its own weights: shapes are then checked against the fingerprint, and
+// tensors are rebuilt with rebuild_from.
 class CheckpointDelta {
 public:
     CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::shared_ptr<const DeltaFile> delta, bool force = false);
@@ -380,20 +382,32 @@ public:
     const DeltaFile& delta() const { return *delta_; }
 
     // Rebuilds tensor `name` into `out` (out_bytes = numel * size of out_dtype exactly; out_dtype must be
-    // tensor(name).output_dtype(...) of some request). Never holds more than the tensor and its base.
+    // tensor(name).output_dtype(...) of some request), reading its base tensor from the base model. Never
+    // holds more than the tensor and its base.
     void rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha = 1.0f,
                  int threads = 0) const;
+    // The same from a base tensor the caller holds (an application with its own weight storage; `base` may
+    // be null for Replaced tensors): `base` is the tensor `source` in `base_dtype`, base_bytes exactly its
+    // size. Unless force, its dtype and CRC-32C must be the fingerprint's. `out` may be `base` (in place)
+    // when the sizes match.
+    void rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype, void* out,
+                      uint64_t out_bytes, DType out_dtype, float alpha = 1.0f, int threads = 0) const;
 
 private:
+    struct Fingerprint { std::string dtype; std::vector<int64_t> shape; bool has_crc = false; uint32_t crc = 0; };
+    const CheckpointTensor& check_out(const std::string& name, uint64_t out_bytes, DType out_dtype) const;
+    void rebuild_core(const CheckpointTensor& t, const void* base, DType base_dtype, void* out, DType out_dtype,
+                      float alpha, int threads) const;
     void read_base(const std::string& src, void* out, uint64_t nbytes) const;  // with the fingerprint check
-    std::shared_ptr<const ModelFiles> base_;
+    void check_contents(const std::string& src, const void* data, uint64_t nbytes) const;
+    std::shared_ptr<const ModelFiles> base_;  // may be null: rebuild_from only
     std::shared_ptr<const DeltaFile> delta_;
     bool force_;
     std::string record_;
     std::vector<CheckpointTensor> tensors_;
     std::map<std::string, size_t> index_;
     std::vector<std::string> removed_;
-    std::map<std::string, uint32_t> base_crc_;
+    std::map<std::string, Fingerprint> fingerprint_;  // of the base the delta was made from
 };
 
 struct ApplyCheckpointOptions {

@@ -46,7 +46,8 @@ extern "C" {
 #endif
 
 typedef struct dp_file dp_file;  /* an open delta file (memory-mapped, read-only) */
-typedef struct dp_base dp_base;  /* an open base model (memory-mapped, read-only) */
+typedef struct dp_base dp_base;  /* an open base model: a .safetensors file or a Hugging Face directory */
+typedef struct dp_checkpoint dp_checkpoint;  /* a fine-tune as `deltapack compress` recorded it */
 
 /* Element types. Deltas are applied to and into F32, F16 and BF16 only; the others describe base
  * tensors. Values match deltapack::DType. DP_DTYPE_UNKNOWN is what the dtype accessors return on
@@ -130,9 +131,9 @@ DELTAPACK_API int dp_decode(const dp_file* f, const char* name, float* out, size
 
 /* ------------------------------------------------------------------------------ base models */
 
-/* Opens a base model's weights. Supported now: one .safetensors file. A Hugging Face model directory
- * (model.safetensors or shards + model.safetensors.index.json) will open through this same call and
- * work with every dp_base_* function below; today a directory is a failure that says so. NULL on failure. */
+/* Opens a base model's weights: one .safetensors file, or a Hugging Face model directory (model.safetensors,
+ * or shards + model.safetensors.index.json). Headers are checked on open; tensors are read (pread) when
+ * asked for. NULL on failure. */
 DELTAPACK_API dp_base* dp_base_open(const char* path);
 /* Closes it (NULL is allowed). */
 DELTAPACK_API void dp_base_close(dp_base* b);
@@ -152,6 +153,52 @@ DELTAPACK_API int dp_base_read(const dp_base* b, const char* name, void* out, si
  * dp_dtype_size(out_dtype) exactly. Failures name the delta file, the base and the tensor. */
 DELTAPACK_API int dp_apply_from_base(const dp_file* f, const dp_base* b, const char* name, void* out,
                                      size_t out_size, enum dp_dtype out_dtype, struct dp_apply_params params);
+
+/* ------------------------------------------------------------------------------ checkpoints */
+
+/* How a fine-tune tensor is rebuilt (docs/checkpoints.md). */
+enum dp_tensor_kind {
+    DP_UNCHANGED = 0,  /* the base tensor `source`, as is (converted if another dtype is asked for) */
+    DP_DELTA = 1,      /* base[source] + alpha * delta */
+    DP_REPLACED = 2,   /* stored whole in the delta: an added tensor, or one whose shape changed */
+    DP_RESIZED = 3     /* rows [:k] = base[source][:k] + alpha * delta, rows [k:] stored (a resized vocabulary) */
+};
+
+/* Opens the fine-tune that `f` (a delta made by `deltapack compress`) records over base `b`. Unless
+ * force, `b` must be the delta's base (names, dtypes, shapes; contents by CRC-32C as tensors are read).
+ * b may be NULL for an application that keeps its own weights: it rebuilds with dp_checkpoint_rebuild_from.
+ * f and b must stay open while the checkpoint is. NULL on failure. */
+DELTAPACK_API dp_checkpoint* dp_checkpoint_open(const dp_file* f, const dp_base* b, int force);
+DELTAPACK_API void dp_checkpoint_close(dp_checkpoint* c);
+
+/* The fine-tune's tensors: count, the i-th name (snprintf-style), and per name its kind (enum
+ * dp_tensor_kind), dtype (enum dp_dtype), shape (as dp_file_shape) and source base tensor ("" for
+ * DP_REPLACED, snprintf-style). -1 on failure. */
+DELTAPACK_API size_t dp_checkpoint_count(const dp_checkpoint* c);
+DELTAPACK_API int64_t dp_checkpoint_name(const dp_checkpoint* c, size_t i, char* buf, size_t buf_size);
+DELTAPACK_API int dp_checkpoint_kind(const dp_checkpoint* c, const char* name);
+DELTAPACK_API int dp_checkpoint_dtype(const dp_checkpoint* c, const char* name);
+DELTAPACK_API int dp_checkpoint_shape(const dp_checkpoint* c, const char* name, int64_t* dims, size_t max_dims);
+DELTAPACK_API int64_t dp_checkpoint_source(const dp_checkpoint* c, const char* name, char* buf, size_t buf_size);
+
+/* Rebuilds tensor `name` into out (out_size = numel * dp_dtype_size(out_dtype) exactly), reading its base
+ * tensor from the base opened with the checkpoint. Float tensors may be rebuilt as F32, F16 or BF16;
+ * others only as their own dtype. */
+DELTAPACK_API int dp_checkpoint_rebuild(const dp_checkpoint* c, const char* name, void* out, size_t out_size,
+                                        enum dp_dtype out_dtype, struct dp_apply_params params);
+/* The same from the caller's copy of the source base tensor (base_size bytes of base_dtype; NULL for
+ * DP_REPLACED). Unless the checkpoint was opened with force, its dtype and CRC-32C must be those the delta
+ * was made against. out may equal base when the sizes match (in place). */
+DELTAPACK_API int dp_checkpoint_rebuild_from(const dp_checkpoint* c, const char* name, const void* base,
+                                             size_t base_size, enum dp_dtype base_dtype, void* out,
+                                             size_t out_size, enum dp_dtype out_dtype,
+                                             struct dp_apply_params params);
+
+/* Writes the whole fine-tune, as `deltapack apply` does: for a base directory a Hugging Face directory
+ * `out` (shards, index, config and tokenizer files), for a base file one .safetensors file; atomically.
+ * dtype: "f32", "f16", "bf16" or NULL (each tensor's own). */
+DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const char* out, const char* dtype,
+                                      struct dp_apply_params params, int force, int overwrite);
 
 #ifdef __cplusplus
 }

@@ -33,15 +33,15 @@ def run(spec, log):
     import torch
 
     import deltapack as dp
-    from deltapack import pairs
+    from deltapack import evaluation, pairs
 
     arch, size, task = spec.split(":")
     pair = pairs.build_pair(arch, size, task=task)
-    examples = pairs.read_data(pair.data)
+    examples = evaluation.read_data(pair.data)
     model = pairs.load_model(pair.ft)
     base = {k: v.detach().clone() for k, v in pairs.load_model(pair.base).state_dict().items()}
     ft = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    m_base, m_ft = pairs.evaluate(pair.base, examples), pairs.evaluate(pair.ft, examples)
+    m_base, m_ft = evaluation.evaluate(pair.base, examples), evaluation.evaluate(pair.ft, examples)
     matrices = [k for k, v in ft.items() if v.dim() == 2 and not torch.equal(v, base[k])
                 and (k != "lm_head.weight" or not model.config.tie_word_embeddings)]
     rows = []
@@ -62,7 +62,7 @@ def run(spec, log):
         if model.config.tie_word_embeddings:
             edited["lm_head.weight"] = edited["model.embed_tokens.weight"]
         model.load_state_dict(edited)
-        m = pairs.evaluate(model, examples)
+        m = evaluation.evaluate(model, examples)
         ret = (m["accuracy"] - m_base["accuracy"]) / (m_ft["accuracy"] - m_base["accuracy"])
         rows.append((label, bits / params, ret, m["loss"]))
         log(f"[{spec}] {label:48s} {bits / params:6.3f} bits/param  retention {100 * ret:6.1f} %  loss {m['loss']:.3f}")

@@ -20,7 +20,7 @@ import time
 import torch
 
 from deltapack import analysis as A
-from deltapack import pairs
+from deltapack import evaluation, pairs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -78,10 +78,10 @@ def run_pair(arch: str, size: str, quick: bool, max_examples: int | None, C: int
     t0 = time.time()
     pair = pairs.build_pair(arch, size)
     log(f"[{arch}-{size}] pair ready in {time.time() - t0:.0f}s: {pair.root}")
-    examples = pairs.read_data(pair.data)[:max_examples]
+    examples = evaluation.read_data(pair.data)[:max_examples]
     model = pairs.load_model(pair.ft)
-    m_base = pairs.evaluate(pair.base, examples)
-    m_ft = pairs.evaluate(model, examples)
+    m_base = evaluation.evaluate(pair.base, examples)
+    m_ft = evaluation.evaluate(model, examples)
     log(f"[{arch}-{size}] base acc {m_base['accuracy']:.3f} loss {m_base['loss']:.3f}; "
         f"ft acc {m_ft['accuracy']:.3f} loss {m_ft['loss']:.4f}")
     # Relative size of the delta (what makes edits tolerable or not).
@@ -96,7 +96,7 @@ def run_pair(arch: str, size: str, quick: bool, max_examples: int | None, C: int
     for i, (family, edit, coords) in enumerate(points):
         t = time.time()
         r = A.estimate(model, edit, examples, base=pair.base, C=C,
-                       on_edited=lambda m: pairs.evaluate(m, examples))
+                       on_edited=lambda m: evaluation.evaluate(m, examples))
         acc = r.edited_result["accuracy"]
         rows.append({"family": family, "edit": edit if family != "lowrank_at_1bit" else "lowrank@1bit",
                      **coords, "accuracy": acc, "loss": r.loss_edit, "estimate": r.estimate, "exact": r.exact,
@@ -114,7 +114,7 @@ def run_calibration(res: dict, steps: int, log) -> dict:
     """BitDelta with per-tensor scales distilled from the fine-tune (KL) on 256 fresh task examples that
     are not in the held-out set; evaluated on the same held-out examples as the sweep."""
     pair = pairs.build_pair(res["arch"], res["size"])
-    examples = pairs.read_data(pair.data)[:res["n_examples"]]
+    examples = evaluation.read_data(pair.data)[:res["n_examples"]]
     calib = pairs.task_examples(pair, 256)
     t = time.time()
     scales = A.calibrate_scales(pairs.load_model(pair.ft), pair.base, calib, steps=steps, lr=2e-2)
@@ -127,7 +127,7 @@ def run_calibration(res: dict, steps: int, log) -> dict:
                 d = p - base[n]
                 plain[n] = float(d.abs().mean())
                 p.copy_(base[n] + scales[n] * torch.sign(d))
-    m = pairs.evaluate(model, examples)
+    m = evaluation.evaluate(model, examples)
     ratio = [scales[n] / plain[n] for n in scales if plain[n] > 0]
     out = {"steps": steps, "calibration_examples": len(calib), "accuracy": m["accuracy"], "loss": m["loss"],
            "exact": m["loss"] - res["ft"]["loss"], "scale_ratio_min": min(ratio), "scale_ratio_max": max(ratio),

@@ -39,7 +39,7 @@ def evaluate_delta(pair, delta_path, examples, model):
     import torch
 
     import deltapack as dp
-    from deltapack import pairs
+    from deltapack import evaluation
 
     sd = dp.load(pair.base, delta_path)
     with torch.no_grad():
@@ -47,21 +47,21 @@ def evaluate_delta(pair, delta_path, examples, model):
         for name, t in sd.items():
             if name in params:
                 params[name].copy_(t.float())
-    return pairs.evaluate(model, examples)
+    return evaluation.evaluate(model, examples)
 
 
 def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=()) -> dict:
     import deltapack as dp  # noqa: F401
-    from deltapack import checkpoint, pairs
+    from deltapack import checkpoint, evaluation, pairs
 
     arch, size, task = spec.split(":")
     t0 = time.time()
     pair = pairs.build_pair(arch, size, task=task)
     log(f"[{spec}] pair ready ({time.time() - t0:.0f}s): ft accuracy {pair.info['ft_metrics']['accuracy']:.3f}")
-    examples = pairs.read_data(pair.data)
+    examples = evaluation.read_data(pair.data)
     calib = pairs.task_examples(pair, calib_n)
     model = pairs.load_model(pair.ft)
-    m_base, m_ft = pairs.evaluate(pair.base, examples), pairs.evaluate(pair.ft, examples)
+    m_base, m_ft = evaluation.evaluate(pair.base, examples), evaluation.evaluate(pair.ft, examples)
     n_params = sum(t.numel for t in checkpoint.Checkpoint(pair.ft).tensors.values())
     res = {"pair": spec, "arch": arch, "size": size, "task": task, "base": m_base, "ft": m_ft,
            "delta_rel_norm": pair.info.get("delta_rel_norm"), "calibration_examples": calib_n, "points": []}

@@ -20,7 +20,7 @@ import atheris
 import numpy as np
 
 import deltapack as dp
-from deltapack import checkpoint, edits, export_peft, recipes
+from deltapack import checkpoint, edits, export_peft, import_peft, recipes
 
 EXPECTED = (ValueError, FileNotFoundError)
 _base_dir = None
@@ -63,7 +63,7 @@ def peft_target(data: bytes) -> None:
         with open(os.path.join(adapter, export_peft.ADAPTER_WEIGHTS), "wb") as f:
             f.write(weights)
         try:
-            export_peft.import_peft(_base(), adapter, os.path.join(tmp, "out.dpk"))
+            import_peft.import_peft(_base(), adapter, os.path.join(tmp, "out.dpk"))
         except EXPECTED:
             pass
 

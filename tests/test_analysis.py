@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from deltapack import analysis as A  # noqa: E402
-from deltapack import pairs  # noqa: E402
+from deltapack import evaluation, pairs  # noqa: E402
 
 N = 48  # examples used: enough signal, fast
 
@@ -25,7 +25,7 @@ def model(pair):
 
 @pytest.fixture(scope="module")
 def examples(pair):
-    return pairs.read_data(pair.data)[:N]
+    return evaluation.read_data(pair.data)[:N]
 
 
 def _sd(d):
@@ -106,7 +106,7 @@ def test_sign_agreement_and_categories(model, pair, examples):
     assert r.category == r.category_exact == "decreased"
     # Over every tensor (norms too), α=-1 rebuilds the base model exactly.
     r_all = A.estimate(model, "extrapolate:alpha=-1", examples, base=pair.base, C=1, select=None)
-    assert r_all.exact == pytest.approx(pairs.evaluate(pair.base, examples)["loss"] - r.loss_post, rel=1e-5)
+    assert r_all.exact == pytest.approx(evaluation.evaluate(pair.base, examples)["loss"] - r.loss_post, rel=1e-5)
     assert r_all.n_tensors > r.n_tensors
     r0 = A.estimate(model, "keep", examples, base=pair.base, C=2)
     assert r0.estimate == 0 and r0.exact == 0 and r0.category == "competitive"
@@ -164,7 +164,7 @@ def test_cli_analyze(pair, tmp_path, capsys):
     from deltapack import cli
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in pairs.read_data(pair.data)[:24]))
+    data.write_text("".join(json.dumps(e) + "\n" for e in evaluation.read_data(pair.data)[:24]))
     rc = cli.main(["analyze", str(pair.base), str(pair.ft), "--edit", "extrapolate:alpha=-1", "--data", str(data),
                    "-C", "2", "--json", "--top", "3"])
     out = json.loads(capsys.readouterr().out)
@@ -185,7 +185,7 @@ def test_calibrate_scales(pair, model, examples):
     """BitDelta scale distillation: starts at mean|ΔW| and lowers the held-out loss of the 1-bit model."""
     base, ft = _sd(pair.base), _sd(pair.ft)
     calib = pairs.task_examples(pair, 128)
-    held = {tuple(e["input_ids"]) for e in pairs.read_data(pair.data)}
+    held = {tuple(e["input_ids"]) for e in evaluation.read_data(pair.data)}
     assert not any(tuple(e["input_ids"]) in held for e in calib)
     s0 = A.calibrate_scales(model, pair.base, calib, steps=0)
     for n, a in s0.items():
@@ -199,7 +199,7 @@ def test_calibrate_scales(pair, model, examples):
                 if n in scales:
                     b = base[n].float()
                     p.copy_(b + scales[n] * torch.sign(ft[n].float() - b))
-        return pairs.evaluate(m, examples)["loss"]
+        return evaluation.evaluate(m, examples)["loss"]
 
     assert all(a > 0 for a in s1.values())
     assert loss_with(s1) < 0.5 * loss_with(s0)
@@ -221,7 +221,7 @@ def test_calibrate_cli_writes_fitted_scales_into_the_delta(pair, tmp_path, capsy
     def loss_of(delta):
         model = pairs.load_model(pair.base)
         model.load_state_dict(dp.load(pair.base, delta), strict=False)
-        return pairs.evaluate(model, pairs.read_data(pair.data)[:64])["loss"]
+        return evaluation.evaluate(model, evaluation.read_data(pair.data)[:64])["loss"]
 
     a, b = dp.open(plain), dp.open(fitted)
     assert a.keys() == b.keys() and a.metadata == b.metadata and a.base == b.base

@@ -212,13 +212,13 @@ def test_cli_budget_and_info(pair, tmp_path, capsys):
 
 def test_budget_file_exports_to_peft(pair, tmp_path):
     """Quantized low-rank factors are dequantized on export: the adapter's B @ A is the decoded delta."""
-    from deltapack import export_peft
+    from deltapack import finetune
 
     out = tmp_path / "b.dpk"
     from deltapack import checkpoint
     checkpoint.compress(pair.base, pair.ft, out, budget=3.0)
-    ft = export_peft.FineTune(pair.base, out)
-    view = export_peft.lowrank_factors(ft, rank=4)
+    ft = finetune.FineTune(pair.base, out)
+    view = finetune.lowrank_factors(ft, rank=4)
     f = dp.open(out)
     checked = 0
     for fac in view.factors:

@@ -104,14 +104,14 @@ def pair():
 def test_input_terms_match_the_layers_inputs(pair):
     """C of layer 0's q_proj = Σ x xᵀ over the real (unpadded) tokens of its input, the input norm of the
     embeddings; the embedding's row weights are token counts; padding does not count."""
-    from deltapack import pairs
+    from deltapack import evaluation, pairs
 
     model = pairs.load_model(pair.ft)
     examples = pairs.task_examples(pair, 20)
     examples[0] = {"input_ids": examples[0]["input_ids"][:4], "prompt_len": 2}  # a short one: padding
     names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
     terms = C.input_terms(model, examples, names)
-    ids, mask, _ = next(pairs.batches(examples, 64))
+    ids, mask, _ = next(evaluation.batches(examples, 64))
     with torch.no_grad():
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[mask.bool()].double()
     want = (x.T @ x).numpy()
@@ -127,7 +127,7 @@ def test_input_terms_match_the_layers_inputs(pair):
 
 def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     """A sign:scope=row delta refitted on calibration data: same size and signs, lower loss on the data."""
-    from deltapack import checkpoint, cli, pairs
+    from deltapack import checkpoint, cli, evaluation, pairs
 
     plain, fitted = tmp_path / "s.dpk", tmp_path / "c.dpk"
     checkpoint.compress(pair.base, pair.ft, plain, recipe="sign:scope=row")
@@ -150,6 +150,6 @@ def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     def loss_of(delta):
         model = pairs.load_model(pair.base)
         model.load_state_dict(dp.load(pair.base, delta), strict=False)
-        return pairs.evaluate(model, str(calib))["loss"]
+        return evaluation.evaluate(model, str(calib))["loss"]
 
     assert loss_of(fitted) < loss_of(plain)

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from deltapack import pairs  # noqa: E402
+from deltapack import evaluation, pairs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def test_pair_layout_and_metrics(llama_pair):
         assert all(h.get_slice(k).get_dtype() == "BF16" for k in h.keys())
     assert p.task == "reverse"
     # The fine-tune learned the task; the base cannot do it in this format.
-    base_m, ft_m = pairs.evaluate(p.base, p), pairs.evaluate(p.ft, p)
+    base_m, ft_m = evaluation.evaluate(p.base, p), evaluation.evaluate(p.ft, p)
     assert ft_m["accuracy"] >= 0.8 and base_m["accuracy"] <= 0.1
     assert ft_m["loss"] < base_m["loss"] - 1.0
     assert ft_m == pytest.approx(p.info["ft_metrics"])
@@ -45,11 +45,11 @@ def test_pair_layout_and_metrics(llama_pair):
 def test_evaluate_matches_generate(llama_pair):
     """Exact match by one teacher-forced pass equals real greedy decoding with transformers' generate."""
     model = pairs.load_model(llama_pair.ft)
-    examples = pairs.read_data(llama_pair.data)[:40]
+    examples = evaluation.read_data(llama_pair.data)[:40]
     # Mix in some examples with wrong answers so both outcomes are exercised.
     for ex in examples[::3]:
         ex["input_ids"][-2] = ord("z") if ex["input_ids"][-2] != ord("z") else ord("y")
-    got = pairs.evaluate(model, examples)
+    got = evaluation.evaluate(model, examples)
     correct = 0
     for ex in examples:
         plen, ids = ex["prompt_len"], ex["input_ids"]
@@ -63,7 +63,7 @@ def test_evaluate_matches_generate(llama_pair):
 def test_loss_matches_transformers(llama_pair):
     """Held-out loss equals transformers' own label loss over answer tokens."""
     model = pairs.load_model(llama_pair.ft)
-    examples = pairs.read_data(llama_pair.data)[:16]
+    examples = evaluation.read_data(llama_pair.data)[:16]
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
@@ -73,7 +73,7 @@ def test_loss_matches_transformers(llama_pair):
             n = int((labels[0, 1:] != -100).sum())
             total += float(model(input_ids=ids, labels=labels).loss) * n
             count += n
-    assert pairs.evaluate(model, examples)["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert evaluation.evaluate(model, examples)["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_qwen2_config_tied_and_biases(qwen2_pair):
@@ -84,7 +84,7 @@ def test_qwen2_config_tied_and_biases(qwen2_pair):
         keys = set(h.keys())
     assert "model.layers.0.self_attn.q_proj.bias" in keys
     assert "lm_head.weight" not in keys  # tied to the embeddings
-    assert pairs.evaluate(qwen2_pair.ft, qwen2_pair)["accuracy"] >= 0.8
+    assert evaluation.evaluate(qwen2_pair.ft, qwen2_pair)["accuracy"] >= 0.8
 
 
 def test_mistral_config_sliding_window():
@@ -137,7 +137,7 @@ def test_tasks_and_early_stop(tmp_path, monkeypatch):
     assert pair.task == "add" and pair.info["task"] == "add"
     assert pair.info["finetune_steps"] == pairs.STOP_EVERY  # the target (0.0) is met at the first check
     assert pair.info["delta_rel_norm"] > 0
-    examples = pairs.read_data(pair.data)
+    examples = evaluation.read_data(pair.data)
     assert len(examples) == 24 and all("+" in pairs.decode_ids(e["input_ids"]) for e in examples)
     calib = pairs.task_examples(pair, 10)
     held = {tuple(e["input_ids"]) for e in examples}
@@ -149,7 +149,7 @@ def test_tasks_and_early_stop(tmp_path, monkeypatch):
 
 
 def test_data_file(llama_pair):
-    examples = pairs.read_data(llama_pair.data)
+    examples = evaluation.read_data(llama_pair.data)
     texts = [pairs.decode_ids(e["input_ids"]) for e in examples]
     assert len(set(texts)) == len(texts) == pairs.SIZES["tiny"]["n_eval"]
     for e, t in zip(examples, texts):
@@ -175,10 +175,10 @@ def test_bad_arguments_and_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        pairs.read_data(bad)
+        evaluation.read_data(bad)
     bad.write_text('{"input_ids": [1, 2, 3], "prompt_len": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: prompt_len"):
-        pairs.read_data(bad)
+        evaluation.read_data(bad)
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
-        pairs.read_data(bad)
+        evaluation.read_data(bad)

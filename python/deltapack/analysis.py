@@ -25,7 +25,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import edits as E
-from .pairs import batches, examples_of, load_model
+from .evaluation import batches, examples_of
+from .pairs import load_model
 
 
 @dataclass

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .budget import Weights
-from .pairs import batches, examples_of, load_model
+from .evaluation import batches, examples_of
+from .pairs import load_model
 
 
 def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None = None) -> dict:

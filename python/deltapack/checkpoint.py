@@ -23,12 +23,9 @@ The manifest's `base` holds the base fingerprint: per tensor dtype, shape, CRC-3
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import math
 import os
-import secrets
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -482,7 +479,7 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     budget: bits per parameter of the whole file (over all the fine-tune's parameters, header included)
     instead of a recipe: each matrix (>= 2 dims, >= min_size elements, default 1) gets the codec and
     parameters, exact `dense` among them, that minimise a loss proxy within it
-    (deltapack.budget); data: calibration examples (a JSONL path or a list, see pairs.read_data) for the
+    (deltapack.budget); data: calibration examples (a JSONL path or a list, see evaluation.read_data) for the
     data-aware proxies, the choice among them and the refit of scales (deltapack.calibration); proxy: one of
     budget.PROXIES instead of the choice.
     force: store a pair that does not look like base + fine-tune (check_related) anyway.

@@ -55,14 +55,14 @@ def register(sub) -> None:
 def load_examples(path: str, model_dir: str, max_examples: int | None = None) -> list[dict]:
     """JSONL examples as they are; any other text file: one example per non-empty line, tokenized with the
     model directory's tokenizer (an error if it has none)."""
-    from . import pairs
+    from . import evaluation
 
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such data file")
     with open(path, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "")
     if first.lstrip().startswith("{"):
-        examples = pairs.read_data(path)
+        examples = evaluation.read_data(path)
     else:
         if not os.path.exists(os.path.join(model_dir, "tokenizer.json")) and \
                 not os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):

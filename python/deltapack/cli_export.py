@@ -62,9 +62,9 @@ def cmd_gguf(args) -> int:
 
 def cmd_peft(args) -> int:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    m = _module("export_peft", "safetensors")
+    m = _module("export_peft", "torch")
     try:
-        import torch  # noqa: F401  (safetensors.torch writes the adapter)
+        import torch  # noqa: F401  (the adapter's tensors are torch tensors)
     except ImportError:
         raise ValueError("export peft needs torch; pip install torch") from None
     rep = m.export_peft(args.base, args.file, args.output, rank=args.rank, alpha=args.alpha, dtype=args.dtype,
@@ -74,7 +74,7 @@ def cmd_peft(args) -> int:
 
 def cmd_import_peft(args) -> int:
     """A PEFT LoRA adapter as a delta file of lowrank deltas (saved modules and biases as dense deltas)."""
-    m = _module("export_peft", "safetensors")
+    m = _module("import_peft", "numpy")
     rep = m.import_peft(args.base, args.adapter, args.output, dtype=args.dtype)
     n_lr = sum("rank" in t for t in rep["tensors"])
     return _print(rep, args.json, f"wrote {rep['out']}: {n_lr} lowrank deltas, "

@@ -44,7 +44,8 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     examples = stats = model = None
     if data is not None:
         from . import calibration
-        from .pairs import examples_of, load_model
+        from .evaluation import examples_of
+        from .pairs import load_model
 
         if ft.dir is None:
             raise ValueError(f"{ft.path}: --data needs the fine-tune as a model directory (config.json), "

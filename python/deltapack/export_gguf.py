@@ -26,7 +26,7 @@ import numpy as np
 
 import gguf
 
-from .export_peft import FineTune, lowrank_factors
+from .finetune import FineTune, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}

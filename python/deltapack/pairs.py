@@ -148,6 +148,8 @@ def _task_examples(rng: random.Random, n: int, exclude: set | None = None, task:
 
 def task_examples(pair: "Pair", n: int, seed: int = 12345) -> list[dict]:
     """n fresh task examples (not in the pair's held-out set), e.g. for calibration data."""
+    from .evaluation import read_data  # evaluation imports this module
+
     held = {decode_ids(e["input_ids"][1:e["prompt_len"]]) for e in read_data(pair.data)}
     out = []
     for p, a in _task_examples(random.Random(seed), n, exclude=held, task=pair.task):
@@ -228,7 +230,7 @@ def _quiet():
             tlog.enable_progress_bar()
 
 
-def _batch(seqs, pad=PAD):
+def pad_batch(seqs, pad=PAD):
     """Right-padded input_ids, attention mask and labels (-100 at padding)."""
     import torch
 
@@ -388,7 +390,7 @@ def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: in
 
 def _rows_batch(rows):
     """(ids, mask, labels) for (ids, prompt_len) rows; loss on the tokens after each prompt."""
-    ids, mask = _batch([r for r, _ in rows])
+    ids, mask = pad_batch([r for r, _ in rows])
     labels = ids.clone()
     labels[mask == 0] = -100
     for j, (_, plen) in enumerate(rows):
@@ -399,6 +401,8 @@ def _rows_batch(rows):
 def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
     import torch
     import transformers
+
+    from .evaluation import evaluate, read_data  # evaluation imports this module
 
     s, t = SIZES[size], TASKS[task]
     threads = torch.get_num_threads()
@@ -482,113 +486,3 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
         (out / "pair.json").write_text(json.dumps(info, indent=1))
     finally:
         torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------- data and evaluation
-def read_data(path) -> list[dict]:
-    """Examples from a JSONL file of {"input_ids": [...], optional "prompt_len"}; clear errors on bad lines."""
-    path = Path(path)
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            ids = ex.get("input_ids") if isinstance(ex, dict) else None
-            if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"{path}:{n}: expected {{\"input_ids\": [at least 2 non-negative ints]}}")
-            plen = ex.get("prompt_len", 0)
-            if not isinstance(plen, int) or not 0 <= plen < len(ids):
-                raise ValueError(f"{path}:{n}: prompt_len must be an int in [0, {len(ids)})")
-            out.append({"input_ids": ids, "prompt_len": plen})
-    if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
-
-
-def examples_of(data) -> list[dict]:
-    """Normalise data: a Pair, a JSONL path, or a list of examples/id lists -> list of example dicts."""
-    if isinstance(data, Pair):
-        return read_data(data.data)
-    if isinstance(data, (str, os.PathLike)):
-        return read_data(data)
-    out = []
-    for ex in data:
-        if isinstance(ex, dict):
-            out.append({"input_ids": list(ex["input_ids"]), "prompt_len": int(ex.get("prompt_len", 0))})
-        else:
-            out.append({"input_ids": list(ex), "prompt_len": 0})
-    if not out:
-        raise ValueError("no examples in data")
-    return out
-
-
-def batches(examples, batch_size: int = 64):
-    """(input_ids, attention_mask, labels) batches; labels cover tokens after each example's prompt."""
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        ids, mask = _batch([e["input_ids"] for e in chunk])
-        labels = ids.clone()
-        labels[mask == 0] = -100
-        for j, e in enumerate(chunk):
-            labels[j, :e["prompt_len"]] = -100
-        yield ids, mask, labels
-
-
-def token_loss_sum(model, ids, mask, labels):
-    """Sum of next-token cross-entropy over labelled positions, and their count."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((tgt != -100).sum()), logits, tgt
-
-
-def evaluate(model_or_dir, data, batch_size: int = 64) -> dict:
-    """Held-out loss (mean cross-entropy over answer tokens) and exact-match accuracy by greedy decoding.
-
-    Exact match under greedy decoding equals "the argmax at every answer position, teacher-forced, is the
-    answer token" (greedy reproduces the answer iff each step's argmax is right given a right prefix), so
-    one batched forward pass gives it. The answer includes its terminator ("\\n"), so a model that keeps
-    writing digits is wrong. Examples without a prompt_len count only toward the loss.
-    """
-    import torch
-
-    model = load_model(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
-    examples = examples_of(data)
-    was_training = model.training
-    model.eval()
-    total, count, correct, scored = 0.0, 0, 0, 0
-    with torch.no_grad():
-        for (ids, mask, labels), start in zip(batches(examples, batch_size), range(0, len(examples), batch_size)):
-            loss, n, logits, tgt = token_loss_sum(model, ids, mask, labels)
-            total += float(loss)
-            count += n
-            ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)
-            for j, e in enumerate(examples[start:start + len(ids)]):
-                if e["prompt_len"] > 0:
-                    scored += 1
-                    correct += int(ok[j])
-    model.train(was_training)
-    return {"loss": total / max(count, 1), "accuracy": correct / scored if scored else float("nan"),
-            "n": len(examples), "tokens": count}
-
-
-def generate(model_or_dir, prompt: str, max_new_tokens: int = 8) -> str:
-    """Greedy continuation of a text prompt (for looking at what a model does)."""
-    import torch
-
-    model = load_model(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
-    ids = torch.tensor([encode_text(prompt)])
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if int(nxt) in (EOS, ord("\n")):
-                break
-    return decode_ids(ids[0, 1:].tolist())[len(prompt):]

@@ -6,8 +6,8 @@
     dp.save("ft.dpk", {"layer.weight": enc}, metadata={"task": "gsm8k"})
     f = dp.open("ft.dpk"); f["layer.weight"]
 """
-from ._api import (DeltaFile, DeltaWriter, Encoded, FormatError, apply, decode, encode, open, save, set_simd,
-                   set_threads, simd, simd_available)
+from .files import DeltaFile, DeltaWriter, FormatError, open, save
+from .tensors import Encoded, apply, decode, encode, set_simd, set_threads, simd, simd_available
 from ._core import __version__, codec_names
 from .checkpoint import load, load_into
 

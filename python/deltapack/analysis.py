@@ -378,17 +378,17 @@ def save_calibrated(delta_path, scales: dict, out_path) -> list[str]:
     and the base fingerprint are kept. Returns the names of the tensors updated."""
     import numpy as np
 
-    from . import _api
+    from . import files, tensors
 
-    f = _api.open(delta_path)
-    tensors, updated = {}, []
+    f = files.open(delta_path)
+    out, updated = {}, []
     for name in f.keys():
         enc = f[name]
         if name in scales and enc.codec == "sign" and enc.params["scope"] == "tensor":
             comps = dict(enc.components)
             comps["scales"] = np.array([scales[name]], dtype=np.float32)
-            enc = _api.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, comps, name)
+            enc = tensors.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, comps, name)
             updated.append(name)
-        tensors[name] = enc
-    _api.save(out_path, tensors, metadata=f.metadata or None, base=f.base)
+        out[name] = enc
+    files.save(out_path, out, metadata=f.metadata or None, base=f.base)
     return updated

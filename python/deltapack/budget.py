@@ -191,7 +191,7 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
                    elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0) -> TensorOptions:
     """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols): its top max_rank
     (default MAX_RANK) SVD directions and the element codecs."""
-    from . import _api
+    from . import tensors
 
     weights = weights or Weights()
     m = reference.as_matrix(delta)
@@ -232,11 +232,11 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
     sw = Weights(r[idx], c)
     for recipe in elements:
         try:
-            enc = _api.encode(sample, recipe, threads=threads)
+            enc = tensors.encode(sample, recipe, threads=threads)
         except ValueError:
             continue
         header = entry_bits(name, enc.codec, enc.params, enc.components)
-        err = sw.error(_api.decode(enc, threads=threads) - sample)
+        err = sw.error(tensors.decode(enc, threads=threads) - sample)
         opts.elements.append((recipe, int(8 * enc.nbytes * scale) + header, err * scale))
     return opts
 

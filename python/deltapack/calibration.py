@@ -228,7 +228,7 @@ def refit(enc, delta: np.ndarray, terms: list) -> object:
     signs and singular vectors stay). sign: its scale(s); levels: the magnitudes; quant: the group scales;
     lowrank with bits: the group scales of u (output side, one small system per group of rows).
     Scales that would not fit their storage type keep their old values."""
-    from . import _api, reference
+    from . import reference, tensors
 
     if enc.codec not in REFIT_CODECS or not terms:
         return enc
@@ -247,7 +247,7 @@ def refit(enc, delta: np.ndarray, terms: list) -> object:
         comps["scales"] = _refit_lowrank_u(d, comps, p, enc.shape, terms)
     else:
         return enc
-    return _api.Encoded(enc.codec, p, enc.shape, enc.dtype, comps, enc.name)
+    return tensors.Encoded(enc.codec, p, enc.shape, enc.dtype, comps, enc.name)
 
 
 def _solve_rows(a, b, fallback):
@@ -388,12 +388,14 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
     terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
     before). Returns {"refitted": [names], "examples": n}."""
-    from . import _api
-    from ._api import DeltaWriter
-    from .checkpoint import _as_checkpoint, _Compressor, _progress, checkpoint_record
+    from . import files
+    from .files import DeltaWriter
+    from .checkpoint import checkpoint_record
+    from .compress import _Compressor
+    from .models import _as_checkpoint, _progress
 
     base, ft = _as_checkpoint(base), _as_checkpoint(ft)
-    f = _api.open(delta)
+    f = files.open(delta)
     rec = checkpoint_record(f)
     examples = examples_of(data)
     if model is None and terms is None:

@@ -23,8 +23,8 @@ import numpy as np
 
 from . import budget as B
 from . import reference
-from .checkpoint import (_INPUT_EMBEDDINGS, _OUTPUT_EMBEDDINGS, _Compressor, _keep_files, _lossy, _progress,
-                         _summary, _total_bytes, _write_deltas)
+from .compress import _Compressor, _keep_files, _lossy, _summary, _total_bytes, _write_deltas
+from .models import _INPUT_EMBEDDINGS, _OUTPUT_EMBEDDINGS, _progress
 
 _EMBEDDINGS = frozenset(_INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS)
 _TRIES = 8
@@ -243,7 +243,7 @@ def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
     """{name: rebuilt fine-tune tensor (float32, rounded to the fine-tune's dtype as apply would)} for the
     lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
     so one tensor is decoded at a time."""
-    from . import _api
+    from . import tensors
 
     reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
     for name, (src, shape, _) in lossy.items():
@@ -258,12 +258,12 @@ def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
             from .recipes import parse
             codec, params = parse(recipes[name])
             w = weights(name, reference.as_matrix(m)) if codec == "lowrank" else None
-            enc = _api.encode(m, codec, threads=threads, weights=w, **params)
+            enc = tensors.encode(m, codec, threads=threads, weights=w, **params)
             if terms is not None and name in terms:
                 from .calibration import _rows_of, refit
                 enc = refit(enc, m, _rows_of(terms[name], shape))
-            d = _api.decode(enc, threads=threads)
+            d = tensors.decode(enc, threads=threads)
         out = np.empty(shape, fi.np_dtype)
-        _api.apply(b, _api.Encoded("dense", {"dtype": "f32"}, shape, "f32", {"values": d.reshape(shape)}), out=out,
+        tensors.apply(b, tensors.Encoded("dense", {"dtype": "f32"}, shape, "f32", {"values": d.reshape(shape)}), out=out,
                    threads=threads)
         yield name, fi.shape, reference.widen(out, fi.float_name).reshape(shape)

@@ -24,7 +24,7 @@ import zlib
 import numpy as np
 
 from . import reference
-from ._api import _is_torch
+from .tensors import _is_torch
 from .recipes import _value, first_match, split_rules
 
 F32, F64 = np.float32, np.float64

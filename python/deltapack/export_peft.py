@@ -18,7 +18,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import _core, checkpoint, reference
+from . import _core, models, reference
 from .finetune import FineTune, is_input_embedding, lowrank_factors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -133,7 +133,7 @@ def _write_adapter(out_dir, tensors, config) -> None:
     writer = _core.AtomicDir(out_dir, overwrite=True)
     try:
         try:
-            checkpoint.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
+            models.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
         except OSError as ex:  # name the file the user asked for, not the hidden directory
             raise type(ex)(ex.errno, str(ex.strerror).replace(writer.tmp, out_dir)) from None
         with open(os.path.join(writer.tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _api, checkpoint, reference
+from . import checkpoint, files, models, reference, tensors
 
 def is_input_embedding(name: str) -> bool:
     return name.endswith("embed_tokens.weight")
@@ -22,10 +22,10 @@ class FineTune:
     rebuilt) and with plain delta files whose tensor names are base tensor names."""
 
     def __init__(self, base, delta=None, alpha: float = 1.0, threads: int | None = None, force: bool = False):
-        self.base = checkpoint.Checkpoint(base)
+        self.base = models.Checkpoint(base)
         self.config = self.base.config or {}
         self.alpha, self.threads = float(alpha), threads
-        self.delta = _api.open(delta) if delta is not None else None
+        self.delta = files.open(delta) if delta is not None else None
         self.record, self._rb = None, None
         meta = self.delta.metadata if self.delta is not None else None
         if isinstance(meta, dict) and "checkpoint" in meta:
@@ -56,7 +56,7 @@ class FineTune:
     def float_name(self, name):
         """'f32' / 'f16' / 'bf16' of the fine-tune tensor, None for non-float tensors."""
         if self.record:
-            return checkpoint._ST_DTYPES[self.record["tensors"][name]["dtype"]][0]
+            return models._ST_DTYPES[self.record["tensors"][name]["dtype"]][0]
         return self.base[name].float_name
 
     def kind(self, name) -> tuple[str, str]:
@@ -75,7 +75,7 @@ class FineTune:
             return "other", why
         return ("delta", "") if name in self.delta else ("same", "")
 
-    def delta_enc(self, name) -> _api.Encoded:
+    def delta_enc(self, name) -> tensors.Encoded:
         return self.delta[name]
 
     def tensor(self, name, dtype: str = "f32") -> np.ndarray:
@@ -88,7 +88,7 @@ class FineTune:
             raise ValueError(f"{self.base.path}: tensor '{name}' is {info.dtype}, not a float tensor")
         if self.delta is not None and name in self.delta:
             out = np.empty(info.shape, {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[dtype])
-            return _api.apply(b, self.delta[name], alpha=self.alpha, out=out, threads=self.threads)
+            return tensors.apply(b, self.delta[name], alpha=self.alpha, out=out, threads=self.threads)
         return reference.round_to(reference.widen(b, info.float_name), dtype) if dtype != info.float_name else b
 
     def base_tensor(self, name) -> np.ndarray:
@@ -178,7 +178,7 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
             f = LoraFactor(name, u.astype(np.float32), np.ascontiguousarray(v, np.float32), "lowrank", 0.0,
                            dt if ft.alpha == 1.0 else "f32")
         else:
-            d = _api.decode(enc, threads=ft.threads) * np.float32(ft.alpha)
+            d = tensors.decode(enc, threads=ft.threads) * np.float32(ft.alpha)
             if not d.any():
                 continue
             u, v = svd_factors(d, min(rank, *shape))

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from . import _api, checkpoint, reference
+from . import compress, files, models, reference, tensors
 from .export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FLOATS, PEFT_PREFIX
 
 
@@ -21,13 +21,13 @@ def _pattern_value(patterns: dict, module: str, default, where: str):
     if patterns is None:
         return default
     if not isinstance(patterns, dict):
-        raise _api.FormatError(f"{where}: alpha_pattern is not a JSON object")
+        raise files.FormatError(f"{where}: alpha_pattern is not a JSON object")
     for key, value in patterns.items():
         try:
             if key == module or re.fullmatch(rf"(.*\.)?{key}", module):
                 return value
         except re.error as ex:
-            raise _api.FormatError(f"{where}: alpha_pattern key {key!r} is not a valid pattern ({ex})") from None
+            raise files.FormatError(f"{where}: alpha_pattern key {key!r} is not a valid pattern ({ex})") from None
     return default
 
 
@@ -43,7 +43,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         raise FileNotFoundError(f"{cfg_path}: no adapter config (not a PEFT adapter directory?)")
     if not os.path.exists(w_path):
         raise FileNotFoundError(f"{w_path}: no adapter weights (only adapter_model.safetensors is read)")
-    cfg = checkpoint.read_json_object(cfg_path)
+    cfg = models.read_json_object(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for key, why in (("use_dora", "DoRA rescales the merged weight; not a low-rank delta"),
@@ -52,14 +52,14 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
             raise ValueError(f"{cfg_path}: {key} is set: {why}")
     if dtype is not None and dtype not in FLOATS:
         raise ValueError(f"dtype must be f32, f16 or bf16 (got {dtype!r})")
-    base_ck = checkpoint.Checkpoint(base)
-    ad = checkpoint.Checkpoint(w_path)
+    base_ck = models.Checkpoint(base)
+    ad = models.Checkpoint(w_path)
     pairs: dict[str, dict] = {}
     vectors: dict[str, str] = {}   # base tensor name -> adapter tensor name holding its new value
     ignored = []
     for key in ad.keys():
         if not key.startswith(PEFT_PREFIX):
-            raise _api.FormatError(f"{w_path}: tensor '{key}' does not start with '{PEFT_PREFIX}'")
+            raise files.FormatError(f"{w_path}: tensor '{key}' does not start with '{PEFT_PREFIX}'")
         rest = key[len(PEFT_PREFIX):]
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)", rest)
         if m:
@@ -72,7 +72,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         elif rest.endswith((".weight", ".bias")):
             vectors[rest] = key
         else:
-            raise _api.FormatError(f"{w_path}: tensor '{key}' is not a LoRA factor, bias or saved module")
+            raise files.FormatError(f"{w_path}: tensor '{key}' is not a LoRA factor, bias or saved module")
     use_rslora = bool(cfg.get("use_rslora"))
     encs, modules, report = {}, {}, []
     for mod, parts in sorted(pairs.items()):
@@ -80,7 +80,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         need = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         missing = [p for p in need if p not in parts]
         if missing:
-            raise _api.FormatError(f"{w_path}: module '{mod}' has no {missing[0]} tensor")
+            raise files.FormatError(f"{w_path}: module '{mod}' has no {missing[0]} tensor")
         a_info, b_info = ad[parts[need[0]]], ad[parts[need[1]]]
         a = reference.widen(ad.read_tensor(a_info.name), a_info.float_name)
         b = reference.widen(ad.read_tensor(b_info.name), b_info.float_name)
@@ -90,16 +90,16 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         shape = tuple(base_ck[name].shape)
         r = a.shape[0] if a.ndim == 2 else 0
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or r == 0:
-            raise _api.FormatError(f"{w_path}: module '{mod}': factor shapes {list(a.shape)} and {list(b.shape)} "
+            raise files.FormatError(f"{w_path}: module '{mod}': factor shapes {list(a.shape)} and {list(b.shape)} "
                                    "do not form a low-rank pair")
         alpha_m = _pattern_value(cfg.get("alpha_pattern"), mod, cfg.get("lora_alpha", 8), cfg_path)
         if isinstance(alpha_m, bool) or not isinstance(alpha_m, (int, float)) or not math.isfinite(alpha_m):
-            raise _api.FormatError(f"{cfg_path}: the LoRA alpha of module '{mod}' is {alpha_m!r}, not a finite number")
+            raise files.FormatError(f"{cfg_path}: the LoRA alpha of module '{mod}' is {alpha_m!r}, not a finite number")
         scaling = alpha_m / (math.sqrt(r) if use_rslora else r)
         with np.errstate(over="ignore"):
             s = np.float32(scaling)
         if not np.isfinite(s):
-            raise _api.FormatError(f"{cfg_path}: module '{mod}': scaling {scaling!r} does not fit in float32")
+            raise files.FormatError(f"{cfg_path}: module '{mod}': scaling {scaling!r} does not fit in float32")
         if emb:   # delta (vocab x dim) = scaling * (B @ A).T = A.T @ (scaling * B.T)
             u, v = a.T, b.T * s
         else:     # delta (out x in) = (scaling * B) @ A
@@ -108,10 +108,10 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
             raise ValueError(f"{w_path}: module '{mod}': LoRA product is {[u.shape[0], v.shape[1]]}, the base "
                              f"weight '{name}' is {list(shape)}")
         dt = dtype or (a_info.float_name if a_info.float_name == b_info.float_name else "f32")
-        enc = _api.Encoded("lowrank", {"rank": int(r), "dtype": dt}, shape, base_ck[name].float_name,
+        enc = tensors.Encoded("lowrank", {"rank": int(r), "dtype": dt}, shape, base_ck[name].float_name,
                            {"u": reference.round_to(np.ascontiguousarray(u), dt),
                             "v": reference.round_to(np.ascontiguousarray(v), dt)}, name)
-        _api.decode(enc)  # validates component shapes and dtypes
+        tensors.decode(enc)  # validates component shapes and dtypes
         encs[name] = enc
         modules[mod] = {"scaling": float(scaling), "alpha": alpha_m, "rank": int(r)}
         report.append({"name": name, "rank": int(r), "scaling": float(scaling), "dtype": dt})
@@ -125,7 +125,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
                              f"{list(base_ck[name].shape)}")
         d = new - reference.widen(base_ck.read_tensor(name), base_ck[name].float_name)
         if d.any():
-            enc = _api.encode(np.ascontiguousarray(d, np.float32), "dense", dtype="f32")
+            enc = tensors.encode(np.ascontiguousarray(d, np.float32), "dense", dtype="f32")
             enc.name = name
             encs[name] = enc
             report.append({"name": name, "dense": True})
@@ -133,11 +133,11 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
         raise ValueError(f"{w_path}: the adapter changes nothing")
     peft_meta = {"r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "use_rslora": use_rslora,
                  "modules": modules}
-    record = {"version": checkpoint.CHECKPOINT_VERSION,
+    record = {"version": models.CHECKPOINT_VERSION,
               "tensors": {n: {"op": "delta" if n in encs else "same", "dtype": i.dtype, "shape": list(i.shape)}
                           for n, i in base_ck.tensors.items()},
               "removed": [], "ft_bytes": sum(i.nbytes for i in base_ck.tensors.values()), "files": {}}
-    _api.save(out, encs, metadata={"source": "peft", "adapter": os.path.abspath(adapter_dir), "peft": peft_meta,
+    files.save(out, encs, metadata={"source": "peft", "adapter": os.path.abspath(adapter_dir), "peft": peft_meta,
                                    "checkpoint": record},
-              base=checkpoint._fingerprint(base_ck, {}))
+              base=compress._fingerprint(base_ck, {}))
     return {"out": os.fspath(out), "tensors": report, "ignored": ignored}

@@ -1,16 +1,14 @@
-"""The Python API: encode / decode / apply tensors, save / open delta files."""
+"""Tensors: encode a delta with a codec, decode it, apply it to a base (deltapack.files stores them)."""
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _core, recipes, reference
 
-FormatError = _core.FormatError
 _FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
@@ -158,109 +156,6 @@ def _torch_empty_like(t):
     import torch
 
     return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-def _extra_manifest(metadata, base) -> str:
-    extra = {}
-    if metadata is not None:
-        extra["metadata"] = metadata
-    if base is not None:
-        extra["base"] = base
-    try:
-        return json.dumps(extra, allow_nan=False)
-    except ValueError as ex:  # NaN or infinity: the manifest is strict JSON
-        raise ValueError(f"metadata cannot be stored in a manifest: {ex}") from None
-
-
-def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = None) -> None:
-    """Write encoded tensors to a delta file atomically (nothing under `path` unless it succeeds).
-
-    metadata: free-form JSON-serialisable user metadata; base: the base model's fingerprint.
-    """
-    w = DeltaWriter(path)
-    for name, enc in tensors.items():
-        w.add(name, enc)
-    w.close(metadata, base)
-
-
-class DeltaWriter:
-    """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added,
-    and nothing appears under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self._w = _core.DeltaWriter(self.path)
-
-    def add(self, name: str, enc: Encoded) -> None:
-        self._w.add(enc._core(name))
-
-    def __len__(self) -> int:
-        return len(self._w)  # tensors added
-
-    def size(self, metadata=None, base=None) -> int:
-        """The file size close() would write with this metadata."""
-        return self._w.size(_extra_manifest(metadata, base))
-
-    def close(self, metadata=None, base=None, durable: bool = True) -> int:
-        """Write header + data and link it into place; returns the file size."""
-        return self._w.close(_extra_manifest(metadata, base), durable)
-
-    def abort(self) -> None:
-        self._w.abort()
-
-
-class DeltaFile:
-    """A delta file opened read-only (memory-mapped). Components are zero-copy numpy views."""
-
-    def __init__(self, path, verify: bool = True):
-        self._f = _core.DeltaFile.open(os.fspath(path))
-        self.path = os.fspath(path)
-        self.verify = verify
-        self.manifest = json.loads(self._f.manifest)
-
-    def keys(self) -> list[str]:
-        return self._f.keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def __contains__(self, name) -> bool:
-        return name in self._f
-
-    def get(self, name: str, verify: bool | None = None) -> Encoded:
-        if name not in self._f:
-            raise KeyError(f"{self.path}: no tensor '{name}' in this delta file")
-        codec, params, shape, dtype, comps = self._f.get(name, self.verify if verify is None else verify)
-        return Encoded(codec, json.loads(params), tuple(shape), dtype, dict(comps), name)
-
-    __getitem__ = get
-
-    def items(self):
-        for k in self.keys():
-            yield k, self[k]
-
-    @property
-    def metadata(self) -> dict:
-        return self.manifest.get("metadata", {})
-
-    @property
-    def base(self) -> dict | None:
-        return self.manifest.get("base")
-
-    @property
-    def nbytes(self) -> int:
-        return os.path.getsize(self.path)
-
-    def __repr__(self):
-        return f"DeltaFile({self.path!r}, {len(self)} tensors)"
-
-
-def open(path, verify: bool = True) -> DeltaFile:  # noqa: A001 - mirrors safetensors/h5py style
-    """Open a delta file. With verify (default), each tensor's CRC-32C is checked when read."""
-    return DeltaFile(path, verify)
 
 
 def set_simd(path: str) -> None:

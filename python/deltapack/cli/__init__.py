@@ -14,7 +14,7 @@ import numpy as np
 import deltapack as dp
 
 # Modules that add subcommands (each defines register(subparsers)); kept in one list here.
-PLUGIN_MODULES: list[str] = ["deltapack.cli_export", "deltapack.cli_analyze"]
+PLUGIN_MODULES: list[str] = ["deltapack.cli.export", "deltapack.cli.analyze"]
 
 DEMO_RECIPES = ["sign", "sign:scope=row", "levels:bits=2", "levels:bits=4", "quant:bits=4", "quant:bits=2",
                 "sparse:p=0.9", "sparse:p=0.9,mode=magnitude", "lowrank:rank=32", "dense:dtype=bf16"]
@@ -87,7 +87,7 @@ def cmd_info(args) -> int:
     f = dp.open(args.file, verify=not args.no_verify)
     ckpt = None
     if isinstance(f.metadata, dict) and "checkpoint" in f.metadata:
-        from . import checkpoint
+        from .. import checkpoint
         ckpt = checkpoint.describe(f)
         ops = {n: s["op"] for n, s in f.metadata["checkpoint"]["tensors"].items()}
     tensors, total_params, total_bytes = [], 0, 0
@@ -176,14 +176,14 @@ def _metadata_arg(items):
 
 def cmd_compress(args) -> int:
     """Store a fine-tune as a delta against its base: one tensor at a time, per-tensor recipes or a bit budget."""
-    from . import checkpoint
+    from .. import checkpoint
     if args.budget is None and args.data is not None:
         raise ValueError("--data goes with --budget (to fit a recipe's scales use `deltapack calibrate`)")
     if args.budget is not None and args.recipe is not None:
         raise ValueError("give either --recipe or --budget")
     data = None
     if args.data is not None:
-        from .cli_analyze import load_examples
+        from .analyze import load_examples
         data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint._install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
@@ -206,7 +206,7 @@ def cmd_compress(args) -> int:
 
 def cmd_apply(args) -> int:
     """Rebuild the fine-tune (base + alpha*delta) as a Hugging Face directory sharded like the base."""
-    from . import checkpoint
+    from .. import checkpoint
     checkpoint._install_sigterm()
     s = checkpoint.apply_checkpoint(args.base, args.delta, args.output, alpha=args.alpha, dtype=args.dtype,
                                     force=args.force, overwrite=args.overwrite, threads=args.threads or None,
@@ -218,7 +218,7 @@ def cmd_apply(args) -> int:
 
 def cmd_verify(args) -> int:
     """Rebuild every tensor and compare with the real fine-tune; exit 3 past the thresholds."""
-    from . import checkpoint
+    from .. import checkpoint
     rows = checkpoint.verify(args.base, args.ft, args.delta, force=args.force, threads=args.threads or None,
                              quiet=args.quiet)
     bad = [r for r in rows if r["rel_error"] > args.max_rel_error or r["delta_cosine"] < args.min_cosine]
@@ -358,6 +358,3 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -55,7 +55,7 @@ def register(sub) -> None:
 def load_examples(path: str, model_dir: str, max_examples: int | None = None) -> list[dict]:
     """JSONL examples as they are; any other text file: one example per non-empty line, tokenized with the
     model directory's tokenizer (an error if it has none)."""
-    from . import evaluation
+    from .. import evaluation
 
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such data file")
@@ -81,7 +81,7 @@ def load_examples(path: str, model_dir: str, max_examples: int | None = None) ->
 
 
 def cmd_analyze(args) -> int:
-    from . import analysis, edits
+    from .. import analysis, edits
 
     if args.C < 1:
         raise ValueError(f"-C {args.C}: must be >= 1")
@@ -116,16 +116,16 @@ def cmd_analyze(args) -> int:
 
 def _check_related(args) -> None:
     if not args.force:
-        from . import checkpoint
+        from .. import checkpoint
         checkpoint.check_related(args.base, args.ft)
 
 
 def cmd_calibrate(args) -> int:
-    from . import _api, analysis
+    from .. import analysis, files
 
     _check_related(args)
     if args.method == "least-squares":
-        from . import calibration
+        from .. import calibration
         examples = load_examples(args.data, args.ft, args.max_examples)
         r = calibration.calibrate_file(args.base, args.ft, args.delta, args.output, examples)
         if args.json:
@@ -135,7 +135,7 @@ def cmd_calibrate(args) -> int:
         return 0
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be >= 1")
-    f = _api.open(args.delta)
+    f = files.open(args.delta)
     sign_tensors = set()
     for n in f.keys():
         enc = f.get(n, verify=False)

@@ -197,31 +197,6 @@ NB_MODULE(_core, m) {
             "extra_manifest"_a = "{}", "durable"_a = true)
         .def("abort", &DeltaWriter::abort);
 
-    // A safetensors file read with pread: header checked on open, tensors copied into caller buffers.
-    nb::class_<SafetensorsFile>(m, "SafetensorsFile")
-        .def_static("read_header", &SafetensorsFile::read_header, "path"_a)
-        .def_prop_ro("path", &SafetensorsFile::path)
-        .def_prop_ro("metadata", &SafetensorsFile::metadata)
-        .def(
-            "tensors",
-            [](const SafetensorsFile& f) {  // (name, dtype, shape, offset, nbytes) in data order
-                std::vector<std::tuple<std::string, std::string, std::vector<int64_t>, uint64_t, uint64_t>> out;
-                for (const std::string& k : f.keys()) {
-                    const TensorInfo& t = f.info(k);
-                    out.emplace_back(t.name, safetensors_dtype_name(t.dtype), t.shape, t.offset, t.nbytes);
-                }
-                return out;
-            })
-        .def(
-            "read",
-            [](const SafetensorsFile& f, const std::string& name, AnyArray out, uint64_t first_byte) {
-                void* p = out.data();
-                const uint64_t n = out.nbytes();
-                nb::gil_scoped_release nogil;
-                f.read(name, p, n, first_byte);
-            },
-            "name"_a, "out"_a.noconvert(), "first_byte"_a = 0);
-
     // A model: one .safetensors file or a Hugging Face directory (shards + index), read with pread.
     nb::class_<ModelFiles>(m, "ModelFiles")
         .def_static("open", &ModelFiles::open, "path"_a)
@@ -339,6 +314,17 @@ NB_MODULE(_core, m) {
                  return w.finish();
              })
         .def("abort", &SafetensorsWriter::abort);
+
+    m.def(
+        "delta_f32",
+        [](const InArray& ft, const InArray& base, AnyArray out, int threads) {
+            ArrayRef f = ref_of(ft), b = ref_of(base), o = ref_of(out);
+            if (o.dtype != DType::F32 || o.numel() != f.numel())
+                throw std::invalid_argument("delta_f32: out must be float32 with as many elements as ft");
+            nb::gil_scoped_release nogil;
+            delta_f32(f, b, static_cast<float*>(o.data), threads);
+        },
+        "ft"_a, "base"_a, "out"_a.noconvert(), "threads"_a = 0);
 
     m.def(
         "save",

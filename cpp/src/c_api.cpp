@@ -110,6 +110,14 @@ void need(const void* p, const char* fn, const char* arg) {
     if (!p) fail(std::string(fn) + ": " + arg + " is NULL");
 }
 
+// The i-th of `names` (of the file at `path`) into buf, snprintf-style; a failure if i is out of range.
+template <class Names>
+int64_t name_at(const Names& names, size_t i, const std::string& path, char* buf, size_t buf_size, const char* fn) {
+    if (i >= names.size())
+        fail(path + ": tensor index " + std::to_string(i) + " out of range (" + std::to_string(names.size()) + " tensors)");
+    return copy_text(names[i], buf, buf_size, fn);
+}
+
 deltapack::ApplyParams engine_params(const dp_apply_params& params) {
     deltapack::ApplyParams p = deltapack::apply_default_params();
     p.alpha = params.alpha;
@@ -172,10 +180,7 @@ size_t dp_file_count(const dp_file* f) { return f ? f->names.size() : 0; }
 int64_t dp_file_name(const dp_file* f, size_t i, char* buf, size_t buf_size) {
     return guarded<int64_t>(-1, [&] {
         need(f, "dp_file_name", "f");
-        if (i >= f->names.size())
-            fail(f->file->path() + ": tensor index " + std::to_string(i) + " out of range (" +
-                 std::to_string(f->names.size()) + " tensors)");
-        return copy_text(f->names[i], buf, buf_size, "dp_file_name");
+        return name_at(f->names, i, f->file->path(), buf, buf_size, "dp_file_name");
     });
 }
 
@@ -278,10 +283,7 @@ size_t dp_base_count(const dp_base* b) { return b ? b->names.size() : 0; }
 int64_t dp_base_name(const dp_base* b, size_t i, char* buf, size_t buf_size) {
     return guarded<int64_t>(-1, [&] {
         need(b, "dp_base_name", "b");
-        if (i >= b->names.size())
-            fail(b->files->path() + ": tensor index " + std::to_string(i) + " out of range (" +
-                 std::to_string(b->names.size()) + " tensors)");
-        return copy_text(b->names[i], buf, buf_size, "dp_base_name");
+        return name_at(b->names, i, b->files->path(), buf, buf_size, "dp_base_name");
     });
 }
 
@@ -359,10 +361,9 @@ size_t dp_checkpoint_count(const dp_checkpoint* c) { return c ? c->ck->tensors()
 int64_t dp_checkpoint_name(const dp_checkpoint* c, size_t i, char* buf, size_t buf_size) {
     return guarded<int64_t>(-1, [&] {
         need(c, "dp_checkpoint_name", "c");
-        if (i >= c->ck->tensors().size())
-            fail(c->ck->delta().path() + ": tensor index " + std::to_string(i) + " out of range (" +
-                 std::to_string(c->ck->tensors().size()) + " tensors)");
-        return copy_text(c->ck->tensors()[i].name, buf, buf_size, "dp_checkpoint_name");
+        std::vector<std::string> names;
+        for (const deltapack::CheckpointTensor& t : c->ck->tensors()) names.push_back(t.name);
+        return name_at(names, i, c->ck->delta().path(), buf, buf_size, "dp_checkpoint_name");
     });
 }
 

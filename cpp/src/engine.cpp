@@ -315,4 +315,22 @@ void decode(const EncodedRef& e, const ArrayRef& out, int threads) {
     });
 }
 
+void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads) {
+    if (!is_float_dtype(ft.dtype) || !is_float_dtype(base.dtype) || ft.numel() != base.numel())
+        throw std::invalid_argument("delta_f32: ft and base must be f32, f16 or bf16 arrays of the same size");
+    const int64_t n = ft.numel(), block = 1 << 14;  // 64 KiB of f32 per step: both rows stay in cache
+    const Kernels& k = kernels();
+    parallel_rows((n + block - 1) / block, block, threads, [&](int64_t b0, int64_t b1) {
+        std::vector<float> tmp(static_cast<size_t>(block));
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t i = b * block, m = std::min(block, n - i);
+            float* o = out + i;
+            k.to_f32(static_cast<const uint8_t*>(ft.data) + size_t(i) * dtype_size(ft.dtype), ft.dtype, o, size_t(m));
+            k.to_f32(static_cast<const uint8_t*>(base.data) + size_t(i) * dtype_size(base.dtype), base.dtype, tmp.data(),
+                     size_t(m));
+            for (int64_t j = 0; j < m; ++j) o[j] -= tmp[size_t(j)];  // one IEEE f32 subtraction each
+        }
+    });
+}
+
 }  // namespace deltapack

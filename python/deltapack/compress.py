@@ -34,16 +34,6 @@ def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
     return tensors.Encoded("dense", {"dtype": float_name}, tuple(values.shape), float_name, {"values": values})
 
 
-def _delta_into(ft_chunk, ft_name, base_chunk, base_name, out, block=1 << 20):
-    """out = f32(ft) - f32(base), one IEEE f32 subtraction per element, in cache-sized blocks."""
-    tmp = np.empty(min(block, out.size), np.float32)
-    for s in range(0, out.size, block):
-        e = min(out.size, s + block)
-        _widen_into(ft_chunk[s:e], ft_name, out[s:e])
-        _widen_into(base_chunk[s:e], base_name, tmp[:e - s])
-        np.subtract(out[s:e], tmp[:e - s], out=out[s:e])
-
-
 def _keep_files(ft: Checkpoint) -> dict:
     """The fine-tune's non-weight files (config, tokenizer, generation config ...) to store in the manifest."""
     files = {}
@@ -148,7 +138,7 @@ def check_related(base, ft, plan: dict | None = None) -> None:
         n = min(fi.numel, _PROBE_ROWS * fi.shape[-1])
         d, w = np.empty(n, np.float32), np.empty(n, np.float32)
         fraw, braw = ft.read(name, stop=n), base.read(bi.name, stop=n)
-        _delta_into(fraw, fi.float_name, braw, bi.float_name, d)
+        _core.delta_f32(fraw, braw, d)
         _widen_into(braw, bi.float_name, w)
         norm = float(np.linalg.norm(w.astype(np.float64)))
         if norm > 0 and np.isfinite(norm):
@@ -211,7 +201,7 @@ class _Compressor:
             crc = _crc32c(b, crc)
             if identical:
                 identical = np.array_equal(b.view(np.uint8), f.view(np.uint8))
-            _delta_into(f, fi.float_name, b, bi.float_name, delta[s:e])
+            _core.delta_f32(f, b, delta[s:e], 0 if self.threads is None else int(self.threads))
             if check_exact:
                 back = np.empty(e - s, fi.np_dtype)
                 tensors.apply(b, _dense_enc(delta[s:e], "f32"), out=back, threads=self.threads)

@@ -103,6 +103,10 @@ void apply(const EncodedRef& enc, const ArrayRef& base, const ArrayRef& out,
 // out (f32, shape of the delta) = decode(enc).
 void decode(const EncodedRef& enc, const ArrayRef& out, int threads = 0);
 
+// out[i] = f32(ft[i]) - f32(base[i]): the delta of two f32/f16/bf16 arrays of the same size (any shapes),
+// one IEEE f32 subtraction per element, on `threads` threads (0: the default).
+void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads = 0);
+
 // SIMD path: "auto" (best available; default, or from env DELTAPACK_SIMD), "scalar", "avx2",
 // "avx512" (x86-64), "neon" (AArch64). Throws std::invalid_argument for a path this CPU or build lacks.
 void set_simd(const std::string& path);

@@ -128,8 +128,9 @@ struct TensorInfo {
     uint64_t nbytes = 0;
 };
 
-// Any safetensors file. Checked before use: header length (<= 100 MiB, inside the file), strict
-// JSON, known dtypes, shape * dtype size == byte span, offsets inside the data section, no overlaps.
+// Any safetensors file, checked before use by safetensors' own rules: a header of at most 10^8 bytes
+// inside the file, strict JSON, known dtypes in safetensors' spelling, shape * dtype size == byte span,
+// and arrays that tile the data section (no overlap, gap or trailing bytes).
 // open() maps the file read-only (get() returns views); read_header() reads only the header, and
 // read() copies tensors into caller memory with pread (no mapping keeps pages resident).
 class SafetensorsFile {

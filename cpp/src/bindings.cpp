@@ -281,6 +281,26 @@ NB_MODULE(_core, m) {
         "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
         "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none());
 
+    nb::class_<Bank>(m, "Bank")
+        .def(nb::init<const std::string&>(), "base"_a)
+        .def("add", &Bank::add, "name"_a, "delta"_a, "force"_a = false)
+        .def(
+            "activate",
+            [](Bank& b, const std::vector<std::pair<std::string, float>>& deltas, int threads) {
+                nb::gil_scoped_release nogil;
+                b.activate(deltas, threads);
+            },
+            "deltas"_a, "threads"_a = 0)
+        .def("tensor_names", &Bank::tensor_names)
+        .def("fine_tunes", &Bank::fine_tunes)
+        .def("last_rewritten", &Bank::last_rewritten)
+        .def(
+            "tensor",  // a numpy view of the live buffer; it keeps the bank alive
+            [](nb::handle self, const std::string& name) {
+                return to_numpy(nb::cast<Bank&>(self).tensor(name), self, false);
+            },
+            "name"_a);
+
     nb::class_<AtomicDir>(m, "AtomicDir")
         .def(nb::init<const std::string&, bool>(), "path"_a, "overwrite"_a = false)
         .def_prop_ro("tmp", &AtomicDir::tmp)

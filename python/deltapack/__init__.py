@@ -10,6 +10,7 @@ from .files import DeltaFile, DeltaWriter, FormatError, open, save
 from .tensors import Encoded, apply, decode, encode, set_simd, set_threads, simd, simd_available
 from ._core import __version__, codec_names
 from .checkpoint import load, load_into
+from .serving import Bank
 
-__all__ = ["DeltaFile", "DeltaWriter", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
+__all__ = ["Bank", "DeltaFile", "DeltaWriter", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
            "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__", "load", "load_into"]

@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -397,6 +398,11 @@ public:
     // when the sizes match.
     void rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype, void* out,
                       uint64_t out_bytes, DType out_dtype, float alpha = 1.0f, int threads = 0) const;
+    // Checks the bytes of base tensor `src` against the delta's fingerprint (its CRC-32C, where recorded):
+    // BaseMismatch naming the tensor. Nothing unless constructed without force.
+    void verify_base(const std::string& src, const void* data, uint64_t nbytes) const {
+        if (!force_) check_contents(src, data, nbytes);
+    }
 
 private:
     struct Fingerprint { std::string dtype; std::vector<int64_t> shape; bool has_crc = false; uint32_t crc = 0; };
@@ -436,6 +442,35 @@ struct CheckpointOutput {
 // dtype set when `dtype` is given), loadable by transformers; for a base file, one .safetensors file.
 CheckpointOutput apply_checkpoint(const std::string& base, const std::string& delta, const std::string& out,
                                   const ApplyCheckpointOptions& options = {});
+
+// ----------------------------------------------------------------------------------- serving
+
+// One base model held in memory, and fine-tunes (checkpoint deltas of it) switched on it in place:
+// activate() makes the buffers hold base + sum of alpha_i * delta_i. Every tensor an active or the
+// previously active fine-tune touches is rebuilt from the base (never on top of the previous fine-tune),
+// so one delta at alpha 1 gives exactly what apply_checkpoint writes, and no delta gives the base; other
+// tensors are not written. Memory: the base once, a second copy of the tensors some added delta touches,
+// and the deltas (mapped). Fine-tunes that add, remove or resize tensors are refused by add().
+// activate() and add() lock the bank; a reader must not use the buffers during activate().
+class Bank {
+public:
+    explicit Bank(const std::string& base);  // reads every base tensor once
+    void add(const std::string& name, const std::string& delta, bool force = false);
+    void activate(const std::vector<std::pair<std::string, float>>& deltas, int threads = 0);
+    std::vector<std::string> tensor_names() const { return base_->keys(); }
+    ArrayRef tensor(const std::string& name);  // the live buffer (stable for the bank's life)
+    std::vector<std::string> fine_tunes() const;
+    const std::vector<std::string>& last_rewritten() const { return rewritten_; }  // by the last activate()
+
+private:
+    struct Buffer { Array live, pristine; };  // pristine: the base, for tensors some delta touches
+    std::shared_ptr<const ModelFiles> base_;
+    std::map<std::string, Buffer> buffers_;
+    std::map<std::string, std::unique_ptr<CheckpointDelta>> deltas_;
+    std::vector<std::pair<std::string, float>> active_;
+    std::vector<std::string> rewritten_;
+    std::mutex mu_;
+};
 
 // Writes a delta file at once (a DeltaWriter over `tensors`).
 void save(const std::string& path, const std::vector<EncodedRef>& tensors,

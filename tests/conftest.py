@@ -40,3 +40,22 @@ def bits(x) -> np.ndarray:
         x = x.numpy()
     x = np.asarray(x)
     return x.view({4: np.uint32, 2: np.uint16}[x.dtype.itemsize])
+
+
+def tiny_llama_config(vocab=96, tie=False):
+    """A Llama config small enough to build, save and run in milliseconds (checkpoint and bank tests)."""
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=tie)
+
+
+def perturbed(model, seed, scale=2e-3, only=None):
+    """`model` with N(0, scale) noise added in place to its parameters (those whose name holds `only`)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if only is None or only in name:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+    return model

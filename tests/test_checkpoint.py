@@ -1,5 +1,4 @@
 """Checkpoint compress / apply / load against real clients: transformers, safetensors, the Python reference."""
-import errno
 import json
 import os
 import shutil
@@ -9,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import perturbed, tiny_llama_config
 
 import deltapack as dp
 from deltapack import checkpoint as ck
@@ -20,22 +20,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
 
 
-def _tiny_config(vocab=96, tie=False):
-    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    tie_word_embeddings=tie)
-
-
 def _save(model, path, shard="60KB"):
     model.save_pretrained(path, max_shard_size=shard)
-
-
-def _perturbed(model, seed, scale=2e-3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) .to(p.dtype) * scale)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +29,18 @@ def models(tmp_path_factory):
     """Tiny bf16 Llama pairs: sharded base/ft, a resized vocabulary, tied <-> untied embeddings."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(_tiny_config()).to(torch.bfloat16)
+    base = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
     _save(base, root / "base")
-    _save(_perturbed(base, 1), root / "ft")
+    _save(perturbed(base, 1), root / "ft")
     base = transformers.LlamaForCausalLM.from_pretrained(root / "ft")
     base.resize_token_embeddings(104, mean_resizing=False)
     _save(base, root / "ft_resized", shard="10MB")
     torch.manual_seed(1)
-    tied = transformers.LlamaForCausalLM(_tiny_config(tie=True)).to(torch.bfloat16)
+    tied = transformers.LlamaForCausalLM(tiny_llama_config(tie=True)).to(torch.bfloat16)
     _save(tied, root / "base_tied")
-    untied = transformers.LlamaForCausalLM(_tiny_config(tie=False)).to(torch.bfloat16)
+    untied = transformers.LlamaForCausalLM(tiny_llama_config(tie=False)).to(torch.bfloat16)
     untied.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.model.embed_tokens.weight.clone()})
-    _save(_perturbed(untied, 2), root / "ft_untied")
+    _save(perturbed(untied, 2), root / "ft_untied")
     return root
 
 
@@ -274,8 +260,8 @@ def test_wrong_base_is_refused_unless_forced(models, tmp_path):
 def test_unrelated_finetune_is_refused_before_any_work(models, tmp_path):
     from deltapack.cli import main
     torch.manual_seed(5)  # the same architecture and sizes, independent weights
-    transformers.LlamaForCausalLM(_tiny_config()).to(torch.bfloat16).save_pretrained(tmp_path / "other")
-    config = _tiny_config()
+    transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "other")
+    config = tiny_llama_config()
     config.hidden_size, config.intermediate_size = 32, 48
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "smaller")
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 deltapack.load of the same delta (the rebuild deltapack apply writes) or with the base as stored."""
 import numpy as np
 import pytest
+from conftest import perturbed, tiny_llama_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -10,30 +11,15 @@ import deltapack as dp  # noqa: E402
 from deltapack import checkpoint as ck  # noqa: E402
 
 
-def _config(vocab=96, tie=False):
-    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    tie_word_embeddings=tie)
-
-
-def _perturbed(model, seed, scale=2e-3, only=None):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if only is None or only in name:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
-    return model
-
-
 @pytest.fixture(scope="module")
 def bank_models(tmp_path_factory):
     """A tiny bf16 Llama base; fine-tunes "a" (every tensor), "b" (the MLPs only) and a resized one."""
     root = tmp_path_factory.mktemp("bank")
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(_config()).to(torch.bfloat16)
+    base = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
     base.save_pretrained(root / "base", max_shard_size="60KB")
-    _perturbed(transformers.LlamaForCausalLM.from_pretrained(root / "base"), 1).save_pretrained(root / "ft_a")
-    _perturbed(transformers.LlamaForCausalLM.from_pretrained(root / "base"), 2, only="mlp").save_pretrained(root / "ft_b")
+    perturbed(transformers.LlamaForCausalLM.from_pretrained(root / "base"), 1).save_pretrained(root / "ft_a")
+    perturbed(transformers.LlamaForCausalLM.from_pretrained(root / "base"), 2, only="mlp").save_pretrained(root / "ft_b")
     grown = transformers.LlamaForCausalLM.from_pretrained(root / "ft_a")
     grown.resize_token_embeddings(104, mean_resizing=False)
     grown.save_pretrained(root / "ft_grown")
@@ -105,7 +91,7 @@ def test_bind_makes_a_model_follow_the_bank(bank_models):
     root = bank_models
     bank = dp.Bank(root / "base")
     bank.add("a", root / "a.dpk")
-    model = transformers.LlamaForCausalLM(_config()).to(torch.bfloat16).eval()
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).eval()
     bank.bind(model)
     ids = torch.tensor([[1, 5, 9, 33, 2]])
     ref_a = transformers.LlamaForCausalLM.from_pretrained(root / "base").to(torch.bfloat16).eval()
@@ -132,7 +118,7 @@ def test_refusals(bank_models):
         bank.add("a", root / "a.dpk")
     with pytest.raises(ValueError, match="no fine-tune named 'nope'"):
         bank.activate("nope")
-    model = transformers.LlamaForCausalLM(_config(vocab=104)).to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(vocab=104)).to(torch.bfloat16)
     with pytest.raises(ValueError, match="model.embed_tokens.weight"):
         bank.bind(model)
     assert np.array_equal(bank.numpy("model.norm.weight"), bank.state_dict()["model.norm.weight"].view(torch.int16).numpy().view(np.uint16))

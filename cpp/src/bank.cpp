@@ -88,9 +88,9 @@ void Bank::activate(const std::vector<std::pair<std::string, float>>& deltas, in
             const CheckpointDelta& c = *deltas_.at(d.first);
             const CheckpointTensor& t = c.tensor(name);
             if (t.kind != TensorKind::Delta) continue;
-            if (first) {  // from the pristine base, into the live buffer
+            if (first) {  // from the pristine base (its CRC checked by add), into the live buffer
                 c.rebuild_from(name, b.pristine.ref.data, b.pristine.ref.nbytes(), b.pristine.ref.dtype, live.data,
-                               live.nbytes(), live.dtype, d.second, threads);
+                               live.nbytes(), live.dtype, d.second, threads, false);
                 first = false;
             } else {  // further deltas added on top, each rounded once
                 p.alpha = d.second;

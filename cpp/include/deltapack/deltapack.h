@@ -394,10 +394,11 @@ public:
                  int threads = 0) const;
     // The same from a base tensor the caller holds (an application with its own weight storage; `base` may
     // be null for Replaced tensors): `base` is the tensor `source` in `base_dtype`, base_bytes exactly its
-    // size. Unless force, its dtype and CRC-32C must be the fingerprint's. `out` may be `base` (in place)
-    // when the sizes match.
+    // size. Unless force, its dtype and CRC-32C must be the fingerprint's (check_crc false: the caller
+    // verified these bytes already, with verify_base). `out` may be `base` (in place) when the sizes match.
     void rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype, void* out,
-                      uint64_t out_bytes, DType out_dtype, float alpha = 1.0f, int threads = 0) const;
+                      uint64_t out_bytes, DType out_dtype, float alpha = 1.0f, int threads = 0,
+                      bool check_crc = true) const;
     // Checks the bytes of base tensor `src` against the delta's fingerprint (its CRC-32C, where recorded):
     // BaseMismatch naming the tensor. Nothing unless constructed without force.
     void verify_base(const std::string& src, const void* data, uint64_t nbytes) const {

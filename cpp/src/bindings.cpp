@@ -346,16 +346,6 @@ NB_MODULE(_core, m) {
         },
         "ft"_a, "base"_a, "out"_a.noconvert(), "threads"_a = 0);
 
-    m.def(
-        "save",
-        [](const std::string& path, const std::vector<PyEncoded>& tensors, const std::string& extra) {
-            std::vector<EncodedRef> refs;
-            for (auto& t : tensors) refs.push_back(ref_of(t));
-            nb::gil_scoped_release nogil;
-            save(path, refs, extra);
-        },
-        "path"_a, "tensors"_a, "extra_manifest"_a = "{}");
-
     nb::class_<DeltaFile>(m, "DeltaFile")
         .def_static("open", &DeltaFile::open, "path"_a)
         .def_prop_ro("path", &DeltaFile::path)

@@ -28,6 +28,7 @@ struct dp_base {
 
 struct dp_checkpoint {
     std::unique_ptr<deltapack::CheckpointDelta> ck;
+    std::vector<std::string> names;
 };
 
 namespace {
@@ -350,20 +351,19 @@ dp_checkpoint* dp_checkpoint_open(const dp_file* f, const dp_base* b, int force)
         need(f, "dp_checkpoint_open", "f");
         auto c = std::make_unique<dp_checkpoint>();
         c->ck = std::make_unique<deltapack::CheckpointDelta>(b ? b->files : nullptr, f->file, force != 0);
+        for (const deltapack::CheckpointTensor& t : c->ck->tensors()) c->names.push_back(t.name);
         return c.release();
     });
 }
 
 void dp_checkpoint_close(dp_checkpoint* c) { delete c; }
 
-size_t dp_checkpoint_count(const dp_checkpoint* c) { return c ? c->ck->tensors().size() : 0; }
+size_t dp_checkpoint_count(const dp_checkpoint* c) { return c ? c->names.size() : 0; }
 
 int64_t dp_checkpoint_name(const dp_checkpoint* c, size_t i, char* buf, size_t buf_size) {
     return guarded<int64_t>(-1, [&] {
         need(c, "dp_checkpoint_name", "c");
-        std::vector<std::string> names;
-        for (const deltapack::CheckpointTensor& t : c->ck->tensors()) names.push_back(t.name);
-        return name_at(names, i, c->ck->delta().path(), buf, buf_size, "dp_checkpoint_name");
+        return name_at(c->names, i, c->ck->delta().path(), buf, buf_size, "dp_checkpoint_name");
     });
 }
 

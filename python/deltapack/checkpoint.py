@@ -44,6 +44,12 @@ def checkpoint_record(delta) -> dict:
     return rec
 
 
+def _out_st(spec, dtype):
+    """The safetensors dtype a fine-tune tensor is rebuilt in: `dtype` (f32/f16/bf16) for a float tensor
+    when given, else its own."""
+    return _FLOAT_ST[dtype] if dtype and _ST_DTYPES[spec["dtype"]][0] else spec["dtype"]
+
+
 class _Rebuilder:
     """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file (the C++ core's
     CheckpointDelta: record and base checked on open, each base tensor's CRC-32C as it is read)."""
@@ -58,9 +64,7 @@ class _Rebuilder:
         return self.record["tensors"]
 
     def out_float(self, name, dtype=None):
-        spec = self.specs()[name]
-        native = _ST_DTYPES[spec["dtype"]][0]
-        return native if (dtype is None or native is None) else dtype
+        return _ST_DTYPES[_out_st(self.specs()[name], dtype)][0]
 
     def rebuild(self, name, dtype=None, out=None) -> np.ndarray:
         """Tensor `name` of the fine-tune as a numpy array (bf16 as uint16), in `dtype` (default: its own).
@@ -68,7 +72,7 @@ class _Rebuilder:
         `out` (optional): a C-contiguous numpy array of the right shape and dtype to fill."""
         spec = self.specs()[name]
         shape = tuple(spec["shape"])
-        st = _FLOAT_ST.get(self.out_float(name, dtype), spec["dtype"])
+        st = _out_st(spec, dtype)
         np_dst = np.dtype(_ST_DTYPES[st][1])
         if out is not None and (tuple(out.shape) != shape or out.dtype != np_dst):
             raise ValueError(f"tensor '{name}': destination is {out.dtype} {list(out.shape)}, "
@@ -94,8 +98,7 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     base_path = base.path if isinstance(base, Checkpoint) else os.fspath(base)
     delta_path = delta.path if isinstance(delta, files.DeltaFile) else os.fspath(delta)
     specs = checkpoint_record(_as_delta(delta))["tensors"]
-    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_FLOAT_ST.get(dtype, s["dtype"]) if _ST_DTYPES[s["dtype"]][0]
-                                                   else s["dtype"]][2] for s in specs.values())
+    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_out_st(s, dtype)][2] for s in specs.values())
     bar = _progress(total, "apply", quiet)
     try:  # the C++ core: the same code as deltapack-apply, so both write the same bytes
         path, n, size = _core.apply_checkpoint(base_path, delta_path, os.fspath(out), alpha, dtype or "", force,

@@ -1,4 +1,7 @@
-// The bank: one base in memory, fine-tunes switched on it in place (see Bank in deltapack.h).
+// The bank: one base in memory, fine-tunes switched on it in place or used per batch row (see Bank in
+// deltapack.h).
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <set>
 
@@ -16,10 +19,25 @@ Bank::Bank(const std::string& base) : base_(ModelFiles::open(base)) {
     }
 }
 
+const CheckpointDelta& Bank::fine_tune(const std::string& name) const {
+    auto it = deltas_.find(name);
+    if (it == deltas_.end()) throw std::invalid_argument("bank: no fine-tune named '" + name + "' (add it first)");
+    return *it->second;
+}
+
+const ArrayRef& Bank::base_of(const std::string& tensor) const {
+    auto it = buffers_.find(tensor);
+    if (it == buffers_.end()) throw std::out_of_range(base_->path() + ": no tensor '" + tensor + "' in the bank");
+    // Without a pristine copy no delta touches the tensor, so the live buffer is the base.
+    return it->second.pristine.storage ? it->second.pristine.ref : it->second.live.ref;
+}
+
 void Bank::add(const std::string& name, const std::string& delta, bool force) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::shared_mutex> lock(mu_);
     if (deltas_.count(name)) throw std::invalid_argument("bank: a fine-tune named '" + name + "' is already added");
-    auto c = std::make_unique<CheckpointDelta>(base_, std::shared_ptr<const DeltaFile>(DeltaFile::open(delta)), force);
+    std::shared_ptr<const DeltaFile> file(DeltaFile::open(delta, true));
+    for (const std::string& key : file->keys()) validate(file->get(key));  // CRC-32C and structure, once
+    auto c = std::make_unique<CheckpointDelta>(base_, file, force);
     std::set<std::string> seen;
     for (const CheckpointTensor& t : c->tensors()) {
         if (t.kind == TensorKind::Replaced || t.kind == TensorKind::Resized || t.source != t.name)
@@ -34,26 +52,55 @@ void Bank::add(const std::string& name, const std::string& delta, bool force) {
         if (!seen.count(n))
             throw std::invalid_argument(delta + ": the fine-tune removed tensor '" + n + "'; the bank serves the base's tensors");
     for (const std::string& n : base_->keys()) {  // the base in memory is the one the delta was made from
-        const Buffer& b = buffers_.at(n);
-        const ArrayRef& held = b.pristine.storage ? b.pristine.ref : b.live.ref;
+        const ArrayRef& held = base_of(n);
         c->verify_base(n, held.data, held.nbytes());
     }
     // Tensors this delta changes get a pristine copy of the base, so they can be rebuilt from it.
     for (const CheckpointTensor& t : c->tensors()) {
         Buffer& b = buffers_.at(t.name);
         if (t.kind == TensorKind::Delta && !b.pristine.storage) {
-            const TensorInfo& info = base_->info(t.name);
-            b.pristine = Array::zeros(info.dtype, info.shape);
-            base_->read(t.name, b.pristine.ref.data, info.nbytes);
+            b.pristine = Array::zeros(b.live.ref.dtype, b.live.ref.shape);
+            std::memcpy(b.pristine.ref.data, b.live.ref.data, b.live.ref.nbytes());  // untouched so far: the base
         }
     }
     deltas_[name] = std::move(c);
 }
 
+void Bank::remove(const std::string& name) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    fine_tune(name);
+    for (auto& d : active_)
+        if (d.first == name) throw std::invalid_argument("bank: fine-tune '" + name + "' is active; activate another first");
+    deltas_.erase(name);
+    for (auto it = cache_.begin(); it != cache_.end();)
+        if (it->key.find(name + '\x1f') == 0 || it->key.find('\x1e' + name + '\x1f') != std::string::npos) {
+            cache_bytes_ -= it->bytes;
+            it = cache_.erase(it);
+        } else {
+            ++it;
+        }
+    for (auto& kv : buffers_) {  // a pristine copy no remaining fine-tune needs (the live buffer is the base)
+        bool needed = false;
+        for (auto& d : deltas_) needed = needed || d.second->tensor(kv.first).kind == TensorKind::Delta;
+        if (!needed) kv.second.pristine = Array();
+    }
+}
+
 std::vector<std::string> Bank::fine_tunes() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
     std::vector<std::string> out;
     for (auto& kv : deltas_) out.push_back(kv.first);
     return out;
+}
+
+Bank::Mix Bank::active() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    return active_;
+}
+
+std::vector<std::string> Bank::last_rewritten() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    return rewritten_;
 }
 
 ArrayRef Bank::tensor(const std::string& name) {
@@ -62,44 +109,157 @@ ArrayRef Bank::tensor(const std::string& name) {
     return it->second.live.ref;
 }
 
-void Bank::activate(const std::vector<std::pair<std::string, float>>& deltas, int threads) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& d : deltas)
-        if (!deltas_.count(d.first)) throw std::invalid_argument("bank: no fine-tune named '" + d.first + "' (add it first)");
-    // What changes: tensors the new or the previous fine-tunes touch.
-    auto touched = [&](const std::vector<std::pair<std::string, float>>& set) {
+bool Bank::touches(const std::string& name, const std::string& tensor) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    base_of(tensor);  // a clear error for a name the base lacks
+    return fine_tune(name).tensor(tensor).kind == TensorKind::Delta;
+}
+
+void Bank::rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRef& out, int threads) const {
+    const ArrayRef& src = base_of(tensor);
+    ApplyParams p = apply_default_params();
+    p.threads = threads;
+    bool first = true;
+    for (auto& d : mix) {
+        const CheckpointDelta& c = fine_tune(d.first);
+        if (c.tensor(tensor).kind != TensorKind::Delta) continue;
+        if (first) {  // from the pristine base (its CRC checked by add)
+            c.rebuild_from(tensor, src.data, src.nbytes(), src.dtype, out.data, out.nbytes(), out.dtype, d.second,
+                           threads, false);
+            first = false;
+        } else {  // further deltas added on top, each rounded once
+            p.alpha = d.second;
+            apply(c.delta().get(tensor, false), out, out, p);
+        }
+    }
+    if (first && out.data != src.data) std::memcpy(out.data, src.data, out.nbytes());  // the base
+}
+
+void Bank::rebuild(const Mix& mix, const std::string& tensor, void* out, uint64_t nbytes, int threads) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    const ArrayRef& b = base_of(tensor);
+    for (auto& d : mix) fine_tune(d.first);
+    if (nbytes != b.nbytes())
+        throw std::invalid_argument("bank: tensor '" + tensor + "' needs " + std::to_string(b.nbytes()) +
+                                    " bytes, not " + std::to_string(nbytes));
+    rebuild_into(mix, tensor, ArrayRef{out, b.dtype, b.shape}, threads);
+}
+
+void Bank::product(const std::string& name, const std::string& tensor, const float* x, int64_t batch, float alpha,
+                   float* y, int threads) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    base_of(tensor);
+    const CheckpointDelta& c = fine_tune(name);
+    if (c.tensor(tensor).kind == TensorKind::Delta)
+        delta_product(c.delta().get(tensor, false), x, batch, alpha, y, threads);
+}
+
+void Bank::delta_rows(const std::string& name, const std::string& tensor, const int64_t* rows, int64_t n, float alpha,
+                      float* out) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    const ArrayRef& b = base_of(tensor);
+    const CheckpointDelta& c = fine_tune(name);
+    if (c.tensor(tensor).kind == TensorKind::Delta) {
+        deltapack::delta_rows(c.delta().get(tensor, false), rows, n, alpha, out);
+    } else {
+        const int64_t cols = b.shape.empty() ? 1 : b.shape.back();
+        std::fill(out, out + size_t(n * cols), 0.0f);
+    }
+}
+
+// A cache key: the mix's names and alphas (exact bits), "\x1f" after each name and "\x1e" between entries.
+static std::string mix_key(const Bank::Mix& mix) {
+    std::string key;
+    for (auto& d : mix) {
+        char alpha[16];
+        std::snprintf(alpha, sizeof alpha, "%08x", f32_to_bits(d.second));
+        key += (key.empty() ? "" : "\x1e") + d.first + '\x1f' + alpha;
+    }
+    return key;
+}
+
+void Bank::switch_to(const Mix& mix, int threads) {
+    auto touched = [&](const Mix& m) {
         std::set<std::string> out;
-        for (auto& d : set)
-            for (const CheckpointTensor& t : deltas_.at(d.first)->tensors())
+        for (auto& d : m)
+            for (const CheckpointTensor& t : fine_tune(d.first).tensors())
                 if (t.kind == TensorKind::Delta) out.insert(t.name);
         return out;
     };
-    std::set<std::string> todo = touched(active_), now = touched(deltas);
+    std::set<std::string> now = touched(mix), todo = touched(active_);
     todo.insert(now.begin(), now.end());
-    rewritten_.assign(todo.begin(), todo.end());
-    ApplyParams p = apply_default_params();
-    p.threads = threads;
-    active_.clear();  // a failure below leaves a mix: no fine-tune is then called active
+    const std::string key = mix_key(mix);
+    auto hit = cache_.begin();
+    while (hit != cache_.end() && hit->key != key) ++hit;
+    if (hit != cache_.end()) cache_.splice(cache_.begin(), cache_, hit);  // most recently used
+    rewritten_.clear();
+    active_.clear();  // while the buffers are a mix of states
     for (const std::string& name : todo) {
-        Buffer& b = buffers_.at(name);
-        const ArrayRef& live = b.live.ref;
-        bool first = true;
-        for (auto& d : deltas) {
-            const CheckpointDelta& c = *deltas_.at(d.first);
-            const CheckpointTensor& t = c.tensor(name);
-            if (t.kind != TensorKind::Delta) continue;
-            if (first) {  // from the pristine base (its CRC checked by add), into the live buffer
-                c.rebuild_from(name, b.pristine.ref.data, b.pristine.ref.nbytes(), b.pristine.ref.dtype, live.data,
-                               live.nbytes(), live.dtype, d.second, threads, false);
-                first = false;
-            } else {  // further deltas added on top, each rounded once
-                p.alpha = d.second;
-                apply(c.delta().get(name), live, live, p);
-            }
-        }
-        if (first) std::memcpy(live.data, b.pristine.ref.data, live.nbytes());  // back to the base
+        const ArrayRef& live = buffers_.at(name).live.ref;
+        if (hit != cache_.end() && hit->tensors.count(name))
+            std::memcpy(live.data, hit->tensors.at(name).ref.data, live.nbytes());
+        else
+            rebuild_into(mix, name, live, threads);
+        rewritten_.push_back(name);
     }
-    active_ = deltas;
+    active_ = mix;
+    if (hit != cache_.end() || cache_budget_ == 0 || mix.empty()) return;
+    CacheEntry entry{key, {}, 0};
+    for (const std::string& name : now) entry.bytes += buffers_.at(name).live.ref.nbytes();
+    if (entry.bytes > cache_budget_) return;
+    while (cache_bytes_ + entry.bytes > cache_budget_) {
+        cache_bytes_ -= cache_.back().bytes;
+        cache_.pop_back();
+    }
+    for (const std::string& name : now) {
+        const ArrayRef& live = buffers_.at(name).live.ref;
+        Array copy = Array::zeros(live.dtype, live.shape);
+        std::memcpy(copy.ref.data, live.data, live.nbytes());
+        entry.tensors.emplace(name, std::move(copy));
+    }
+    cache_bytes_ += entry.bytes;
+    cache_.push_front(std::move(entry));
+}
+
+void Bank::activate(const Mix& mix, int threads) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    for (auto& d : mix) {
+        fine_tune(d.first);
+        if (!std::isfinite(d.second))
+            throw std::invalid_argument("bank: alpha " + std::to_string(d.second) + " for '" + d.first + "' is not finite");
+    }
+    if (mix == active_) {
+        rewritten_.clear();
+        return;
+    }
+    const Mix previous = active_;
+    try {
+        switch_to(mix, threads);
+    } catch (...) {
+        try {
+            switch_to(previous, threads);  // it was built before, so it builds again
+        } catch (...) {  // cannot happen short of memory; the base is a plain copy
+            for (auto& kv : buffers_)
+                if (kv.second.pristine.storage)
+                    std::memcpy(kv.second.live.ref.data, kv.second.pristine.ref.data, kv.second.live.ref.nbytes());
+            active_.clear();
+        }
+        throw;
+    }
+}
+
+void Bank::set_cache_budget(uint64_t bytes) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    cache_budget_ = bytes;
+    while (cache_bytes_ > cache_budget_) {
+        cache_bytes_ -= cache_.back().bytes;
+        cache_.pop_back();
+    }
+}
+
+uint64_t Bank::cache_bytes() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    return cache_bytes_;
 }
 
 }  // namespace deltapack

@@ -175,6 +175,23 @@ NB_MODULE(_core, m) {
         },
         "encoded"_a, "out"_a.noconvert(), "threads"_a = 0);
 
+    m.def(
+        "delta_product",  // y (batch x rows) += alpha * x (batch x cols) times the delta transposed
+        [](const PyEncoded& e, const InArray& x, AnyArray y, float alpha, int threads) {
+            EncodedRef r = ref_of(e);
+            ArrayRef xr = ref_of(x), yr = ref_of(y);
+            const int64_t cols = r.shape.empty() ? 1 : r.shape.back();
+            const int64_t rows = cols ? ArrayRef{nullptr, DType::F32, r.shape}.numel() / cols : 0;
+            const int64_t batch = cols ? xr.numel() / cols : 0;
+            if (xr.dtype != DType::F32 || yr.dtype != DType::F32 || !cols || xr.numel() != batch * cols ||
+                yr.numel() != batch * rows)
+                throw std::invalid_argument("delta_product: tensor '" + r.name + "' needs f32 x of batch x " +
+                                            std::to_string(cols) + " and f32 y of batch x " + std::to_string(rows));
+            nb::gil_scoped_release nogil;
+            delta_product(r, static_cast<const float*>(xr.data), batch, alpha, static_cast<float*>(yr.data), threads);
+        },
+        "encoded"_a, "x"_a, "y"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0);
+
     nb::class_<DeltaWriter>(m, "DeltaWriter")
         .def(nb::init<const std::string&>(), "path"_a)
         .def_prop_ro("path", &DeltaWriter::path)
@@ -281,19 +298,69 @@ NB_MODULE(_core, m) {
         "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
         "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none());
 
+    using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+    using F32Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+    using RowsIn = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    // Batch operands: x (batch x cols) and y (batch x rows) with the sizes the tensor's matrix view needs.
+    auto batch_of = [](Bank& b, const std::string& tensor, size_t x_size, size_t y_size) {
+        const ArrayRef t = b.tensor(tensor);
+        const int64_t cols = t.shape.empty() ? 1 : t.shape.back(), rows = cols ? t.numel() / cols : 0;
+        const int64_t batch = cols ? int64_t(x_size) / cols : 0;
+        if (!cols || x_size != size_t(batch * cols) || y_size != size_t(batch * rows))
+            throw std::invalid_argument("bank: tensor '" + tensor + "' multiplies batch x " + std::to_string(cols) +
+                                        " into batch x " + std::to_string(rows) + "; got " + std::to_string(x_size) +
+                                        " and " + std::to_string(y_size) + " values");
+        return batch;
+    };
     nb::class_<Bank>(m, "Bank")
-        .def(nb::init<const std::string&>(), "base"_a)
-        .def("add", &Bank::add, "name"_a, "delta"_a, "force"_a = false)
-        .def(
-            "activate",
-            [](Bank& b, const std::vector<std::pair<std::string, float>>& deltas, int threads) {
-                nb::gil_scoped_release nogil;
-                b.activate(deltas, threads);
-            },
-            "deltas"_a, "threads"_a = 0)
+        .def(nb::init<const std::string&>(), "base"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("add", &Bank::add, "name"_a, "delta"_a, "force"_a = false, nb::call_guard<nb::gil_scoped_release>())
+        .def("remove", &Bank::remove, "name"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("activate", &Bank::activate, "mix"_a, "threads"_a = 0, nb::call_guard<nb::gil_scoped_release>())
+        .def("active", &Bank::active)
         .def("tensor_names", &Bank::tensor_names)
         .def("fine_tunes", &Bank::fine_tunes)
         .def("last_rewritten", &Bank::last_rewritten)
+        .def("set_cache_budget", &Bank::set_cache_budget, "bytes"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("cache_bytes", &Bank::cache_bytes)
+        .def("touches", &Bank::touches, "name"_a, "tensor"_a)
+        .def("lock_shared", &Bank::lock_shared, nb::call_guard<nb::gil_scoped_release>())
+        .def("unlock_shared", &Bank::unlock_shared)
+        .def(
+            "rebuild",
+            [](Bank& b, const Bank::Mix& mix, const std::string& tensor, AnyArray out, int threads) {
+                void* p = out.data();
+                const uint64_t n = out.nbytes();
+                nb::gil_scoped_release nogil;
+                b.rebuild(mix, tensor, p, n, threads);
+            },
+            "mix"_a, "tensor"_a, "out"_a, "threads"_a = 0)
+        .def(
+            "product",
+            [batch_of](Bank& b, const std::string& name, const std::string& tensor, F32In x, F32Out y, float alpha,
+                       int threads) {
+                const int64_t batch = batch_of(b, tensor, x.size(), y.size());
+                const float* xp = x.data();
+                float* yp = y.data();
+                nb::gil_scoped_release nogil;
+                b.product(name, tensor, xp, batch, alpha, yp, threads);
+            },
+            "name"_a, "tensor"_a, "x"_a, "y"_a, "alpha"_a = 1.0f, "threads"_a = 0)
+        .def(
+            "delta_rows",
+            [](Bank& b, const std::string& name, const std::string& tensor, RowsIn rows, F32Out out, float alpha) {
+                const ArrayRef t = b.tensor(tensor);
+                const size_t cols = size_t(t.shape.empty() ? 1 : t.shape.back());
+                if (out.size() != rows.size() * cols)
+                    throw std::invalid_argument("bank: " + std::to_string(rows.size()) + " rows of tensor '" + tensor +
+                                                "' need " + std::to_string(rows.size() * cols) + " values, not " +
+                                                std::to_string(out.size()));
+                const int64_t* rp = rows.data();
+                float* op = out.data();
+                nb::gil_scoped_release nogil;
+                b.delta_rows(name, tensor, rp, int64_t(rows.size()), alpha, op);
+            },
+            "name"_a, "tensor"_a, "rows"_a, "out"_a, "alpha"_a = 1.0f)
         .def(
             "tensor",  // a numpy view of the live buffer; it keeps the bank alive
             [](nb::handle self, const std::string& name) {
@@ -347,7 +414,7 @@ NB_MODULE(_core, m) {
         "ft"_a, "base"_a, "out"_a.noconvert(), "threads"_a = 0);
 
     nb::class_<DeltaFile>(m, "DeltaFile")
-        .def_static("open", &DeltaFile::open, "path"_a)
+        .def_static("open", &DeltaFile::open, "path"_a, "in_memory"_a = false)
         .def_prop_ro("path", &DeltaFile::path)
         .def_prop_ro("manifest", &DeltaFile::manifest)
         .def("keys", &DeltaFile::keys)

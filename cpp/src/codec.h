@@ -25,6 +25,20 @@ struct RowDecoder {
     virtual ~RowDecoder() = default;
     virtual int rows_per_block() const { return 1; }
     virtual void decode(int64_t row0, int nrows, float* dst, const Kernels& k) const = 0;
+
+    // Batch products (mixed batches): for the rows [row0, row0 + nrows) of the delta and the batch rows
+    // x_b = x.data + b * cols (f32, b < x.rows), y[b * y_stride + r] += alpha * (delta row r . x_b). Nothing is
+    // rebuilt: a codec reads its packed form (sign: masked sums of x per group; lowrank: u . (v x)); the
+    // default decodes a few rows at a time into `scratch` and takes dot products.
+    struct Batch {
+        const float* data;
+        int rows;
+        int64_t cols;
+    };
+    // What every row shares, computed once per batch before product() runs (on several threads).
+    virtual void begin_product(const Batch& x, const Kernels& k) { (void)x, (void)k; }
+    virtual void product(int64_t row0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride,
+                         const Kernels& k, std::vector<float>& scratch) const;
 };
 
 // A tensor to encode: f32/f16/bf16 matrix; rows are converted to f32 on demand.

@@ -224,7 +224,7 @@ void SafetensorsFile::check_layout() const {
     if (!layout_problem_.empty()) throw FormatError(path_ + ": corrupt header: " + layout_problem_);
 }
 
-std::unique_ptr<SafetensorsFile> SafetensorsFile::map(const std::string& path) {
+std::unique_ptr<SafetensorsFile> SafetensorsFile::map(const std::string& path, bool in_memory) {
     std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
     f->path_ = path;
     struct stat st;
@@ -236,6 +236,21 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::map(const std::string& path) {
     }
     f->size_ = size_t(st.st_size);
     if (f->size_ < 8) { ::close(fd); check_header_length(path, 0, f->size_); }
+    if (in_memory) {
+        try {
+            f->owned_.resize(f->size_);
+            pread_fd(fd, f->owned_.data(), f->size_, 0, path);
+        } catch (...) {
+            ::close(fd);
+            throw;
+        }
+        ::close(fd);
+        f->map_ = f->owned_.data();
+        const uint64_t hlen = header_length(f->map_);
+        check_header_length(path, hlen, f->size_);
+        f->parse(f->map_ + 8, hlen, f->size_);
+        return f;
+    }
     void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
     ::close(fd);
     if (m == MAP_FAILED) throw FormatError(path + ": cannot map: " + std::strerror(errno));
@@ -361,10 +376,10 @@ void SafetensorsFile::parse(const uint8_t* htext, uint64_t hlen, uint64_t file_s
 
 DeltaFile::~DeltaFile() = default;
 
-std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path) {
+std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path, bool in_memory) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = path;
-    f->file_ = SafetensorsFile::map(path);
+    f->file_ = SafetensorsFile::map(path, in_memory);
     f->read_manifest();
     f->file_->check_layout();
     return f;

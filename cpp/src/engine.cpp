@@ -315,6 +315,52 @@ void decode(const EncodedRef& e, const ArrayRef& out, int threads) {
     });
 }
 
+void RowDecoder::product(int64_t r0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride,
+                         const Kernels& k, std::vector<float>& scratch) const {
+    const size_t cols = size_t(x.cols);
+    scratch.resize(size_t(nrows) * (cols + size_t(x.rows)));
+    float* dots = scratch.data() + size_t(nrows) * cols;
+    decode(r0, nrows, scratch.data(), k);
+    k.dots(scratch.data(), cols, nrows, x.data, cols, x.rows, cols, dots);
+    for (int i = 0; i < nrows; ++i)
+        for (int b = 0; b < x.rows; ++b) {
+            float& out = y[size_t(b) * y_stride + size_t(r0 + i)];
+            out = out + alpha * dots[size_t(i * x.rows + b)];
+        }
+}
+
+void delta_product(const EncodedRef& e, const float* x, int64_t batch, float alpha, float* y, int threads) {
+    if (batch < 0 || batch > (int64_t(1) << 30))
+        throw std::invalid_argument("tensor '" + e.name + "': batch of " + std::to_string(batch) + " rows");
+    Prepared p = prepare(e);
+    if (batch == 0 || p.m.rows == 0) return;
+    const Kernels& k = kernels();
+    const RowDecoder::Batch xb{x, int(batch), p.m.cols};
+    p.dec->begin_product(xb, k);
+    // At least 8 rows per step: the kernels take blocks of rows, so a batch row loaded once serves several.
+    const int block = p.dec->rows_per_block();
+    const int64_t step = std::max<int64_t>(rows_per_step(p.m, block), (8 + block - 1) / block * block);
+    parallel_rows(p.m.rows, p.m.cols * batch, threads, [&](int64_t r0, int64_t r1) {
+        std::vector<float> scratch;
+        for (int64_t r = r0; r < r1; r += step)
+            p.dec->product(r, int(std::min(step, r1 - r)), xb, alpha, y, size_t(p.m.rows), k, scratch);
+    });
+}
+
+void delta_rows(const EncodedRef& e, const int64_t* rows, int64_t n, float alpha, float* out) {
+    Prepared p = prepare(e);
+    const Kernels& k = kernels();
+    const size_t cols = size_t(p.m.cols);
+    for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] < 0 || rows[i] >= p.m.rows)
+            throw std::out_of_range("tensor '" + e.name + "': row " + std::to_string(rows[i]) + " of " +
+                                    std::to_string(p.m.rows));
+        float* dst = out + size_t(i) * cols;
+        p.dec->decode(rows[i], 1, dst, k);
+        k.scale(dst, cols, alpha);
+    }
+}
+
 void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads) {
     if (!is_float_dtype(ft.dtype) || !is_float_dtype(base.dtype) || ft.numel() != base.numel())
         throw std::invalid_argument("delta_f32: ft and base must be f32, f16 or bf16 arrays of the same size");

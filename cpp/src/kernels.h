@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "deltapack/deltapack.h"
 
@@ -49,6 +50,16 @@ struct Kernels {
     void (*scale)(float* dst, size_t n, float s);
     // dst (nr x cols) = U (nr x r) @ V (r x cols), summing k = 0..r-1 in order, unfused.
     void (*lowrank_rows)(const float* U, const float* V, int r, size_t cols, int nr, float* dst);
+    // Batch products (mixed batches): out[i * nx + b] for i < nrows, b < nx, with the rows
+    // bits_i = bits + i * bits_stride (resp. a_i = a + i * a_stride) and x_b = x + b * ldx, is
+    // masked_sums: the sum of x_b[j] over the set bits j < n of bits_i (LSB-first);
+    // dots: the sum of a_i[j] * x_b[j] over j < n (f32 products).
+    // Each sum is f32 in 16 lanes: element j goes to lane j % 16, lanes start at +0 (so a lane is never -0,
+    // and adding +0 for a clear bit changes nothing), then lane[i] += lane[i+8], +4, +2, +1 -> lane 0.
+    void (*masked_sums)(const uint8_t* bits, size_t bits_stride, int nrows, const float* x, size_t ldx, int nx,
+                        size_t n, float* out);
+    void (*dots)(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,
+                 float* out);
 };
 
 extern const Kernels kScalarKernels;
@@ -162,11 +173,30 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                    float* dst);
 void fold_lanes(double lanes[16]);
+// Elements [j0, n) of a masked sum or dot (j0 a multiple of 16) added to the 16 lanes, which are then folded:
+// the SIMD paths' tail and the whole scalar kernel.
+float masked_sum_tail(float lanes[16], const uint8_t* bits, const float* x, size_t j0, size_t n);
+float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n);
 void gaps_scatter(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols);
 // Columns [j0, cols) of lowrank_rows, element by element (the SIMD paths' column tail).
 void lowrank_tail(const float* U, const float* V, int r, size_t cols, size_t j0, int nr, float* dst);
 uint64_t sum_bytes(const uint8_t* p, size_t n);
 uint64_t popcount_bytes(const uint8_t* p, size_t n);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
 }  // namespace scalar
+
+// Calls f(R, K, i, b) over the nrows x nx sums of a batch product in blocks of R rows x K batch rows:
+// RMAX x KMAX where they fit, then narrower (independent sums keep the SIMD units busy; a batch row loaded
+// once serves R rows). R and K are std::integral_constants, usable as template arguments.
+template <int RMAX, int KMAX, class F>
+inline void by_blocks(int nrows, int nx, F f) {
+    auto row_block = [&](auto r, int i) {
+        int b = 0;
+        for (; b + KMAX <= nx; b += KMAX) f(r, std::integral_constant<int, KMAX>(), i, b);
+        for (; b < nx; ++b) f(r, std::integral_constant<int, 1>(), i, b);
+    };
+    int i = 0;
+    for (; i + RMAX <= nrows; i += RMAX) row_block(std::integral_constant<int, RMAX>(), i);
+    for (; i < nrows; ++i) row_block(std::integral_constant<int, 1>(), i);
+}
 
 }  // namespace deltapack

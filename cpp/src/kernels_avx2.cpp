@@ -246,10 +246,80 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
     for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
 }
 
+// Batch products: blocks of R rows x K batch rows, 16 lanes per sum as two registers (lanes 0-7, 8-15); the
+// tail and the fold are the scalar code's.
+static inline __m256 bit_mask8(uint8_t byte) {  // lane i all ones where bit i is set
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), sel), sel));
+}
+
+static inline void finish_block(const __m256& lo, const __m256& hi, float lanes[16]) {
+    _mm256_storeu_ps(lanes, lo);
+    _mm256_storeu_ps(lanes + 8, hi);
+}
+
+template <int R, int K>
+static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t ldx, size_t n, float* out, int nx) {
+    __m256 lo[R][K], hi[R][K];
+    for (int i = 0; i < R; ++i)
+        for (int b = 0; b < K; ++b) lo[i][b] = hi[i][b] = _mm256_setzero_ps();
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < R; ++i) {
+            const __m256 m0 = bit_mask8(bits[i * bs + j / 8]), m1 = bit_mask8(bits[i * bs + j / 8 + 1]);
+            for (int b = 0; b < K; ++b) {
+                lo[i][b] = _mm256_add_ps(lo[i][b], _mm256_and_ps(m0, _mm256_loadu_ps(x + b * ldx + j)));
+                hi[i][b] = _mm256_add_ps(hi[i][b], _mm256_and_ps(m1, _mm256_loadu_ps(x + b * ldx + j + 8)));
+            }
+        }
+    for (int i = 0; i < R; ++i)
+        for (int b = 0; b < K; ++b) {
+            float lanes[16];
+            finish_block(lo[i][b], hi[i][b], lanes);
+            out[i * nx + b] = scalar::masked_sum_tail(lanes, bits + i * bs, x + b * ldx, j, n);
+        }
+}
+
+template <int R, int K>
+static void dot_block(const float* a, size_t as, const float* x, size_t ldx, size_t n, float* out, int nx) {
+    __m256 lo[R][K], hi[R][K];
+    for (int i = 0; i < R; ++i)
+        for (int b = 0; b < K; ++b) lo[i][b] = hi[i][b] = _mm256_setzero_ps();
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < R; ++i) {
+            const __m256 a0 = _mm256_loadu_ps(a + i * as + j), a1 = _mm256_loadu_ps(a + i * as + j + 8);
+            for (int b = 0; b < K; ++b) {
+                lo[i][b] = _mm256_add_ps(lo[i][b], _mm256_mul_ps(a0, _mm256_loadu_ps(x + b * ldx + j)));
+                hi[i][b] = _mm256_add_ps(hi[i][b], _mm256_mul_ps(a1, _mm256_loadu_ps(x + b * ldx + j + 8)));
+            }
+        }
+    for (int i = 0; i < R; ++i)
+        for (int b = 0; b < K; ++b) {
+            float lanes[16];
+            finish_block(lo[i][b], hi[i][b], lanes);
+            out[i * nx + b] = scalar::dot_tail(lanes, a + i * as, x + b * ldx, j, n);
+        }
+}
+
+static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
+                        float* out) {
+    by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
+        masked_block<r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+    });
+}
+
+static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
+    by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
+        dot_block<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+    });
+}
+
 }  // namespace deltapack::avx2
 
 namespace deltapack {
 const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_expand,
                               avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
-                              scalar::sparse_expand, avx2::levels_expand, scalar::gaps_scatter, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows};
+                              scalar::sparse_expand, avx2::levels_expand, scalar::gaps_scatter, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows,
+                              avx2::masked_sums, avx2::dots};
 }

@@ -46,6 +46,41 @@ void fold_lanes(double lanes[16]) {
         for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
 }
 
+static float fold_lanes_f32(float lanes[16]) {
+    for (int half = 8; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
+    return lanes[0];
+}
+
+float masked_sum_tail(float lanes[16], const uint8_t* bits, const float* x, size_t j0, size_t n) {
+    for (size_t j = j0; j < n; ++j)
+        if ((bits[j >> 3] >> (j & 7)) & 1) lanes[j & 15] = lanes[j & 15] + x[j];
+    return fold_lanes_f32(lanes);
+}
+
+float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n) {
+    for (size_t j = j0; j < n; ++j) lanes[j & 15] = lanes[j & 15] + a[j] * x[j];
+    return fold_lanes_f32(lanes);
+}
+
+static void masked_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* x, size_t ldx, int nx,
+                        size_t n, float* out) {
+    for (int i = 0; i < nrows; ++i)
+        for (int b = 0; b < nx; ++b) {
+            float lanes[16] = {0};
+            out[i * nx + b] = masked_sum_tail(lanes, bits + size_t(i) * bits_stride, x + size_t(b) * ldx, 0, n);
+        }
+}
+
+static void dots(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,
+                 float* out) {
+    for (int i = 0; i < nrows; ++i)
+        for (int b = 0; b < nx; ++b) {
+            float lanes[16] = {0};
+            out[i * nx + b] = dot_tail(lanes, a + size_t(i) * a_stride, x + size_t(b) * ldx, 0, n);
+        }
+}
+
 static double abs_sum(const float* x, size_t n) {
     double lanes[16] = {0};
     for (size_t j = 0; j < n; ++j) lanes[j & 15] += double(std::fabs(x[j]));
@@ -118,5 +153,6 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 namespace deltapack {
 const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, scalar::sign_expand,
                                 scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
-                                scalar::sparse_expand, scalar::levels_expand, scalar::gaps_scatter, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows};
+                                scalar::sparse_expand, scalar::levels_expand, scalar::gaps_scatter, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows,
+                                scalar::masked_sums, scalar::dots};
 }

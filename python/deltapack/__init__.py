@@ -7,10 +7,10 @@
     f = dp.open("ft.dpk"); f["layer.weight"]
 """
 from .files import DeltaFile, DeltaWriter, FormatError, open, save
-from .tensors import Encoded, apply, decode, encode, set_simd, set_threads, simd, simd_available
+from .tensors import Encoded, apply, decode, delta_product, encode, set_simd, set_threads, simd, simd_available
 from ._core import __version__, codec_names
 from .checkpoint import load, load_into
 from .serving import Bank
 
 __all__ = ["Bank", "DeltaFile", "DeltaWriter", "Encoded", "FormatError", "apply", "decode", "encode", "open", "save",
-           "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__", "load", "load_into"]
+           "delta_product", "set_simd", "set_threads", "simd", "simd_available", "codec_names", "__version__", "load", "load_into"]

@@ -7,51 +7,117 @@
     bank.activate(None)                        # the base again, bit for bit
     bank.bind(model)                           # a transformers model's parameters become the buffers
 
+    bank.patch(model)                          # mixed batches: each row of a batch its own fine-tune
+    with bank.rows(["math", "code", None, "math"]):
+        model.generate(ids, ...)
+
 A switch rebuilds each tensor that the new or the previous fine-tunes touch from the base (one delta at
-alpha 1 gives exactly what `deltapack apply` writes), and leaves the others alone.
+alpha 1 gives exactly what `deltapack apply` writes), and leaves the others alone. A patched model computes
+W_base x + alpha * delta x per row from the packed deltas (Bank.product): nothing is rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 
 from . import _core
 
 
-class Bank:
-    """One base model in memory and fine-tunes of it switched in place. Fine-tunes that add, remove or
-    resize tensors (a grown vocabulary) are refused by add(). Not for concurrent use: activate() must not
-    run while another thread reads the tensors."""
+def _mix(which, alpha) -> list:
+    if which is None:
+        return []
+    if isinstance(which, str):
+        return [(which, float(alpha))]
+    return [(k, float(v)) for k, v in which.items()]
 
-    def __init__(self, base):
+
+class Bank:
+    """One base model in memory and fine-tunes of it, switched in place (activate) or chosen per batch row
+    (patch + rows). Fine-tunes that add, remove, resize or retype tensors (a grown vocabulary) are refused by
+    add().
+
+    Threads: add, remove and activate are serialized and wait for readers; a thread that reads the buffers
+    while others may switch holds `with bank.reading():` (and does not call activate inside it). Mixed-batch
+    forward passes (rows) may run on several threads at once."""
+
+    def __init__(self, base, cache_bytes: int = 0):
+        """cache_bytes: keep the rebuilt tensors of recently used mixes up to this many bytes, so switching back
+        to one copies instead of rebuilding (0: no cache)."""
         self._b = _core.Bank(os.fspath(base))
+        if cache_bytes:
+            self._b.set_cache_budget(int(cache_bytes))
         self._torch = None
+        self._readers = threading.local()
+        self._rows = None  # the current mixed batch: a list of (fine-tune or None) per batch row
+        self._rows_lock = threading.Lock()
+        self._generation = 0  # counts add() and remove(): rebuilt parameters cached by patch() follow it
 
     def add(self, name: str, delta, force: bool = False) -> None:
-        """Register fine-tune `name` (a delta file `deltapack compress` made against this base)."""
+        """Register fine-tune `name` (a delta file `deltapack compress` made against this base). The file is read
+        into memory: changing or deleting it later does not affect the bank."""
         self._b.add(name, os.fspath(delta), force)
+        self._generation += 1
+
+    def remove(self, name: str) -> None:
+        """Forget fine-tune `name` (refused while it is active)."""
+        self._b.remove(name)
+        self._generation += 1
 
     @property
     def fine_tunes(self) -> list[str]:
         return self._b.fine_tunes()
 
+    @property
+    def active(self) -> dict:
+        """The mix the buffers hold: {name: alpha}; {} for the base."""
+        return dict(self._b.active())
+
     def activate(self, which=None, alpha: float = 1.0, threads: int | None = None) -> dict:
         """Make the buffers hold `which`: a fine-tune name (scaled by alpha), a {name: alpha} dict, or None
-        for the base. Returns the state dict (name -> torch tensor viewing the bank's buffers)."""
-        if which is None:
-            deltas = []
-        elif isinstance(which, str):
-            deltas = [(which, float(alpha))]
-        else:
-            deltas = [(k, float(v)) for k, v in which.items()]
-        self._b.activate(deltas, 0 if threads is None else int(threads))
+        for the base. Returns the state dict (name -> torch tensor viewing the bank's buffers). On an error the
+        buffers keep the previous state."""
+        if getattr(self._readers, "depth", 0):
+            raise RuntimeError("bank.activate inside bank.reading() on the same thread would wait for itself")
+        if self._rows is not None:
+            raise RuntimeError("bank.activate inside bank.rows(): the mixed batch needs the base in the buffers")
+        self._b.activate(_mix(which, alpha), 0 if threads is None else int(threads))
         return self.state_dict()
 
     @property
     def last_rewritten(self) -> list[str]:
         """The tensors the last activate() rebuilt (the others were not written)."""
         return self._b.last_rewritten()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cache of rebuilt mixes holds now."""
+        return self._b.cache_bytes()
+
+    def set_cache_budget(self, nbytes: int) -> None:
+        self._b.set_cache_budget(int(nbytes))
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Hold while reading the buffers from one thread when another may call activate(): the switch waits."""
+        self._b.lock_shared()
+        self._readers.depth = getattr(self._readers, "depth", 0) + 1
+        try:
+            yield self
+        finally:
+            self._readers.depth -= 1
+            self._b.unlock_shared()
+
+    def rebuild(self, which, name: str, alpha: float = 1.0):
+        """Tensor `name` as the mix `which` has it (see activate), in new memory: the buffers are not touched."""
+        import torch
+
+        ref = self.state_dict()[name]
+        out = torch.empty_like(ref)
+        self._b.rebuild(_mix(which, alpha), name, out.view(torch.int16) if out.dtype == torch.bfloat16 else out)
+        return out
 
     def numpy(self, name: str) -> np.ndarray:
         """The live buffer of tensor `name` as numpy (bf16 as uint16 bits), without a copy."""
@@ -86,3 +152,158 @@ class Bank:
                                  f"{sd[name].dtype} {list(sd[name].shape)} in the bank")
             t.data = sd[name]
         return model
+
+    # ------------------------------------------------------------------------------ mixed batches
+
+    def patch(self, model):
+        """Bind `model` (see bind) and let each row of its batches use its own fine-tune: inside
+        `with bank.rows([...])`, every module with a parameter some fine-tune may change adds that row's delta.
+        Linear layers multiply the packed delta (W_base x + alpha * delta x, nothing rebuilt); embeddings add the
+        delta's rows for the batch's tokens; other modules (norms) run once per fine-tune on its rows with their
+        parameters rebuilt (small tensors). Outside rows() the model is the bank's current state. Returns model."""
+        import torch
+
+        self.bind(model)
+        by_ptr = {t.data_ptr(): name for name, t in self.state_dict().items()}
+        for module in model.modules():
+            own = {p: by_ptr[t.data_ptr()] for p, t in module.named_parameters(recurse=False)
+                   if t.data_ptr() in by_ptr}
+            if not own or hasattr(module, "_deltapack_forward"):
+                continue
+            if isinstance(module, torch.nn.Linear):
+                forward = _linear_forward(self, module, own)
+            elif isinstance(module, torch.nn.Embedding):
+                forward = _embedding_forward(self, module, own)
+            else:
+                forward = _rebuilt_forward(self, module, own)
+            module._deltapack_forward = module.forward
+            module.forward = forward
+        return model
+
+    @contextlib.contextmanager
+    def rows(self, which, alpha: float = 1.0):
+        """Inside: row i of every batch through a patched model uses fine-tune which[i] (scaled by alpha), None
+        for the base. The buffers must hold the base (activate(None)); activate() is refused until the end."""
+        names = list(which)
+        unknown = sorted({n for n in names if n is not None} - set(self.fine_tunes))
+        if unknown:
+            raise ValueError(f"bank.rows: no fine-tune named '{unknown[0]}' (add it first)")
+        with self._rows_lock:
+            if self._rows is not None:
+                raise RuntimeError("bank.rows: already inside rows() (one mixed batch at a time)")
+            if self._b.active():
+                raise RuntimeError(f"bank.rows: the buffers hold {self.active}; activate(None) first (a mixed batch "
+                                   "adds each row's delta to the base)")
+            self._rows = _Rows(names, float(alpha))
+        try:
+            yield self
+        finally:
+            self._rows = None
+
+
+class _Rows:
+    """A mixed batch: which batch rows use which fine-tune."""
+
+    def __init__(self, names, alpha):
+        import torch
+
+        self.names, self.alpha = names, alpha
+        groups = {}
+        for i, n in enumerate(names):
+            if n is not None:
+                groups.setdefault(n, []).append(i)
+        self.groups = {n: torch.tensor(ix, dtype=torch.long) for n, ix in groups.items()}
+
+    def check(self, batch: int, module) -> None:
+        if batch != len(self.names):
+            raise ValueError(f"bank.rows names {len(self.names)} rows but {type(module).__name__} got a batch of "
+                             f"{batch}")
+
+
+def _add_rows(y, idx, delta):
+    """y[idx] += delta (f32), rounded once to y's dtype."""
+    y[idx] = (y[idx].float() + delta.view(y[idx].shape)).to(y.dtype)
+
+
+def _linear_forward(bank: Bank, module, own: dict):
+    import torch
+
+    weight, bias = own.get("weight"), own.get("bias")
+    forward = module.forward
+
+    def run(x):
+        y = forward(x)
+        rows = bank._rows
+        if rows is None:
+            return y
+        rows.check(x.shape[0], module)
+        for name, idx in rows.groups.items():
+            xs = x[idx].reshape(-1, x.shape[-1]).float().contiguous()
+            d = torch.zeros(xs.shape[0], y.shape[-1], dtype=torch.float32)
+            touched = False
+            if weight is not None and bank._b.touches(name, weight):
+                bank._b.product(name, weight, xs, d, rows.alpha)
+                touched = True
+            if bias is not None and bank._b.touches(name, bias):
+                db = torch.empty(1, y.shape[-1], dtype=torch.float32)
+                bank._b.delta_rows(name, bias, torch.zeros(1, dtype=torch.long), db, rows.alpha)
+                d += db
+                touched = True
+            if touched:
+                _add_rows(y, idx, d)
+        return y
+
+    return run
+
+
+def _embedding_forward(bank: Bank, module, own: dict):
+    import torch
+
+    weight = own.get("weight")
+    forward = module.forward
+
+    def run(ids):
+        y = forward(ids)
+        rows = bank._rows
+        if rows is None or weight is None:
+            return y
+        rows.check(ids.shape[0], module)
+        for name, idx in rows.groups.items():
+            if not bank._b.touches(name, weight):
+                continue
+            tokens = ids[idx].reshape(-1).to(torch.long).contiguous()
+            d = torch.empty(tokens.shape[0], y.shape[-1], dtype=torch.float32)
+            bank._b.delta_rows(name, weight, tokens, d, rows.alpha)
+            _add_rows(y, idx, d)
+        return y
+
+    return run
+
+
+def _rebuilt_forward(bank: Bank, module, own: dict):
+    """Modules other than Linear and Embedding (norms): rows of fine-tune t run with t's rebuilt parameters."""
+    from torch.func import functional_call
+
+    forward = module.forward
+    cache = {}  # (fine-tune, alpha, bank generation) -> {parameter: rebuilt tensor}
+    inner = threading.local()  # set while functional_call runs the module: its own forward, not this one
+
+    def run(x, *args, **kwargs):
+        rows = bank._rows
+        if rows is None or getattr(inner, "plain", False):
+            return forward(x, *args, **kwargs)
+        rows.check(x.shape[0], module)
+        y = forward(x, *args, **kwargs)
+        for name, idx in rows.groups.items():
+            key = (name, rows.alpha, bank._generation)
+            if key not in cache:
+                cache[key] = {p: bank.rebuild(name, t, rows.alpha) for p, t in own.items() if bank._b.touches(name, t)}
+            if cache[key]:
+                inner.plain = True
+                try:
+                    y[idx] = functional_call(module, cache[key], (x[idx], *args), kwargs)
+                finally:
+                    inner.plain = False
+        return y
+
+    return run

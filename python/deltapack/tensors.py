@@ -126,6 +126,20 @@ def decode(enc: Encoded, threads: int | None = None) -> np.ndarray:
     return out
 
 
+def delta_product(enc: Encoded, x, alpha: float = 1.0, out=None, threads: int | None = None) -> np.ndarray:
+    """out += alpha * x @ D.T, for the delta's (rows, cols) matrix view D (a linear layer's delta part of its
+    output), straight from the packed form: nothing is rebuilt. x: float32 (batch, cols); out: float32
+    (batch, rows), zeros when None. f32 sums in a fixed order, the same bits on every SIMD path. Returns out."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = reference._rc(enc.shape)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"tensor '{enc.name}': x must be (batch, {cols}), not {list(x.shape)}")
+    if out is None:
+        out = np.zeros((x.shape[0], rows), dtype=np.float32)
+    _core.delta_product(enc._core(), x, out, float(alpha), _threads(threads))
+    return out
+
+
 def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None = None):
     """base + alpha * delta, rounded once to the output dtype (that of `out`, else of `base`).
 

@@ -148,6 +148,21 @@ static void check_path(const Kernels& k) {
                 check(same(a, b), k.name, "lowrank_rows", n);
             }
         }
+        // Batch products over every block shape (rows x batch rows) the paths use, rows and x with padding.
+        for (int nr : {1, 2, 3, 4, 5, 9}) {
+            for (int nx : {1, 2, 3, 4, 5, 9}) {
+                const size_t bstride = (n + 7) / 8 + 3, astride = n + 5, ldx = n + 3;
+                auto bits = random_bytes(bstride * size_t(nr) + 2);
+                auto a = random_floats(astride * size_t(nr), false), x = random_floats(ldx * size_t(nx), true);
+                std::vector<float> o1(size_t(nr * nx)), o2(o1.size()), o3(o1.size()), o4(o1.size());
+                s.masked_sums(bits.data(), bstride, nr, x.data(), ldx, nx, n, o1.data());
+                k.masked_sums(bits.data(), bstride, nr, x.data(), ldx, nx, n, o2.data());
+                check(same(o1, o2), k.name, "masked_sums", n);
+                s.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o3.data());
+                k.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o4.data());
+                check(same(o3, o4), k.name, "dots", n);
+            }
+        }
     }
 }
 

@@ -12,10 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -104,6 +106,15 @@ void apply(const EncodedRef& enc, const ArrayRef& base, const ArrayRef& out,
 // out (f32, shape of the delta) = decode(enc).
 void decode(const EncodedRef& enc, const ArrayRef& out, int threads = 0);
 
+// Mixed batches, without rebuilding the weights. With the delta's (rows, cols) matrix view D:
+// y (batch x rows, f32) += alpha * x (batch x cols, f32) times D transposed, i.e. the delta's part of a linear
+// layer's output. Reads the packed delta once per call (sign: sums of x over the set bits, times the scales;
+// lowrank: u (v x); other codecs: a few decoded rows at a time). f32 sums in a fixed order: every SIMD path
+// gives the same bits.
+void delta_product(const EncodedRef& enc, const float* x, int64_t batch, float alpha, float* y, int threads = 0);
+// out (n x cols, f32) = alpha * the rows `rows` of D (an embedding's rows for a batch's tokens).
+void delta_rows(const EncodedRef& enc, const int64_t* rows, int64_t n, float alpha, float* out);
+
 // out[i] = f32(ft[i]) - f32(base[i]): the delta of two f32/f16/bf16 arrays of the same size (any shapes),
 // one IEEE f32 subtraction per element, on `threads` threads (0: the default).
 void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads = 0);
@@ -159,7 +170,7 @@ public:
 private:
     friend class DeltaFile;  // checks its manifest before the layout: a manifest error says more
     SafetensorsFile() = default;
-    static std::unique_ptr<SafetensorsFile> map(const std::string& path);
+    static std::unique_ptr<SafetensorsFile> map(const std::string& path, bool in_memory = false);
     static std::unique_ptr<SafetensorsFile> wrap(const std::string& name, const uint8_t* data, size_t size);
     void parse(const uint8_t* header, uint64_t header_len, uint64_t file_size);
     void check_layout() const;  // the arrays tile the data section (found by parse, reported here)
@@ -171,6 +182,7 @@ private:
     const uint8_t* map_ = nullptr;
     size_t size_ = 0;
     bool mapped_ = false;
+    std::vector<uint8_t> owned_;  // the bytes, when read into memory
 };
 
 // An output file that appears under its final name only when commit() succeeds: an unnamed
@@ -282,7 +294,9 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 // length, JSON, dtypes, offsets in bounds and non-overlapping, manifest entries, component sizes.
 class DeltaFile {
 public:
-    static std::unique_ptr<DeltaFile> open(const std::string& path);
+    // in_memory: the file is read at once into memory the object owns (later changes to the file do not
+    // matter); otherwise it is mapped.
+    static std::unique_ptr<DeltaFile> open(const std::string& path, bool in_memory = false);
     static std::unique_ptr<DeltaFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
     ~DeltaFile();
 
@@ -446,31 +460,71 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
 
 // ----------------------------------------------------------------------------------- serving
 
-// One base model held in memory, and fine-tunes (checkpoint deltas of it) switched on it in place:
-// activate() makes the buffers hold base + sum of alpha_i * delta_i. Every tensor an active or the
-// previously active fine-tune touches is rebuilt from the base (never on top of the previous fine-tune),
-// so one delta at alpha 1 gives exactly what apply_checkpoint writes, and no delta gives the base; other
-// tensors are not written. Memory: the base once, a second copy of the tensors some added delta touches,
-// and the deltas (mapped). Fine-tunes that add, remove or resize tensors are refused by add().
-// activate() and add() lock the bank; a reader must not use the buffers during activate().
+// One base model held in memory, and fine-tunes of it (checkpoint deltas `deltapack compress` made against
+// that base), used two ways:
+//  - switched in place: activate(mix) makes the live buffers hold base + sum of alpha_i * delta_i. Every
+//    tensor an active or the previously active fine-tune touches is rebuilt from the base (never on top of
+//    the previous fine-tune), so one delta at alpha 1 gives exactly what apply_checkpoint writes and the
+//    empty mix gives the base; other tensors are not written.
+//  - per batch row, with the buffers at the base: product() and delta_rows() give one fine-tune's delta
+//    times a batch, or rows of it, from the packed delta (see delta_product).
+// Memory: the base once, a second copy of each tensor some added delta touches (the source of rebuilds),
+// the delta files (read into memory by add: later changes to the files do not matter), and the cache.
+// Fine-tunes that add, remove, resize or retype tensors are refused by add().
+// Threads: add, remove and activate take the bank exclusively; product, delta_rows, rebuild and readers of
+// the live buffers share it. A reader holds lock_shared() while it reads the buffers (activate waits for
+// it), and must not call activate meanwhile (that would wait for itself).
 class Bank {
 public:
+    using Mix = std::vector<std::pair<std::string, float>>;  // fine-tune names and alphas; empty: the base
+
     explicit Bank(const std::string& base);  // reads every base tensor once
+    // Registers fine-tune `name` from a delta file: its CRC-32Cs, and its record against the bank's base
+    // (fingerprint: names, dtypes, shapes, CRC-32C; BaseMismatchError unless force).
     void add(const std::string& name, const std::string& delta, bool force = false);
-    void activate(const std::vector<std::pair<std::string, float>>& deltas, int threads = 0);
+    void remove(const std::string& name);  // refused while it is active
+    // Makes the live buffers hold `mix`. On failure the buffers hold the previous mix again.
+    void activate(const Mix& mix, int threads = 0);
+    Mix active() const;
+    std::vector<std::string> last_rewritten() const;  // by the last activate()
+    // Keeps the rebuilt tensors of recent mixes up to `bytes` in all (least recently used dropped first), so
+    // switching back to one copies them instead of rebuilding; 0 (the default) keeps none.
+    void set_cache_budget(uint64_t bytes);
+    uint64_t cache_bytes() const;  // held now
+
+    // Tensor `tensor` as `mix` has it (what activate would write), into caller memory of the base's dtype and
+    // exactly nbytes; the live buffers are not touched.
+    void rebuild(const Mix& mix, const std::string& tensor, void* out, uint64_t nbytes, int threads = 0) const;
+    // Whether fine-tune `name` changes tensor `tensor`.
+    bool touches(const std::string& name, const std::string& tensor) const;
+    // Mixed batches: y += alpha * x times the delta of `tensor` (delta_product; x batch x cols, y batch x rows,
+    // f32), and out = alpha * rows of that delta (delta_rows). Nothing when the fine-tune leaves it unchanged.
+    void product(const std::string& name, const std::string& tensor, const float* x, int64_t batch, float alpha,
+                 float* y, int threads = 0) const;
+    void delta_rows(const std::string& name, const std::string& tensor, const int64_t* rows, int64_t n,
+                    float alpha, float* out) const;
+
     std::vector<std::string> tensor_names() const { return base_->keys(); }
     ArrayRef tensor(const std::string& name);  // the live buffer (stable for the bank's life)
     std::vector<std::string> fine_tunes() const;
-    const std::vector<std::string>& last_rewritten() const { return rewritten_; }  // by the last activate()
+    void lock_shared() const { mu_.lock_shared(); }
+    void unlock_shared() const { mu_.unlock_shared(); }
 
 private:
     struct Buffer { Array live, pristine; };  // pristine: the base, for tensors some delta touches
+    struct CacheEntry { std::string key; std::map<std::string, Array> tensors; uint64_t bytes = 0; };
+    const CheckpointDelta& fine_tune(const std::string& name) const;
+    const ArrayRef& base_of(const std::string& tensor) const;
+    void rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRef& out, int threads) const;
+    void switch_to(const Mix& mix, int threads);
     std::shared_ptr<const ModelFiles> base_;
     std::map<std::string, Buffer> buffers_;
     std::map<std::string, std::unique_ptr<CheckpointDelta>> deltas_;
-    std::vector<std::pair<std::string, float>> active_;
+    Mix active_;
     std::vector<std::string> rewritten_;
-    std::mutex mu_;
+    std::list<CacheEntry> cache_;  // most recently used first
+    uint64_t cache_budget_ = 0, cache_bytes_ = 0;
+    mutable std::shared_mutex mu_;
 };
 
 // Writes a delta file at once (a DeltaWriter over `tensors`).

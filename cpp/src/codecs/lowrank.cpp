@@ -21,11 +21,14 @@ struct LowrankRowsDecoder : RowDecoder {
     virtual void widen_v(float* dst, const Kernels& k) const = 0;                 // rank x cols
     virtual void u_rows(int64_t r0, int nrows, float* dst, const Kernels& k) const = 0;  // nrows x rank
     int rows_per_block() const override { return 4; }
-    void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+    void ensure_v(const Kernels& k) const {
         std::call_once(v_ready, [&] {
             v.resize(size_t(rank * cols));
             widen_v(v.data(), k);
         });
+    }
+    void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
+        ensure_v(k);
         float ublock[4 * 4096];
         std::vector<float> big;
         float* ub = ublock;
@@ -35,6 +38,28 @@ struct LowrankRowsDecoder : RowDecoder {
         }
         u_rows(r0, nrows, ub, k);
         k.lowrank_rows(ub, v.data(), int(rank), size_t(cols), nrows, dst);
+    }
+
+    // Batch products as u . (v x): v x once per batch, then rank products per row and batch row.
+    std::vector<float> vx;  // [direction][batch row]
+    void begin_product(const Batch& x, const Kernels& k) override {
+        ensure_v(k);
+        vx.resize(size_t(rank * x.rows));
+        k.dots(v.data(), size_t(cols), int(rank), x.data, size_t(cols), x.rows, size_t(cols), vx.data());
+    }
+    void product(int64_t r0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride, const Kernels& k,
+                 std::vector<float>& scratch) const override {
+        scratch.resize(size_t(nrows * rank));
+        u_rows(r0, nrows, scratch.data(), k);
+        for (int i = 0; i < nrows; ++i) {
+            const float* u = scratch.data() + size_t(i * rank);
+            for (int b = 0; b < x.rows; ++b) {
+                float acc = 0.0f;
+                for (int64_t d = 0; d < rank; ++d) acc = acc + u[d] * vx[size_t(d * x.rows + b)];
+                float& out = y[size_t(b) * y_stride + size_t(r0 + i)];
+                out = out + alpha * acc;
+            }
+        }
     }
 };
 

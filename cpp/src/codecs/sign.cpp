@@ -1,4 +1,5 @@
 // sign (BitDelta): 1-bit signs + mean |delta| per tensor, row, or group of columns.
+#include <algorithm>
 #include <cmath>
 
 #include "common.h"
@@ -25,6 +26,48 @@ struct SignDecoder : RowDecoder {
                 k.sign_expand(bits + c0 / 8, size_t(len), scales[r * ngroups + g], out + c0);
             }
         }
+    }
+
+    // Batch products from the bits: a row's product with x over a scale's span is s * (2 * (sum of x where the
+    // bit is set) - (sum of x)); the second sum is the same for every row.
+    int64_t spans() const { return scope == 2 ? ngroups : 1; }
+    int64_t span_cols() const { return scope == 2 ? group : cols; }
+    std::vector<float> x_sums;  // [batch row][span]
+    void begin_product(const Batch& x, const Kernels& k) override {
+        const int64_t n = spans(), width = span_cols();
+        std::vector<uint8_t> all_set(size_t(packed_row_bytes(width, 1)), 0xff);
+        std::vector<float> sums(size_t(x.rows));
+        x_sums.assign(size_t(x.rows * n), 0.0f);
+        for (int64_t g = 0; g < n; ++g) {
+            const int64_t c0 = g * width, len = std::min(width, cols - c0);
+            k.masked_sums(all_set.data(), 0, 1, x.data + c0, size_t(cols), x.rows, size_t(len), sums.data());
+            for (int b = 0; b < x.rows; ++b) x_sums[size_t(b * n + g)] = sums[size_t(b)];
+        }
+    }
+    void product(int64_t r0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride, const Kernels& k,
+                 std::vector<float>& scratch) const override {
+        const int64_t n = spans(), width = span_cols();
+        const size_t cells = size_t(nrows) * size_t(x.rows);  // [row][batch row]
+        scratch.assign(2 * cells, 0.0f);
+        float *sums = scratch.data(), *acc = sums + cells;
+        for (int64_t g = 0; g < n; ++g) {
+            const int64_t c0 = g * width, len = std::min(width, cols - c0);
+            k.masked_sums(signs + size_t(r0 * row_bytes + c0 / 8), size_t(row_bytes), nrows, x.data + c0,
+                          size_t(cols), x.rows, size_t(len), sums);
+            for (int i = 0; i < nrows; ++i) {
+                const int64_t r = r0 + i;
+                const float s = scope == 0 ? scales[0] : scope == 1 ? scales[r] : scales[r * ngroups + g];
+                for (int b = 0; b < x.rows; ++b) {
+                    float& a = acc[size_t(i * x.rows + b)];
+                    a = a + s * (2.0f * sums[size_t(i * x.rows + b)] - x_sums[size_t(b * n + g)]);
+                }
+            }
+        }
+        for (int i = 0; i < nrows; ++i)
+            for (int b = 0; b < x.rows; ++b) {
+                float& out = y[size_t(b) * y_stride + size_t(r0 + i)];
+                out = out + alpha * acc[size_t(i * x.rows + b)];
+            }
     }
 };
 

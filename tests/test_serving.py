@@ -122,3 +122,149 @@ def test_refusals(bank_models):
     with pytest.raises(ValueError, match="model.embed_tokens.weight"):
         bank.bind(model)
     assert np.array_equal(bank.numpy("model.norm.weight"), bank.state_dict()["model.norm.weight"].view(torch.int16).numpy().view(np.uint16))
+
+
+def _snapshot(bank, names):
+    return {n: _bits(bank.state_dict()[n]).clone() for n in names}
+
+
+def test_cache_keeps_recent_mixes_within_its_budget(bank_models):
+    root = bank_models
+    plain = dp.Bank(root / "base")
+    plain.add("a", root / "a.dpk")
+    plain.add("b", root / "b.dpk")
+    names = list(plain.state_dict())
+    want = {}
+    for w in [None, "a", "b"]:
+        plain.activate(w)
+        want[w] = _snapshot(plain, names)
+    size = {w: sum(plain.state_dict()[n].nbytes for n in names if not torch.equal(want[w][n], want[None][n]))
+            for w in "ab"}
+    bank = dp.Bank(root / "base", cache_bytes=10 << 20)
+    bank.add("a", root / "a.dpk")
+    bank.add("b", root / "b.dpk")
+    assert bank.cache_bytes == 0
+    for w in ["a", "b", "a", None, "b", "a"]:  # the later "a" and "b" are copied from the cache
+        bank.activate(w)
+        now = _snapshot(bank, names)
+        assert all(torch.equal(now[n], want[w][n]) for n in names), w
+    assert bank.cache_bytes >= size["a"] + size["b"]  # both mixes held (every tensor they touch)
+    bank.set_cache_budget(bank.cache_bytes - 1)  # no room for both: the least recently used ("b") goes
+    held = bank.cache_bytes
+    assert size["a"] <= held < size["a"] + size["b"]
+    bank.activate("b")
+    assert all(torch.equal(_snapshot(bank, names)[n], want["b"][n]) for n in names)
+    bank.set_cache_budget(0)
+    assert bank.cache_bytes == 0
+
+
+def test_a_failed_switch_keeps_the_last_good_state(tmp_path):
+    """The switch to "big" at alpha 1000 rewrites every tensor up to model.norm.weight (sorted last), whose
+    delta of ~100 then overflows float16: the bank must put the tensors it already wrote back."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.float16)
+    base.save_pretrained(tmp_path / "base")
+    perturbed(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), 1).save_pretrained(tmp_path / "ft")
+    big = perturbed(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), 2)
+    with torch.no_grad():
+        big.model.norm.weight += 100
+    big.save_pretrained(tmp_path / "big")
+    ck.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "a.dpk", "sign", min_size=0)
+    ck.compress(tmp_path / "base", tmp_path / "big", tmp_path / "big.dpk", "sign", min_size=0)
+    bank = dp.Bank(tmp_path / "base")
+    bank.add("a", tmp_path / "a.dpk")
+    bank.add("big", tmp_path / "big.dpk")
+    names = list(bank.state_dict())
+    assert names[-1] == "model.norm.weight"
+    bank.activate("a")
+    before = _snapshot(bank, names)
+    with pytest.raises(ValueError, match="tensor 'model.norm.weight'.*overflows float16"):
+        bank.activate("big", alpha=1000.0)
+    assert bank.active == {"a": 1.0}
+    after = _snapshot(bank, names)
+    assert all(torch.equal(before[n], after[n]) for n in names)
+    bank.activate("big", alpha=1.0)  # and the bank still switches
+    _same(bank.state_dict(), ck.load(tmp_path / "base", tmp_path / "big.dpk"))
+
+
+def test_the_bank_holds_its_deltas_so_changed_files_do_not_matter(bank_models, tmp_path):
+    root = bank_models
+    copy = tmp_path / "a.dpk"
+    copy.write_bytes((root / "a.dpk").read_bytes())
+    bank = dp.Bank(root / "base")
+    bank.add("a", copy)
+    copy.write_bytes(b"\0" * 64)  # overwritten (a mapping would now read zeros, or fault on a shorter file)
+    _same(bank.activate("a"), ck.load(root / "base", root / "a.dpk"))
+    copy.unlink()
+    _same(bank.activate("a", alpha=0.5), ck.load(root / "base", root / "a.dpk", alpha=0.5))
+
+
+def test_remove_and_rebuild_into_new_memory(bank_models):
+    root = bank_models
+    bank = dp.Bank(root / "base")
+    bank.add("a", root / "a.dpk")
+    bank.add("b", root / "b.dpk")
+    want = ck.load(root / "base", root / "b.dpk")
+    name = "model.layers.0.mlp.down_proj.weight"
+    got = bank.rebuild("b", name)
+    assert torch.equal(_bits(got), _bits(want[name]))
+    assert got.data_ptr() != bank.state_dict()[name].data_ptr()
+    assert torch.equal(_bits(bank.state_dict()[name]), _bits(ck.load(root / "base", root / "a.dpk", alpha=0.0)[name]))
+    bank.activate("a")
+    with pytest.raises(ValueError, match="'a' is active"):
+        bank.remove("a")
+    bank.remove("b")
+    assert bank.fine_tunes == ["a"]
+    with pytest.raises(ValueError, match="no fine-tune named 'b'"):
+        bank.activate("b")
+    bank.add("b", root / "b.dpk")  # again, under the same name
+    _same(bank.activate("b"), want)
+
+
+def test_threads_hammering_activate_and_reads_see_whole_states(bank_models):
+    """One thread switches between a, b and the base; readers, inside bank.reading(), must always find the
+    buffers equal to one whole state, the one bank.active names."""
+    import threading
+
+    root = bank_models
+    bank = dp.Bank(root / "base")
+    bank.add("a", root / "a.dpk")
+    bank.add("b", root / "b.dpk")
+    names = list(bank.state_dict())
+    want = {}
+    for w in [None, "a", "b"]:
+        bank.activate(w)
+        want[w] = _snapshot(bank, names)
+    errors, stop = [], threading.Event()
+
+    def switch():
+        try:
+            for i in range(150):
+                bank.activate([None, "a", "b"][i % 3])
+        except Exception as ex:  # noqa: BLE001
+            errors.append(ex)
+        finally:
+            stop.set()
+
+    def read():
+        try:
+            while not stop.is_set():
+                with bank.reading():
+                    active = bank.active
+                    w = next(iter(active)) if active else None
+                    now = _snapshot(bank, names)
+                bad = [n for n in names if not torch.equal(now[n], want[w][n])]
+                if bad:
+                    errors.append(f"{w}: {bad[:3]}")
+                    return
+        except Exception as ex:  # noqa: BLE001
+            errors.append(ex)
+
+    threads = [threading.Thread(target=switch)] + [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with bank.reading(), pytest.raises(RuntimeError, match="wait for itself"):
+        bank.activate("a")

@@ -144,3 +144,32 @@ def test_rows_alpha_and_refusals(f32_models):
     with pytest.raises(RuntimeError, match="activate\\(None\\) first"):
         with bank.rows(["a", None]):
             pass
+
+
+def test_mixed_batch_with_biases_qwen2(tmp_path):
+    """Qwen2's q/k/v projections have biases: a changed bias adds its delta per row too."""
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).eval().save_pretrained(tmp_path / "base")
+    for name, seed in (("a", 1), ("b", 2)):
+        ft = perturbed(transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), seed, scale=2e-2)
+        assert ft.model.layers[0].self_attn.q_proj.bias is not None
+        ft.save_pretrained(tmp_path / f"ft_{name}")
+        ck.compress(tmp_path / "base", tmp_path / f"ft_{name}", tmp_path / f"{name}.dpk", "sign", min_size=0)
+    bank = dp.Bank(tmp_path / "base")
+    bank.add("a", tmp_path / "a.dpk")
+    bank.add("b", tmp_path / "b.dpk")
+    assert bank._b.touches("a", "model.layers.0.self_attn.q_proj.bias")
+    model = bank.patch(transformers.Qwen2ForCausalLM(cfg).eval())
+    rows = ["b", None, "a"]
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), bank.rows(rows):
+        got = model(ids).logits
+    for i, w in enumerate(rows):
+        ref = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base").eval()
+        if w:
+            ck.load_into(ref, tmp_path / f"{w}.dpk")
+        with torch.no_grad():
+            want = ref(ids).logits[i]
+        assert (got[i] - want).abs().max() <= 1e-4 * want.abs().max(), (i, w)

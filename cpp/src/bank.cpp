@@ -167,6 +167,36 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
     }
 }
 
+void Bank::mixed_product(const std::string& tensor, const std::vector<std::string>& names, const int32_t* which,
+                         const float* x, int64_t batch, float alpha, float* y, int threads) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    const ArrayRef& b = base_of(tensor);
+    const int64_t cols = b.shape.empty() ? 1 : b.shape.back(), rows = cols ? b.numel() / cols : 0;
+    std::vector<std::vector<int64_t>> members(names.size());
+    for (int64_t i = 0; i < batch; ++i) {
+        if (which[i] < -1 || which[i] >= int32_t(names.size()))
+            throw std::out_of_range("bank: batch row " + std::to_string(i) + " names fine-tune " +
+                                    std::to_string(which[i]) + " of " + std::to_string(names.size()));
+        if (which[i] >= 0) members[size_t(which[i])].push_back(i);
+    }
+    std::vector<float> xs, ys;
+    for (size_t t = 0; t < names.size(); ++t) {
+        const CheckpointDelta& c = fine_tune(names[t]);
+        const std::vector<int64_t>& m = members[t];
+        if (m.empty() || c.tensor(tensor).kind != TensorKind::Delta) continue;
+        xs.resize(m.size() * size_t(cols));
+        ys.assign(m.size() * size_t(rows), 0.0f);
+        for (size_t i = 0; i < m.size(); ++i)
+            std::memcpy(xs.data() + i * size_t(cols), x + size_t(m[i] * cols), size_t(cols) * sizeof(float));
+        delta_product(c.delta().get(tensor, false), xs.data(), int64_t(m.size()), alpha, ys.data(), threads);
+        for (size_t i = 0; i < m.size(); ++i) {
+            float* out = y + size_t(m[i] * rows);
+            const float* add = ys.data() + i * size_t(rows);
+            for (int64_t r = 0; r < rows; ++r) out[r] = out[r] + add[r];
+        }
+    }
+}
+
 // A cache key: the mix's names and alphas (exact bits), "\x1f" after each name and "\x1e" between entries.
 static std::string mix_key(const Bank::Mix& mix) {
     std::string key;

@@ -347,6 +347,22 @@ NB_MODULE(_core, m) {
             },
             "name"_a, "tensor"_a, "x"_a, "y"_a, "alpha"_a = 1.0f, "threads"_a = 0)
         .def(
+            "mixed_product",
+            [batch_of](Bank& b, const std::string& tensor, const std::vector<std::string>& names,
+                       nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> which, F32In x, F32Out y,
+                       float alpha, int threads) {
+                const int64_t batch = batch_of(b, tensor, x.size(), y.size());
+                if (which.size() != size_t(batch))
+                    throw std::invalid_argument("bank: " + std::to_string(which.size()) + " fine-tune choices for a batch of " +
+                                                std::to_string(batch) + " rows");
+                const int32_t* w = which.data();
+                const float* xp = x.data();
+                float* yp = y.data();
+                nb::gil_scoped_release nogil;
+                b.mixed_product(tensor, names, w, xp, batch, alpha, yp, threads);
+            },
+            "tensor"_a, "names"_a, "which"_a, "x"_a, "y"_a, "alpha"_a = 1.0f, "threads"_a = 0)
+        .def(
             "delta_rows",
             [](Bank& b, const std::string& name, const std::string& tensor, RowsIn rows, F32Out out, float alpha) {
                 const ArrayRef t = b.tensor(tensor);

@@ -4,7 +4,11 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -31,9 +35,18 @@ struct dp_checkpoint {
     std::vector<std::string> names;
 };
 
+struct dp_bank {
+    std::unique_ptr<deltapack::Bank> bank;
+    std::string path;
+    std::vector<std::string> names;  // the base's tensors (fixed for the bank's life)
+};
+
 namespace {
 
 thread_local std::string g_error;
+// Shared locks of each bank this thread holds (dp_bank_lock_shared): its exclusive calls would wait for
+// themselves, and an unlock it does not hold would be undefined.
+thread_local std::map<const dp_bank*, int> g_bank_reads;
 
 // Runs fn, returning its result; on an exception records the message and returns `failed`.
 template <class R, class F>
@@ -429,6 +442,260 @@ int dp_apply_checkpoint(const char* base, const char* delta, const char* out, co
         o.force = force != 0;
         o.overwrite = overwrite != 0;
         deltapack::apply_checkpoint(base, delta, out, o);
+        return 0;
+    });
+}
+
+// ----------------------------------------------------------------------------- the bank
+
+static std::string bank_where(const dp_bank* b, const char* tensor) { return b->path + ": tensor '" + tensor + "'"; }
+
+// The live buffer of `tensor` (its dtype and shape); a failure naming the base for an unknown name.
+static deltapack::ArrayRef bank_tensor(const dp_bank* b, const char* tensor, const char* fn) {
+    need(b, fn, "bank");
+    need(tensor, fn, "tensor");
+    return b->bank->tensor(tensor);
+}
+
+// A mix from C arrays: names[0..n) with alphas[0..n) (NULL: all 1).
+static deltapack::Bank::Mix bank_mix(size_t n, const char* const* names, const float* alphas, const char* fn) {
+    if (n && !names) fail(std::string(fn) + ": names is NULL but n is " + std::to_string(n));
+    deltapack::Bank::Mix mix;
+    for (size_t i = 0; i < n; ++i) {
+        if (!names[i]) fail(std::string(fn) + ": names[" + std::to_string(i) + "] is NULL");
+        mix.emplace_back(names[i], alphas ? alphas[i] : 1.0f);
+    }
+    return mix;
+}
+
+// Calls that take the bank exclusively, refused on a thread that holds its shared lock (they would wait forever).
+static void exclusive(const dp_bank* b, const char* fn) {
+    need(b, fn, "bank");
+    auto it = g_bank_reads.find(b);
+    if (it != g_bank_reads.end() && it->second > 0)
+        fail(std::string(fn) + ": this thread holds the bank's shared lock (dp_bank_lock_shared), so the call would "
+             "wait for itself; dp_bank_unlock_shared first");
+}
+
+// A buffer of `count` floats that must hold `expected`; NULL only when empty.
+static void check_count(const std::string& where, const char* what, const void* p, size_t count, int64_t expected,
+                        int64_t batch, int64_t width, const char* fn) {
+    if (count != uint64_t(expected))
+        fail(where + ": " + what + " holds " + std::to_string(count) + " values, expected " + std::to_string(expected) +
+             " (batch " + std::to_string(batch) + " x " + std::to_string(width) + " f32)");
+    if (count && !p) fail(std::string(fn) + ": " + what + " is NULL");
+}
+
+// A tensor's matrix view for products: cols its last dimension (1 for 0-d), rows the rest.
+static void matrix_view(const deltapack::ArrayRef& t, int64_t& rows, int64_t& cols) {
+    cols = t.shape.empty() ? 1 : t.shape.back();
+    rows = cols ? t.numel() / cols : 0;
+}
+
+dp_bank* dp_bank_open(const char* path) {
+    return guarded<dp_bank*>(nullptr, [&] {
+        need(path, "dp_bank_open", "path");
+        auto b = std::make_unique<dp_bank>();
+        b->bank = std::make_unique<deltapack::Bank>(path);
+        b->path = path;
+        b->names = b->bank->tensor_names();
+        return b.release();
+    });
+}
+
+void dp_bank_close(dp_bank* b) {
+    if (!b) return;
+    auto it = g_bank_reads.find(b);
+    if (it != g_bank_reads.end()) {
+        for (int i = 0; i < it->second; ++i) b->bank->unlock_shared();
+        g_bank_reads.erase(it);
+    }
+    delete b;
+}
+
+int dp_bank_add(dp_bank* b, const char* name, const char* delta_path, int force) {
+    return guarded(-1, [&] {
+        exclusive(b, "dp_bank_add");
+        need(name, "dp_bank_add", "name");
+        need(delta_path, "dp_bank_add", "delta_path");
+        b->bank->add(name, delta_path, force != 0);
+        return 0;
+    });
+}
+
+int dp_bank_remove(dp_bank* b, const char* name) {
+    return guarded(-1, [&] {
+        exclusive(b, "dp_bank_remove");
+        need(name, "dp_bank_remove", "name");
+        b->bank->remove(name);
+        return 0;
+    });
+}
+
+size_t dp_bank_fine_tune_count(const dp_bank* b) { return b ? b->bank->fine_tunes().size() : 0; }
+
+int64_t dp_bank_fine_tune_name(const dp_bank* b, size_t i, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(b, "dp_bank_fine_tune_name", "bank");
+        const std::vector<std::string> names = b->bank->fine_tunes();
+        if (i >= names.size())
+            fail(b->path + ": fine-tune index " + std::to_string(i) + " out of range (" + std::to_string(names.size()) +
+                 " fine-tunes)");
+        return copy_text(names[i], buf, buf_size, "dp_bank_fine_tune_name");
+    });
+}
+
+int dp_bank_activate(dp_bank* b, size_t n, const char* const* names, const float* alphas, int threads) {
+    return guarded(-1, [&] {
+        exclusive(b, "dp_bank_activate");
+        b->bank->activate(bank_mix(n, names, alphas, "dp_bank_activate"), threads);
+        return 0;
+    });
+}
+
+int64_t dp_bank_last_rewritten(const dp_bank* b, uint8_t* flags, size_t flags_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(b, "dp_bank_last_rewritten", "bank");
+        need(flags, "dp_bank_last_rewritten", "flags");
+        if (flags_size != b->names.size())
+            fail(b->path + ": flags holds " + std::to_string(flags_size) + " bytes, expected " +
+                 std::to_string(b->names.size()) + " (one per tensor)");
+        const std::vector<std::string> done = b->bank->last_rewritten();
+        const std::set<std::string> rewritten(done.begin(), done.end());
+        for (size_t i = 0; i < b->names.size(); ++i) flags[i] = rewritten.count(b->names[i]) ? 1 : 0;
+        return int64_t(rewritten.size());
+    });
+}
+
+size_t dp_bank_count(const dp_bank* b) { return b ? b->names.size() : 0; }
+
+int64_t dp_bank_tensor_name(const dp_bank* b, size_t i, char* buf, size_t buf_size) {
+    return guarded<int64_t>(-1, [&] {
+        need(b, "dp_bank_tensor_name", "bank");
+        return name_at(b->names, i, b->path, buf, buf_size, "dp_bank_tensor_name");
+    });
+}
+
+int dp_bank_shape(const dp_bank* b, const char* tensor, int64_t* dims, size_t max_dims) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_shape");
+        return copy_shape(bank_where(b, tensor), t.shape, dims, max_dims);
+    });
+}
+
+int dp_bank_dtype(const dp_bank* b, const char* tensor) {
+    return guarded(-1, [&] { return int(bank_tensor(b, tensor, "dp_bank_dtype").dtype); });
+}
+
+int64_t dp_bank_numel(const dp_bank* b, const char* tensor) {
+    return guarded<int64_t>(-1, [&] { return bank_tensor(b, tensor, "dp_bank_numel").numel(); });
+}
+
+int dp_bank_tensor(const dp_bank* b, const char* tensor, const void** data, size_t* nbytes) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_tensor");
+        need(data, "dp_bank_tensor", "data");
+        *data = t.data;
+        if (nbytes) *nbytes = t.nbytes();
+        return 0;
+    });
+}
+
+int dp_bank_rebuild(const dp_bank* b, size_t n, const char* const* names, const float* alphas, const char* tensor,
+                    void* out, size_t out_size, int threads) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_rebuild");
+        const deltapack::Bank::Mix mix = bank_mix(n, names, alphas, "dp_bank_rebuild");
+        check_size(bank_where(b, tensor), "out", t.shape, t.dtype, out_size);
+        need(out, "dp_bank_rebuild", "out");
+        b->bank->rebuild(mix, tensor, out, out_size, threads);
+        return 0;
+    });
+}
+
+int dp_bank_touches(const dp_bank* b, const char* fine_tune, const char* tensor) {
+    return guarded(-1, [&] {
+        bank_tensor(b, tensor, "dp_bank_touches");
+        need(fine_tune, "dp_bank_touches", "fine_tune");
+        return b->bank->touches(fine_tune, tensor) ? 1 : 0;
+    });
+}
+
+int dp_bank_product(const dp_bank* b, const char* fine_tune, const char* tensor, const float* x, size_t x_count,
+                    int64_t batch, float alpha, float* y, size_t y_count, int threads) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_product");
+        need(fine_tune, "dp_bank_product", "fine_tune");
+        const std::string where = bank_where(b, tensor);
+        int64_t rows, cols;
+        matrix_view(t, rows, cols);
+        if (batch < 0 || (cols && batch > std::numeric_limits<int64_t>::max() / cols) ||
+            (rows && batch > std::numeric_limits<int64_t>::max() / rows))
+            fail(where + ": batch " + std::to_string(batch) + " is out of range");
+        check_count(where, "x", x, x_count, batch * cols, batch, cols, "dp_bank_product");
+        check_count(where, "y", y, y_count, batch * rows, batch, rows, "dp_bank_product");
+        b->bank->product(fine_tune, tensor, x, batch, alpha, y, threads);
+        return 0;
+    });
+}
+
+int dp_bank_delta_rows(const dp_bank* b, const char* fine_tune, const char* tensor, const int64_t* rows, size_t n,
+                       float alpha, float* out, size_t out_count) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_delta_rows");
+        need(fine_tune, "dp_bank_delta_rows", "fine_tune");
+        const std::string where = bank_where(b, tensor);
+        int64_t nrows, cols;
+        matrix_view(t, nrows, cols);
+        if (cols && n > uint64_t(std::numeric_limits<int64_t>::max() / cols))
+            fail(where + ": " + std::to_string(n) + " rows is out of range");
+        if (n && !rows) fail("dp_bank_delta_rows: rows is NULL but n is " + std::to_string(n));
+        if (out_count != uint64_t(int64_t(n) * cols))
+            fail(where + ": out holds " + std::to_string(out_count) + " values, expected " +
+                 std::to_string(int64_t(n) * cols) + " (" + std::to_string(n) + " rows x " + std::to_string(cols) +
+                 " f32)");
+        if (out_count && !out) fail("dp_bank_delta_rows: out is NULL");
+        for (size_t i = 0; i < n; ++i)  // all checked before anything is written
+            if (rows[i] < 0 || rows[i] >= nrows)
+                fail(where + ": row " + std::to_string(rows[i]) + " (rows[" + std::to_string(i) + "]) is outside [0, " +
+                     std::to_string(nrows) + ")");
+        b->bank->delta_rows(fine_tune, tensor, rows, int64_t(n), alpha, out);
+        return 0;
+    });
+}
+
+int dp_bank_set_cache_budget(dp_bank* b, uint64_t bytes) {
+    return guarded(-1, [&] {
+        exclusive(b, "dp_bank_set_cache_budget");
+        b->bank->set_cache_budget(bytes);
+        return 0;
+    });
+}
+
+int64_t dp_bank_cache_bytes(const dp_bank* b) {
+    return guarded<int64_t>(-1, [&] {
+        need(b, "dp_bank_cache_bytes", "bank");
+        return int64_t(b->bank->cache_bytes());
+    });
+}
+
+int dp_bank_lock_shared(const dp_bank* b) {
+    return guarded(-1, [&] {
+        need(b, "dp_bank_lock_shared", "bank");
+        b->bank->lock_shared();
+        ++g_bank_reads[b];
+        return 0;
+    });
+}
+
+int dp_bank_unlock_shared(const dp_bank* b) {
+    return guarded(-1, [&] {
+        need(b, "dp_bank_unlock_shared", "bank");
+        auto it = g_bank_reads.find(b);
+        if (it == g_bank_reads.end() || it->second <= 0)
+            fail("dp_bank_unlock_shared: this thread holds no shared lock on this bank");
+        b->bank->unlock_shared();
+        if (--it->second == 0) g_bank_reads.erase(it);
         return 0;
     });
 }

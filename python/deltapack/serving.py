@@ -194,7 +194,7 @@ class Bank:
             if self._b.active():
                 raise RuntimeError(f"bank.rows: the buffers hold {self.active}; activate(None) first (a mixed batch "
                                    "adds each row's delta to the base)")
-            self._rows = _Rows(names, float(alpha))
+            self._rows = _Rows(self, names, float(alpha))
         try:
             yield self
         finally:
@@ -204,20 +204,27 @@ class Bank:
 class _Rows:
     """A mixed batch: which batch rows use which fine-tune."""
 
-    def __init__(self, names, alpha):
+    def __init__(self, bank, names, alpha):
         import torch
 
-        self.names, self.alpha = names, alpha
-        groups = {}
-        for i, n in enumerate(names):
-            if n is not None:
-                groups.setdefault(n, []).append(i)
-        self.groups = {n: torch.tensor(ix, dtype=torch.long) for n, ix in groups.items()}
+        self.bank, self.names, self.alpha = bank, names, alpha
+        self.unique = sorted({n for n in names if n is not None})
+        pos = {n: i for i, n in enumerate(self.unique)}
+        self.which = torch.tensor([pos[n] if n is not None else -1 for n in names], dtype=torch.int32)
+        self.groups = {n: torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long)
+                       for n in self.unique}
+        self._touched = {}
 
     def check(self, batch: int, module) -> None:
         if batch != len(self.names):
             raise ValueError(f"bank.rows names {len(self.names)} rows but {type(module).__name__} got a batch of "
                              f"{batch}")
+
+    def touching(self, tensor: str) -> list:
+        """The fine-tunes of this batch that change `tensor`."""
+        if tensor not in self._touched:
+            self._touched[tensor] = [n for n in self.unique if self.bank._b.touches(n, tensor)]
+        return self._touched[tensor]
 
 
 def _add_rows(y, idx, delta):
@@ -237,21 +244,21 @@ def _linear_forward(bank: Bank, module, own: dict):
         if rows is None:
             return y
         rows.check(x.shape[0], module)
-        for name, idx in rows.groups.items():
-            xs = x[idx].reshape(-1, x.shape[-1]).float().contiguous()
-            d = torch.zeros(xs.shape[0], y.shape[-1], dtype=torch.float32)
-            touched = False
-            if weight is not None and bank._b.touches(name, weight):
-                bank._b.product(name, weight, xs, d, rows.alpha)
-                touched = True
-            if bias is not None and bank._b.touches(name, bias):
-                db = torch.empty(1, y.shape[-1], dtype=torch.float32)
-                bank._b.delta_rows(name, bias, torch.zeros(1, dtype=torch.long), db, rows.alpha)
-                d += db
-                touched = True
-            if touched:
-                _add_rows(y, idx, d)
-        return y
+        by_weight = rows.touching(weight) if weight is not None else []
+        by_bias = rows.touching(bias) if bias is not None else []
+        if not by_weight and not by_bias:
+            return y
+        per_row = x[0].numel() // x.shape[-1]  # tokens per batch row
+        xs = x.reshape(-1, x.shape[-1]).float().contiguous()
+        d = torch.zeros(xs.shape[0], y.shape[-1], dtype=torch.float32)
+        if by_weight:
+            which = rows.which.repeat_interleave(per_row) if per_row > 1 else rows.which
+            bank._b.mixed_product(weight, rows.unique, which, xs, d, rows.alpha)
+        for name in by_bias:
+            db = torch.empty(1, y.shape[-1], dtype=torch.float32)
+            bank._b.delta_rows(name, bias, torch.zeros(1, dtype=torch.long), db, rows.alpha)
+            d.view(x.shape[0], per_row, -1)[rows.groups[name]] += db
+        return (y.reshape(d.shape).float() + d).to(y.dtype).reshape(y.shape)
 
     return run
 
@@ -268,9 +275,8 @@ def _embedding_forward(bank: Bank, module, own: dict):
         if rows is None or weight is None:
             return y
         rows.check(ids.shape[0], module)
-        for name, idx in rows.groups.items():
-            if not bank._b.touches(name, weight):
-                continue
+        for name in rows.touching(weight):
+            idx = rows.groups[name]
             tokens = ids[idx].reshape(-1).to(torch.long).contiguous()
             d = torch.empty(tokens.shape[0], y.shape[-1], dtype=torch.float32)
             bank._b.delta_rows(name, weight, tokens, d, rows.alpha)

@@ -503,6 +503,11 @@ public:
                  float* y, int threads = 0) const;
     void delta_rows(const std::string& name, const std::string& tensor, const int64_t* rows, int64_t n,
                     float alpha, float* out) const;
+    // A whole mixed batch in one call: y[b] += alpha * x[b] times the delta of fine-tune names[which[b]] for
+    // `tensor`, for each batch row b (which[b] = -1: the base, nothing added). x batch x cols, y batch x rows,
+    // f32; each fine-tune's rows are gathered and its packed delta read once.
+    void mixed_product(const std::string& tensor, const std::vector<std::string>& names, const int32_t* which,
+                       const float* x, int64_t batch, float alpha, float* y, int threads = 0) const;
 
     std::vector<std::string> tensor_names() const { return base_->keys(); }
     ArrayRef tensor(const std::string& name);  // the live buffer (stable for the bank's life)

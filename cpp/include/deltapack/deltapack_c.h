@@ -1,8 +1,9 @@
 /* deltapack C API: rebuild fine-tuned weights from a delta file, for C and FFI (ctypes, Rust, Go, C#, ...).
  *
  * Conventions (every function follows them):
- * - Opaque handles (dp_file, dp_base), plain integers and pointers. A handle is read-only once open:
- *   several threads may call functions on the same handle at once. Close every handle you open.
+ * - Opaque handles (dp_file, dp_base, dp_checkpoint, dp_bank), plain integers and pointers. A handle is
+ *   read-only once open: several threads may call functions on the same handle at once. Close every handle
+ *   you open. The exception is dp_bank, which changes state: its own section says what may run at once.
  * - Status: functions returning int return 0 on success and -1 on failure; those returning a count,
  *   length, rank or dtype return it (>= 0) or -1. After a failure dp_last_error() describes it (file,
  *   tensor, problem); a successful call of a function that can fail clears it. NULL handles and names
@@ -48,6 +49,7 @@ extern "C" {
 typedef struct dp_file dp_file;  /* an open delta file (memory-mapped, read-only) */
 typedef struct dp_base dp_base;  /* an open base model: a .safetensors file or a Hugging Face directory */
 typedef struct dp_checkpoint dp_checkpoint;  /* a fine-tune as `deltapack compress` recorded it */
+typedef struct dp_bank dp_bank;  /* a base held in memory and fine-tunes switched on it (deltapack::Bank) */
 
 /* Element types. Deltas are applied to and into F32, F16 and BF16 only; the others describe base
  * tensors. Values match deltapack::DType. DP_DTYPE_UNKNOWN is what the dtype accessors return on
@@ -199,6 +201,112 @@ DELTAPACK_API int dp_checkpoint_rebuild_from(const dp_checkpoint* c, const char*
  * dtype: "f32", "f16", "bf16" or NULL (each tensor's own). */
 DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const char* out, const char* dtype,
                                       struct dp_apply_params params, int force, int overwrite);
+
+/* ------------------------------------------------------------------------------ the bank */
+
+/* One base model held in memory and fine-tunes of it (checkpoint deltas `deltapack compress` made against
+ * that base): the C face of deltapack::Bank (deltapack.h; docs/serving.md). Used two ways:
+ * - switched in place: dp_bank_activate makes the live buffers (dp_bank_tensor) hold base + the sum of
+ *   alpha_i * delta_i. Every tensor an active or the previously active fine-tune touches is rebuilt from the
+ *   base, never on top of the previous fine-tune: one delta at alpha 1 gives exactly the bytes
+ *   dp_apply_checkpoint (`deltapack apply`) writes, and no delta gives the base; other tensors are not
+ *   written. dp_bank_rebuild gives the same into caller memory without touching the buffers.
+ * - per batch row, with the buffers at the base: dp_bank_product adds one fine-tune's delta times a batch
+ *   to a layer's output (and dp_bank_delta_rows gives rows of a delta, for embeddings), from the packed delta.
+ * A mix is n fine-tune names with n alphas, applied in that order, each rounded once (alphas NULL: all 1;
+ * n 0: the base).
+ * Memory: the base once, a second copy of each tensor an added delta touches, the delta files (read into
+ * memory by dp_bank_add: later changes to the files do not matter) and the cache (dp_bank_set_cache_budget).
+ * Fine-tunes that add, remove, resize or retype tensors (a grown vocabulary) are refused by dp_bank_add.
+ *
+ * Threads: dp_bank_add, dp_bank_remove, dp_bank_activate and dp_bank_set_cache_budget take the bank
+ * exclusively (one at a time; they wait for every reader). The other functions may run on several threads
+ * at once. A thread that reads the live buffers while another may switch them holds dp_bank_lock_shared
+ * ... dp_bank_unlock_shared around its reads; the exclusive functions called by a thread that holds it fail
+ * (they would wait for themselves). dp_bank_rebuild, dp_bank_product, dp_bank_delta_rows, dp_bank_touches,
+ * dp_bank_last_rewritten and dp_bank_cache_bytes take the shared lock themselves, so they need none (a thread
+ * that holds it may call them: a second read lock of a POSIX read-write lock, which std::shared_mutex is on
+ * Linux). The accessors (count, names, shape, dtype, numel, dp_bank_tensor) take no lock: a tensor's
+ * name, shape, dtype and buffer address never change. dp_bank_close: no other thread may use the bank. */
+
+/* Reads every tensor of base model `path` (a .safetensors file or a Hugging Face directory) into memory.
+ * NULL on failure. */
+DELTAPACK_API dp_bank* dp_bank_open(const char* path);
+/* Frees the bank and its buffers (NULL is allowed); a shared lock this thread still holds is released first.
+ * Pointers from dp_bank_tensor are invalid afterwards. */
+DELTAPACK_API void dp_bank_close(dp_bank* bank);
+
+/* Registers fine-tune `name` (a new name) from the delta file at `delta_path`, read into memory: its
+ * CRC-32Cs, and, unless force, that the bank's base is the one it was made from (names, dtypes, shapes and
+ * CRC-32C of every tensor: "this is not the delta's base" naming the first difference). Refused for a delta
+ * that adds, removes, resizes or retypes tensors. On failure the bank is unchanged. */
+DELTAPACK_API int dp_bank_add(dp_bank* bank, const char* name, const char* delta_path, int force);
+/* Forgets fine-tune `name` (refused while it is in the active mix) and the memory only it needed. */
+DELTAPACK_API int dp_bank_remove(dp_bank* bank, const char* name);
+/* The fine-tunes added: count (0 for NULL) and the i-th name in sorted order, snprintf-style (-1 if
+ * out of range). */
+DELTAPACK_API size_t dp_bank_fine_tune_count(const dp_bank* bank);
+DELTAPACK_API int64_t dp_bank_fine_tune_name(const dp_bank* bank, size_t i, char* buf, size_t buf_size);
+
+/* Makes the live buffers hold the mix names[0..n) with alphas[0..n) (alphas NULL: all 1; n 0, names may
+ * then be NULL: the base, bit for bit). Unknown names and non-finite alphas fail before anything is written;
+ * if a rebuild fails midway the buffers hold the previous mix again. The same mix as the active one writes
+ * nothing. */
+DELTAPACK_API int dp_bank_activate(dp_bank* bank, size_t n, const char* const* names, const float* alphas,
+                                   int threads);
+/* Which tensors the last dp_bank_activate wrote (to copy only those to a device, say): flags[i] = 1 for
+ * the i-th tensor (dp_bank_tensor_name order) if it was rewritten, else 0. flags_size must be
+ * dp_bank_count(bank) exactly. Returns the number rewritten, or -1. */
+DELTAPACK_API int64_t dp_bank_last_rewritten(const dp_bank* bank, uint8_t* flags, size_t flags_size);
+
+/* The base's tensors, which are the bank's: count (0 for NULL), the i-th name (data-offset order)
+ * snprintf-style (-1 if out of range), and per name the shape (as dp_file_shape), dtype (enum dp_dtype, as
+ * an int; -1 on failure) and number of elements (-1 on failure). */
+DELTAPACK_API size_t dp_bank_count(const dp_bank* bank);
+DELTAPACK_API int64_t dp_bank_tensor_name(const dp_bank* bank, size_t i, char* buf, size_t buf_size);
+DELTAPACK_API int dp_bank_shape(const dp_bank* bank, const char* tensor, int64_t* dims, size_t max_dims);
+DELTAPACK_API int dp_bank_dtype(const dp_bank* bank, const char* tensor);
+DELTAPACK_API int64_t dp_bank_numel(const dp_bank* bank, const char* tensor);
+/* The live buffer of `tensor`: *data its address (the same for the bank's life; dense, the base's dtype and
+ * shape) and, if nbytes is not NULL, *nbytes its size in bytes. Its contents are those of the last
+ * dp_bank_activate; read them under dp_bank_lock_shared if another thread may switch. Do not write into it:
+ * the bank rebuilds from its own copies and would not know. */
+DELTAPACK_API int dp_bank_tensor(const dp_bank* bank, const char* tensor, const void** data, size_t* nbytes);
+
+/* Tensor `tensor` as the mix (n, names, alphas; as dp_bank_activate) has it, the bytes dp_bank_activate
+ * would write, into out: out_size = the tensor's size in the base's dtype exactly. The live buffers are
+ * not touched. */
+DELTAPACK_API int dp_bank_rebuild(const dp_bank* bank, size_t n, const char* const* names, const float* alphas,
+                                  const char* tensor, void* out, size_t out_size, int threads);
+
+/* Whether fine-tune `fine_tune` changes tensor `tensor`: 1 or 0; -1 on failure. */
+DELTAPACK_API int dp_bank_touches(const dp_bank* bank, const char* fine_tune, const char* tensor);
+/* Mixed batches. With D the delta of `tensor` in fine-tune `fine_tune` as a (rows, cols) matrix (cols the
+ * last dimension, rows the product of the others; a 1-d tensor is one row): y (batch x rows, f32) += alpha *
+ * x (batch x cols, f32) times D transposed, the fine-tune's part of a linear layer's output, computed from
+ * the packed delta without rebuilding the weights (delta_product: f32 sums, the same bits on every SIMD
+ * path). x_count must be batch * cols and y_count batch * rows exactly (counts of floats); x and y may be
+ * NULL only when their count is 0. Nothing is added when the fine-tune leaves the tensor unchanged. The
+ * base's part (x times the live buffer, transposed) is the caller's, with the buffers at the base. */
+DELTAPACK_API int dp_bank_product(const dp_bank* bank, const char* fine_tune, const char* tensor, const float* x,
+                                  size_t x_count, int64_t batch, float alpha, float* y, size_t y_count, int threads);
+/* out (n x cols, f32; out_count = n * cols exactly) = alpha * rows rows[0..n) of D (an embedding's rows for
+ * a batch's tokens); zeros when the fine-tune leaves the tensor unchanged. Every row index must be in
+ * [0, rows). */
+DELTAPACK_API int dp_bank_delta_rows(const dp_bank* bank, const char* fine_tune, const char* tensor,
+                                     const int64_t* rows, size_t n, float alpha, float* out, size_t out_count);
+
+/* Keeps the rebuilt tensors of recently activated mixes up to `bytes` in all (least recently used dropped
+ * first), so switching back to one copies them instead of rebuilding; 0 (the default) keeps none. */
+DELTAPACK_API int dp_bank_set_cache_budget(dp_bank* bank, uint64_t bytes);
+/* Bytes the cache holds now; -1 on failure. */
+DELTAPACK_API int64_t dp_bank_cache_bytes(const dp_bank* bank);
+
+/* A reader's lock: while a thread holds it, dp_bank_activate (and add, remove, set_cache_budget) on other
+ * threads wait, so the live buffers keep one state. May be taken several times; each take needs its unlock
+ * on the same thread. dp_bank_unlock_shared without a lock this thread holds fails. */
+DELTAPACK_API int dp_bank_lock_shared(const dp_bank* bank);
+DELTAPACK_API int dp_bank_unlock_shared(const dp_bank* bank);
 
 #ifdef __cplusplus
 }

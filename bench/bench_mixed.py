@@ -3,11 +3,11 @@
     python bench/bench_mixed.py [--tokens 1 4 16] [--repeats 7] [--skip-layers] [--skip-decode]
 
 1. Layers. A bf16 base weight at Llama-3-8B shapes (4096x4096 and 14336x4096) and 8 fine-tunes of it, each a
-   `sign` delta; a batch of 8 fine-tunes x T tokens (T = 1, 4, 16). Times, median of --repeats, on all cores:
+   `sign` delta made by `deltapack compress`, in one bank; a batch of 8 fine-tunes x T tokens (T = 1, 4, 16). Times, median of --repeats, on all cores:
      base     x @ W_base.T (torch bf16 matmul) for the whole batch: the cost without fine-tunes;
-     mixed    the same plus, per fine-tune, its rows' delta from the packed bits (dp.delta_product; the rows
-              gathered to f32 and the result added back, as a patched nn.Linear does);
-     rebuild  per fine-tune, rebuild its bf16 matrix (dp.apply into a buffer) and multiply its rows.
+     mixed    the same plus every row's delta from the packed bits, one Bank.mixed_product call (what a
+              patched nn.Linear does: x to f32, the deltas' part added in f32, rounded once);
+     rebuild  per fine-tune, rebuild its bf16 matrix (Bank.rebuild into a buffer) and multiply its rows.
    Targets: mixed / base <= 2 at 8 x 1 token; rebuild / mixed >= 3.
 2. Decoding. Greedy decoding of a mixed batch of 4 fine-tunes on project pairs that share a base
    (llama-small and llama-small-reverse-light, each as a `sign` delta and a `lowrank:rank=16` delta): one
@@ -47,37 +47,48 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
-def bench_layer(rows, cols, tokens, repeats, rng):
-    w = torch.from_numpy((rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)).to(torch.bfloat16)
+def bench_layer(rows, cols, tokens, repeats, rng, scratch_dir):
+    """One bf16 weight as a one-tensor "model", 8 fine-tunes of it compressed to `sign`, served by a bank."""
+    from safetensors.torch import save_file
+
+    from deltapack import checkpoint as ck
+
+    d = Path(tempfile.mkdtemp(prefix="bench_mixed_", dir=scratch_dir))
+    w = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).to(torch.bfloat16)
+    save_file({"w": w}, d / "base.safetensors")
+    bank = dp.Bank(d / "base.safetensors")
+    names = [f"ft{i}" for i in range(N_FINE_TUNES)]
+    for n in names:
+        ft = (w.float() + torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32) * 1e-3)).bfloat16()
+        save_file({"w": ft}, d / f"{n}.safetensors")
+        ck.compress(d / "base.safetensors", d / f"{n}.safetensors", d / f"{n}.dpk", "sign")
+        (d / f"{n}.safetensors").unlink()
+        bank.add(n, d / f"{n}.dpk")
     w_bits = w.view(torch.int16).numpy().view(np.uint16)
-    deltas = [dp.encode((rng.standard_normal((rows, cols), dtype=np.float32) * 1e-3), "sign")
-              for _ in range(N_FINE_TUNES)]
+    scratch = np.empty_like(w_bits)
     out = []
     for t in tokens:
         x = torch.randn(N_FINE_TUNES * t, cols).to(torch.bfloat16)
-        groups = [torch.arange(i * t, (i + 1) * t) for i in range(N_FINE_TUNES)]
+        which = torch.arange(N_FINE_TUNES, dtype=torch.int32).repeat_interleave(t)
 
         def base():
             return torch.nn.functional.linear(x, w)
 
-        def mixed():
+        def mixed():  # what a patched nn.Linear does
             y = torch.nn.functional.linear(x, w)
-            for enc, idx in zip(deltas, groups):
-                xs = x[idx].float().numpy()
-                d = dp.delta_product(enc, xs)
-                y[idx] = (y[idx].float() + torch.from_numpy(d)).to(y.dtype)
-            return y
-
-        scratch = np.empty_like(w_bits)
+            delta = torch.zeros(x.shape[0], rows, dtype=torch.float32)
+            bank._b.mixed_product("w", names, which, x.float(), delta, 1.0)
+            return (y.float() + delta).to(y.dtype)
 
         def rebuild():
             y = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
-            for enc, idx in zip(deltas, groups):
-                dp.apply(w_bits, enc, out=scratch)
+            for i, n in enumerate(names):
+                bank._b.rebuild([(n, 1.0)], "w", scratch)
+                idx = slice(i * t, (i + 1) * t)
                 y[idx] = torch.nn.functional.linear(x[idx], torch.from_numpy(scratch).view(torch.bfloat16))
             return y
 
-        # the mixed result is the rebuilt one up to f32-vs-bf16 rounding of the weights
+        # the mixed result is the rebuilt one up to the rounding of the rebuilt weights to bf16
         ym, yr = mixed().float(), rebuild().float()
         rel = ((ym - yr).abs().max() / yr.abs().max()).item()
         tb, tm, tr = (median_time(f, repeats) for f in (base, mixed, rebuild))
@@ -86,6 +97,9 @@ def bench_layer(rows, cols, tokens, repeats, rng):
                     "max_rel_diff_vs_rebuild": rel})
         print(f"{rows}x{cols} 8x{t:<2} base {tb * 1e3:7.2f} ms  mixed {tm * 1e3:7.2f} ms ({tm / tb:.2f}x)  "
               f"rebuild {tr * 1e3:8.2f} ms ({tr / tm:.1f}x slower)  max rel diff {rel:.1e}", flush=True)
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
     return out
 
 
@@ -161,6 +175,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: the system's temporary directory)")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed"))
     args = ap.parse_args(argv)
@@ -172,7 +187,7 @@ def main(argv=None):
               "layers": [], "decode": None}
     if not args.skip_layers:
         for rows, cols in SHAPES:
-            result["layers"] += bench_layer(rows, cols, args.tokens, args.repeats, rng)
+            result["layers"] += bench_layer(rows, cols, args.tokens, args.repeats, rng, args.dir)
     if not args.skip_decode:
         result["decode"] = bench_decode(args.new_tokens, max(3, args.repeats // 2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

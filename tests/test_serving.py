@@ -159,12 +159,14 @@ def test_cache_keeps_recent_mixes_within_its_budget(bank_models):
 
 
 def test_a_failed_switch_keeps_the_last_good_state(tmp_path):
-    """The switch to "big" at alpha 1000 rewrites every tensor up to model.norm.weight (sorted last), whose
-    delta of ~100 then overflows float16: the bank must put the tensors it already wrote back."""
+    """The switch from "a" (the MLPs only) to "big" at alpha 1000 rewrites every tensor up to
+    model.norm.weight (sorted last), whose delta of ~100 then overflows float16: the bank must put back the
+    tensors it already wrote, those only "big" touches included."""
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.float16)
     base.save_pretrained(tmp_path / "base")
-    perturbed(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), 1).save_pretrained(tmp_path / "ft")
+    only_mlp = perturbed(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), 1, only="mlp")
+    only_mlp.save_pretrained(tmp_path / "ft")  # "a" leaves the attention as it is; "big" changes it too
     big = perturbed(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), 2)
     with torch.no_grad():
         big.model.norm.weight += 100

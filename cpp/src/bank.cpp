@@ -208,7 +208,7 @@ static std::string mix_key(const Bank::Mix& mix) {
     return key;
 }
 
-void Bank::switch_to(const Mix& mix, int threads) {
+void Bank::switch_to(const Mix& from, const Mix& mix, int threads) {
     auto touched = [&](const Mix& m) {
         std::set<std::string> out;
         for (auto& d : m)
@@ -216,7 +216,7 @@ void Bank::switch_to(const Mix& mix, int threads) {
                 if (t.kind == TensorKind::Delta) out.insert(t.name);
         return out;
     };
-    std::set<std::string> now = touched(mix), todo = touched(active_);
+    std::set<std::string> now = touched(mix), todo = touched(from);
     todo.insert(now.begin(), now.end());
     const std::string key = mix_key(mix);
     auto hit = cache_.begin();
@@ -264,10 +264,10 @@ void Bank::activate(const Mix& mix, int threads) {
     }
     const Mix previous = active_;
     try {
-        switch_to(mix, threads);
+        switch_to(previous, mix, threads);
     } catch (...) {
-        try {
-            switch_to(previous, threads);  // it was built before, so it builds again
+        try {  // every tensor either state touches, back to the previous one (built before, so it builds again)
+            switch_to(mix, previous, threads);
         } catch (...) {  // cannot happen short of memory; the base is a plain copy
             for (auto& kv : buffers_)
                 if (kv.second.pristine.storage)

@@ -521,7 +521,7 @@ private:
     const CheckpointDelta& fine_tune(const std::string& name) const;
     const ArrayRef& base_of(const std::string& tensor) const;
     void rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRef& out, int threads) const;
-    void switch_to(const Mix& mix, int threads);
+    void switch_to(const Mix& from, const Mix& mix, int threads);  // rewrites what either touches
     std::shared_ptr<const ModelFiles> base_;
     std::map<std::string, Buffer> buffers_;
     std::map<std::string, std::unique_ptr<CheckpointDelta>> deltas_;

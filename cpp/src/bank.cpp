@@ -1,5 +1,6 @@
 // The bank: one base in memory, fine-tunes switched on it in place or used per batch row (see Bank in
 // deltapack.h).
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -123,14 +124,12 @@ void Bank::rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRe
     for (auto& d : mix) {
         const CheckpointDelta& c = fine_tune(d.first);
         if (c.tensor(tensor).kind != TensorKind::Delta) continue;
-        if (first) {  // from the pristine base (its CRC checked by add)
-            c.rebuild_from(tensor, src.data, src.nbytes(), src.dtype, out.data, out.nbytes(), out.dtype, d.second,
-                           threads, false);
-            first = false;
-        } else {  // further deltas added on top, each rounded once
-            p.alpha = d.second;
-            apply(c.delta().get(tensor, false), out, out, p);
-        }
+        // The bank holds only delta and unchanged tensors, so this is the checkpoint's rebuild: the first delta
+        // from the pristine base, the next ones on top, each rounded once. The CRC-32Cs (base and delta) were
+        // checked by add().
+        p.alpha = d.second;
+        apply(c.delta().get(tensor, false), first ? src : out, out, p);
+        first = false;
     }
     if (first && out.data != src.data) std::memcpy(out.data, src.data, out.nbytes());  // the base
 }
@@ -222,16 +221,27 @@ void Bank::switch_to(const Mix& from, const Mix& mix, int threads) {
     auto hit = cache_.begin();
     while (hit != cache_.end() && hit->key != key) ++hit;
     if (hit != cache_.end()) cache_.splice(cache_.begin(), cache_, hit);  // most recently used
-    rewritten_.clear();
+    rewritten_.assign(todo.begin(), todo.end());
     active_.clear();  // while the buffers are a mix of states
-    for (const std::string& name : todo) {
+    auto write = [&](const std::string& name, int t) {
         const ArrayRef& live = buffers_.at(name).live.ref;
         if (hit != cache_.end() && hit->tensors.count(name))
             std::memcpy(live.data, hit->tensors.at(name).ref.data, live.nbytes());
         else
-            rebuild_into(mix, name, live, threads);
-        rewritten_.push_back(name);
-    }
+            rebuild_into(mix, name, live, t);
+    };
+    // Large tensors one at a time on every thread; the many small ones (a thread start would cost more than
+    // their rows) shared out whole among the threads.
+    const int workers = threads > 0 ? threads : default_threads();
+    const uint64_t large = uint64_t(16) << 20;
+    std::vector<std::string> small;
+    for (const std::string& name : rewritten_)
+        if (buffers_.at(name).live.ref.nbytes() >= large) write(name, threads);
+        else small.push_back(name);
+    std::atomic<size_t> next{0};
+    parallel_rows(workers, int64_t(1) << 20, workers, [&](int64_t, int64_t) {
+        for (size_t i = next++; i < small.size(); i = next++) write(small[i], 1);
+    });
     active_ = mix;
     if (hit != cache_.end() || cache_budget_ == 0 || mix.empty()) return;
     CacheEntry entry{key, {}, 0};

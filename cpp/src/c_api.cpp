@@ -639,6 +639,41 @@ int dp_bank_product(const dp_bank* b, const char* fine_tune, const char* tensor,
     });
 }
 
+int dp_bank_mixed_product(const dp_bank* b, const char* tensor, size_t n_names, const char* const* names,
+                          const int32_t* which, size_t which_count, const float* x, size_t x_count, int64_t batch,
+                          float alpha, float* y, size_t y_count, int threads) {
+    return guarded(-1, [&] {
+        const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_mixed_product");
+        const std::string where = bank_where(b, tensor);
+        int64_t rows, cols;
+        matrix_view(t, rows, cols);
+        if (batch < 0 || (cols && batch > std::numeric_limits<int64_t>::max() / cols) ||
+            (rows && batch > std::numeric_limits<int64_t>::max() / rows))
+            fail(where + ": batch " + std::to_string(batch) + " is out of range");
+        if (n_names && !names) fail("dp_bank_mixed_product: names is NULL but n_names is " + std::to_string(n_names));
+        if (n_names > size_t(std::numeric_limits<int32_t>::max()))
+            fail("dp_bank_mixed_product: n_names " + std::to_string(n_names) + " is out of range");
+        std::vector<std::string> fine_tunes;
+        for (size_t i = 0; i < n_names; ++i) {
+            if (!names[i]) fail("dp_bank_mixed_product: names[" + std::to_string(i) + "] is NULL");
+            fine_tunes.emplace_back(names[i]);
+            b->bank->touches(names[i], tensor);  // an unknown name fails here, before y is written
+        }
+        if (which_count != uint64_t(batch))
+            fail(where + ": which holds " + std::to_string(which_count) + " entries, expected " + std::to_string(batch) +
+                 " (one per batch row)");
+        if (which_count && !which) fail("dp_bank_mixed_product: which is NULL");
+        for (size_t i = 0; i < which_count; ++i)
+            if (which[i] < -1 || which[i] >= int32_t(n_names))
+                fail(where + ": which[" + std::to_string(i) + "] is " + std::to_string(which[i]) + ", outside [-1, " +
+                     std::to_string(n_names) + ")");
+        check_count(where, "x", x, x_count, batch * cols, batch, cols, "dp_bank_mixed_product");
+        check_count(where, "y", y, y_count, batch * rows, batch, rows, "dp_bank_mixed_product");
+        b->bank->mixed_product(tensor, fine_tunes, which, x, batch, alpha, y, threads);
+        return 0;
+    });
+}
+
 int dp_bank_delta_rows(const dp_bank* b, const char* fine_tune, const char* tensor, const int64_t* rows, size_t n,
                        float alpha, float* out, size_t out_count) {
     return guarded(-1, [&] {

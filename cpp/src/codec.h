@@ -25,6 +25,15 @@ struct RowDecoder {
     virtual ~RowDecoder() = default;
     virtual int rows_per_block() const { return 1; }
     virtual void decode(int64_t row0, int nrows, float* dst, const Kernels& k) const = 0;
+    // A rebuild of rows [row0, row0 + nrows) straight from the packed form: out = round(base + alpha * delta),
+    // the bits decode + add_round would give. False where the codec has none or declines (the engine then
+    // decodes the rows and adds them, and reports any error).
+    virtual bool add_rows(int64_t row0, int nrows, const uint8_t* base, DType base_dtype, float alpha, uint8_t* out,
+                          DType out_dtype, bool stream, const Kernels& k) const {
+        (void)row0, (void)nrows, (void)base, (void)base_dtype, (void)alpha, (void)out, (void)out_dtype, (void)stream;
+        (void)k;
+        return false;
+    }
 
     // Batch products (mixed batches): for the rows [row0, row0 + nrows) of the delta and the batch rows
     // x_b = x.data + b * cols (f32, b < x.rows), y[b * y_stride + r] += alpha * (delta row r . x_b). Nothing is

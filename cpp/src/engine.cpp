@@ -275,10 +275,11 @@ void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, Apply
         std::vector<float> scratch(size_t(step * cols));
         for (int64_t r = r0; r < r1; r += step) {
             int n = int(std::min(step, r1 - r));
-            p.dec->decode(r, n, scratch.data(), k);
-            const size_t m = size_t(n * cols);
             const uint8_t* brow = b0 + size_t(r * cols) * bsz;
             uint8_t* orow = o0 + size_t(r * cols) * osz;
+            if (p.dec->add_rows(r, n, brow, base.dtype, params.alpha, orow, out.dtype, stream, k)) continue;
+            p.dec->decode(r, n, scratch.data(), k);
+            const size_t m = size_t(n * cols);
             if (!k.add_round(brow, base.dtype, scratch.data(), params.alpha, orow, out.dtype, m, stream)) {
                 // a damaged or hostile delta: an error beats silent infinities (the output is not used)
                 size_t bad = 0;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -27,6 +28,11 @@ struct Kernels {
                       size_t n, bool stream);
     // dst[j] = bit j of `bits` (LSB-first) ? s : -s.
     void (*sign_expand)(const uint8_t* bits, size_t n, float s, float* dst);
+    // add_round of a sign row without expanding it: out[i] = round_ot(f32(base[i]) + (bit i ? t : -t)), where
+    // t = alpha * s (then alpha * -s = -t, so the bits are those of sign_expand + add_round). The caller has
+    // checked |t| <= kMaxStep.
+    void (*sign_add_round)(const uint8_t* bits, float t, const void* base, DType bt, void* out, DType ot, size_t n,
+                           bool stream);
     // bits j = (x[j] > 0), LSB-first; the last byte is zero-padded.
     void (*pack_signs)(const float* x, size_t n, uint8_t* bits);
     // Sum of |x[j]| in float64 in the 16-lane order of reference.lane_sum.
@@ -183,6 +189,21 @@ void lowrank_tail(const float* U, const float* V, int r, size_t cols, size_t j0,
 uint64_t sum_bytes(const uint8_t* p, size_t n);
 uint64_t popcount_bytes(const uint8_t* p, size_t n);  // lane[i] += lane[i+8], +4, +2, +1 -> lanes[0]
 }  // namespace scalar
+
+// sign_add_round from a path's sign_expand and add_round, a block of columns at a time (paths without a
+// fused loop).
+template <void (*Expand)(const uint8_t*, size_t, float, float*),
+          bool (*AddRound)(const void*, DType, const float*, float, void*, DType, size_t, bool)>
+void sign_add_round_by_parts(const uint8_t* bits, float t, const void* base, DType bt, void* out, DType ot, size_t n,
+                             bool stream) {
+    float d[1024];
+    for (size_t j = 0; j < n; j += 1024) {
+        const size_t len = std::min<size_t>(1024, n - j);
+        Expand(bits + j / 8, len, t, d);
+        AddRound(static_cast<const uint8_t*>(base) + j * dtype_size(bt), bt, d, 1.0f,
+                 static_cast<uint8_t*>(out) + j * dtype_size(ot), ot, len, stream);
+    }
+}
 
 // Calls f(R, K, i, b) over the nrows x nx sums of a batch product in blocks of R rows x K batch rows:
 // RMAX x KMAX where they fit, then narrower (independent sums keep the SIMD units busy; a batch row loaded

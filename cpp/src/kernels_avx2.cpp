@@ -319,6 +319,7 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 
 namespace deltapack {
 const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_expand,
+                                sign_add_round_by_parts<avx2::sign_expand, avx2::add_round>,
                               avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
                               scalar::sparse_expand, avx2::levels_expand, scalar::gaps_scatter, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows,
                               avx2::masked_sums, avx2::dots};

@@ -96,16 +96,10 @@ static inline __m512i pack_line(__m512 v0, __m512 v1) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(v0)), to_bf16(v1), 1);
 }
 
-template <DType BT, DType OT, bool ALPHA_ONE>
-static bool add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
-    const __m512 a = _mm512_set1_ps(alpha), limit = _mm512_set1_ps(kMaxStep);
-    __mmask16 bad = 0;
-    auto value = [&](size_t i, __mmask16 m) {
-        __m512 dv = m == 0xffff ? _mm512_loadu_ps(d + i) : _mm512_maskz_loadu_ps(m, d + i);
-        __m512 t = ALPHA_ONE ? dv : _mm512_mul_ps(a, dv);
-        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(t), limit, _CMP_NLE_UQ);  // out of range or NaN
-        return _mm512_add_ps(load16(base, BT, i, m), t);
-    };
+// The loop of add_round: out[i] = round_ot(base[i] + t[i]), t from delta(i, m) (16 lanes; m: the live ones).
+template <DType BT, DType OT, class Delta>
+static void round_sums(const void* base, void* out, size_t n, bool stream, Delta delta) {
+    auto value = [&](size_t i, __mmask16 m) { return _mm512_add_ps(load16(base, BT, i, m), delta(i, m)); };
     constexpr size_t osz = OT == DType::F32 ? 4 : 2;
     size_t i = 0;
     const uintptr_t addr = reinterpret_cast<uintptr_t>(out);
@@ -134,7 +128,58 @@ static bool add_round_t(const void* base, const float* d, float alpha, void* out
         __mmask16 m = tail_mask(n - i);
         store16(out, OT, i, value(i, m), m);
     }
+}
+
+template <DType BT, DType OT, bool ALPHA_ONE>
+static bool add_round_t(const void* base, const float* d, float alpha, void* out, size_t n, bool stream) {
+    const __m512 a = _mm512_set1_ps(alpha), limit = _mm512_set1_ps(kMaxStep);
+    __mmask16 bad = 0;
+    round_sums<BT, OT>(base, out, n, stream, [&](size_t i, __mmask16 m) {
+        __m512 dv = m == 0xffff ? _mm512_loadu_ps(d + i) : _mm512_maskz_loadu_ps(m, d + i);
+        __m512 t = ALPHA_ONE ? dv : _mm512_mul_ps(a, dv);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(t), limit, _CMP_NLE_UQ);  // out of range or NaN
+        return t;
+    });
     return bad == 0;
+}
+
+// Bits i .. i + 15 of an LSB-first bit row of n bits (those at or past n: whatever the last byte holds).
+static inline __mmask16 sign_bits16(const uint8_t* bits, size_t i, size_t n) {
+    const size_t b = i / 8, sh = i % 8;
+    if (sh == 0 && i + 16 <= n) {
+        uint16_t w;
+        std::memcpy(&w, bits + b, 2);
+        return __mmask16(w);
+    }
+    const size_t last = (std::min(n, i + 16) - 1) / 8;
+    uint32_t w = 0;
+    for (size_t k = b; k <= last; ++k) w |= uint32_t(bits[k]) << (8 * (k - b));
+    return __mmask16(w >> sh);
+}
+
+template <DType BT, DType OT>
+static void sign_add_round_t(const uint8_t* bits, float t, const void* base, void* out, size_t n, bool stream) {
+    const __m512 pos = _mm512_set1_ps(t), neg = _mm512_set1_ps(-t);
+    round_sums<BT, OT>(base, out, n, stream,
+                       [&](size_t i, __mmask16) { return _mm512_mask_blend_ps(sign_bits16(bits, i, n), neg, pos); });
+}
+
+template <DType BT>
+static void sign_add_round_b(const uint8_t* bits, float t, const void* base, void* out, DType ot, size_t n, bool st) {
+    switch (ot) {
+        case DType::F32: return sign_add_round_t<BT, DType::F32>(bits, t, base, out, n, st);
+        case DType::F16: return sign_add_round_t<BT, DType::F16>(bits, t, base, out, n, st);
+        default: return sign_add_round_t<BT, DType::BF16>(bits, t, base, out, n, st);
+    }
+}
+
+static void sign_add_round(const uint8_t* bits, float t, const void* base, DType bt, void* out, DType ot, size_t n,
+                           bool stream) {
+    switch (bt) {
+        case DType::F32: return sign_add_round_b<DType::F32>(bits, t, base, out, ot, n, stream);
+        case DType::F16: return sign_add_round_b<DType::F16>(bits, t, base, out, ot, n, stream);
+        default: return sign_add_round_b<DType::BF16>(bits, t, base, out, ot, n, stream);
+    }
 }
 
 template <DType BT>
@@ -436,7 +481,7 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 }  // namespace deltapack::avx512
 
 namespace deltapack {
-const Kernels kAvx512Kernels = {"avx512", avx512::to_f32, avx512::add_round, avx512::sign_expand,
+const Kernels kAvx512Kernels = {"avx512", avx512::to_f32, avx512::add_round, avx512::sign_expand, avx512::sign_add_round,
                                 avx512::pack_signs, avx512::abs_sum, avx512::unpack_codes,
                                 avx512::sparse_expand, avx512::levels_expand, avx512::gaps_scatter, avx512::sum_bytes, avx512::popcount_bytes, avx512::scale, avx512::lowrank_rows,
                                 avx512::masked_sums, avx512::dots};

@@ -244,7 +244,8 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 }  // namespace deltapack::neon
 
 namespace deltapack {
-const Kernels kNeonKernels = {"neon", neon::to_f32, neon::add_round, neon::sign_expand, neon::pack_signs,
+const Kernels kNeonKernels = {"neon", neon::to_f32, neon::add_round, neon::sign_expand,
+                                sign_add_round_by_parts<neon::sign_expand, neon::add_round>, neon::pack_signs,
                               neon::abs_sum, neon::unpack_codes, scalar::sparse_expand, scalar::levels_expand,
                               scalar::gaps_scatter, neon::sum_bytes, neon::popcount_bytes, neon::scale, neon::lowrank_rows,
                               neon::masked_sums, neon::dots};

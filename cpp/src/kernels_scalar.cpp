@@ -152,6 +152,7 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 
 namespace deltapack {
 const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, scalar::sign_expand,
+                                sign_add_round_by_parts<scalar::sign_expand, scalar::add_round>,
                                 scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
                                 scalar::sparse_expand, scalar::levels_expand, scalar::gaps_scatter, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows,
                                 scalar::masked_sums, scalar::dots};

@@ -82,6 +82,24 @@ static void check_path(const Kernels& k) {
             s.sign_expand(bits.data(), n, 0.25f, a.data());
             k.sign_expand(bits.data(), n, 0.25f, b.data());
             check(same(a, b), k.name, "sign_expand", n);
+            // The fused rebuild against the scalar one and against sign_expand + add_round, every dtype pair,
+            // outputs at several offsets from a 64-byte line (the streamed head), streamed or not.
+            const float t = -0.0123f;
+            std::vector<float> pm(n);
+            s.sign_expand(bits.data(), n, t, pm.data());
+            for (DType bt : fts)
+                for (DType ot : fts)
+                    for (size_t off : {size_t(0), size_t(2), size_t(36)})
+                        for (bool stream : {false, true}) {
+                            std::vector<uint8_t> src(n * dtype_size(bt) + 64);
+                            for (size_t i = 0; i < n; ++i) store_one(src.data(), bt, i, x[i]);
+                            std::vector<uint8_t> o1(n * dtype_size(ot) + 64), o2(o1.size()), o3(o1.size());
+                            s.sign_add_round(bits.data(), t, src.data(), bt, o1.data() + off, ot, n, stream);
+                            k.sign_add_round(bits.data(), t, src.data(), bt, o2.data() + off, ot, n, stream);
+                            k.add_round(src.data(), bt, pm.data(), 1.0f, o3.data() + off, ot, n, stream);
+                            if (stream) store_fence();
+                            check(same(o1, o2) && same(o1, o3), k.name, "sign_add_round", n);
+                        }
             std::vector<uint8_t> p1((n + 7) / 8), p2((n + 7) / 8);
             s.pack_signs(x.data(), n, p1.data());
             k.pack_signs(x.data(), n, p2.data());

@@ -212,7 +212,8 @@ DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const
  *   dp_apply_checkpoint (`deltapack apply`) writes, and no delta gives the base; other tensors are not
  *   written. dp_bank_rebuild gives the same into caller memory without touching the buffers.
  * - per batch row, with the buffers at the base: dp_bank_product adds one fine-tune's delta times a batch
- *   to a layer's output (and dp_bank_delta_rows gives rows of a delta, for embeddings), from the packed delta.
+ *   to a layer's output, dp_bank_mixed_product each row's own fine-tune's, and dp_bank_delta_rows gives rows
+ *   of a delta (for embeddings), all from the packed deltas.
  * A mix is n fine-tune names with n alphas, applied in that order, each rounded once (alphas NULL: all 1;
  * n 0: the base).
  * Memory: the base once, a second copy of each tensor an added delta touches, the delta files (read into
@@ -223,7 +224,7 @@ DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const
  * exclusively (one at a time; they wait for every reader). The other functions may run on several threads
  * at once. A thread that reads the live buffers while another may switch them holds dp_bank_lock_shared
  * ... dp_bank_unlock_shared around its reads; the exclusive functions called by a thread that holds it fail
- * (they would wait for themselves). dp_bank_rebuild, dp_bank_product, dp_bank_delta_rows, dp_bank_touches,
+ * (they would wait for themselves). dp_bank_rebuild, the products, dp_bank_delta_rows, dp_bank_touches,
  * dp_bank_last_rewritten and dp_bank_cache_bytes take the shared lock themselves, so they need none (a thread
  * that holds it may call them: a second read lock of a POSIX read-write lock, which std::shared_mutex is on
  * Linux). The accessors (count, names, shape, dtype, numel, dp_bank_tensor) take no lock: a tensor's
@@ -290,6 +291,14 @@ DELTAPACK_API int dp_bank_touches(const dp_bank* bank, const char* fine_tune, co
  * base's part (x times the live buffer, transposed) is the caller's, with the buffers at the base. */
 DELTAPACK_API int dp_bank_product(const dp_bank* bank, const char* fine_tune, const char* tensor, const float* x,
                                   size_t x_count, int64_t batch, float alpha, float* y, size_t y_count, int threads);
+/* A whole mixed batch in one call: for each batch row i, y[i] += alpha * x[i] times the delta of `tensor` in
+ * fine-tune names[which[i]] (which[i] = -1: the base, nothing added), transposed; each fine-tune's rows are
+ * gathered and its packed delta read once. which holds which_count = batch entries, each in [-1, n_names);
+ * every name must be added; x and y as dp_bank_product. Everything is checked before y is written. */
+DELTAPACK_API int dp_bank_mixed_product(const dp_bank* bank, const char* tensor, size_t n_names,
+                                        const char* const* names, const int32_t* which, size_t which_count,
+                                        const float* x, size_t x_count, int64_t batch, float alpha, float* y,
+                                        size_t y_count, int threads);
 /* out (n x cols, f32; out_count = n * cols exactly) = alpha * rows rows[0..n) of D (an embedding's rows for
  * a batch's tokens); zeros when the fine-tune leaves the tensor unchanged. Every row index must be in
  * [0, rows). */

@@ -28,6 +28,29 @@ struct SignDecoder : RowDecoder {
         }
     }
 
+    // Rebuilds without the f32 rows: each scale span is one sign_add_round with t = alpha * s. Declined for f16
+    // output (the engine checks its overflow on decoded values) and for a t out of range (the engine reports it).
+    float scale_of(int64_t r, int64_t g) const { return scope == 0 ? scales[0] : scope == 1 ? scales[r] : scales[r * ngroups + g]; }
+    bool add_rows(int64_t r0, int nrows, const uint8_t* base, DType bt, float alpha, uint8_t* out, DType ot,
+                  bool stream, const Kernels& k) const override {
+        const int64_t n = spans(), width = span_cols();
+        if (ot == DType::F16) return false;
+        for (int64_t r = r0; r < r0 + nrows; ++r)
+            for (int64_t g = 0; g < n; ++g)
+                if (!(std::fabs(alpha * scale_of(r, g)) <= kMaxStep)) return false;
+        const size_t bsz = dtype_size(bt), osz = dtype_size(ot);
+        for (int i = 0; i < nrows; ++i) {
+            const int64_t r = r0 + i;
+            for (int64_t g = 0; g < n; ++g) {
+                const int64_t c0 = g * width, len = std::min(width, cols - c0);
+                const size_t at = size_t(i * cols + c0);
+                k.sign_add_round(signs + size_t(r * row_bytes + c0 / 8), alpha * scale_of(r, g), base + at * bsz, bt,
+                                 out + at * osz, ot, size_t(len), stream);
+            }
+        }
+        return true;
+    }
+
     // Batch products from the bits: a row's product with x over a scale's span is s * (2 * (sum of x where the
     // bit is set) - (sum of x)); the second sum is the same for every row.
     int64_t spans() const { return scope == 2 ? ngroups : 1; }
@@ -56,7 +79,7 @@ struct SignDecoder : RowDecoder {
                           size_t(cols), x.rows, size_t(len), sums);
             for (int i = 0; i < nrows; ++i) {
                 const int64_t r = r0 + i;
-                const float s = scope == 0 ? scales[0] : scope == 1 ? scales[r] : scales[r * ngroups + g];
+                const float s = scale_of(r, g);
                 for (int b = 0; b < x.rows; ++b) {
                     float& a = acc[size_t(i * x.rows + b)];
                     a = a + s * (2.0f * sums[size_t(i * x.rows + b)] - x_sums[size_t(b * n + g)]);

@@ -53,6 +53,7 @@ def write_c_api_fixture(d):
     bits(dp.apply(base_q, enc["q"])).tofile(d / "ref_q_f16.raw")
     (base_b + b_delta.astype(np.float32)).tofile(d / "ref_b_f32.raw")  # dense f32 keeps the f16 delta exactly
     write_checkpoint_fixture(d)
+    write_bank_fixture(d)
     return enc
 
 
@@ -87,6 +88,78 @@ def write_checkpoint_fixture(d):
     for name, t in ck.load(d / "ckpt_base", d / "ckpt.dpk").items():
         (bits(t) if t.is_floating_point() else t.numpy()).tofile(d / f"ck_{name}.raw")
     bits(ck.load(d / "ckpt_base", d / "ckpt.dpk", dtype="f32")["emb"]).tofile(d / "ck_emb_f32.raw")
+
+
+BANK_TENSORS = ("emb", "w1", "w2", "b", "norm", "pos")
+BANK_PRODUCTS = (("a", "w1"), ("b", "w1"), ("b", "w2"))  # (fine-tune, tensor) pairs with product references
+BANK_ROWS = (3, 0, 23)  # rows of "emb" for delta_rows
+
+
+def write_bank_fixture(d):
+    """A base directory (bank_base: emb bf16 [24, 16], w1 bf16 [32, 16], w2 f32 [16, 32], b f16 [32], norm bf16
+    [16], pos i64 [5]) and two fine-tunes with its tensors only, compressed by deltapack compress: bank_a.dpk
+    (emb, w1, w2, norm; sign) and bank_b.dpk (w1 quant:bits=4, w2 lowrank:rank=4, b dense), plus bank_other.dpk
+    (the same names and shapes, made against another base). References: bank_<state>_<tensor>.raw for the
+    states base (as stored), a and b (deltapack.checkpoint.load) and mix (a at 1.0 then b at 0.5, dp.Bank);
+    products y0 + 0.75 * x times the decoded delta, transposed, in float64 (bank_prod_<ft>_<tensor>.raw, f64)
+    with a bound on the f32 error (bank_tol_..., f64) from bank_x_<tensor>.raw and bank_y0_<tensor>.raw (f32);
+    0.75 * rows BANK_ROWS of a's decoded emb delta (bank_rows_a_emb.raw, f32)."""
+    import json
+
+    import torch
+    from conftest import bits
+    from safetensors.torch import save_file
+
+    import deltapack as dp
+    from deltapack import checkpoint as ck
+    g = torch.Generator().manual_seed(21)
+
+    def noise(t, scale):
+        return (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+
+    base = {"emb": torch.randn(24, 16, generator=g).to(torch.bfloat16),
+            "w1": torch.randn(32, 16, generator=g).to(torch.bfloat16), "w2": torch.randn(16, 32, generator=g),
+            "b": torch.randn(32, generator=g).to(torch.float16), "norm": torch.randn(16, generator=g).to(torch.bfloat16),
+            "pos": torch.arange(5)}
+    ft_a = dict(base, emb=noise(base["emb"], 0.02), w1=noise(base["w1"], 0.02), w2=noise(base["w2"], 0.02),
+                norm=noise(base["norm"], 0.05))
+    ft_b = dict(base, w1=noise(base["w1"], 0.03), w2=noise(base["w2"], 0.03), b=noise(base["b"], 0.05))
+    other = {k: noise(v, 0.01) if v.is_floating_point() else v for k, v in base.items()}
+    for name, sd in (("bank_base", base), ("bank_ft_a", ft_a), ("bank_ft_b", ft_b), ("bank_other", other)):
+        (d / name).mkdir()
+        save_file(sd, str(d / name / "model.safetensors"), metadata={"format": "pt"})
+        (d / name / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    ck.compress(d / "bank_base", d / "bank_ft_a", d / "bank_a.dpk", "sign", min_size=0, force=True)
+    ck.compress(d / "bank_base", d / "bank_ft_b", d / "bank_b.dpk", "w1=quant:bits=4;w2=lowrank:rank=4;*=sign",
+                min_size=0, force=True)
+    ck.compress(d / "bank_other", d / "bank_ft_b", d / "bank_other.dpk", "sign", min_size=0, force=True)
+
+    def raw(t):
+        return bits(t) if t.is_floating_point() else t.numpy()
+
+    bank = dp.Bank(d / "bank_base")
+    bank.add("a", d / "bank_a.dpk")
+    bank.add("b", d / "bank_b.dpk")
+    states = {"base": base, "a": ck.load(d / "bank_base", d / "bank_a.dpk"), "b": ck.load(d / "bank_base", d / "bank_b.dpk"),
+              "mix": {n: bank.rebuild({"a": 1.0, "b": 0.5}, n) for n in BANK_TENSORS}}
+    for state, sd in states.items():
+        for n in BANK_TENSORS:
+            raw(sd[n]).tofile(d / f"bank_{state}_{n}.raw")
+    rng = np.random.default_rng(5)
+    for n in ("w1", "w2"):
+        rows, cols = base[n].shape
+        rng.standard_normal((3, cols)).astype(np.float32).tofile(d / f"bank_x_{n}.raw")
+        rng.standard_normal((3, rows)).astype(np.float32).tofile(d / f"bank_y0_{n}.raw")
+    for ft, n in BANK_PRODUCTS:
+        x = np.fromfile(d / f"bank_x_{n}.raw", np.float32).reshape(3, -1).astype(np.float64)
+        y0 = np.fromfile(d / f"bank_y0_{n}.raw", np.float32).reshape(3, -1).astype(np.float64)
+        delta = dp.decode(dp.open(d / f"bank_{ft}.dpk")[n]).astype(np.float64)
+        (y0 + 0.75 * (x @ delta.T)).tofile(d / f"bank_prod_{ft}_{n}.raw")
+        # f32 sums of cols products: within a few ulps of the magnitudes summed (as tests/test_mixed_batches.py)
+        (4 * x.shape[1] * 2.0**-24 * (np.abs(y0) + 0.75 * (np.abs(x) @ np.abs(delta).T)) + 1e-30).tofile(
+            d / f"bank_tol_{ft}_{n}.raw")
+    emb = dp.decode(dp.open(d / "bank_a.dpk")["emb"])
+    (np.float32(0.75) * emb[list(BANK_ROWS)]).tofile(d / "bank_rows_a_emb.raw")
 
 
 def native_build(tmp_path_factory):

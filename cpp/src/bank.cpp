@@ -1,5 +1,6 @@
 // The bank: one base in memory, fine-tunes switched on it in place or used per batch row (see Bank in
 // deltapack.h).
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -158,6 +159,11 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
     std::shared_lock<std::shared_mutex> lock(mu_);
     const ArrayRef& b = base_of(tensor);
     const CheckpointDelta& c = fine_tune(name);
+    const int64_t rows_of_tensor = b.shape.empty() ? 1 : b.numel() / std::max<int64_t>(b.shape.back(), 1);
+    for (int64_t i = 0; i < n; ++i)  // every index in range before anything is written
+        if (rows[i] < 0 || rows[i] >= rows_of_tensor)
+            throw std::out_of_range("bank: tensor '" + tensor + "' has " + std::to_string(rows_of_tensor) +
+                                    " rows; row " + std::to_string(rows[i]) + " asked");
     if (c.tensor(tensor).kind == TensorKind::Delta) {
         deltapack::delta_rows(c.delta().get(tensor, false), rows, n, alpha, out);
     } else {
@@ -171,6 +177,7 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
     std::shared_lock<std::shared_mutex> lock(mu_);
     const ArrayRef& b = base_of(tensor);
     const int64_t cols = b.shape.empty() ? 1 : b.shape.back(), rows = cols ? b.numel() / cols : 0;
+    for (const std::string& n : names) fine_tune(n);  // every name known before anything is written
     std::vector<std::vector<int64_t>> members(names.size());
     for (int64_t i = 0; i < batch; ++i) {
         if (which[i] < -1 || which[i] >= int32_t(names.size()))

@@ -1,7 +1,8 @@
 /* Every function of the C API (deltapack_c.h) from plain C99, with every error path, against files a
  * Python fixture writes (tests/test_kernels_native.py, write_c_api_fixture: the names, shapes, metadata
  * and reference outputs below are defined there):
- *   c_api_check DIR     DIR holds delta.dpk, base.safetensors and the reference outputs *.raw
+ *   c_api_check DIR     DIR holds delta.dpk, base.safetensors, the checkpoint and bank fixtures and the
+ *                       reference outputs *.raw
  * Without DIR it exits 77 (CTest: skipped). Exit 0 = every check passed; else each failure is printed. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -366,6 +367,325 @@ static void check_checkpoint(dp_file* plain) {
     free(out); free(w); free(ref_w);
 }
 
+/* The bank (write_bank_fixture): a base directory, fine-tunes "a" (emb, w1, w2, norm: sign) and "b" (w1 quant,
+ * w2 lowrank, b dense), references per state (base, a, b, mix = a 1.0 then b 0.5) and per tensor. */
+static const char* const bank_tensors[] = {"emb", "w1", "w2", "b", "norm", "pos"};
+static const int bank_dtypes[] = {DP_BF16, DP_BF16, DP_F32, DP_F16, DP_BF16, DP_I64};
+static const int64_t bank_numels[] = {24 * 16, 32 * 16, 16 * 32, 32, 16, 5};
+static const char* const names_a[] = {"a"};
+static const char* const names_b[] = {"b"};
+static const char* const names_ab[] = {"a", "b"};
+static const float alphas_mix[] = {1.0f, 0.5f};
+
+/* The live buffers hold `state` (every tensor, bit for bit). */
+static int bank_holds(const dp_bank* b, const char* state) {
+    char rawname[64];
+    size_t i, size, nbytes;
+    int same = 1;
+    for (i = 0; i < 6; ++i) {
+        const void* data = NULL;
+        void* ref;
+        snprintf(rawname, sizeof rawname, "bank_%s_%s.raw", state, bank_tensors[i]);
+        ref = slurp(rawname, &size);
+        same &= dp_bank_tensor(b, bank_tensors[i], &data, &nbytes) == 0 && nbytes == size && same_bytes(data, ref, size);
+        free(ref);
+    }
+    return same;
+}
+
+/* dp_bank_rebuild of the mix gives `state` for every tensor. */
+static int bank_rebuilds(const dp_bank* b, size_t n, const char* const* names, const float* alphas, const char* state) {
+    char rawname[64];
+    size_t i, size;
+    int same = 1;
+    for (i = 0; i < 6; ++i) {
+        void *ref, *out;
+        snprintf(rawname, sizeof rawname, "bank_%s_%s.raw", state, bank_tensors[i]);
+        ref = slurp(rawname, &size);
+        out = malloc(size);
+        memset(out, 0xAB, size);
+        same &= dp_bank_rebuild(b, n, names, alphas, bank_tensors[i], out, size, 0) == 0 && same_bytes(out, ref, size);
+        free(ref);
+        free(out);
+    }
+    return same;
+}
+
+/* The flags of dp_bank_last_rewritten for tensors named in `expected` (a space-separated list), the rest 0. */
+static int rewrote(const dp_bank* b, const char* expected) {
+    uint8_t flags[6];
+    char name[64], padded[80], list[80];
+    size_t i, count = 0;
+    int64_t n = dp_bank_last_rewritten(b, flags, 6);
+    int ok = n >= 0;
+    snprintf(list, sizeof list, " %s ", expected);
+    for (i = 0; i < 6 && ok; ++i) {
+        dp_bank_tensor_name(b, i, name, sizeof name);
+        snprintf(padded, sizeof padded, " %s ", name);
+        ok &= flags[i] == (strstr(list, padded) != NULL);
+        count += flags[i];
+    }
+    return ok && (int64_t)count == n;
+}
+
+/* y0 + 0.75 * x times fine-tune `ft`'s delta of `tensor`, transposed, within the f32 bound of the reference. */
+static int product_within(dp_bank* b, const char* ft, const char* tensor, int64_t rows, int64_t cols) {
+    char rawname[64];
+    size_t size, i;
+    float *x, *y;
+    double *want, *tol;
+    int ok;
+    snprintf(rawname, sizeof rawname, "bank_x_%s.raw", tensor);
+    x = slurp(rawname, &size);
+    snprintf(rawname, sizeof rawname, "bank_y0_%s.raw", tensor);
+    y = slurp(rawname, &size);
+    snprintf(rawname, sizeof rawname, "bank_prod_%s_%s.raw", ft, tensor);
+    want = slurp(rawname, &size);
+    snprintf(rawname, sizeof rawname, "bank_tol_%s_%s.raw", ft, tensor);
+    tol = slurp(rawname, &size);
+    ok = dp_bank_product(b, ft, tensor, x, (size_t)(3 * cols), 3, 0.75f, y, (size_t)(3 * rows), 0) == 0;
+    for (i = 0; ok && i < (size_t)(3 * rows); ++i) {
+        const double diff = (double)y[i] - want[i];
+        ok = (diff < 0 ? -diff : diff) <= tol[i];
+    }
+    free(x); free(y); free(want); free(tol);
+    return ok;
+}
+
+/* One call for a batch whose rows use a, the base and b: each row within the bound of its own reference. */
+static int mixed_product_within(dp_bank* b) {
+    size_t size, i;
+    float *x = slurp("bank_x_w1.raw", &size), *y = slurp("bank_y0_w1.raw", &size), *y0 = slurp("bank_y0_w1.raw", &size);
+    double *want_a = slurp("bank_prod_a_w1.raw", &size), *tol_a = slurp("bank_tol_a_w1.raw", &size);
+    double *want_b = slurp("bank_prod_b_w1.raw", &size), *tol_b = slurp("bank_tol_b_w1.raw", &size);
+    const int32_t which[3] = {0, -1, 1};
+    int ok = dp_bank_mixed_product(b, "w1", 2, names_ab, which, 3, x, 3 * 16, 3, 0.75f, y, 3 * 32, 0) == 0;
+    for (i = 0; ok && i < 32; ++i) {
+        const double da = (double)y[i] - want_a[i], db = (double)y[64 + i] - want_b[64 + i];
+        ok = (da < 0 ? -da : da) <= tol_a[i] && (db < 0 ? -db : db) <= tol_b[64 + i] && y[32 + i] == y0[32 + i];
+    }
+    free(x); free(y); free(y0); free(want_a); free(tol_a); free(want_b); free(tol_b);
+    return ok;
+}
+
+static void check_bank(void) {
+    char buf[64];
+    int64_t dims[4];
+    size_t i, size, nbytes;
+    const void* data;
+    const void* data2;
+    dp_bank* b;
+    dp_bank* other;
+    uint8_t flags[6];
+    float* out = malloc(64 * 64 * 4);
+    float x[3 * 32], y[3 * 32];
+    const int64_t rows[3] = {3, 0, 23}, bad_rows[2] = {0, 24};
+    const char* const names_nope[] = {"a", "nope"};
+    const char* const names_null[] = {"a", NULL};
+    const float alpha_nan[] = {0.0f / 0.0f};
+    void* ref;
+
+    CHECK_ERROR(dp_bank_open(NULL) == NULL, "dp_bank_open: path is NULL");
+    CHECK_ERROR(dp_bank_open(path_of("no-such-dir")) == NULL, "no-such-dir");
+    b = dp_bank_open(path_of("bank_base"));
+    CHECK(b != NULL);
+    if (!b) return;
+
+    /* the tensors: names (every expected one once), shapes, dtypes, sizes, the live buffers (the base) */
+    CHECK(dp_bank_count(b) == 6 && dp_bank_count(NULL) == 0);
+    for (i = 0; i < 6; ++i) {
+        size_t j;
+        int found = 0;
+        for (j = 0; j < 6; ++j) found += dp_bank_tensor_name(b, j, buf, sizeof buf) >= 0 && strcmp(buf, bank_tensors[i]) == 0;
+        CHECK(found == 1);
+        CHECK(dp_bank_dtype(b, bank_tensors[i]) == bank_dtypes[i] && dp_bank_numel(b, bank_tensors[i]) == bank_numels[i]);
+        CHECK(dp_bank_tensor(b, bank_tensors[i], &data, &nbytes) == 0 &&
+              nbytes == (size_t)bank_numels[i] * dp_dtype_size((enum dp_dtype)bank_dtypes[i]));
+    }
+    CHECK(dp_bank_tensor_name(b, 0, NULL, 0) >= 1);
+    CHECK_ERROR(dp_bank_tensor_name(b, 6, buf, sizeof buf) == -1, "tensor index 6 out of range (6 tensors)");
+    CHECK_ERROR(dp_bank_tensor_name(NULL, 0, buf, sizeof buf) == -1, "bank is NULL");
+    CHECK(dp_bank_shape(b, "w2", dims, 4) == 2 && dims[0] == 16 && dims[1] == 32);
+    CHECK(dp_bank_shape(b, "b", NULL, 0) == 1);
+    CHECK_ERROR(dp_bank_shape(b, "w1", dims, 1) == -1, "rank 2 does not fit in dims of 1");
+    CHECK_ERROR(dp_bank_shape(b, "nope", dims, 4) == -1, "no tensor 'nope' in the bank");
+    CHECK_ERROR(dp_bank_dtype(b, "nope") == -1, "no tensor 'nope' in the bank");
+    CHECK_ERROR(dp_bank_numel(b, NULL) == -1, "tensor is NULL");
+    CHECK_ERROR(dp_bank_numel(NULL, "w1") == -1, "bank is NULL");
+    CHECK_ERROR(dp_bank_tensor(b, "w1", NULL, &nbytes) == -1, "data is NULL");
+    CHECK_ERROR(dp_bank_tensor(b, "nope", &data, &nbytes) == -1, "no tensor 'nope'");
+    CHECK(dp_bank_tensor(b, "w1", &data, NULL) == 0);  /* the size is optional */
+    CHECK(bank_holds(b, "base"));
+
+    /* fine-tunes: the two of this base; refusals leave the bank as it was */
+    CHECK(dp_bank_fine_tune_count(b) == 0 && dp_bank_fine_tune_count(NULL) == 0);
+    CHECK(dp_bank_add(b, "b", path_of("bank_b.dpk"), 0) == 0);
+    CHECK(dp_bank_add(b, "a", path_of("bank_a.dpk"), 0) == 0);
+    CHECK_ERROR(dp_bank_add(b, "a", path_of("bank_b.dpk"), 0) == -1, "a fine-tune named 'a' is already added");
+    CHECK_ERROR(dp_bank_add(b, "o", path_of("bank_other.dpk"), 0) == -1,
+                "this is not the delta's base: tensor 'w2' has different contents");
+    CHECK_ERROR(dp_bank_add(b, "o", path_of("ckpt.dpk"), 0) == -1, "this is not the delta's base");
+    CHECK_ERROR(dp_bank_add(b, "o", path_of("delta.dpk"), 0) == -1, "not a checkpoint delta");
+    CHECK_ERROR(dp_bank_add(b, "o", path_of("no-such-file.dpk"), 0) == -1, "no-such-file.dpk");
+    CHECK_ERROR(dp_bank_add(b, NULL, path_of("bank_a.dpk"), 0) == -1, "name is NULL");
+    CHECK_ERROR(dp_bank_add(b, "o", NULL, 0) == -1, "delta_path is NULL");
+    CHECK_ERROR(dp_bank_add(NULL, "o", path_of("bank_a.dpk"), 0) == -1, "bank is NULL");
+    CHECK(dp_bank_fine_tune_count(b) == 2);
+    CHECK(dp_bank_fine_tune_name(b, 0, buf, sizeof buf) == 1 && strcmp(buf, "a") == 0);  /* sorted */
+    CHECK(dp_bank_fine_tune_name(b, 1, buf, sizeof buf) == 1 && strcmp(buf, "b") == 0);
+    CHECK_ERROR(dp_bank_fine_tune_name(b, 2, buf, sizeof buf) == -1, "fine-tune index 2 out of range (2 fine-tunes)");
+    CHECK_ERROR(dp_bank_fine_tune_name(NULL, 0, buf, sizeof buf) == -1, "bank is NULL");
+    CHECK(dp_bank_add(b, "o", path_of("bank_other.dpk"), 1) == 0);  /* force: accepted, then removed */
+    CHECK(dp_bank_remove(b, "o") == 0 && dp_bank_fine_tune_count(b) == 2);
+    CHECK(bank_holds(b, "base"));
+    other = dp_bank_open(path_of("ckpt_base"));  /* a fine-tune with a resized and an added tensor: refused */
+    CHECK(other != NULL);
+    CHECK_ERROR(dp_bank_add(other, "ck", path_of("ckpt.dpk"), 0) == -1, "the bank serves fine-tunes with the base's tensors only");
+    CHECK(dp_bank_fine_tune_count(other) == 0);
+    dp_bank_close(other);
+
+    CHECK(dp_bank_touches(b, "a", "emb") == 1 && dp_bank_touches(b, "b", "emb") == 0 && dp_bank_touches(b, "b", "b") == 1);
+    CHECK_ERROR(dp_bank_touches(b, "nope", "emb") == -1, "no fine-tune named 'nope'");
+    CHECK_ERROR(dp_bank_touches(b, "a", "nope") == -1, "no tensor 'nope'");
+    CHECK_ERROR(dp_bank_touches(NULL, "a", "emb") == -1, "bank is NULL");
+
+    /* switches: a, b, the base, a, the mix; each bit-identical to its reference, only touched tensors written */
+    CHECK(dp_bank_activate(b, 1, names_a, NULL, 0) == 0 && bank_holds(b, "a") && rewrote(b, "emb w1 w2 norm"));
+    CHECK(dp_bank_activate(b, 1, names_b, NULL, 1) == 0 && bank_holds(b, "b") && rewrote(b, "emb w1 w2 norm b"));
+    CHECK(dp_bank_activate(b, 0, NULL, NULL, 0) == 0 && bank_holds(b, "base") && rewrote(b, "w1 w2 b"));
+    CHECK(dp_bank_activate(b, 1, names_a, NULL, 0) == 0 && bank_holds(b, "a"));
+    CHECK(dp_bank_activate(b, 1, names_a, NULL, 0) == 0 && bank_holds(b, "a") && rewrote(b, ""));  /* the same mix */
+    CHECK(dp_bank_activate(b, 2, names_ab, alphas_mix, 0) == 0 && bank_holds(b, "mix"));
+    CHECK(dp_bank_tensor(b, "w1", &data2, NULL) == 0 && dp_bank_tensor(b, "w1", &data, NULL) == 0 && data == data2);
+
+    /* failed switches: nothing changes */
+    CHECK_ERROR(dp_bank_activate(b, 2, names_nope, NULL, 0) == -1, "no fine-tune named 'nope' (add it first)");
+    CHECK_ERROR(dp_bank_activate(b, 1, names_a, alpha_nan, 0) == -1, "is not finite");
+    CHECK_ERROR(dp_bank_activate(b, 1, NULL, NULL, 0) == -1, "names is NULL but n is 1");
+    CHECK_ERROR(dp_bank_activate(b, 2, names_null, NULL, 0) == -1, "names[1] is NULL");
+    CHECK_ERROR(dp_bank_activate(NULL, 0, NULL, NULL, 0) == -1, "bank is NULL");
+    CHECK(bank_holds(b, "mix"));
+    CHECK_ERROR(dp_bank_last_rewritten(b, flags, 5) == -1, "flags holds 5 bytes, expected 6 (one per tensor)");
+    CHECK_ERROR(dp_bank_last_rewritten(b, NULL, 6) == -1, "flags is NULL");
+    CHECK_ERROR(dp_bank_last_rewritten(NULL, flags, 6) == -1, "bank is NULL");
+
+    /* remove: refused while active */
+    CHECK_ERROR(dp_bank_remove(b, "b") == -1, "fine-tune 'b' is active");
+    CHECK_ERROR(dp_bank_remove(b, "nope") == -1, "no fine-tune named 'nope'");
+    CHECK_ERROR(dp_bank_remove(b, NULL) == -1, "name is NULL");
+    CHECK_ERROR(dp_bank_remove(NULL, "b") == -1, "bank is NULL");
+
+    /* into caller memory: every state, the live buffers untouched */
+    CHECK(dp_bank_rebuild(b, 1, names_a, NULL, "w1", out, 32 * 16 * 2, 0) == 0);
+    CHECK(bank_rebuilds(b, 0, NULL, NULL, "base") && bank_rebuilds(b, 1, names_a, NULL, "a"));
+    CHECK(bank_rebuilds(b, 1, names_b, NULL, "b") && bank_rebuilds(b, 2, names_ab, alphas_mix, "mix"));
+    CHECK(bank_holds(b, "mix"));
+    memset(out, 0xAB, 64);
+    CHECK_ERROR(dp_bank_rebuild(b, 1, names_a, NULL, "w1", out, 32 * 16 * 2 - 2, 0) == -1,
+                "bank_base: tensor 'w1': out holds 1022 bytes, expected 1024 ([32, 16] bf16)");
+    CHECK_ERROR(dp_bank_rebuild(b, 1, names_a, NULL, "w2", out, 16 * 32 * 2, 0) == -1,
+                "out holds 1024 bytes, expected 2048 ([16, 32] f32)");
+    CHECK_ERROR(dp_bank_rebuild(b, 2, names_nope, NULL, "w1", out, 32 * 16 * 2, 0) == -1, "no fine-tune named 'nope'");
+    CHECK_ERROR(dp_bank_rebuild(b, 1, NULL, NULL, "w1", out, 32 * 16 * 2, 0) == -1, "names is NULL but n is 1");
+    CHECK_ERROR(dp_bank_rebuild(b, 1, names_a, NULL, "nope", out, 4, 0) == -1, "no tensor 'nope'");
+    CHECK_ERROR(dp_bank_rebuild(b, 1, names_a, NULL, "w1", NULL, 32 * 16 * 2, 0) == -1, "out is NULL");
+    CHECK_ERROR(dp_bank_rebuild(NULL, 1, names_a, NULL, "w1", out, 32 * 16 * 2, 0) == -1, "bank is NULL");
+    CHECK(((unsigned char*)out)[0] == 0xAB && ((unsigned char*)out)[63] == 0xAB);
+
+    /* mixed batches, with the buffers at the base: products within the f32 bound, rows exactly */
+    CHECK(dp_bank_activate(b, 0, NULL, NULL, 0) == 0 && bank_holds(b, "base"));
+    CHECK(product_within(b, "a", "w1", 32, 16) && product_within(b, "b", "w1", 32, 16) && product_within(b, "b", "w2", 16, 32));
+    for (i = 0; i < 3 * 32; ++i) { x[i] = (float)i; y[i] = 1.0f; }
+    CHECK(dp_bank_product(b, "b", "emb", x, 3 * 16, 3, 1.0f, y, 3 * 24, 0) == 0);  /* b leaves emb unchanged */
+    for (i = 0; i < 3 * 24; ++i) CHECK(y[i] == 1.0f);
+    CHECK(dp_bank_product(b, "a", "w1", NULL, 0, 0, 1.0f, NULL, 0, 0) == 0);  /* an empty batch */
+    CHECK_ERROR(dp_bank_product(b, "a", "w1", x, 3 * 16 - 1, 3, 1.0f, y, 3 * 32, 0) == -1,
+                "tensor 'w1': x holds 47 values, expected 48 (batch 3 x 16 f32)");
+    CHECK_ERROR(dp_bank_product(b, "a", "w1", x, 3 * 16, 3, 1.0f, y, 3 * 16, 0) == -1,
+                "y holds 48 values, expected 96 (batch 3 x 32 f32)");
+    CHECK_ERROR(dp_bank_product(b, "a", "w1", x, 3 * 16, -1, 1.0f, y, 3 * 32, 0) == -1, "batch -1 is out of range");
+    CHECK_ERROR(dp_bank_product(b, "a", "w1", NULL, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1, "x is NULL");
+    CHECK_ERROR(dp_bank_product(b, "a", "w1", x, 3 * 16, 3, 1.0f, NULL, 3 * 32, 0) == -1, "y is NULL");
+    CHECK_ERROR(dp_bank_product(b, "nope", "w1", x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1, "no fine-tune named 'nope'");
+    CHECK_ERROR(dp_bank_product(b, NULL, "w1", x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1, "fine_tune is NULL");
+    CHECK_ERROR(dp_bank_product(b, "a", "nope", x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1, "no tensor 'nope'");
+    CHECK_ERROR(dp_bank_product(NULL, "a", "w1", x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1, "bank is NULL");
+    CHECK(mixed_product_within(b));
+    {
+        const int32_t which[3] = {0, -1, 1}, bad_which[3] = {0, 2, 1};
+        const char* const names_ab_nope[] = {"a", "nope"};
+        for (i = 0; i < 3 * 32; ++i) y[i] = 1.0f;
+        CHECK(dp_bank_mixed_product(b, "w1", 0, NULL, NULL, 0, NULL, 0, 0, 1.0f, NULL, 0, 0) == 0);  /* empty */
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_ab, bad_which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "tensor 'w1': which[1] is 2, outside [-1, 2)");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_ab, which, 2, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "which holds 2 entries, expected 3 (one per batch row)");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_ab_nope, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "no fine-tune named 'nope'");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_null, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "names[1] is NULL");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, NULL, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "names is NULL but n_names is 2");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_ab, NULL, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "which is NULL");
+        CHECK_ERROR(dp_bank_mixed_product(b, "w1", 2, names_ab, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 31, 0) == -1,
+                    "y holds 93 values, expected 96 (batch 3 x 32 f32)");
+        CHECK_ERROR(dp_bank_mixed_product(b, "nope", 2, names_ab, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "no tensor 'nope'");
+        CHECK_ERROR(dp_bank_mixed_product(NULL, "w1", 2, names_ab, which, 3, x, 3 * 16, 3, 1.0f, y, 3 * 32, 0) == -1,
+                    "bank is NULL");
+        for (i = 0; i < 3 * 32; ++i) CHECK(y[i] == 1.0f);  /* no failed call wrote anything */
+    }
+    ref = slurp("bank_rows_a_emb.raw", &size);
+    CHECK(dp_bank_delta_rows(b, "a", "emb", rows, 3, 0.75f, out, 3 * 16) == 0 && same_bytes(out, ref, size));
+    free(ref);
+    CHECK(dp_bank_delta_rows(b, "b", "emb", rows, 3, 0.75f, out, 3 * 16) == 0);
+    for (i = 0; i < 3 * 16; ++i) CHECK(out[i] == 0.0f);
+    memset(out, 0xAB, 2 * 16 * 4);
+    CHECK_ERROR(dp_bank_delta_rows(b, "a", "emb", bad_rows, 2, 1.0f, out, 2 * 16) == -1,
+                "tensor 'emb': row 24 (rows[1]) is outside [0, 24)");
+    CHECK(((unsigned char*)out)[0] == 0xAB);  /* nothing written, not even row 0 */
+    CHECK_ERROR(dp_bank_delta_rows(b, "a", "emb", rows, 3, 1.0f, out, 3 * 16 + 1) == -1,
+                "out holds 49 values, expected 48 (3 rows x 16 f32)");
+    CHECK_ERROR(dp_bank_delta_rows(b, "a", "emb", NULL, 3, 1.0f, out, 3 * 16) == -1, "rows is NULL");
+    CHECK_ERROR(dp_bank_delta_rows(b, "nope", "emb", rows, 3, 1.0f, out, 3 * 16) == -1, "no fine-tune named 'nope'");
+    CHECK_ERROR(dp_bank_delta_rows(NULL, "a", "emb", rows, 3, 1.0f, out, 3 * 16) == -1, "bank is NULL");
+
+    /* the cache: a mix switched back to comes from it, the same bytes */
+    CHECK(dp_bank_cache_bytes(b) == 0);
+    CHECK(dp_bank_set_cache_budget(b, 1 << 20) == 0);
+    CHECK(dp_bank_activate(b, 1, names_a, NULL, 0) == 0 && dp_bank_cache_bytes(b) > 0);
+    CHECK(dp_bank_activate(b, 1, names_b, NULL, 0) == 0 && dp_bank_activate(b, 1, names_a, NULL, 0) == 0);
+    CHECK(bank_holds(b, "a"));
+    CHECK(dp_bank_set_cache_budget(b, 0) == 0 && dp_bank_cache_bytes(b) == 0);
+    CHECK_ERROR(dp_bank_set_cache_budget(NULL, 0) == -1, "bank is NULL");
+    CHECK_ERROR(dp_bank_cache_bytes(NULL) == -1, "bank is NULL");
+
+    /* the reader's lock: switches from the same thread are refused, not deadlocked; reads and rebuilds go on */
+    CHECK(dp_bank_lock_shared(b) == 0 && dp_bank_lock_shared(b) == 0);
+    CHECK_ERROR(dp_bank_activate(b, 0, NULL, NULL, 0) == -1, "this thread holds the bank's shared lock");
+    CHECK_ERROR(dp_bank_add(b, "o", path_of("bank_a.dpk"), 0) == -1, "dp_bank_unlock_shared first");
+    CHECK_ERROR(dp_bank_remove(b, "b") == -1, "would wait for itself");
+    CHECK_ERROR(dp_bank_set_cache_budget(b, 0) == -1, "would wait for itself");
+    CHECK(bank_holds(b, "a") && bank_rebuilds(b, 1, names_b, NULL, "b"));
+    CHECK(dp_bank_unlock_shared(b) == 0);
+    CHECK_ERROR(dp_bank_activate(b, 0, NULL, NULL, 0) == -1, "holds the bank's shared lock");  /* still one */
+    CHECK(dp_bank_unlock_shared(b) == 0);
+    CHECK_ERROR(dp_bank_unlock_shared(b) == -1, "this thread holds no shared lock on this bank");
+    CHECK_ERROR(dp_bank_lock_shared(NULL) == -1, "bank is NULL");
+    CHECK_ERROR(dp_bank_unlock_shared(NULL) == -1, "bank is NULL");
+
+    /* remove once inactive, and add again */
+    CHECK(dp_bank_activate(b, 0, NULL, NULL, 0) == 0 && dp_bank_remove(b, "a") == 0 && dp_bank_fine_tune_count(b) == 1);
+    CHECK_ERROR(dp_bank_activate(b, 1, names_a, NULL, 0) == -1, "no fine-tune named 'a'");
+    CHECK(dp_bank_add(b, "a", path_of("bank_a.dpk"), 0) == 0 && dp_bank_activate(b, 1, names_a, NULL, 0) == 0);
+    CHECK(bank_holds(b, "a"));
+    CHECK(dp_bank_lock_shared(b) == 0);
+    dp_bank_close(b);  /* releases this thread's lock first */
+    dp_bank_close(NULL);
+    free(out);
+}
+
 int main(int argc, char** argv) {
     dp_file* f;
     if (argc < 2 || !*argv[1]) {
@@ -386,6 +706,7 @@ int main(int argc, char** argv) {
         check_checkpoint(f);
         dp_file_close(f);
     }
+    check_bank();
     dp_file_close(NULL);
     if (failures) {
         printf("%d C API checks failed\n", failures);

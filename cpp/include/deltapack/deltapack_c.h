@@ -225,10 +225,11 @@ DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const
  * at once. A thread that reads the live buffers while another may switch them holds dp_bank_lock_shared
  * ... dp_bank_unlock_shared around its reads; the exclusive functions called by a thread that holds it fail
  * (they would wait for themselves). dp_bank_rebuild, the products, dp_bank_delta_rows, dp_bank_touches,
- * dp_bank_last_rewritten and dp_bank_cache_bytes take the shared lock themselves, so they need none (a thread
- * that holds it may call them: a second read lock of a POSIX read-write lock, which std::shared_mutex is on
- * Linux). The accessors (count, names, shape, dtype, numel, dp_bank_tensor) take no lock: a tensor's
- * name, shape, dtype and buffer address never change. dp_bank_close: no other thread may use the bank. */
+ * dp_bank_last_rewritten, dp_bank_cache_bytes and the fine-tune list take the shared lock themselves, so they
+ * need none (a thread that holds it may call them: a second read lock of a POSIX read-write lock, which
+ * std::shared_mutex is on Linux). The accessors (count, names, shape, dtype, numel, dp_bank_tensor) take no
+ * lock: a tensor's name, shape, dtype and buffer address never change. dp_bank_close: no other thread may use
+ * the bank. */
 
 /* Reads every tensor of base model `path` (a .safetensors file or a Hugging Face directory) into memory.
  * NULL on failure. */

@@ -132,7 +132,14 @@ void Bank::rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRe
         apply(c.delta().get(tensor, false), first ? src : out, out, p);
         first = false;
     }
-    if (first && out.data != src.data) std::memcpy(out.data, src.data, out.nbytes());  // the base
+    if (!first || out.data == src.data) return;
+    // the base: a copy, in 1 MiB pieces over the threads (a large tensor's copy is not one core's work)
+    const int64_t piece = int64_t(1) << 20, n = int64_t(out.nbytes());
+    parallel_rows((n + piece - 1) / piece, piece / 4, threads, [&](int64_t p0, int64_t p1) {
+        const int64_t begin = p0 * piece, end = std::min(n, p1 * piece);
+        std::memcpy(static_cast<uint8_t*>(out.data) + begin, static_cast<const uint8_t*>(src.data) + begin,
+                    size_t(end - begin));
+    });
 }
 
 void Bank::rebuild(const Mix& mix, const std::string& tensor, void* out, uint64_t nbytes, int threads) const {

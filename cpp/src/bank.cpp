@@ -35,8 +35,7 @@ const ArrayRef& Bank::base_of(const std::string& tensor) const {
 }
 
 void Bank::add(const std::string& name, const std::string& delta, bool force) {
-    std::unique_lock<std::shared_mutex> lock(mu_);
-    if (deltas_.count(name)) throw std::invalid_argument("bank: a fine-tune named '" + name + "' is already added");
+    // Reading and checking the file needs only the (immutable) base files: switches and readers go on meanwhile.
     std::shared_ptr<const DeltaFile> file(DeltaFile::open(delta, true));
     for (const std::string& key : file->keys()) validate(file->get(key));  // CRC-32C and structure, once
     auto c = std::make_unique<CheckpointDelta>(base_, file, force);
@@ -53,6 +52,8 @@ void Bank::add(const std::string& name, const std::string& delta, bool force) {
     for (const std::string& n : base_->keys())
         if (!seen.count(n))
             throw std::invalid_argument(delta + ": the fine-tune removed tensor '" + n + "'; the bank serves the base's tensors");
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (deltas_.count(name)) throw std::invalid_argument("bank: a fine-tune named '" + name + "' is already added");
     for (const std::string& n : base_->keys()) {  // the base in memory is the one the delta was made from
         const ArrayRef& held = base_of(n);
         c->verify_base(n, held.data, held.nbytes());

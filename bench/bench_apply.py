@@ -14,25 +14,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 import torch
 
 import deltapack as dp
+from benchlib import median_time
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def timeit(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def unpack_bits_torch(packed: np.ndarray, width: int, cols: int) -> torch.Tensor:
@@ -119,14 +109,14 @@ def main():
         base = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 0.02).to(torch.bfloat16)
         out = torch.empty_like(base)
         base_np, out_np = base.view(torch.int16).numpy(), out.view(torch.int16).numpy()
-        t_copy = timeit(lambda: np.copyto(out_np, base_np), repeats)
+        t_copy = median_time(lambda: np.copyto(out_np, base_np), repeats)
         for label, recipe in CODECS:
             enc = dp.encode(delta, recipe)
             ref = torch_reference(enc, base)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                t_apply = timeit(lambda: dp.apply(base, enc, out=out, threads=threads), repeats)
-                t_torch = timeit(ref, repeats)
+                t_apply = median_time(lambda: dp.apply(base, enc, out=out, threads=threads), repeats)
+                t_torch = median_time(ref, repeats)
                 assert torch.equal(ref().view(torch.int16), dp.apply(base, enc).view(torch.int16)) or \
                     enc.codec in ("lowrank", "sparse"), label  # summation order may differ there
                 rows_out.append(dict(
@@ -137,7 +127,7 @@ def main():
                 print(json.dumps(rows_out[-1]), flush=True)
         # Encode speed of sign (bf16 input) against copying the input bytes.
         for threads in (1, 2):
-            t_enc = timeit(lambda: dp.encode(delta, "sign", threads=threads), repeats)
+            t_enc = median_time(lambda: dp.encode(delta, "sign", threads=threads), repeats)
             rows_out.append(dict(codec="encode sign", shape=list(shape), threads=threads,
                                  encode_ms=round(t_enc * 1e3, 3), vs_memcpy=round(t_copy / t_enc, 3),
                                  memcpy_ms=round(t_copy * 1e3, 3)))

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from benchlib import write_bf16_checkpoint
+
 HIDDEN, KV, INTER, VOCAB = 4096, 1024, 14336, 128256
 SHARD_BYTES = 2 << 30
 
@@ -53,45 +55,17 @@ def _pattern(n, seed):
 
 
 def write_checkpoint(path, n_layers, fine_tune):
-    """Stream a sharded bf16 checkpoint to disk (one tensor in memory at a time)."""
-    os.makedirs(path)
+    """Stream a sharded bf16 checkpoint to disk (one tensor pattern in memory at a time)."""
     block = _pattern(1 << 24, 0)
     flip = np.random.default_rng(1).integers(0, 4, 1 << 24, dtype=np.uint16)  # low mantissa bits
     shapes = list(layer_shapes(n_layers))
-    shards, cur, size = [], [], 0
-    for name, shape in shapes:
-        nbytes = int(np.prod(shape)) * 2
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += nbytes
-    shards.append(cur)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            n = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-            weight_map[name] = fname
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        with open(os.path.join(path, fname), "wb") as fh:
-            fh.write(len(text).to_bytes(8, "little") + text)
-            for j, (name, shape) in enumerate(shard):
-                n = int(np.prod(shape))
-                reps = -(-n // block.size)
-                t = np.tile(np.roll(block, 7919 * (j + 1) + i), reps)[:n]
-                if fine_tune and len(shape) == 2:
-                    t ^= np.tile(flip, reps)[:n]
-                fh.write(t.tobytes())
-                total += n * 2
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump({"model_type": "llama", "torch_dtype": "bfloat16", "num_hidden_layers": n_layers}, fh)
+
+    def pattern(k, name, shape):
+        t = np.roll(block, 7919 * k)
+        return t ^ flip if fine_tune and len(shape) == 2 else t
+
+    config = {"model_type": "llama", "torch_dtype": "bfloat16", "num_hidden_layers": n_layers}
+    total = write_bf16_checkpoint(path, shapes, pattern, config, SHARD_BYTES)
     return total, max(int(np.prod(s)) * 2 for _, s in shapes)
 
 

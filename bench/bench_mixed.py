@@ -22,29 +22,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import deltapack as dp
+from benchlib import median_time
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 N_FINE_TUNES = 8
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_layer(rows, cols, tokens, repeats, rng, scratch_dir):

@@ -50,6 +50,8 @@ import time
 
 import numpy as np
 
+from benchlib import write_bf16_checkpoint
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2048, 8192, 32, 8, 64, 128256
 SHARD_BYTES = 2 << 30
 BLOCK = 1 << 24  # elements of the random pattern a tensor is tiled from
@@ -111,49 +113,21 @@ def write_checkpoint(path, n_layers, vocab=VOCAB, seed=None, only=None):
     """A sharded bf16 checkpoint: the base (seed None), or a fine-tune of it: the base with the low 2 mantissa
     bits of each weight xor-ed with seeded random bits (tensors whose name passes `only`, default all).
     Every tensor is a BLOCK-element pattern tiled (its own rotation): written piece by piece, no big copy."""
-    os.makedirs(path)
     block = _base_block()
     flip = None if seed is None else np.random.default_rng(seed).integers(0, 4, BLOCK, dtype=np.uint16)
-    shapes = list(layer_shapes(n_layers, vocab))
-    shards, cur, size = [], [], 0
-    for name, shape in shapes:
-        nbytes = int(np.prod(shape)) * 2
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += nbytes
-    shards.append(cur)
-    weight_map, total, j = {}, 0, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            n = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-            weight_map[name] = fname
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        with open(os.path.join(path, fname), "wb") as fh:
-            fh.write(len(text).to_bytes(8, "little") + text)
-            for name, shape in shard:
-                j += 1
-                n = int(np.prod(shape))
-                if len(shape) == 1:  # RMSNorm weights: near 1
-                    t = _bf16(1.0 + 0.05 * np.random.default_rng(1000 + j).standard_normal(n, dtype=np.float32))
-                else:
-                    t = np.roll(block, 7919 * j)
-                if flip is not None and (only is None or only(name)):
-                    t = t ^ np.roll(flip, 104729 * j)[:t.size]
-                for s in range(0, n, t.size):
-                    fh.write(t[:min(t.size, n - s)])
-                total += n * 2
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(llama_config(n_layers, vocab), fh, indent=1)
-    return total
+
+    def pattern(j, name, shape):
+        n = int(np.prod(shape))
+        if len(shape) == 1:  # RMSNorm weights: near 1
+            t = _bf16(1.0 + 0.05 * np.random.default_rng(1000 + j).standard_normal(n, dtype=np.float32))
+        else:
+            t = np.roll(block, 7919 * j)
+        if flip is not None and (only is None or only(name)):
+            t = t ^ np.roll(flip, 104729 * j)[:t.size]
+        return t
+
+    return write_bf16_checkpoint(path, list(layer_shapes(n_layers, vocab)), pattern, llama_config(n_layers, vocab),
+                                 SHARD_BYTES)
 
 
 def n_params(n_layers, vocab=VOCAB):

@@ -128,16 +128,22 @@ def _snapshot(bank, names):
     return {n: _bits(bank.state_dict()[n]).clone() for n in names}
 
 
-def test_cache_keeps_recent_mixes_within_its_budget(bank_models):
-    root = bank_models
-    plain = dp.Bank(root / "base")
-    plain.add("a", root / "a.dpk")
-    plain.add("b", root / "b.dpk")
-    names = list(plain.state_dict())
+def _bank_and_states(root):
+    """A bank with fine-tunes a and b, its tensor names, and the bits of every tensor in each state."""
+    bank = dp.Bank(root / "base")
+    bank.add("a", root / "a.dpk")
+    bank.add("b", root / "b.dpk")
+    names = list(bank.state_dict())
     want = {}
     for w in [None, "a", "b"]:
-        plain.activate(w)
-        want[w] = _snapshot(plain, names)
+        bank.activate(w)
+        want[w] = _snapshot(bank, names)
+    return bank, names, want
+
+
+def test_cache_keeps_recent_mixes_within_its_budget(bank_models):
+    root = bank_models
+    plain, names, want = _bank_and_states(root)
     size = {w: sum(plain.state_dict()[n].nbytes for n in names if not torch.equal(want[w][n], want[None][n]))
             for w in "ab"}
     bank = dp.Bank(root / "base", cache_bytes=10 << 20)
@@ -228,15 +234,7 @@ def test_threads_hammering_activate_and_reads_see_whole_states(bank_models):
     buffers equal to one whole state, the one bank.active names."""
     import threading
 
-    root = bank_models
-    bank = dp.Bank(root / "base")
-    bank.add("a", root / "a.dpk")
-    bank.add("b", root / "b.dpk")
-    names = list(bank.state_dict())
-    want = {}
-    for w in [None, "a", "b"]:
-        bank.activate(w)
-        want[w] = _snapshot(bank, names)
+    bank, names, want = _bank_and_states(bank_models)
     errors, stop = [], threading.Event()
 
     def switch():

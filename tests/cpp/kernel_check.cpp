@@ -89,11 +89,12 @@ static void check_path(const Kernels& k) {
             s.sign_expand(bits.data(), n, t, pm.data());
             for (DType bt : fts)
                 for (DType ot : fts)
-                    for (size_t off : {size_t(0), size_t(2), size_t(36)})
+                    for (size_t at : {size_t(0), size_t(1), size_t(18)})  // elements (a dtype's own alignment)
                         for (bool stream : {false, true}) {
+                            const size_t off = at * dtype_size(ot);
                             std::vector<uint8_t> src(n * dtype_size(bt) + 64);
                             for (size_t i = 0; i < n; ++i) store_one(src.data(), bt, i, x[i]);
-                            std::vector<uint8_t> o1(n * dtype_size(ot) + 64), o2(o1.size()), o3(o1.size());
+                            std::vector<uint8_t> o1((n + 18) * dtype_size(ot) + 64), o2(o1.size()), o3(o1.size());
                             s.sign_add_round(bits.data(), t, src.data(), bt, o1.data() + off, ot, n, stream);
                             k.sign_add_round(bits.data(), t, src.data(), bt, o2.data() + off, ot, n, stream);
                             k.add_round(src.data(), bt, pm.data(), 1.0f, o3.data() + off, ot, n, stream);

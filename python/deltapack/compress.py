@@ -175,6 +175,15 @@ class _Compressor:
         self.threads, self.bar = threads, bar
         self.crcs = {}
         self._scratch = np.empty(0, np.float32)
+        self._chunks = [np.empty(0, np.uint8), np.empty(0, np.uint8)]  # read buffers, reused like _scratch
+
+    def _chunk(self, i, n, dtype):
+        """Read buffer i as n elements of dtype (grown when too small, else reused: no page faults per tensor)."""
+        nbytes = n * np.dtype(dtype).itemsize
+        if self._chunks[i].size < nbytes:
+            self._chunks[i] = None
+            self._chunks[i] = np.empty(nbytes, np.uint8)
+        return self._chunks[i][:nbytes].view(dtype)
 
     def _base_crc(self, name, crc):
         self.crcs.setdefault(name, crc)
@@ -188,8 +197,7 @@ class _Compressor:
             self._scratch = None
             self._scratch = np.empty(n, np.float32)
         delta = self._scratch[:n]
-        bbuf = np.empty(min(n, _CHUNK), bi.np_dtype)
-        fbuf = np.empty(min(n, _CHUNK), fi.np_dtype)
+        bbuf, fbuf = (self._chunk(i, min(n, _CHUNK), t.np_dtype) for i, t in enumerate((bi, fi)))
         identical = bi.dtype == fi.dtype
         exact = True
         crc = 0

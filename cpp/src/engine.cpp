@@ -352,10 +352,11 @@ void delta_rows(const EncodedRef& e, const int64_t* rows, int64_t n, float alpha
     Prepared p = prepare(e);
     const Kernels& k = kernels();
     const size_t cols = size_t(p.m.cols);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i)  // every index before anything is written
         if (rows[i] < 0 || rows[i] >= p.m.rows)
             throw std::out_of_range("tensor '" + e.name + "': row " + std::to_string(rows[i]) + " of " +
                                     std::to_string(p.m.rows));
+    for (int64_t i = 0; i < n; ++i) {
         float* dst = out + size_t(i) * cols;
         p.dec->decode(rows[i], 1, dst, k);
         k.scale(dst, cols, alpha);

@@ -40,8 +40,8 @@ class Bank:
     add().
 
     Threads: add, remove and activate are serialized and wait for readers; a thread that reads the buffers
-    while others may switch holds `with bank.reading():` (and does not call activate inside it). Mixed-batch
-    forward passes (rows) may run on several threads at once."""
+    while others may switch holds `with bank.reading():` (and does not call activate inside it). One rows()
+    block at a time per bank (it is refused while another is open)."""
 
     def __init__(self, base, cache_bytes: int = 0):
         """cache_bytes: keep the rebuilt tensors of recently used mixes up to this many bytes, so switching back

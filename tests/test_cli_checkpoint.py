@@ -42,14 +42,15 @@ def _write_model(path, tensors, shards=2):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Synthetic bf16 base / fine-tune, big enough (2 x 64 MiB) that a run can be killed mid-way."""
+    """Synthetic bf16 base / fine-tune, big enough (2 x 256 MiB) that a run can be killed mid-way (compress
+    reads at about 1 GB/s here; its progress bar must show a step between 0 and 100 %)."""
     root = tmp_path_factory.mktemp("cli")
     g = torch.Generator().manual_seed(0)
     base, ft = {}, {}
     for i in range(32):
-        w = torch.randn(512, 2048, generator=g) * 0.02
+        w = torch.randn(2048, 2048, generator=g) * 0.02
         base[f"model.layers.{i}.mlp.up_proj.weight"] = w.bfloat16()
-        ft[f"model.layers.{i}.mlp.up_proj.weight"] = (w + torch.randn(512, 2048, generator=g) * 1e-3).bfloat16()
+        ft[f"model.layers.{i}.mlp.up_proj.weight"] = (w + torch.randn(2048, 2048, generator=g) * 1e-3).bfloat16()
         base[f"model.layers.{i}.norm.weight"] = torch.ones(2048).bfloat16()
         ft[f"model.layers.{i}.norm.weight"] = torch.ones(2048).bfloat16() + (1 if i == 3 else 0) / 64
     _write_model(root / "base", base)
@@ -96,7 +97,7 @@ def test_compress_info_apply_verify(pair, tmp_path):
             safe_open(str(pair / "base" / "model-00001-of-00002.safetensors"), framework="pt") as b:
         name = "model.layers.0.mlp.up_proj.weight"
         enc = dp.open(d)[name]
-        want = dp.apply(b.get_tensor(name), enc, alpha=0.5, out=torch.empty(512, 2048))
+        want = dp.apply(b.get_tensor(name), enc, alpha=0.5, out=torch.empty(2048, 2048))
         assert f.get_tensor(name).dtype == torch.float32 and torch.equal(f.get_tensor(name), want)
     r = cli("apply", pair / "base", d, "-o", tmp_path / "out")
     assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr

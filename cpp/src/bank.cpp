@@ -23,7 +23,7 @@ Bank::Bank(const std::string& base) : base_(ModelFiles::open(base)) {
 
 const CheckpointDelta& Bank::fine_tune(const std::string& name) const {
     auto it = deltas_.find(name);
-    if (it == deltas_.end()) throw std::invalid_argument("bank: no fine-tune named '" + name + "' (add it first)");
+    if (it == deltas_.end()) throw std::invalid_argument(where() + "no fine-tune named '" + name + "' (add it first)");
     return *it->second;
 }
 
@@ -53,7 +53,7 @@ void Bank::add(const std::string& name, const std::string& delta, bool force) {
         if (!seen.count(n))
             throw std::invalid_argument(delta + ": the fine-tune removed tensor '" + n + "'; the bank serves the base's tensors");
     std::unique_lock<std::shared_mutex> lock(mu_);
-    if (deltas_.count(name)) throw std::invalid_argument("bank: a fine-tune named '" + name + "' is already added");
+    if (deltas_.count(name)) throw std::invalid_argument(where() + "a fine-tune named '" + name + "' is already added");
     for (const std::string& n : base_->keys()) {  // the base in memory is the one the delta was made from
         const ArrayRef& held = base_of(n);
         c->verify_base(n, held.data, held.nbytes());
@@ -73,7 +73,7 @@ void Bank::remove(const std::string& name) {
     std::unique_lock<std::shared_mutex> lock(mu_);
     fine_tune(name);
     for (auto& d : active_)
-        if (d.first == name) throw std::invalid_argument("bank: fine-tune '" + name + "' is active; activate another first");
+        if (d.first == name) throw std::invalid_argument(where() + "fine-tune '" + name + "' is active; activate another first");
     deltas_.erase(name);
     for (auto it = cache_.begin(); it != cache_.end();)
         if (it->key.find(name + '\x1f') == 0 || it->key.find('\x1e' + name + '\x1f') != std::string::npos) {
@@ -148,7 +148,7 @@ void Bank::rebuild(const Mix& mix, const std::string& tensor, void* out, uint64_
     const ArrayRef& b = base_of(tensor);
     for (auto& d : mix) fine_tune(d.first);
     if (nbytes != b.nbytes())
-        throw std::invalid_argument("bank: tensor '" + tensor + "' needs " + std::to_string(b.nbytes()) +
+        throw std::invalid_argument(where() + "tensor '" + tensor + "' needs " + std::to_string(b.nbytes()) +
                                     " bytes, not " + std::to_string(nbytes));
     rebuild_into(mix, tensor, ArrayRef{out, b.dtype, b.shape}, threads);
 }
@@ -170,7 +170,7 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
     const int64_t rows_of_tensor = b.shape.empty() ? 1 : b.numel() / std::max<int64_t>(b.shape.back(), 1);
     for (int64_t i = 0; i < n; ++i)  // every index in range before anything is written
         if (rows[i] < 0 || rows[i] >= rows_of_tensor)
-            throw std::out_of_range("bank: tensor '" + tensor + "' has " + std::to_string(rows_of_tensor) +
+            throw std::out_of_range(where() + "tensor '" + tensor + "' has " + std::to_string(rows_of_tensor) +
                                     " rows; row " + std::to_string(rows[i]) + " asked");
     if (c.tensor(tensor).kind == TensorKind::Delta) {
         deltapack::delta_rows(c.delta().get(tensor, false), rows, n, alpha, out);
@@ -189,7 +189,7 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
     std::vector<std::vector<int64_t>> members(names.size());
     for (int64_t i = 0; i < batch; ++i) {
         if (which[i] < -1 || which[i] >= int32_t(names.size()))
-            throw std::out_of_range("bank: batch row " + std::to_string(i) + " names fine-tune " +
+            throw std::out_of_range(where() + "batch row " + std::to_string(i) + " names fine-tune " +
                                     std::to_string(which[i]) + " of " + std::to_string(names.size()));
         if (which[i] >= 0) members[size_t(which[i])].push_back(i);
     }
@@ -281,7 +281,7 @@ void Bank::activate(const Mix& mix, int threads) {
     for (auto& d : mix) {
         fine_tune(d.first);
         if (!std::isfinite(d.second))
-            throw std::invalid_argument("bank: alpha " + std::to_string(d.second) + " for '" + d.first + "' is not finite");
+            throw std::invalid_argument(where() + "alpha " + std::to_string(d.second) + " for '" + d.first + "' is not finite");
     }
     if (mix == active_) {
         rewritten_.clear();

@@ -88,11 +88,11 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
                 const std::string want_sh = sh ? json::dump(*sh) : "?";
                 if (want_dt != safetensors_dtype_name(bi.dtype) || want_sh != json::dump(have))
                     mismatch("tensor '" + kv.first + "' is " + safetensors_dtype_name(bi.dtype) + " " + json::dump(have) +
-                             ", the delta was made against " + want_dt + " " + want_sh + " (use --force to apply anyway)");
+                             ", the delta was made against " + want_dt + " " + want_sh + " (use --force / force=True to apply anyway)");
             }
             for (const std::string& name : base_->keys())
                 if (!fp->find(name))
-                    mismatch("it has tensor '" + name + "' that the delta's base lacked (use --force to apply anyway)");
+                    mismatch("it has tensor '" + name + "' that the delta's base lacked (use --force / force=True to apply anyway)");
         }
     }
 
@@ -225,7 +225,7 @@ void CheckpointDelta::check_contents(const std::string& src, const void* data, u
         char buf[64];
         std::snprintf(buf, sizeof buf, "CRC-32C %08x, expected %08x", got, it->second.crc);
         throw BaseMismatch((base_ ? base_->path() : std::string("the base")) + ": this is not the delta's base: tensor '" +
-                           src + "' has different contents (" + buf + "; use --force to apply anyway)");
+                           src + "' has different contents (" + buf + "; use --force / force=True to apply anyway)");
     }
 }
 

@@ -520,6 +520,7 @@ private:
     struct CacheEntry { std::string key; std::map<std::string, Array> tensors; uint64_t bytes = 0; };
     const CheckpointDelta& fine_tune(const std::string& name) const;
     const ArrayRef& base_of(const std::string& tensor) const;
+    std::string where() const { return "bank over " + base_->path() + ": "; }  // errors name the base
     void rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRef& out, int threads) const;
     void switch_to(const Mix& from, const Mix& mix, int threads);  // rewrites what either touches
     std::shared_ptr<const ModelFiles> base_;

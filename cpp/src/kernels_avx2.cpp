@@ -253,65 +253,52 @@ static inline __m256 bit_mask8(uint8_t byte) {  // lane i all ones where bit i i
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), sel), sel));
 }
 
-static inline void finish_block(const __m256& lo, const __m256& hi, float lanes[16]) {
-    _mm256_storeu_ps(lanes, lo);
-    _mm256_storeu_ps(lanes + 8, hi);
-}
-
-template <int R, int K>
-static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t ldx, size_t n, float* out, int nx) {
+// One loop for both: rows i < R are bits (MASKED: sums of x where the bit is set) or floats a (dots: sums of
+// a * x), each against K batch rows.
+template <bool MASKED, int R, int K>
+static void block_sums(const void* rows, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
+    const auto* bits = static_cast<const uint8_t*>(rows);
+    const auto* a = static_cast<const float*>(rows);
     __m256 lo[R][K], hi[R][K];
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) lo[i][b] = hi[i][b] = _mm256_setzero_ps();
     size_t j = 0;
     for (; j + 16 <= n; j += 16)
         for (int i = 0; i < R; ++i) {
-            const __m256 m0 = bit_mask8(bits[i * bs + j / 8]), m1 = bit_mask8(bits[i * bs + j / 8 + 1]);
+            __m256 r0, r1;
+            if constexpr (MASKED) {
+                r0 = bit_mask8(bits[i * stride + j / 8]);
+                r1 = bit_mask8(bits[i * stride + j / 8 + 1]);
+            } else {
+                r0 = _mm256_loadu_ps(a + i * stride + j);
+                r1 = _mm256_loadu_ps(a + i * stride + j + 8);
+            }
             for (int b = 0; b < K; ++b) {
-                lo[i][b] = _mm256_add_ps(lo[i][b], _mm256_and_ps(m0, _mm256_loadu_ps(x + b * ldx + j)));
-                hi[i][b] = _mm256_add_ps(hi[i][b], _mm256_and_ps(m1, _mm256_loadu_ps(x + b * ldx + j + 8)));
+                const __m256 x0 = _mm256_loadu_ps(x + b * ldx + j), x1 = _mm256_loadu_ps(x + b * ldx + j + 8);
+                lo[i][b] = _mm256_add_ps(lo[i][b], MASKED ? _mm256_and_ps(r0, x0) : _mm256_mul_ps(r0, x0));
+                hi[i][b] = _mm256_add_ps(hi[i][b], MASKED ? _mm256_and_ps(r1, x1) : _mm256_mul_ps(r1, x1));
             }
         }
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) {
             float lanes[16];
-            finish_block(lo[i][b], hi[i][b], lanes);
-            out[i * nx + b] = scalar::masked_sum_tail(lanes, bits + i * bs, x + b * ldx, j, n);
-        }
-}
-
-template <int R, int K>
-static void dot_block(const float* a, size_t as, const float* x, size_t ldx, size_t n, float* out, int nx) {
-    __m256 lo[R][K], hi[R][K];
-    for (int i = 0; i < R; ++i)
-        for (int b = 0; b < K; ++b) lo[i][b] = hi[i][b] = _mm256_setzero_ps();
-    size_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int i = 0; i < R; ++i) {
-            const __m256 a0 = _mm256_loadu_ps(a + i * as + j), a1 = _mm256_loadu_ps(a + i * as + j + 8);
-            for (int b = 0; b < K; ++b) {
-                lo[i][b] = _mm256_add_ps(lo[i][b], _mm256_mul_ps(a0, _mm256_loadu_ps(x + b * ldx + j)));
-                hi[i][b] = _mm256_add_ps(hi[i][b], _mm256_mul_ps(a1, _mm256_loadu_ps(x + b * ldx + j + 8)));
-            }
-        }
-    for (int i = 0; i < R; ++i)
-        for (int b = 0; b < K; ++b) {
-            float lanes[16];
-            finish_block(lo[i][b], hi[i][b], lanes);
-            out[i * nx + b] = scalar::dot_tail(lanes, a + i * as, x + b * ldx, j, n);
+            _mm256_storeu_ps(lanes, lo[i][b]);
+            _mm256_storeu_ps(lanes + 8, hi[i][b]);
+            out[i * nx + b] = MASKED ? scalar::masked_sum_tail(lanes, bits + i * stride, x + b * ldx, j, n)
+                                     : scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
         }
 }
 
 static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
                         float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        masked_block<r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<true, r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 
 static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        dot_block<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<false, r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 

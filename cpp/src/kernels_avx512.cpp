@@ -419,9 +419,13 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
     for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
 }
 
-// Batch products: blocks of R rows x K batch rows, 16 lanes per sum; the tail and the fold are the scalar code's.
-template <int R, int K>
-static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t ldx, size_t n, float* out, int nx) {
+// Batch products: blocks of R rows x K batch rows, 16 lanes per sum; the tail and the fold are the scalar
+// code's. One loop for both: rows i < R are bits (MASKED: sums of x where the bit is set) or floats a (dots:
+// sums of a * x).
+template <bool MASKED, int R, int K>
+static void block_sums(const void* rows, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
+    const auto* bits = static_cast<const uint8_t*>(rows);
+    const auto* a = static_cast<const float*>(rows);
     __m512 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm512_setzero_ps();
@@ -430,51 +434,35 @@ static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t 
         __m512 xv[K];
         for (int b = 0; b < K; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
         for (int i = 0; i < R; ++i) {
-            uint16_t m;  // bits j .. j + 15 (LSB-first bytes: the little-endian mask)
-            std::memcpy(&m, bits + i * bs + j / 8, 2);
-            for (int b = 0; b < K; ++b) acc[i][b] = _mm512_mask_add_ps(acc[i][b], __mmask16(m), acc[i][b], xv[b]);
+            if constexpr (MASKED) {
+                uint16_t m;  // bits j .. j + 15 (LSB-first bytes: the little-endian mask)
+                std::memcpy(&m, bits + i * stride + j / 8, 2);
+                for (int b = 0; b < K; ++b) acc[i][b] = _mm512_mask_add_ps(acc[i][b], __mmask16(m), acc[i][b], xv[b]);
+            } else {
+                const __m512 av = _mm512_loadu_ps(a + i * stride + j);
+                for (int b = 0; b < K; ++b) acc[i][b] = _mm512_add_ps(acc[i][b], _mm512_mul_ps(av, xv[b]));
+            }
         }
     }
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) {
             alignas(64) float lanes[16];
             _mm512_store_ps(lanes, acc[i][b]);
-            out[i * nx + b] = scalar::masked_sum_tail(lanes, bits + i * bs, x + b * ldx, j, n);
-        }
-}
-
-template <int R, int K>
-static void dot_block(const float* a, size_t as, const float* x, size_t ldx, size_t n, float* out, int nx) {
-    __m512 acc[R][K];
-    for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
-    size_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 xv[K];
-        for (int b = 0; b < K; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
-        for (int i = 0; i < R; ++i) {
-            const __m512 av = _mm512_loadu_ps(a + i * as + j);
-            for (int b = 0; b < K; ++b) acc[i][b] = _mm512_add_ps(acc[i][b], _mm512_mul_ps(av, xv[b]));
-        }
-    }
-    for (int i = 0; i < R; ++i)
-        for (int b = 0; b < K; ++b) {
-            alignas(64) float lanes[16];
-            _mm512_store_ps(lanes, acc[i][b]);
-            out[i * nx + b] = scalar::dot_tail(lanes, a + i * as, x + b * ldx, j, n);
+            out[i * nx + b] = MASKED ? scalar::masked_sum_tail(lanes, bits + i * stride, x + b * ldx, j, n)
+                                     : scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
         }
 }
 
 static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
                         float* out) {
     by_blocks<4, 4>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        masked_block<r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<true, r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 
 static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
     by_blocks<4, 4>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        dot_block<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<false, r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 

@@ -180,9 +180,12 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
 }
 
 // Batch products: blocks of R rows x K batch rows, 16 lanes per sum as four registers (lanes 0-3, ..., 12-15);
-// the tail and the fold are the scalar code's.
-template <int R, int K>
-static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t ldx, size_t n, float* out, int nx) {
+// the tail and the fold are the scalar code's. One loop for both: rows i < R are bits (MASKED: sums of x where
+// the bit is set) or floats a (dots: sums of a * x).
+template <bool MASKED, int R, int K>
+static void block_sums(const void* rows, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
+    const auto* bits = static_cast<const uint8_t*>(rows);
+    const auto* a = static_cast<const float*>(rows);
     const uint32x4_t sel[2] = {{1, 2, 4, 8}, {16, 32, 64, 128}};
     float32x4_t acc[R][K][4];
     for (int i = 0; i < R; ++i)
@@ -192,52 +195,36 @@ static void masked_block(const uint8_t* bits, size_t bs, const float* x, size_t 
     for (; j + 16 <= n; j += 16)
         for (int i = 0; i < R; ++i)
             for (int q = 0; q < 4; ++q) {
-                const uint32x4_t m = vtstq_u32(vdupq_n_u32(bits[i * bs + j / 8 + q / 2]), sel[q % 2]);
+                uint32x4_t m{};
+                float32x4_t av{};
+                if constexpr (MASKED) m = vtstq_u32(vdupq_n_u32(bits[i * stride + j / 8 + q / 2]), sel[q % 2]);
+                else av = vld1q_f32(a + i * stride + j + 4 * q);
                 for (int b = 0; b < K; ++b) {
-                    const uint32x4_t v = vreinterpretq_u32_f32(vld1q_f32(x + b * ldx + j + 4 * q));
-                    acc[i][b][q] = vaddq_f32(acc[i][b][q], vreinterpretq_f32_u32(vandq_u32(m, v)));
+                    const float32x4_t xv = vld1q_f32(x + b * ldx + j + 4 * q);
+                    const float32x4_t t =
+                        MASKED ? vreinterpretq_f32_u32(vandq_u32(m, vreinterpretq_u32_f32(xv))) : vmulq_f32(av, xv);
+                    acc[i][b][q] = vaddq_f32(acc[i][b][q], t);
                 }
             }
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) {
             float lanes[16];
             for (int q = 0; q < 4; ++q) vst1q_f32(lanes + 4 * q, acc[i][b][q]);
-            out[i * nx + b] = scalar::masked_sum_tail(lanes, bits + i * bs, x + b * ldx, j, n);
-        }
-}
-
-template <int R, int K>
-static void dot_block(const float* a, size_t as, const float* x, size_t ldx, size_t n, float* out, int nx) {
-    float32x4_t acc[R][K][4];
-    for (int i = 0; i < R; ++i)
-        for (int b = 0; b < K; ++b)
-            for (auto& v : acc[i][b]) v = vdupq_n_f32(0.0f);
-    size_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int i = 0; i < R; ++i)
-            for (int q = 0; q < 4; ++q) {
-                const float32x4_t av = vld1q_f32(a + i * as + j + 4 * q);
-                for (int b = 0; b < K; ++b)
-                    acc[i][b][q] = vaddq_f32(acc[i][b][q], vmulq_f32(av, vld1q_f32(x + b * ldx + j + 4 * q)));
-            }
-    for (int i = 0; i < R; ++i)
-        for (int b = 0; b < K; ++b) {
-            float lanes[16];
-            for (int q = 0; q < 4; ++q) vst1q_f32(lanes + 4 * q, acc[i][b][q]);
-            out[i * nx + b] = scalar::dot_tail(lanes, a + i * as, x + b * ldx, j, n);
+            out[i * nx + b] = MASKED ? scalar::masked_sum_tail(lanes, bits + i * stride, x + b * ldx, j, n)
+                                     : scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
         }
 }
 
 static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
                         float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        masked_block<r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<true, r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 
 static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        dot_block<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_sums<false, r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
 }
 

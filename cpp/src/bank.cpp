@@ -167,24 +167,23 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
     std::shared_lock<std::shared_mutex> lock(mu_);
     const ArrayRef& b = base_of(tensor);
     const CheckpointDelta& c = fine_tune(name);
-    const int64_t rows_of_tensor = b.shape.empty() ? 1 : b.numel() / std::max<int64_t>(b.shape.back(), 1);
+    const Matrix m = Matrix::of(b.shape);
     for (int64_t i = 0; i < n; ++i)  // every index in range before anything is written
-        if (rows[i] < 0 || rows[i] >= rows_of_tensor)
-            throw std::out_of_range(where() + "tensor '" + tensor + "' has " + std::to_string(rows_of_tensor) +
-                                    " rows; row " + std::to_string(rows[i]) + " asked");
-    if (c.tensor(tensor).kind == TensorKind::Delta) {
+        if (rows[i] < 0 || rows[i] >= m.rows)
+            throw std::out_of_range(where() + "tensor '" + tensor + "' has " + std::to_string(m.rows) + " rows; row " +
+                                    std::to_string(rows[i]) + " asked");
+    if (c.tensor(tensor).kind == TensorKind::Delta)
         deltapack::delta_rows(c.delta().get(tensor, false), rows, n, alpha, out);
-    } else {
-        const int64_t cols = b.shape.empty() ? 1 : b.shape.back();
-        std::fill(out, out + size_t(n * cols), 0.0f);
-    }
+    else
+        std::fill(out, out + size_t(n * m.cols), 0.0f);
 }
 
 void Bank::mixed_product(const std::string& tensor, const std::vector<std::string>& names, const int32_t* which,
                          const float* x, int64_t batch, float alpha, float* y, int threads) const {
     std::shared_lock<std::shared_mutex> lock(mu_);
     const ArrayRef& b = base_of(tensor);
-    const int64_t cols = b.shape.empty() ? 1 : b.shape.back(), rows = cols ? b.numel() / cols : 0;
+    const Matrix m = Matrix::of(b.shape);  // y's rows are the matrix's rows, x's its columns
+    const int64_t cols = m.cols, rows = m.rows;
     for (const std::string& n : names) fine_tune(n);  // every name known before anything is written
     std::vector<std::vector<int64_t>> members(names.size());
     for (int64_t i = 0; i < batch; ++i) {
@@ -196,15 +195,15 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
     std::vector<float> xs, ys;
     for (size_t t = 0; t < names.size(); ++t) {
         const CheckpointDelta& c = fine_tune(names[t]);
-        const std::vector<int64_t>& m = members[t];
-        if (m.empty() || c.tensor(tensor).kind != TensorKind::Delta) continue;
-        xs.resize(m.size() * size_t(cols));
-        ys.assign(m.size() * size_t(rows), 0.0f);
-        for (size_t i = 0; i < m.size(); ++i)
-            std::memcpy(xs.data() + i * size_t(cols), x + size_t(m[i] * cols), size_t(cols) * sizeof(float));
-        delta_product(c.delta().get(tensor, false), xs.data(), int64_t(m.size()), alpha, ys.data(), threads);
-        for (size_t i = 0; i < m.size(); ++i) {
-            float* out = y + size_t(m[i] * rows);
+        const std::vector<int64_t>& own = members[t];
+        if (own.empty() || c.tensor(tensor).kind != TensorKind::Delta) continue;
+        xs.resize(own.size() * size_t(cols));
+        ys.assign(own.size() * size_t(rows), 0.0f);
+        for (size_t i = 0; i < own.size(); ++i)
+            std::memcpy(xs.data() + i * size_t(cols), x + size_t(own[i] * cols), size_t(cols) * sizeof(float));
+        delta_product(c.delta().get(tensor, false), xs.data(), int64_t(own.size()), alpha, ys.data(), threads);
+        for (size_t i = 0; i < own.size(); ++i) {
+            float* out = y + size_t(own[i] * rows);
             const float* add = ys.data() + i * size_t(rows);
             for (int64_t r = 0; r < rows; ++r) out[r] = out[r] + add[r];
         }

@@ -11,6 +11,7 @@
 
 #include <system_error>
 
+#include "codec.h"
 #include "deltapack/deltapack.h"
 
 namespace nb = nanobind;
@@ -89,6 +90,18 @@ static nb::object owned_numpy(const Array& a) {
 // (name, codec, params, shape, dtype, components) as passed from Python.
 using PyEncoded = std::tuple<std::string, std::string, std::string, std::vector<int64_t>, std::string,
                              std::map<std::string, InArray>>;
+
+// The batch of a product with a delta of `shape` (its matrix view: rows x cols): x must hold batch x cols f32
+// values and y batch x rows (a size of -1: not f32). The error names `what` and both sizes it needs.
+static int64_t batch_of(const std::string& what, const std::vector<int64_t>& shape, int64_t x_size, int64_t y_size) {
+    const Matrix m = Matrix::of(shape);
+    const int64_t batch = m.cols ? x_size / m.cols : 0;
+    if (!m.cols || x_size < 0 || y_size < 0 || x_size != batch * m.cols || y_size != batch * m.rows)
+        throw std::invalid_argument(what + " needs f32 x of batch x " + std::to_string(m.cols) +
+                                    " and f32 y of batch x " + std::to_string(m.rows) + "; got " +
+                                    std::to_string(x_size) + " and " + std::to_string(y_size) + " values");
+    return batch;
+}
 
 static EncodedRef ref_of(const PyEncoded& e) {
     EncodedRef r;
@@ -180,13 +193,9 @@ NB_MODULE(_core, m) {
         [](const PyEncoded& e, const InArray& x, AnyArray y, float alpha, int threads) {
             EncodedRef r = ref_of(e);
             ArrayRef xr = ref_of(x), yr = ref_of(y);
-            const int64_t cols = r.shape.empty() ? 1 : r.shape.back();
-            const int64_t rows = cols ? ArrayRef{nullptr, DType::F32, r.shape}.numel() / cols : 0;
-            const int64_t batch = cols ? xr.numel() / cols : 0;
-            if (xr.dtype != DType::F32 || yr.dtype != DType::F32 || !cols || xr.numel() != batch * cols ||
-                yr.numel() != batch * rows)
-                throw std::invalid_argument("delta_product: tensor '" + r.name + "' needs f32 x of batch x " +
-                                            std::to_string(cols) + " and f32 y of batch x " + std::to_string(rows));
+            const int64_t batch = batch_of("delta_product: tensor '" + r.name + "'", r.shape,
+                                           xr.dtype == DType::F32 ? xr.numel() : -1,
+                                           yr.dtype == DType::F32 ? yr.numel() : -1);
             nb::gil_scoped_release nogil;
             delta_product(r, static_cast<const float*>(xr.data), batch, alpha, static_cast<float*>(yr.data), threads);
         },
@@ -301,16 +310,8 @@ NB_MODULE(_core, m) {
     using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
     using F32Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
     using RowsIn = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-    // Batch operands: x (batch x cols) and y (batch x rows) with the sizes the tensor's matrix view needs.
-    auto batch_of = [](Bank& b, const std::string& tensor, size_t x_size, size_t y_size) {
-        const ArrayRef t = b.tensor(tensor);
-        const int64_t cols = t.shape.empty() ? 1 : t.shape.back(), rows = cols ? t.numel() / cols : 0;
-        const int64_t batch = cols ? int64_t(x_size) / cols : 0;
-        if (!cols || x_size != size_t(batch * cols) || y_size != size_t(batch * rows))
-            throw std::invalid_argument("bank: tensor '" + tensor + "' multiplies batch x " + std::to_string(cols) +
-                                        " into batch x " + std::to_string(rows) + "; got " + std::to_string(x_size) +
-                                        " and " + std::to_string(y_size) + " values");
-        return batch;
+    auto bank_batch = [](Bank& b, const std::string& tensor, size_t x_size, size_t y_size) {
+        return batch_of("bank: tensor '" + tensor + "'", b.tensor(tensor).shape, int64_t(x_size), int64_t(y_size));
     };
     nb::class_<Bank>(m, "Bank")
         .def(nb::init<const std::string&>(), "base"_a, nb::call_guard<nb::gil_scoped_release>())
@@ -337,9 +338,9 @@ NB_MODULE(_core, m) {
             "mix"_a, "tensor"_a, "out"_a, "threads"_a = 0)
         .def(
             "product",
-            [batch_of](Bank& b, const std::string& name, const std::string& tensor, F32In x, F32Out y, float alpha,
-                       int threads) {
-                const int64_t batch = batch_of(b, tensor, x.size(), y.size());
+            [bank_batch](Bank& b, const std::string& name, const std::string& tensor, F32In x, F32Out y, float alpha,
+                         int threads) {
+                const int64_t batch = bank_batch(b, tensor, x.size(), y.size());
                 const float* xp = x.data();
                 float* yp = y.data();
                 nb::gil_scoped_release nogil;
@@ -348,10 +349,10 @@ NB_MODULE(_core, m) {
             "name"_a, "tensor"_a, "x"_a, "y"_a, "alpha"_a = 1.0f, "threads"_a = 0)
         .def(
             "mixed_product",
-            [batch_of](Bank& b, const std::string& tensor, const std::vector<std::string>& names,
+            [bank_batch](Bank& b, const std::string& tensor, const std::vector<std::string>& names,
                        nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> which, F32In x, F32Out y,
                        float alpha, int threads) {
-                const int64_t batch = batch_of(b, tensor, x.size(), y.size());
+                const int64_t batch = bank_batch(b, tensor, x.size(), y.size());
                 if (which.size() != size_t(batch))
                     throw std::invalid_argument("bank: " + std::to_string(which.size()) + " fine-tune choices for a batch of " +
                                                 std::to_string(batch) + " rows");
@@ -365,8 +366,7 @@ NB_MODULE(_core, m) {
         .def(
             "delta_rows",
             [](Bank& b, const std::string& name, const std::string& tensor, RowsIn rows, F32Out out, float alpha) {
-                const ArrayRef t = b.tensor(tensor);
-                const size_t cols = size_t(t.shape.empty() ? 1 : t.shape.back());
+                const size_t cols = size_t(Matrix::of(b.tensor(tensor).shape).cols);
                 if (out.size() != rows.size() * cols)
                     throw std::invalid_argument("bank: " + std::to_string(rows.size()) + " rows of tensor '" + tensor +
                                                 "' need " + std::to_string(rows.size() * cols) + " values, not " +

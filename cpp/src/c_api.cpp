@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "deltapack/deltapack.h"
+#include "codec.h"
 #include "json.h"
 
 #ifndef DELTAPACK_VERSION
@@ -486,10 +487,14 @@ static void check_count(const std::string& where, const char* what, const void* 
     if (count && !p) fail(std::string(fn) + ": " + what + " is NULL");
 }
 
-// A tensor's matrix view for products: cols its last dimension (1 for 0-d), rows the rest.
-static void matrix_view(const deltapack::ArrayRef& t, int64_t& rows, int64_t& cols) {
-    cols = t.shape.empty() ? 1 : t.shape.back();
-    rows = cols ? t.numel() / cols : 0;
+// A tensor's matrix view for products (the engine's: cols its last dimension, rows the rest), with a batch
+// of `batch` rows whose x (batch x cols) and y (batch x rows) sizes fit in 64 bits.
+static deltapack::Matrix batch_view(const deltapack::ArrayRef& t, int64_t batch, const std::string& where) {
+    const deltapack::Matrix m = deltapack::Matrix::of(t.shape);
+    if (batch < 0 || (m.cols && batch > std::numeric_limits<int64_t>::max() / m.cols) ||
+        (m.rows && batch > std::numeric_limits<int64_t>::max() / m.rows))
+        fail(where + ": batch " + std::to_string(batch) + " is out of range");
+    return m;
 }
 
 dp_bank* dp_bank_open(const char* path) {
@@ -627,13 +632,9 @@ int dp_bank_product(const dp_bank* b, const char* fine_tune, const char* tensor,
         const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_product");
         need(fine_tune, "dp_bank_product", "fine_tune");
         const std::string where = bank_where(b, tensor);
-        int64_t rows, cols;
-        matrix_view(t, rows, cols);
-        if (batch < 0 || (cols && batch > std::numeric_limits<int64_t>::max() / cols) ||
-            (rows && batch > std::numeric_limits<int64_t>::max() / rows))
-            fail(where + ": batch " + std::to_string(batch) + " is out of range");
-        check_count(where, "x", x, x_count, batch * cols, batch, cols, "dp_bank_product");
-        check_count(where, "y", y, y_count, batch * rows, batch, rows, "dp_bank_product");
+        const deltapack::Matrix m = batch_view(t, batch, where);
+        check_count(where, "x", x, x_count, batch * m.cols, batch, m.cols, "dp_bank_product");
+        check_count(where, "y", y, y_count, batch * m.rows, batch, m.rows, "dp_bank_product");
         b->bank->product(fine_tune, tensor, x, batch, alpha, y, threads);
         return 0;
     });
@@ -645,11 +646,7 @@ int dp_bank_mixed_product(const dp_bank* b, const char* tensor, size_t n_names, 
     return guarded(-1, [&] {
         const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_mixed_product");
         const std::string where = bank_where(b, tensor);
-        int64_t rows, cols;
-        matrix_view(t, rows, cols);
-        if (batch < 0 || (cols && batch > std::numeric_limits<int64_t>::max() / cols) ||
-            (rows && batch > std::numeric_limits<int64_t>::max() / rows))
-            fail(where + ": batch " + std::to_string(batch) + " is out of range");
+        const deltapack::Matrix m = batch_view(t, batch, where);
         if (n_names && !names) fail("dp_bank_mixed_product: names is NULL but n_names is " + std::to_string(n_names));
         if (n_names > size_t(std::numeric_limits<int32_t>::max()))
             fail("dp_bank_mixed_product: n_names " + std::to_string(n_names) + " is out of range");
@@ -657,7 +654,6 @@ int dp_bank_mixed_product(const dp_bank* b, const char* tensor, size_t n_names, 
         for (size_t i = 0; i < n_names; ++i) {
             if (!names[i]) fail("dp_bank_mixed_product: names[" + std::to_string(i) + "] is NULL");
             fine_tunes.emplace_back(names[i]);
-            b->bank->touches(names[i], tensor);  // an unknown name fails here, before y is written
         }
         if (which_count != uint64_t(batch))
             fail(where + ": which holds " + std::to_string(which_count) + " entries, expected " + std::to_string(batch) +
@@ -667,8 +663,8 @@ int dp_bank_mixed_product(const dp_bank* b, const char* tensor, size_t n_names, 
             if (which[i] < -1 || which[i] >= int32_t(n_names))
                 fail(where + ": which[" + std::to_string(i) + "] is " + std::to_string(which[i]) + ", outside [-1, " +
                      std::to_string(n_names) + ")");
-        check_count(where, "x", x, x_count, batch * cols, batch, cols, "dp_bank_mixed_product");
-        check_count(where, "y", y, y_count, batch * rows, batch, rows, "dp_bank_mixed_product");
+        check_count(where, "x", x, x_count, batch * m.cols, batch, m.cols, "dp_bank_mixed_product");
+        check_count(where, "y", y, y_count, batch * m.rows, batch, m.rows, "dp_bank_mixed_product");
         b->bank->mixed_product(tensor, fine_tunes, which, x, batch, alpha, y, threads);
         return 0;
     });
@@ -680,8 +676,8 @@ int dp_bank_delta_rows(const dp_bank* b, const char* fine_tune, const char* tens
         const deltapack::ArrayRef t = bank_tensor(b, tensor, "dp_bank_delta_rows");
         need(fine_tune, "dp_bank_delta_rows", "fine_tune");
         const std::string where = bank_where(b, tensor);
-        int64_t nrows, cols;
-        matrix_view(t, nrows, cols);
+        const deltapack::Matrix m = deltapack::Matrix::of(t.shape);
+        const int64_t nrows = m.rows, cols = m.cols;
         if (cols && n > uint64_t(std::numeric_limits<int64_t>::max() / cols))
             fail(where + ": " + std::to_string(n) + " rows is out of range");
         if (n && !rows) fail("dp_bank_delta_rows: rows is NULL but n is " + std::to_string(n));

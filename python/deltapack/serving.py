@@ -303,7 +303,7 @@ def _rebuilt_forward(bank: Bank, module, own: dict):
         for name, idx in rows.groups.items():
             key = (name, rows.alpha, bank._generation)
             if key not in cache:
-                cache[key] = {p: bank.rebuild(name, t, rows.alpha) for p, t in own.items() if bank._b.touches(name, t)}
+                cache[key] = {p: bank.rebuild(name, t, rows.alpha) for p, t in own.items() if name in rows.touching(t)}
             if cache[key]:
                 inner.plain = True
                 try:

@@ -457,3 +457,86 @@ def test_cpp_apply_refuses_another_base(models, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "this is not the delta's base" in r.stderr and "--force" in r.stderr
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["d.dpk"]
+
+
+def _block_pair(tmp_path):
+    """A one-file pair whose matrices span several of the core's read/rebuild blocks (4 MiB of output,
+    2^18 elements when compressing): a bf16 delta over 2.6 M elements, an f32 one, an unchanged bf16 matrix."""
+    rng = np.random.default_rng(3)
+    t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32) * 0.02)  # noqa: E731
+    base = {"a.weight": t(2600, 1024).bfloat16(), "b.weight": t(1500, 1000), "u.weight": t(2300, 1024).bfloat16(),
+            "norm.weight": t(1024).bfloat16()}
+    ft = {"a.weight": (base["a.weight"].float() + t(2600, 1024) * 0.05).bfloat16(),
+          "b.weight": base["b.weight"] + t(1500, 1000) * 0.05, "u.weight": base["u.weight"].clone(),
+          "norm.weight": (base["norm.weight"].float() + 0.01).bfloat16()}
+    safetensors_torch.save_file(base, str(tmp_path / "base.safetensors"), metadata={"format": "pt"})
+    safetensors_torch.save_file(ft, str(tmp_path / "ft.safetensors"), metadata={"format": "pt"})
+    return base, ft
+
+
+@pytest.mark.parametrize("dtype", [None, "f32", "f16"])
+def test_rebuild_in_blocks_matches_whole_tensors(tmp_path, dtype):
+    base, ft = _block_pair(tmp_path)
+    s = ck.compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "d.dpk",
+                    "a.weight=sign:scope=row;*=quant:bits=4", threads=2)
+    assert (s["delta"], s["same"]) == (3, 1)
+    ck.apply_checkpoint(tmp_path / "base.safetensors", tmp_path / "d.dpk", tmp_path / "out.safetensors", dtype=dtype,
+                        threads=2)
+    # Whole tensors, one at a time, by the other path of the core (CheckpointDelta.rebuild) ...
+    c = dp._core.CheckpointDelta(str(tmp_path / "base.safetensors"), str(tmp_path / "d.dpk"))
+    # ... and by the executable spec: reference decoders, reference.apply.
+    entries = dp.open(tmp_path / "d.dpk")
+    with safe_open(str(tmp_path / "out.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(ft)
+        for name in ft:
+            got = f.get_tensor(name)
+            want_dtype = {None: ft[name].dtype, "f32": torch.float32, "f16": torch.float16}[dtype]
+            assert got.dtype == want_dtype, name
+            whole = torch.empty_like(got)
+            c.rebuild(name, _bits(whole).numpy(), dtype or {torch.bfloat16: "bf16", torch.float32: "f32"}[ft[name].dtype])
+            assert torch.equal(_bits(got), _bits(whole)), name
+            if name in entries.keys():
+                b = base[name].float().numpy()
+                e = entries[name]
+                d = reference.DECODERS[e.codec](e.components, e.shape, **e.params).reshape(e.shape)
+                out_name = dtype or {torch.bfloat16: "bf16", torch.float32: "f32"}[ft[name].dtype]
+                ref = reference.apply(b, d, 1.0, out_name)
+                assert np.array_equal(_bits(got).numpy().view(ref.dtype), ref), name
+            else:
+                assert torch.equal(got, ft[name].to(want_dtype)), name
+
+
+def test_base_changed_in_a_late_block_is_refused(tmp_path):
+    base, ft = _block_pair(tmp_path)
+    ck.compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "d.dpk", "sign")
+    for name in ("a.weight", "u.weight"):  # a delta and an unchanged tensor, each read in several blocks
+        other = dict(base)
+        other[name] = base[name].clone()
+        other[name][-1, -1] += 1  # the last block only
+        safetensors_torch.save_file(other, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ck.BaseMismatchError, match=f"'{name}' has different contents"):
+            ck.apply_checkpoint(tmp_path / "other.safetensors", tmp_path / "d.dpk", tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_read_delta_matches_numpy(tmp_path):
+    """The one-pass read of compress: ft - base in f32, the base's CRC-32C (checked against the crc32c
+    package), identical only for the same bytes; over a prefix (a vocabulary the fine-tune shrank)."""
+    import crc32c
+    rng = np.random.default_rng(4)
+    base = {"w": torch.from_numpy(rng.standard_normal((700, 1000)).astype(np.float32)).bfloat16(),
+            "same": torch.from_numpy(rng.standard_normal((600, 1000)).astype(np.float32))}
+    ft = {"w": torch.from_numpy(rng.standard_normal((700, 1000)).astype(np.float32)).half(),
+          "same": base["same"].clone()}
+    safetensors_torch.save_file(base, str(tmp_path / "b.safetensors"))
+    safetensors_torch.save_file(ft, str(tmp_path / "f.safetensors"))
+    mb, mf = (dp._core.ModelFiles.open(str(tmp_path / x)) for x in ("b.safetensors", "f.safetensors"))
+    for name, n in (("w", 700 * 1000), ("w", 555 * 1000 + 17), ("same", 600 * 1000), ("same", 0)):
+        out = np.full(n, np.nan, np.float32)
+        crc, identical = dp._core.read_delta(mf, name, mb, name, out, 2)
+        want = ft[name].float().reshape(-1)[:n].numpy() - base[name].float().reshape(-1)[:n].numpy()
+        assert np.array_equal(out, want), name
+        assert crc == crc32c.crc32c(_bits(base[name]).numpy().tobytes()), name
+        assert identical == (name == "same"), name
+    with pytest.raises(ValueError, match="hold"):
+        dp._core.read_delta(mf, "w", mb, "w", np.empty(700 * 1000 + 1, np.float32), 2)

@@ -160,23 +160,32 @@ def _writing(pid, parent):
     return False
 
 
-def _timed_run(args, parent, done):
-    """An uninterrupted run: seconds until it began writing, until `done` (the final name) appeared, and to exit."""
-    t0 = time.monotonic()
-    p = _spawn(args)
-    began = committed = None
-    while p.poll() is None:
-        if began is None and _writing(p.pid, parent):
-            began = time.monotonic() - t0
-        if committed is None and os.path.exists(done):
-            committed = time.monotonic() - t0
-        time.sleep(0.0005)
-    total = time.monotonic() - t0
-    err = p.stderr.read()
-    p.stderr.close()
-    assert p.returncode == 0, err
-    began = total if began is None else began
-    return {"began": began, "committed": total if committed is None else committed, "total": total}
+def _timed_run(args, parent, done, runs=2):
+    """Uninterrupted runs: seconds until it began writing, until `done` (the final name) appeared, and to exit;
+    the fastest of `runs` (one slow run, say a disk stall at fsync, would schedule kills after the exits).
+    The last run's output is left in place."""
+    best = None
+    for run in range(runs):
+        if run:  # remove the output (done, or the directory under parent that holds it)
+            out = os.path.join(parent, os.path.relpath(done, parent).split(os.sep)[0])
+            shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
+        t0 = time.monotonic()
+        p = _spawn(args)
+        began = committed = None
+        while p.poll() is None:
+            if began is None and _writing(p.pid, parent):
+                began = time.monotonic() - t0
+            if committed is None and os.path.exists(done):
+                committed = time.monotonic() - t0
+            time.sleep(0.0005)
+        total = time.monotonic() - t0
+        err = p.stderr.read()
+        p.stderr.close()
+        assert p.returncode == 0, err
+        began = total if began is None else began
+        t = {"began": began, "committed": total if committed is None else committed, "total": total}
+        best = t if best is None or t["total"] < best["total"] else best
+    return best
 
 
 def _kill_at(args, parent, delay, from_writing):

@@ -90,6 +90,22 @@ def _entry_text(entry) -> bytes:
     return json.dumps({k: entry[k] for k in ("codec", "params", "shape", "dtype")}, separators=(",", ":")).encode()
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 3 * 32768 - 1, 3 * 32768, 3 * 32768 + 5, 7 * 32768 + 3, 1 << 20])
+def test_crc32c_of_any_length_and_alignment(n):
+    """The core's CRC-32C (three interleaved streams over 32 KiB stripes, joined by the polynomial
+    arithmetic that crc32c_combine exposes) against the crc32c package, at stripe edges and odd addresses."""
+    crc32c = pytest.importorskip("crc32c")
+    data = np.random.default_rng(n).integers(0, 256, n + 3, dtype=np.uint8)
+    for off in (0, 3):
+        piece = data[off:off + n]
+        want = crc32c.crc32c(piece.tobytes())
+        assert dp._core.crc32c(piece) == want, (n, off)
+        cut = n // 3
+        head, tail = piece[:cut], piece[cut:]
+        assert dp._core.crc32c(tail, dp._core.crc32c(head)) == want  # chained: crc argument continues
+        assert dp._core.crc32c_combine(dp._core.crc32c(head), dp._core.crc32c(tail), tail.size) == want
+
+
 def test_crc_matches_independent_crc32c(delta_file):
     crc32c = pytest.importorskip("crc32c")
     path, tensors = delta_file

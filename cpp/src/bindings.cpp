@@ -147,6 +147,8 @@ NB_MODULE(_core, m) {
             return crc32c(p, n, crc);
         },
         "data"_a, "crc"_a = 0, "CRC-32C of a contiguous array's bytes (no copy).");
+    m.def("crc32c_combine", &crc32c_combine, "crc_a"_a, "crc_b"_a, "len_b"_a,
+          "CRC-32C of A followed by B from the CRCs of A and B and the length of B.");
 
     m.def(
         "encode",
@@ -418,6 +420,20 @@ NB_MODULE(_core, m) {
              })
         .def("abort", &SafetensorsWriter::abort);
 
+    m.def(
+        "read_delta",
+        [](const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src, AnyArray out,
+           int threads) {
+            ArrayRef o = ref_of(out);
+            if (o.dtype != DType::F32) throw std::invalid_argument("read_delta: out must be float32");
+            const uint64_t n = uint64_t(o.numel());
+            float* p = static_cast<float*>(o.data);
+            nb::gil_scoped_release nogil;
+            const TensorDelta d = read_delta(ft, name, base, src, n, p, threads);
+            return std::make_pair(d.base_crc, d.identical);
+        },
+        "ft"_a, "name"_a, "base"_a, "src"_a, "out"_a.noconvert(), "threads"_a = 0,
+        "out = ft[name] - base[src] (f32) over out's length; returns (CRC-32C of all of base[src], identical).");
     m.def(
         "delta_f32",
         [](const InArray& ft, const InArray& base, AnyArray out, int threads) {

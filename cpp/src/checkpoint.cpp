@@ -219,8 +219,12 @@ void CheckpointDelta::read_base(const std::string& src, void* out, uint64_t nbyt
 
 void CheckpointDelta::check_contents(const std::string& src, const void* data, uint64_t nbytes) const {
     auto it = fingerprint_.find(src);
+    if (it != fingerprint_.end() && it->second.has_crc) check_crc(src, crc32c(data, size_t(nbytes)));
+}
+
+void CheckpointDelta::check_crc(const std::string& src, uint32_t got) const {
+    auto it = fingerprint_.find(src);
     if (it == fingerprint_.end() || !it->second.has_crc) return;
-    const uint32_t got = crc32c(data, size_t(nbytes));
     if (got != it->second.crc) {
         char buf[64];
         std::snprintf(buf, sizeof buf, "CRC-32C %08x, expected %08x", got, it->second.crc);
@@ -268,6 +272,56 @@ void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_b
     std::vector<uint8_t> scratch(size_t(bi.nbytes));
     read_base(t.source, scratch.data(), bi.nbytes);
     rebuild_core(t, scratch.data(), bi.dtype, out, out_dtype, alpha, threads);
+}
+
+void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, float alpha, int threads,
+                                     const std::function<void(uint64_t, const void*, uint64_t)>& sink) const {
+    const CheckpointTensor& t = tensor(name);
+    const uint64_t out_bytes = t.nbytes(out_dtype);
+    check_out(name, out_bytes, out_dtype);
+    if (!base_ || (t.kind != TensorKind::Delta && t.kind != TensorKind::Unchanged)) {  // whole, at once
+        std::vector<uint8_t> whole(static_cast<size_t>(out_bytes));
+        rebuild(name, whole.data(), out_bytes, out_dtype, alpha, threads);
+        if (out_bytes) sink(0, whole.data(), out_bytes);
+        return;
+    }
+    const TensorInfo& bi = base_->info(t.source);
+    const uint64_t numel = uint64_t(numel_of(t.shape));
+    if (numel == 0) return;
+    // Blocks of whole rows of the delta's (rows, cols) view, about 4 MiB of output each: small enough to
+    // stay in cache from the read to the sink.
+    const uint64_t cols = t.shape.empty() ? 1 : uint64_t(t.shape.back()), rows = numel / cols;
+    const size_t bsz = dtype_size(bi.dtype), osz = dtype_size(out_dtype);
+    const uint64_t block_rows = std::max<uint64_t>(1, (uint64_t(4) << 20) / (cols * osz));
+    const int64_t blocks = int64_t((rows + block_rows - 1) / block_rows);
+    const bool in_place = bi.dtype == out_dtype;
+    EncodedRef enc;
+    if (t.kind == TensorKind::Delta) enc = delta_->get(t.name);
+    ApplyParams p = apply_default_params();
+    p.alpha = alpha;
+    p.threads = 1;  // the blocks are the parallel work
+    std::vector<uint32_t> crcs(static_cast<size_t>(blocks));
+    parallel_rows(blocks, int64_t(block_rows * cols), threads, [&](int64_t b0, int64_t b1) {
+        std::vector<uint8_t> in(size_t(block_rows * cols * bsz)), out(in_place ? 0 : size_t(block_rows * cols * osz));
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint64_t r0 = uint64_t(b) * block_rows, n = std::min(block_rows, rows - r0);
+            base_->read(t.source, in.data(), n * cols * bsz, r0 * cols * bsz);
+            crcs[size_t(b)] = crc32c(in.data(), size_t(n * cols * bsz));
+            void* dst = in_place ? in.data() : out.data();
+            if (t.kind == TensorKind::Delta)
+                apply_rows(enc, int64_t(r0), int64_t(n), in.data(), bi.dtype, dst, out_dtype, p);
+            else if (!in_place)
+                convert(in.data(), bi.dtype, dst, out_dtype, size_t(n * cols));
+            sink(r0 * cols * osz, dst, n * cols * osz);
+        }
+    });
+    if (t.kind == TensorKind::Delta) delta_->drop_pages(t.name);
+    if (!force_) {
+        uint32_t crc = crcs[0];
+        for (int64_t b = 1; b < blocks; ++b)
+            crc = crc32c_combine(crc, crcs[size_t(b)], std::min(block_rows, rows - uint64_t(b) * block_rows) * cols * bsz);
+        check_crc(t.source, crc);
+    }
 }
 
 void CheckpointDelta::rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype,
@@ -437,6 +491,46 @@ static std::vector<std::pair<std::string, std::string>> config_files(const Check
     throw std::system_error(ex.code(), msg);
 }
 
+TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
+                       uint64_t count, float* out, int threads) {
+    const TensorInfo &fi = ft.info(name), &bi = base.info(src);
+    const uint64_t base_numel = uint64_t(numel_of(bi.shape));
+    if (count > base_numel || count > uint64_t(numel_of(fi.shape)))
+        throw std::invalid_argument("read_delta: " + std::to_string(count) + " elements of '" + name + "' and '" + src +
+                                    "', which hold " + std::to_string(numel_of(fi.shape)) + " and " +
+                                    std::to_string(base_numel));
+    if (count && (!is_float_dtype(fi.dtype) || !is_float_dtype(bi.dtype)))
+        throw std::invalid_argument(ft.path() + ": tensor '" + name + "' and the base's '" + src +
+                                    "' must be f32, f16 or bf16 to subtract");
+    const size_t fsz = dtype_size(fi.dtype), bsz = dtype_size(bi.dtype);
+    const uint64_t block = uint64_t(1) << 18;  // elements: 512 KiB of bf16 per buffer, cache-sized
+    const int64_t blocks = int64_t((base_numel + block - 1) / block);
+    std::vector<uint32_t> crcs(static_cast<size_t>(blocks));
+    std::atomic<bool> identical{fi.dtype == bi.dtype};
+    // The whole base tensor is read for its CRC; the rows a resized fine-tune dropped only for that.
+    parallel_rows(blocks, int64_t(block), threads, [&](int64_t b0, int64_t b1) {
+        std::vector<uint8_t> bbuf(size_t(block * bsz)), fbuf(size_t(block * fsz));
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint64_t e0 = uint64_t(b) * block, n = std::min(block, base_numel - e0);
+            base.read(src, bbuf.data(), n * bsz, e0 * bsz);
+            crcs[size_t(b)] = crc32c(bbuf.data(), size_t(n * bsz));
+            if (e0 >= count) continue;
+            const uint64_t m = std::min(n, count - e0);
+            ft.read(name, fbuf.data(), m * fsz, e0 * fsz);
+            if (identical.load(std::memory_order_relaxed) && std::memcmp(fbuf.data(), bbuf.data(), size_t(m * fsz)) != 0)
+                identical = false;
+            delta_f32(ArrayRef{fbuf.data(), fi.dtype, {int64_t(m)}}, ArrayRef{bbuf.data(), bi.dtype, {int64_t(m)}},
+                      out + e0, 1);
+        }
+    });
+    TensorDelta r;
+    r.identical = identical;
+    for (int64_t b = 0; b < blocks; ++b)
+        r.base_crc = b ? crc32c_combine(r.base_crc, crcs[size_t(b)], std::min(block, base_numel - uint64_t(b) * block) * bsz)
+                       : crcs[0];
+    return r;
+}
+
 CheckpointOutput apply_checkpoint(const std::string& base, const std::string& delta, const std::string& out,
                                   const ApplyCheckpointOptions& o) {
     if (!o.dtype.empty() && o.dtype != "f32" && o.dtype != "f16" && o.dtype != "bf16")
@@ -456,19 +550,18 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
         layout[shard].push_back(&t);
     }
     CheckpointOutput result{out, c.tensors().size(), 0};
-    std::vector<uint8_t> scratch;  // one buffer reused from tensor to tensor: pages are faulted in once
     auto write_shard = [&](const std::string& path, const std::string& shard) {
         std::vector<TensorInfo> infos;
         for (const CheckpointTensor* t : layout[shard]) infos.push_back(TensorInfo{t->name, out_dtype(*t), t->shape, 0, 0});
         std::map<std::string, std::string> meta = b->shard(shard).metadata();
         meta["format"] = "pt";
         SafetensorsWriter w(path, infos, meta, o.durable);
-        for (const CheckpointTensor* t : layout[shard]) {
+        for (const CheckpointTensor* t : layout[shard]) {  // blocks are read, rebuilt and written on each thread
             const DType dt = out_dtype(*t);
             const uint64_t n = t->nbytes(dt);
-            if (scratch.size() < n) scratch = std::vector<uint8_t>(size_t(n));
-            c.rebuild(t->name, scratch.data(), n, dt, o.alpha, o.threads);
-            w.write(t->name, scratch.data(), n);
+            c.rebuild_blocks(t->name, dt, o.alpha, o.threads, [&](uint64_t at, const void* data, uint64_t size) {
+                w.write_part(t->name, at, data, size);
+            });
             result.bytes += n;
             if (o.progress) o.progress(n);
         }

@@ -105,15 +105,18 @@ static void fsync_dir(const std::string& dir) {
     if (dfd >= 0) { ::fsync(dfd); ::close(dfd); }
 }
 
-static void write_fd(int fd, const void* data, size_t n, const std::string& path) {
+// write() at the file position, or pwrite() at `offset` when it is given, until all n bytes are out.
+static void write_fd(int fd, const void* data, size_t n, const std::string& path, int64_t offset = -1) {
     const auto* p = static_cast<const uint8_t*>(data);
     while (n) {
-        const ssize_t got = ::write(fd, p, std::min<size_t>(n, size_t(1) << 30));
+        const size_t m = std::min<size_t>(n, size_t(1) << 30);
+        const ssize_t got = offset < 0 ? ::write(fd, p, m) : ::pwrite(fd, p, m, off_t(offset));
         if (got < 0) {
             if (errno == EINTR) continue;
             os_fail(errno, "writing " + path);
         }
         p += got, n -= size_t(got);
+        if (offset >= 0) offset += got;
     }
 }
 
@@ -585,6 +588,11 @@ void AtomicFile::write(const void* data, size_t n) {
     written_ += n;
 }
 
+void AtomicFile::write_at(uint64_t offset, const void* data, size_t n) {
+    if (fd_ < 0) throw std::logic_error(path_ + ": written after commit or abort");
+    write_fd(fd_, data, n, path_, int64_t(offset));
+}
+
 void AtomicFile::commit(bool durable) {
     if (fd_ < 0) throw std::logic_error(path_ + ": committed twice or after abort");
     if (durable && ::fsync(fd_) != 0) os_fail(errno, "writing " + path_);
@@ -735,22 +743,25 @@ static json::Value metadata_object(const std::map<std::string, std::string>& met
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
                                      const std::map<std::string, std::string>& metadata, bool durable)
-    : file_(path), tensors_(tensors), durable_(durable) {
+    : file_(path), tensors_(tensors), pending_(tensors.size()), durable_(durable) {
     json::Value header = json::Value::make_object();
     if (!metadata.empty()) header.set("__metadata__", metadata_object(metadata));
     uint64_t off = 0;
-    std::set<std::string> names;
-    for (TensorInfo& t : tensors_) {
-        if (t.name == "__metadata__" || !names.insert(t.name).second)
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+        TensorInfo& t = tensors_[i];
+        if (t.name == "__metadata__" || !index_.emplace(t.name, i).second)
             throw std::invalid_argument(path + ": tensor name '" + t.name + "' is reserved or repeated");
         if (!checked_nbytes(t.shape, dtype_size(t.dtype), t.nbytes))
             throw std::invalid_argument(path + ": tensor '" + t.name + "': shape too large");
         t.offset = off;
         header.obj.emplace_back(t.name, header_entry(t.dtype, t.shape, off, off + t.nbytes));
         off += t.nbytes;
+        pending_[i] = t.nbytes;
     }
     const std::string head = header_bytes(header, path);
     file_.write(head.data(), head.size());
+    data_start_ = head.size();
+    size_ = data_start_ + off;
 }
 
 void SafetensorsWriter::write(const std::string& name, const void* data, uint64_t nbytes) {
@@ -759,17 +770,29 @@ void SafetensorsWriter::write(const std::string& name, const void* data, uint64_
     if (nbytes != tensors_[next_].nbytes)
         throw std::invalid_argument(file_.path() + ": tensor '" + name + "': " + std::to_string(nbytes) +
                                     " bytes given, " + std::to_string(tensors_[next_].nbytes) + " declared");
-    file_.write(data, size_t(nbytes));
-    if (durable_) file_.start_writeback();
+    write_part(name, 0, data, nbytes);
     ++next_;
 }
 
+void SafetensorsWriter::write_part(const std::string& name, uint64_t first_byte, const void* data, uint64_t nbytes) {
+    auto it = index_.find(name);
+    if (it == index_.end()) throw std::invalid_argument(file_.path() + ": tensor '" + name + "' was not declared");
+    const TensorInfo& t = tensors_[it->second];
+    if (first_byte > t.nbytes || nbytes > t.nbytes - first_byte)
+        throw std::invalid_argument(file_.path() + ": tensor '" + name + "': bytes [" + std::to_string(first_byte) +
+                                    ", +" + std::to_string(nbytes) + ") fall outside its " + std::to_string(t.nbytes));
+    file_.write_at(data_start_ + t.offset + first_byte, data, size_t(nbytes));
+    // The last piece of a tensor starts its writeback, so fsync at the end finds little left to do.
+    if (pending_[it->second].fetch_sub(nbytes) == nbytes && durable_) file_.start_writeback();
+}
+
 uint64_t SafetensorsWriter::finish() {
-    if (next_ != tensors_.size())
-        throw std::invalid_argument(file_.path() + ": tensor '" + tensors_[next_].name + "' was never written");
-    const uint64_t size = file_.size();
+    for (size_t i = 0; i < tensors_.size(); ++i)
+        if (pending_[i] != 0)
+            throw std::invalid_argument(file_.path() + ": tensor '" + tensors_[i].name + "' was never written" +
+                                        (pending_[i] == tensors_[i].nbytes ? "" : " whole"));
     file_.commit(durable_);
-    return size;
+    return size_;
 }
 
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,

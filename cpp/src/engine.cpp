@@ -247,6 +247,47 @@ static size_t first_f16_overflow(const uint16_t* out, const uint8_t* base, DType
     return n;
 }
 
+// Rows [row0, row0 + nrows) of out = base + alpha x delta; b0 and o0 point at row row0.
+static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0, int64_t nrows, const uint8_t* b0,
+                           DType bt, uint8_t* o0, DType ot, ApplyParams params) {
+    const Kernels& k = kernels();
+    const int64_t cols = p.m.cols, step = rows_per_step(p.m, p.dec->rows_per_block());
+    const size_t bsz = dtype_size(bt), osz = dtype_size(ot);
+    // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
+    // read-for-ownership traffic). In place, the lines are already cached by the base read.
+    const bool stream = b0 != o0 && size_t(nrows * cols) * osz >= (size_t(8) << 20);
+    parallel_rows(nrows, cols, params.threads, [&](int64_t l0, int64_t l1) {
+        std::vector<float> scratch(size_t(step * cols));
+        for (int64_t l = l0; l < l1; l += step) {
+            const int64_t r = row0 + l;
+            int n = int(std::min(step, l1 - l));
+            const uint8_t* brow = b0 + size_t(l * cols) * bsz;
+            uint8_t* orow = o0 + size_t(l * cols) * osz;
+            if (p.dec->add_rows(r, n, brow, bt, params.alpha, orow, ot, stream, k)) continue;
+            p.dec->decode(r, n, scratch.data(), k);
+            const size_t m = size_t(n * cols);
+            if (!k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream)) {
+                // a damaged or hostile delta: an error beats silent infinities (the output is not used)
+                size_t bad = 0;
+                while (std::fabs(params.alpha * scratch[bad]) <= kMaxStep) ++bad;
+                throw FormatError("tensor '" + e.name + "': alpha x delta is " +
+                                  std::to_string(params.alpha * scratch[bad]) + " at row " +
+                                  std::to_string(r + int64_t(bad) / std::max<int64_t>(cols, 1)) +
+                                  ": not a finite value a fine-tune can hold (a damaged or hostile delta)");
+            }
+            if (ot == DType::F16) {  // f16's range (65504) is the one a real rebuild can leave
+                const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(orow), brow, bt,
+                                                    scratch.data(), params.alpha, m);
+                if (at < m)
+                    throw FormatError("tensor '" + e.name + "': base + alpha x delta overflows float16 at row " +
+                                      std::to_string(r + int64_t(at) / std::max<int64_t>(cols, 1)) +
+                                      " (rebuild in f32 or bf16)");
+            }
+        }
+        if (stream) store_fence();
+    });
+}
+
 void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, ApplyParams params) {
     for (const ArrayRef* a : {&base, &out}) {
         if (!is_float_dtype(a->dtype))
@@ -259,47 +300,29 @@ void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, Apply
     }
     const uint8_t* b0 = static_cast<const uint8_t*>(base.data);
     uint8_t* o0 = static_cast<uint8_t*>(out.data);
-    bool same = b0 == o0;
+    const bool same = b0 == o0;
     if (same && base.dtype != out.dtype)
         throw std::invalid_argument("tensor '" + e.name + "': in-place apply needs out and base of the same dtype");
     if (!same && o0 < b0 + base.nbytes() && b0 < o0 + out.nbytes())
         throw std::invalid_argument("tensor '" + e.name + "': out partially overlaps base");
-    Prepared p = prepare(e);
-    const Kernels& k = kernels();
-    const int64_t cols = p.m.cols, step = rows_per_step(p.m, p.dec->rows_per_block());
-    const size_t bsz = dtype_size(base.dtype), osz = dtype_size(out.dtype);
-    // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
-    // read-for-ownership traffic). In place, the lines are already cached by the base read.
-    const bool stream = !same && out.nbytes() >= (size_t(8) << 20);
-    parallel_rows(p.m.rows, cols, params.threads, [&](int64_t r0, int64_t r1) {
-        std::vector<float> scratch(size_t(step * cols));
-        for (int64_t r = r0; r < r1; r += step) {
-            int n = int(std::min(step, r1 - r));
-            const uint8_t* brow = b0 + size_t(r * cols) * bsz;
-            uint8_t* orow = o0 + size_t(r * cols) * osz;
-            if (p.dec->add_rows(r, n, brow, base.dtype, params.alpha, orow, out.dtype, stream, k)) continue;
-            p.dec->decode(r, n, scratch.data(), k);
-            const size_t m = size_t(n * cols);
-            if (!k.add_round(brow, base.dtype, scratch.data(), params.alpha, orow, out.dtype, m, stream)) {
-                // a damaged or hostile delta: an error beats silent infinities (the output is not used)
-                size_t bad = 0;
-                while (std::fabs(params.alpha * scratch[bad]) <= kMaxStep) ++bad;
-                throw FormatError("tensor '" + e.name + "': alpha x delta is " +
-                                  std::to_string(params.alpha * scratch[bad]) + " at row " +
-                                  std::to_string(r + int64_t(bad) / std::max<int64_t>(cols, 1)) +
-                                  ": not a finite value a fine-tune can hold (a damaged or hostile delta)");
-            }
-            if (out.dtype == DType::F16) {  // f16's range (65504) is the one a real rebuild can leave
-                const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(orow), brow, base.dtype,
-                                                    scratch.data(), params.alpha, m);
-                if (at < m)
-                    throw FormatError("tensor '" + e.name + "': base + alpha x delta overflows float16 at row " +
-                                      std::to_string(r + int64_t(at) / std::max<int64_t>(cols, 1)) +
-                                      " (rebuild in f32 or bf16)");
-            }
-        }
-        if (stream) store_fence();
-    });
+    const Prepared p = prepare(e);
+    apply_prepared(p, e, 0, p.m.rows, b0, base.dtype, o0, out.dtype, params);
+}
+
+void apply_rows(const EncodedRef& e, int64_t row0, int64_t nrows, const void* base, DType base_dtype, void* out,
+                DType out_dtype, ApplyParams params) {
+    for (DType t : {base_dtype, out_dtype})
+        if (!is_float_dtype(t))
+            throw std::invalid_argument("tensor '" + e.name + "': dtype " + dtype_name(t) +
+                                        " is not supported (f32, f16, bf16)");
+    const Prepared p = prepare(e);
+    if (row0 < 0 || nrows < 0 || row0 > p.m.rows || nrows > p.m.rows - row0)
+        throw std::out_of_range("tensor '" + e.name + "': rows [" + std::to_string(row0) + ", +" +
+                                std::to_string(nrows) + ") of " + std::to_string(p.m.rows));
+    if (base == out && base_dtype != out_dtype)
+        throw std::invalid_argument("tensor '" + e.name + "': in-place apply needs out and base of the same dtype");
+    apply_prepared(p, e, row0, nrows, static_cast<const uint8_t*>(base), base_dtype, static_cast<uint8_t*>(out),
+                   out_dtype, params);
 }
 
 void decode(const EncodedRef& e, const ArrayRef& out, int threads) {

@@ -191,37 +191,27 @@ class _Compressor:
     def delta_of(self, name, src, n, check_exact):
         """Delta of the first n elements of ft[name] vs base[src]; None when identical.
         Returns (delta f32 flat, exact) where exact says base + delta rounds back to ft exactly.
-        (A read-ahead thread was tried: with numpy and pread sharing the GIL and 2 cores it cost more CPU.)"""
+        The C++ core reads both tensors in blocks on all threads, checksums the base and subtracts in one pass."""
         fi, bi = self.ft[name], self.base[src]
         if self._scratch.size < n:  # one buffer reused for every tensor: no page faults per tensor
             self._scratch = None
             self._scratch = np.empty(n, np.float32)
         delta = self._scratch[:n]
-        bbuf, fbuf = (self._chunk(i, min(n, _CHUNK), t.np_dtype) for i, t in enumerate((bi, fi)))
-        identical = bi.dtype == fi.dtype
+        crc, identical = _core.read_delta(self.ft._files, name, self.base._files, src, delta,
+                                          0 if self.threads is None else int(self.threads))
+        self._base_crc(src, crc)
+        self.bar.update(bi.nbytes + n * fi.np_dtype.itemsize)
         exact = True
-        crc = 0
-        for s in range(0, n, _CHUNK):
-            e = min(n, s + _CHUNK)
-            b, f = bbuf[:e - s], fbuf[:e - s]
-            self.base.read(src, b, s, e)
-            self.ft.read(name, f, s, e)
-            crc = _crc32c(b, crc)
-            if identical:
-                identical = np.array_equal(b.view(np.uint8), f.view(np.uint8))
-            _core.delta_f32(f, b, delta[s:e], 0 if self.threads is None else int(self.threads))
-            if check_exact:
+        if check_exact and not identical:
+            bbuf, fbuf = (self._chunk(i, min(n, _CHUNK), t.np_dtype) for i, t in enumerate((bi, fi)))
+            for s in range(0, n, _CHUNK):
+                e = min(n, s + _CHUNK)
+                b, f = self.base.read(src, bbuf[:e - s], s, e), self.ft.read(name, fbuf[:e - s], s, e)
                 back = np.empty(e - s, fi.np_dtype)
                 tensors.apply(b, _dense_enc(delta[s:e], "f32"), out=back, threads=self.threads)
-                exact = exact and np.array_equal(back.view(np.uint8), f.view(np.uint8))
-            self.bar.update(b.nbytes + f.nbytes)
-        if n < bi.numel:  # rows the fine-tune dropped: read only for the fingerprint
-            rest = np.empty(min(bi.numel - n, _CHUNK), bi.np_dtype)
-            for s in range(n, bi.numel, _CHUNK):
-                e = min(bi.numel, s + _CHUNK)
-                crc = _crc32c(self.base.read(src, rest[:e - s], s, e), crc)
-                self.bar.update((e - s) * bi.np_dtype.itemsize)
-        self._base_crc(src, crc)
+                if not np.array_equal(back.view(np.uint8), f.view(np.uint8)):
+                    exact = False
+                    break
         return (None if identical else delta), exact
 
     def encode(self, name, values_f32, shape):

@@ -9,6 +9,7 @@
 // std::invalid_argument (bad parameters, mismatched shapes); messages name file, tensor, problem.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -102,6 +103,10 @@ ApplyParams apply_default_params();
 // shape; out may alias base (in place). Never materialises the whole f32 delta.
 void apply(const EncodedRef& enc, const ArrayRef& base, const ArrayRef& out,
            ApplyParams params = apply_default_params());
+// Rows [row0, row0 + nrows) of apply's result, for callers that stream a tensor in pieces: base and out
+// point at those rows only (row-major, the delta's row width); out may alias base.
+void apply_rows(const EncodedRef& enc, int64_t row0, int64_t nrows, const void* base, DType base_dtype, void* out,
+                DType out_dtype, ApplyParams params = apply_default_params());
 
 // out (f32, shape of the delta) = decode(enc).
 void decode(const EncodedRef& enc, const ArrayRef& out, int threads = 0);
@@ -128,6 +133,9 @@ void set_default_threads(int threads);           // 0: hardware concurrency
 int default_threads();
 
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+// The CRC-32C of A followed by B, from crc32c(A), crc32c(B) and B's length: pieces checksummed on
+// different threads join in order.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
 // ----------------------------------------------------------------------------------- files
 
@@ -196,6 +204,9 @@ public:
     AtomicFile(const AtomicFile&) = delete;
     AtomicFile& operator=(const AtomicFile&) = delete;
     void write(const void* data, size_t n);
+    // n bytes at `offset` (pwrite: the file position does not move; safe from several threads at once).
+    // size() counts what write() appended only.
+    void write_at(uint64_t offset, const void* data, size_t n);
     void commit(bool durable = true);  // durable: fsync the data and the directory
     void abort();
     void start_writeback();  // begin writing what was written so far to disk (no wait)
@@ -230,23 +241,29 @@ private:
     std::string path_, tmp_;
 };
 
-// Writes a safetensors file tensor by tensor in the given order: the header first (every name,
-// dtype and shape is declared up front), then each tensor's bytes with write(), which checks the
-// name and size against the declaration. Atomic (AtomicFile); finish() checks every tensor came.
-// durable: each write() starts the writeback of what it wrote (so the final fsync has little left),
-// and finish() makes the file and its name durable before returning.
+// Writes a safetensors file: the header first (every name, dtype and shape is declared up front), then
+// the tensors' bytes, whole in the given order with write() (name and size checked against the
+// declaration), or in pieces with write_part(). Atomic (AtomicFile); finish() checks every tensor came.
+// durable: each tensor's last bytes start the writeback of what was written (so the final fsync has
+// little left), and finish() makes the file and its name durable before returning.
 class SafetensorsWriter {
 public:
     SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
                       const std::map<std::string, std::string>& metadata = {}, bool durable = true);
-    void write(const std::string& name, const void* data, uint64_t nbytes);
+    void write(const std::string& name, const void* data, uint64_t nbytes);  // whole tensors, declared order
+    // Bytes [first_byte, first_byte + nbytes) of tensor `name`, in any order and from several threads at
+    // once (pwrite); finish() checks that every tensor got all its bytes (by count: pieces must not overlap).
+    void write_part(const std::string& name, uint64_t first_byte, const void* data, uint64_t nbytes);
     uint64_t finish();  // returns the file size
     void abort() { file_.abort(); }
 
 private:
     AtomicFile file_;
     std::vector<TensorInfo> tensors_;
+    std::map<std::string, size_t> index_;
+    std::vector<std::atomic<uint64_t>> pending_;  // bytes of each tensor not written yet
     size_t next_ = 0;
+    uint64_t data_start_ = 0, size_ = 0;
     bool durable_;
 };
 
@@ -406,6 +423,14 @@ public:
     // holds more than the tensor and its base.
     void rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha = 1.0f,
                  int threads = 0) const;
+    // The same in blocks of rows, for a caller that writes the tensor somewhere (a file, its own storage):
+    // sink(first_byte, data, nbytes) gets each block of the result in out_dtype (about 4 MiB, whole rows),
+    // from up to `threads` threads at once and in no set order. Each block is read from the base, checked
+    // and rebuilt in cache-sized memory, so reading, rebuilding and the sink's writing overlap. The base
+    // tensor's CRC-32C is known when the last block is done: a mismatch throws BaseMismatch after the sink
+    // has had every block. Added and resized tensors come as one block.
+    void rebuild_blocks(const std::string& name, DType out_dtype, float alpha, int threads,
+                        const std::function<void(uint64_t, const void*, uint64_t)>& sink) const;
     // The same from a base tensor the caller holds (an application with its own weight storage; `base` may
     // be null for Replaced tensors): `base` is the tensor `source` in `base_dtype`, base_bytes exactly its
     // size. Unless force, its dtype and CRC-32C must be the fingerprint's (check_crc false: the caller
@@ -426,6 +451,7 @@ private:
                       float alpha, int threads) const;
     void read_base(const std::string& src, void* out, uint64_t nbytes) const;  // with the fingerprint check
     void check_contents(const std::string& src, const void* data, uint64_t nbytes) const;
+    void check_crc(const std::string& src, uint32_t crc) const;  // BaseMismatch unless the fingerprint's
     std::shared_ptr<const ModelFiles> base_;  // may be null: rebuild_from only
     std::shared_ptr<const DeltaFile> delta_;
     bool force_;
@@ -435,6 +461,17 @@ private:
     std::vector<std::string> removed_;
     std::map<std::string, Fingerprint> fingerprint_;  // of the base the delta was made from
 };
+
+// What compress reads of one tensor, in one pass: out (count f32) = ft[name] - base[src] over their first
+// `count` elements (one IEEE f32 subtraction each); the CRC-32C of all of base[src] (the fingerprint, rows
+// a resized fine-tune dropped included); and whether those elements are the same bytes in the same dtype.
+// Both are read in cache-sized blocks on `threads` threads, so reading and subtracting overlap.
+struct TensorDelta {
+    uint32_t base_crc = 0;
+    bool identical = false;
+};
+TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
+                       uint64_t count, float* out, int threads = 0);
 
 struct ApplyCheckpointOptions {
     float alpha = 1.0f;     // base + alpha * delta (1: the fine-tune; > 1 extrapolates, < 1 interpolates)

@@ -164,6 +164,22 @@ NB_MODULE(_core, m) {
             return nb::make_tuple(enc.params, comps);
         },
         "codec"_a, "params"_a, "delta"_a, "threads"_a = 0);
+    m.def(
+        "encode_delta",
+        [](const std::string& codec, const std::string& params, const ModelFiles& ft, const std::string& name,
+           const ModelFiles& base, const std::string& src, const std::vector<int64_t>& shape, int threads) {
+            EncodedDelta d;
+            {
+                nb::gil_scoped_release nogil;
+                d = encode_delta(codec, params, ft, name, base, src, shape, threads);
+            }
+            nb::dict comps;
+            for (auto& kv : d.enc.components) comps[kv.first.c_str()] = owned_numpy(kv.second);
+            return nb::make_tuple(d.enc.params, comps, d.read.base_crc, d.read.identical);
+        },
+        "codec"_a, "params"_a, "ft"_a, "name"_a, "base"_a, "src"_a, "shape"_a, "threads"_a = 0,
+        "encode(ft[name] - base[src]) over `shape` without holding the delta; returns (params, components, "
+        "CRC-32C of all of base[src], identical).");
 
     m.def("validate", [](const PyEncoded& e) { validate(ref_of(e)); }, "encoded"_a);
 

@@ -491,43 +491,121 @@ static std::vector<std::pair<std::string, std::string>> config_files(const Check
     throw std::system_error(ex.code(), msg);
 }
 
+// ft[name] - base[src] as rows of `cols` elements, the first `rows` of them, read from the files in blocks of
+// about 256 KiB of bf16 per tensor as they are asked for (each thread keeps its last block). Every base block's
+// CRC-32C is kept, and finish() reads the blocks nobody asked for (rows a resized fine-tune dropped), so the
+// base tensor's CRC is whole whatever the codec read.
+class FileDeltaRows : public RowSource {
+public:
+    FileDeltaRows(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
+                  uint64_t rows, uint64_t cols)
+        : ft_(ft), base_(base), name_(name), src_(src), fi_(ft.info(name)), bi_(base.info(src)), rows_(rows),
+          cols_(std::max<uint64_t>(cols, 1)) {
+        const uint64_t ft_numel = uint64_t(numel_of(fi_.shape)), base_numel = uint64_t(numel_of(bi_.shape));
+        if (rows * cols > ft_numel || rows * cols > base_numel || (cols && base_numel % cols))
+            throw std::invalid_argument(ft.path() + ": tensor '" + name + "': " + std::to_string(rows) + " rows of " +
+                                        std::to_string(cols) + " of it and of the base's '" + src + "', which hold " +
+                                        std::to_string(ft_numel) + " and " + std::to_string(base_numel) + " elements");
+        if (rows * cols && (!is_float_dtype(fi_.dtype) || !is_float_dtype(bi_.dtype)))
+            throw std::invalid_argument(ft.path() + ": tensor '" + name + "' and the base's '" + src +
+                                        "' must be f32, f16 or bf16 to subtract");
+        base_rows_ = base_numel / cols_;
+        block_rows_ = std::max<uint64_t>(1, (uint64_t(256) << 10) / (cols_ * 2));
+        const size_t blocks = size_t((base_rows_ + block_rows_ - 1) / block_rows_);
+        crcs_ = std::vector<std::atomic<uint32_t>>(blocks);
+        done_ = std::vector<std::atomic<bool>>(blocks);
+        identical_ = fi_.dtype == bi_.dtype;
+    }
+
+    void row(int64_t r, float* dst, const Kernels& k) const override {
+        Block& c = block_of(uint64_t(r) / block_rows_);
+        const uint64_t i = uint64_t(r) - c.first;
+        k.to_f32(c.ft.data() + i * cols_ * dtype_size(fi_.dtype), fi_.dtype, dst, size_t(cols_));
+        k.to_f32(c.base.data() + i * cols_ * dtype_size(bi_.dtype), bi_.dtype, c.base_f32.data(), size_t(cols_));
+        for (uint64_t j = 0; j < cols_; ++j) dst[j] -= c.base_f32[size_t(j)];  // one IEEE f32 subtraction each
+    }
+
+    // The base tensor's CRC-32C, and whether the rows are the same bytes in the same dtype.
+    TensorDelta finish() const {
+        for (size_t b = 0; b < done_.size(); ++b)
+            if (!done_[b]) block_of(b);
+        TensorDelta r;
+        r.identical = identical_;
+        for (size_t b = 0; b < crcs_.size(); ++b) {
+            const uint64_t n = std::min(block_rows_, base_rows_ - b * block_rows_) * cols_ * dtype_size(bi_.dtype);
+            r.base_crc = b ? crc32c_combine(r.base_crc, crcs_[b], n) : crcs_[b].load();
+        }
+        return r;
+    }
+
+private:
+    struct Block {
+        uint64_t owner = 0, index = ~uint64_t(0), first = 0;
+        std::vector<uint8_t> ft, base;
+        std::vector<float> base_f32;
+    };
+
+    Block& block_of(uint64_t b) const {
+        thread_local Block c;
+        if (c.owner == serial_ && c.index == b) return c;
+        c.owner = serial_, c.index = b, c.first = b * block_rows_;
+        const uint64_t n = std::min(block_rows_, base_rows_ - c.first), shared = c.first < rows_ ? std::min(n, rows_ - c.first) : 0;
+        const size_t fsz = dtype_size(fi_.dtype), bsz = dtype_size(bi_.dtype);
+        c.ft.resize(size_t(block_rows_ * cols_ * fsz));
+        c.base.resize(size_t(block_rows_ * cols_ * bsz));
+        c.base_f32.resize(size_t(cols_));
+        base_.read(src_, c.base.data(), n * cols_ * bsz, c.first * cols_ * bsz);
+        crcs_[size_t(b)] = crc32c(c.base.data(), size_t(n * cols_ * bsz));
+        done_[size_t(b)] = true;
+        if (shared) {
+            ft_.read(name_, c.ft.data(), shared * cols_ * fsz, c.first * cols_ * fsz);
+            if (identical_.load(std::memory_order_relaxed) && std::memcmp(c.ft.data(), c.base.data(), size_t(shared * cols_ * fsz)))
+                identical_ = false;
+        }
+        return c;
+    }
+
+    static inline std::atomic<uint64_t> next_serial_{1};
+    const uint64_t serial_ = next_serial_++;  // tells this object's blocks from an earlier one's at the same address
+    const ModelFiles &ft_, &base_;
+    const std::string name_, src_;
+    const TensorInfo &fi_, &bi_;
+    uint64_t rows_, cols_, base_rows_ = 0, block_rows_ = 1;
+    mutable std::vector<std::atomic<uint32_t>> crcs_;
+    mutable std::vector<std::atomic<bool>> done_;
+    mutable std::atomic<bool> identical_{false};
+};
+
+// A tensor's (rows, cols) view for compress: cols is its last dimension (1-D: the whole tensor).
+static uint64_t row_width(const TensorInfo& t) { return t.shape.empty() ? 1 : uint64_t(t.shape.back()); }
+
 TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
                        uint64_t count, float* out, int threads) {
-    const TensorInfo &fi = ft.info(name), &bi = base.info(src);
-    const uint64_t base_numel = uint64_t(numel_of(bi.shape));
-    if (count > base_numel || count > uint64_t(numel_of(fi.shape)))
-        throw std::invalid_argument("read_delta: " + std::to_string(count) + " elements of '" + name + "' and '" + src +
-                                    "', which hold " + std::to_string(numel_of(fi.shape)) + " and " +
-                                    std::to_string(base_numel));
-    if (count && (!is_float_dtype(fi.dtype) || !is_float_dtype(bi.dtype)))
-        throw std::invalid_argument(ft.path() + ": tensor '" + name + "' and the base's '" + src +
-                                    "' must be f32, f16 or bf16 to subtract");
-    const size_t fsz = dtype_size(fi.dtype), bsz = dtype_size(bi.dtype);
-    const uint64_t block = uint64_t(1) << 18;  // elements: 512 KiB of bf16 per buffer, cache-sized
-    const int64_t blocks = int64_t((base_numel + block - 1) / block);
-    std::vector<uint32_t> crcs(static_cast<size_t>(blocks));
-    std::atomic<bool> identical{fi.dtype == bi.dtype};
-    // The whole base tensor is read for its CRC; the rows a resized fine-tune dropped only for that.
-    parallel_rows(blocks, int64_t(block), threads, [&](int64_t b0, int64_t b1) {
-        std::vector<uint8_t> bbuf(size_t(block * bsz)), fbuf(size_t(block * fsz));
-        for (int64_t b = b0; b < b1; ++b) {
-            const uint64_t e0 = uint64_t(b) * block, n = std::min(block, base_numel - e0);
-            base.read(src, bbuf.data(), n * bsz, e0 * bsz);
-            crcs[size_t(b)] = crc32c(bbuf.data(), size_t(n * bsz));
-            if (e0 >= count) continue;
-            const uint64_t m = std::min(n, count - e0);
-            ft.read(name, fbuf.data(), m * fsz, e0 * fsz);
-            if (identical.load(std::memory_order_relaxed) && std::memcmp(fbuf.data(), bbuf.data(), size_t(m * fsz)) != 0)
-                identical = false;
-            delta_f32(ArrayRef{fbuf.data(), fi.dtype, {int64_t(m)}}, ArrayRef{bbuf.data(), bi.dtype, {int64_t(m)}},
-                      out + e0, 1);
-        }
+    const uint64_t cols = row_width(ft.info(name)), nrows = cols ? count / cols : 0;
+    if (cols ? count % cols != 0 : count != 0)
+        throw std::invalid_argument("read_delta: " + std::to_string(count) + " elements of '" + name +
+                                    "' are not whole rows of " + std::to_string(cols));
+    const FileDeltaRows rows(ft, name, base, src, nrows, cols);
+    const Kernels& k = kernels();
+    parallel_rows(int64_t(nrows), int64_t(cols), threads, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) rows.row(r, out + uint64_t(r) * cols, k);
     });
-    TensorDelta r;
-    r.identical = identical;
-    for (int64_t b = 0; b < blocks; ++b)
-        r.base_crc = b ? crc32c_combine(r.base_crc, crcs[size_t(b)], std::min(block, base_numel - uint64_t(b) * block) * bsz)
-                       : crcs[0];
+    return rows.finish();
+}
+
+EncodedDelta encode_delta(const std::string& codec, const std::string& params, const ModelFiles& ft,
+                          const std::string& name, const ModelFiles& base, const std::string& src,
+                          const std::vector<int64_t>& shape, int threads) {
+    const uint64_t numel = uint64_t(numel_of(shape)), cols = shape.empty() ? 1 : uint64_t(shape.back());
+    EncodedDelta r;
+    if (numel == 0) {  // nothing to ask rows of: the empty array's encoding, and the base's CRC
+        r.read = read_delta(ft, name, base, src, 0, nullptr, threads);
+        r.enc = encode(codec, params, ArrayRef{nullptr, DType::F32, shape}, threads);
+        return r;
+    }
+    const FileDeltaRows rows(ft, name, base, src, numel / cols, cols);
+    r.enc = encode_rows(codec, params, rows, shape, threads);
+    r.read = rows.finish();
     return r;
 }
 

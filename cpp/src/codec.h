@@ -50,15 +50,28 @@ struct RowDecoder {
                          const Kernels& k, std::vector<float>& scratch) const;
 };
 
-// A tensor to encode: f32/f16/bf16 matrix; rows are converted to f32 on demand.
+// Rows of a tensor that is not in memory (compress's ft - base, computed from the files as asked for).
+struct RowSource {
+    virtual ~RowSource() = default;
+    virtual void row(int64_t r, float* dst, const Kernels& k) const = 0;  // safe from several threads
+};
+
+// A tensor to encode: f32/f16/bf16 matrix `a`, or `source` (then a.data is null); rows are converted to f32
+// on demand.
 struct EncodeInput {
     const ArrayRef& a;
     Matrix m;
+    const RowSource* source = nullptr;
     void row(int64_t r, float* dst, const Kernels& k) const {
+        if (source) return source->row(r, dst, k);
         k.to_f32(static_cast<const uint8_t*>(a.data) + size_t(r * m.cols) * dtype_size(a.dtype), a.dtype,
                  dst, size_t(m.cols));
     }
 };
+
+// encode() over rows from a source: the same parameters, checks and components.
+Encoded encode_rows(const std::string& codec, const std::string& params, const RowSource& source,
+                    const std::vector<int64_t>& shape, int threads);
 
 class Codec {
 public:

@@ -182,18 +182,27 @@ std::string canonical_params(const std::string& codec, const std::string& params
     return json::dump(find_codec(codec).canonical(parse_params(codec, params)));
 }
 
-Encoded encode(const std::string& codec, const std::string& params, const ArrayRef& delta, int threads) {
+static Encoded encode_input(const std::string& codec, const std::string& params, const EncodeInput& in, int threads) {
     const Codec& c = find_codec(codec);
-    if (!is_float_dtype(delta.dtype))
-        throw std::invalid_argument(std::string("encode: delta dtype ") + dtype_name(delta.dtype) +
-                                    " is not supported (f32, f16, bf16)");
     json::Value p = c.canonical(parse_params(codec, params));
-    EncodeInput in{delta, Matrix::of(delta.shape)};
     Encoded out;
     out.components = c.encode(p, in, threads);
     out.codec = codec;
     out.params = json::dump(p);
     return out;
+}
+
+Encoded encode(const std::string& codec, const std::string& params, const ArrayRef& delta, int threads) {
+    if (!is_float_dtype(delta.dtype))
+        throw std::invalid_argument(std::string("encode: delta dtype ") + dtype_name(delta.dtype) +
+                                    " is not supported (f32, f16, bf16)");
+    return encode_input(codec, params, EncodeInput{delta, Matrix::of(delta.shape)}, threads);
+}
+
+Encoded encode_rows(const std::string& codec, const std::string& params, const RowSource& source,
+                    const std::vector<int64_t>& shape, int threads) {
+    const ArrayRef shape_only{nullptr, DType::F32, shape};
+    return encode_input(codec, params, EncodeInput{shape_only, Matrix::of(shape), &source}, threads);
 }
 
 struct Prepared {

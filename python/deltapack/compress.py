@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from . import _core, files, reference, tensors
+from . import _core, files, recipes, reference, tensors
 from .models import (CHECKPOINT_VERSION, NEW_ROWS, BaseMismatchError, Checkpoint, _as_checkpoint, _crc32c,
                      _progress, _widen_into)
 from .recipes import Rules
@@ -214,6 +214,31 @@ class _Compressor:
                     break
         return (None if identical else delta), exact
 
+    def streams(self, choice) -> bool:
+        """Whether encode_streamed can encode this (codec, params): every codec the C++ core encodes
+        (lowrank's SVD runs in numpy on the whole delta)."""
+        return recipes.parse(choice[0])[0] != "lowrank"
+
+    def encode_streamed(self, name, src, shape):
+        """The recipe's encoding of ft[name] - base[src] over `shape` (its first shape[0] rows), the same as
+        encode(delta_of(...)) gives, but each row is formed from the files when the codec reads it: the f32
+        delta of a large tensor is never held. None when those rows are identical."""
+        codec, params = self.choose(name, shape)
+        kind, rparams = recipes.parse(codec)
+        rparams.update(params)
+        fi, bi = self.ft[name], self.base[src]
+        try:
+            canon, comps, crc, identical = _core.encode_delta(
+                kind, json.dumps(rparams), self.ft._files, name, self.base._files, src, list(shape),
+                0 if self.threads is None else int(self.threads))
+        except _core.FormatError:  # a damaged file: its message names it
+            raise
+        except ValueError as ex:  # the codec refused the delta
+            raise ValueError(f"tensor '{name}' {list(shape)}: {codec}: {ex}") from None
+        self._base_crc(src, crc)
+        self.bar.update(bi.nbytes + math.prod(shape) * fi.np_dtype.itemsize)
+        return None if identical else tensors.Encoded(kind, json.loads(canon), tuple(shape), "f32", dict(comps))
+
     def encode(self, name, values_f32, shape):
         codec, params = self.choose(name, shape)
         matrix = values_f32.reshape(shape)
@@ -317,6 +342,13 @@ def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files):
             elif spec["op"] == "delta":
                 choice = c.choose(name, fi.shape)
                 check = choice is not None and choice[0] == "dense" and choice[1].get("dtype", "f32") == "f32"
+                if choice is not None and not check and c.streams(choice):
+                    enc = c.encode_streamed(name, src, fi.shape)
+                    if enc is None:
+                        spec["op"] = "same"
+                    else:
+                        writer.add(name, enc)
+                    continue
                 delta, exact = c.delta_of(name, src, fi.numel, check)
                 if delta is None or choice is None:  # unchanged, or a delta the budget does not store
                     spec["op"] = "same"

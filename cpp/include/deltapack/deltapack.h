@@ -463,15 +463,26 @@ private:
 };
 
 // What compress reads of one tensor, in one pass: out (count f32) = ft[name] - base[src] over their first
-// `count` elements (one IEEE f32 subtraction each); the CRC-32C of all of base[src] (the fingerprint, rows
-// a resized fine-tune dropped included); and whether those elements are the same bytes in the same dtype.
-// Both are read in cache-sized blocks on `threads` threads, so reading and subtracting overlap.
+// `count` elements, whole rows of the last dimension (one IEEE f32 subtraction each); the CRC-32C of all
+// of base[src] (the fingerprint, rows a resized fine-tune dropped included); and whether those elements
+// are the same bytes in the same dtype. Both are read in cache-sized blocks on `threads` threads, so
+// reading and subtracting overlap.
 struct TensorDelta {
     uint32_t base_crc = 0;
     bool identical = false;
 };
 TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
                        uint64_t count, float* out, int threads = 0);
+// The same pass feeding a codec instead of an f32 array: encodes ft[name] - base[src] over the delta's
+// `shape` (the fine-tune's first shape[0] rows) as encode() would encode that array, without ever holding
+// it (each row is computed from the files when the codec asks for it).
+struct EncodedDelta {
+    Encoded enc;
+    TensorDelta read;
+};
+EncodedDelta encode_delta(const std::string& codec, const std::string& params, const ModelFiles& ft,
+                          const std::string& name, const ModelFiles& base, const std::string& src,
+                          const std::vector<int64_t>& shape, int threads = 0);
 
 struct ApplyCheckpointOptions {
     float alpha = 1.0f;     // base + alpha * delta (1: the fine-tune; > 1 extrapolates, < 1 interpolates)

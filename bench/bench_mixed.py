@@ -8,7 +8,9 @@
      mixed    the same plus every row's delta from the packed bits, one Bank.mixed_product call (what a
               patched nn.Linear does: x to f32, the deltas' part added in f32, rounded once);
      rebuild  per fine-tune, rebuild its bf16 matrix (Bank.rebuild into a buffer) and multiply its rows.
-   Targets: mixed / base <= 2 at 8 x 1 token; rebuild / mixed >= 3.
+   Targets: mixed / base <= 2 at 8 x 1 token; rebuild / mixed >= 3. torch's OpenMP threads spin for a while
+   after each matmul and take cores from the delta's threads: run it again with OMP_WAIT_POLICY=PASSIVE
+   (and --out bench/results/mixed_passive) to see the difference.
 2. Decoding. Greedy decoding of a mixed batch of 4 fine-tunes on project pairs that share a base
    (llama-small and llama-small-reverse-light, each as a `sign` delta and a `lowrank:rank=16` delta): one
    patched model (bank.patch + bank.rows) against the four fine-tunes rebuilt and run one after another
@@ -172,7 +174,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "simd": dp.simd(), "torch_threads": torch.get_num_threads(),
-                          "python": sys.version.split()[0], "torch": torch.__version__},
+                          "python": sys.version.split()[0], "torch": torch.__version__,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
               "layers": [], "decode": None}
     if not args.skip_layers:
         for rows, cols in SHAPES:
@@ -181,8 +184,10 @@ def main(argv=None):
         result["decode"] = bench_decode(args.new_tokens, max(3, args.repeats // 2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-    lines = ["# Mixed batches", "", f"`python bench/bench_mixed.py` on {result['machine']['cores']} cores "
-             f"({result['machine']['simd']}), median of {args.repeats}.", "",
+    policy = result["machine"]["omp_wait_policy"]
+    lines = ["# Mixed batches", "", f"`{'' if policy == 'default' else f'OMP_WAIT_POLICY={policy} '}python "
+             f"bench/bench_mixed.py` on {result['machine']['cores']} cores ({result['machine']['simd']}), median of "
+             f"{args.repeats}; torch's OpenMP threads wait by the {policy} policy.", "",
              "| matrix | batch | base bf16 matmul | mixed | overhead | rebuild + matmul | mixed vs rebuild |",
              "|---|---|---|---|---|---|---|"]
     for r in result["layers"]:

@@ -192,22 +192,26 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
                                     std::to_string(which[i]) + " of " + std::to_string(names.size()));
         if (which[i] >= 0) members[size_t(which[i])].push_back(i);
     }
-    std::vector<float> xs, ys;
+    // Each fine-tune's rows gathered into its own x and y; then one call runs every product on one set of threads.
+    std::vector<std::vector<float>> xs(names.size()), ys(names.size());
+    std::vector<ProductJob> jobs;
     for (size_t t = 0; t < names.size(); ++t) {
         const CheckpointDelta& c = fine_tune(names[t]);
         const std::vector<int64_t>& own = members[t];
         if (own.empty() || c.tensor(tensor).kind != TensorKind::Delta) continue;
-        xs.resize(own.size() * size_t(cols));
-        ys.assign(own.size() * size_t(rows), 0.0f);
+        xs[t].resize(own.size() * size_t(cols));
+        ys[t].assign(own.size() * size_t(rows), 0.0f);
         for (size_t i = 0; i < own.size(); ++i)
-            std::memcpy(xs.data() + i * size_t(cols), x + size_t(own[i] * cols), size_t(cols) * sizeof(float));
-        delta_product(c.delta().get(tensor, false), xs.data(), int64_t(own.size()), alpha, ys.data(), threads);
-        for (size_t i = 0; i < own.size(); ++i) {
-            float* out = y + size_t(own[i] * rows);
-            const float* add = ys.data() + i * size_t(rows);
+            std::memcpy(xs[t].data() + i * size_t(cols), x + size_t(own[i] * cols), size_t(cols) * sizeof(float));
+        jobs.push_back(ProductJob{c.delta().get(tensor, false), xs[t].data(), int64_t(own.size()), ys[t].data()});
+    }
+    delta_products(jobs, alpha, threads);
+    for (size_t t = 0; t < names.size(); ++t)
+        for (size_t i = 0; i < ys[t].size() / size_t(std::max<int64_t>(rows, 1)); ++i) {
+            float* out = y + size_t(members[t][i] * rows);
+            const float* add = ys[t].data() + i * size_t(rows);
             for (int64_t r = 0; r < rows; ++r) out[r] = out[r] + add[r];
         }
-    }
 }
 
 // A cache key: the mix's names and alphas (exact bits), "\x1f" after each name and "\x1e" between entries.

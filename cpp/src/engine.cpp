@@ -1,6 +1,7 @@
 // The reconstruction engine (apply / decode), encode and validate entry points, parameter and
 // component helpers shared by the codecs.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <mutex>
@@ -141,17 +142,16 @@ void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
     std::vector<std::thread> pool;
     std::exception_ptr error;
     std::mutex mu;
-    for (int64_t i = 0; i < t; ++i) {
-        int64_t r0 = rows * i / t, r1 = rows * (i + 1) / t;
-        pool.emplace_back([&, r0, r1] {
-            try {
-                fn(r0, r1);
-            } catch (...) {
-                std::lock_guard<std::mutex> lock(mu);
-                if (!error) error = std::current_exception();
-            }
-        });
-    }
+    auto share = [&](int64_t i) {
+        try {
+            fn(rows * i / t, rows * (i + 1) / t);
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(mu);
+            if (!error) error = std::current_exception();
+        }
+    };
+    for (int64_t i = 1; i < t; ++i) pool.emplace_back(share, i);
+    share(0);  // the calling thread takes a share too: one thread fewer to start and to compete for the cores
     for (auto& th : pool) th.join();
     if (error) std::rethrow_exception(error);
 }
@@ -363,20 +363,51 @@ void RowDecoder::product(int64_t r0, int nrows, const Batch& x, float alpha, flo
 }
 
 void delta_product(const EncodedRef& e, const float* x, int64_t batch, float alpha, float* y, int threads) {
-    if (batch < 0 || batch > (int64_t(1) << 30))
-        throw std::invalid_argument("tensor '" + e.name + "': batch of " + std::to_string(batch) + " rows");
-    Prepared p = prepare(e);
-    if (batch == 0 || p.m.rows == 0) return;
+    delta_products({ProductJob{e, x, batch, y}}, alpha, threads);
+}
+
+void delta_products(const std::vector<ProductJob>& jobs, float alpha, int threads) {
+    struct Ready {
+        Prepared p;
+        RowDecoder::Batch x;
+        float* y;
+        int64_t step;
+    };
+    std::vector<Ready> ready;
     const Kernels& k = kernels();
-    const RowDecoder::Batch xb{x, int(batch), p.m.cols};
-    p.dec->begin_product(xb, k);
-    // At least 8 rows per step: the kernels take blocks of rows, so a batch row loaded once serves several.
-    const int block = p.dec->rows_per_block();
-    const int64_t step = std::max<int64_t>(rows_per_step(p.m, block), (8 + block - 1) / block * block);
-    parallel_rows(p.m.rows, p.m.cols * batch, threads, [&](int64_t r0, int64_t r1) {
+    int64_t rows = -1, cols = -1, work = 0;
+    for (const ProductJob& j : jobs) {
+        if (j.batch < 0 || j.batch > (int64_t(1) << 30))
+            throw std::invalid_argument("tensor '" + j.enc.name + "': batch of " + std::to_string(j.batch) + " rows");
+        Prepared p = prepare(j.enc);
+        if (rows >= 0 && (p.m.rows != rows || p.m.cols != cols))
+            throw std::invalid_argument("tensor '" + j.enc.name + "': a " + std::to_string(p.m.rows) + " x " +
+                                        std::to_string(p.m.cols) + " delta among " + std::to_string(rows) + " x " +
+                                        std::to_string(cols) + " ones");
+        rows = p.m.rows, cols = p.m.cols;
+        if (j.batch == 0 || p.m.rows == 0) continue;
+        // At least 16 rows per step: the kernels take blocks of rows (up to 16 for a batch of one), so a batch
+        // row loaded once serves several.
+        const int block = p.dec->rows_per_block();
+        const int64_t step = std::max<int64_t>(rows_per_step(p.m, block), (16 + block - 1) / block * block);
+        const RowDecoder::Batch xb{j.x, int(j.batch), p.m.cols};
+        p.dec->begin_product(xb, k);
+        work += p.m.cols * j.batch;
+        ready.push_back(Ready{std::move(p), xb, j.y, step});
+    }
+    if (ready.empty()) return;
+    // Chunks of rows taken in turn, not fixed shares: a thread slowed by another process (a torch thread pool
+    // still spinning after its matmul) takes fewer, instead of making the others wait for its share.
+    const int64_t chunk = 64;
+    std::atomic<int64_t> next{0};
+    parallel_rows((rows + chunk - 1) / chunk, chunk * work, threads, [&](int64_t, int64_t) {
         std::vector<float> scratch;
-        for (int64_t r = r0; r < r1; r += step)
-            p.dec->product(r, int(std::min(step, r1 - r)), xb, alpha, y, size_t(p.m.rows), k, scratch);
+        for (int64_t r0; (r0 = next.fetch_add(chunk)) < rows;) {
+            const int64_t r1 = std::min(rows, r0 + chunk);
+            for (const Ready& j : ready)
+                for (int64_t r = r0; r < r1; r += j.step)
+                    j.p.dec->product(r, int(std::min(j.step, r1 - r)), j.x, alpha, j.y, size_t(rows), k, scratch);
+        }
     });
 }
 

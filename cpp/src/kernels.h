@@ -207,17 +207,23 @@ void sign_add_round_by_parts(const uint8_t* bits, float t, const void* base, DTy
 
 // Calls f(R, K, i, b) over the nrows x nx sums of a batch product in blocks of R rows x K batch rows:
 // RMAX x KMAX where they fit, then narrower (independent sums keep the SIMD units busy; a batch row loaded
-// once serves R rows). R and K are std::integral_constants, usable as template arguments.
-template <int RMAX, int KMAX, class F>
+// once serves R rows). The batch rows left over one at a time (all of them for a batch of 1, a decode step)
+// go in blocks of RWIDE rows: as many independent sums again. R and K are std::integral_constants, usable
+// as template arguments. The blocks only group sums: each sum is computed the same way in any block.
+template <int RMAX, int KMAX, int RWIDE = RMAX, class F>
 inline void by_blocks(int nrows, int nx, F f) {
-    auto row_block = [&](auto r, int i) {
-        int b = 0;
-        for (; b + KMAX <= nx; b += KMAX) f(r, std::integral_constant<int, KMAX>(), i, b);
-        for (; b < nx; ++b) f(r, std::integral_constant<int, 1>(), i, b);
-    };
-    int i = 0;
-    for (; i + RMAX <= nrows; i += RMAX) row_block(std::integral_constant<int, RMAX>(), i);
-    for (; i < nrows; ++i) row_block(std::integral_constant<int, 1>(), i);
+    int b = 0;
+    for (; b + KMAX <= nx; b += KMAX) {
+        int i = 0;
+        for (; i + RMAX <= nrows; i += RMAX) f(std::integral_constant<int, RMAX>(), std::integral_constant<int, KMAX>(), i, b);
+        for (; i < nrows; ++i) f(std::integral_constant<int, 1>(), std::integral_constant<int, KMAX>(), i, b);
+    }
+    for (; b < nx; ++b) {
+        int i = 0;
+        for (; i + RWIDE <= nrows; i += RWIDE) f(std::integral_constant<int, RWIDE>(), std::integral_constant<int, 1>(), i, b);
+        for (; i + RMAX <= nrows; i += RMAX) f(std::integral_constant<int, RMAX>(), std::integral_constant<int, 1>(), i, b);
+        for (; i < nrows; ++i) f(std::integral_constant<int, 1>(), std::integral_constant<int, 1>(), i, b);
+    }
 }
 
 }  // namespace deltapack

@@ -117,6 +117,17 @@ void decode(const EncodedRef& enc, const ArrayRef& out, int threads = 0);
 // lowrank: u (v x); other codecs: a few decoded rows at a time). f32 sums in a fixed order: every SIMD path
 // gives the same bits.
 void delta_product(const EncodedRef& enc, const float* x, int64_t batch, float alpha, float* y, int threads = 0);
+// A mixed batch's products at once, one job per fine-tune, all deltas of one (rows, cols) shape: each job's
+// y (batch x rows) += alpha * its x (batch x cols) times its D transposed, the same bits as delta_product
+// per job. One set of threads takes the rows and runs every job over them (per-job calls would start and
+// join threads once per fine-tune, a large share of a decode step's time).
+struct ProductJob {
+    EncodedRef enc;
+    const float* x;
+    int64_t batch;
+    float* y;
+};
+void delta_products(const std::vector<ProductJob>& jobs, float alpha, int threads = 0);
 // out (n x cols, f32) = alpha * the rows `rows` of D (an embedding's rows for a batch's tokens).
 void delta_rows(const EncodedRef& enc, const int64_t* rows, int64_t n, float alpha, float* out);
 

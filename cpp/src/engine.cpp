@@ -398,9 +398,11 @@ void delta_products(const std::vector<ProductJob>& jobs, float alpha, int thread
     if (ready.empty()) return;
     // Chunks of rows taken in turn, not fixed shares: a thread slowed by another process (a torch thread pool
     // still spinning after its matmul) takes fewer, instead of making the others wait for its share.
+    // A thread is started for every 2^20 multiply-adds or so (parallel_rows counts 2^16 units of work per
+    // thread; these are 16 to a SIMD instruction): a decode step of a small model runs on the caller alone.
     const int64_t chunk = 64;
     std::atomic<int64_t> next{0};
-    parallel_rows((rows + chunk - 1) / chunk, chunk * work, threads, [&](int64_t, int64_t) {
+    parallel_rows((rows + chunk - 1) / chunk, chunk * work / 16, threads, [&](int64_t, int64_t) {
         std::vector<float> scratch;
         for (int64_t r0; (r0 = next.fetch_add(chunk)) < rows;) {
             const int64_t r1 = std::min(rows, r0 + chunk);

@@ -206,12 +206,14 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
         jobs.push_back(ProductJob{c.delta().get(tensor, false), xs[t].data(), int64_t(own.size()), ys[t].data()});
     }
     delta_products(jobs, alpha, threads);
-    for (size_t t = 0; t < names.size(); ++t)
-        for (size_t i = 0; i < ys[t].size() / size_t(std::max<int64_t>(rows, 1)); ++i) {
+    for (size_t t = 0; t < names.size(); ++t) {
+        if (ys[t].empty()) continue;  // no rows, or the fine-tune leaves this tensor as the base's
+        for (size_t i = 0; i < members[t].size(); ++i) {
             float* out = y + size_t(members[t][i] * rows);
             const float* add = ys[t].data() + i * size_t(rows);
             for (int64_t r = 0; r < rows; ++r) out[r] = out[r] + add[r];
         }
+    }
 }
 
 // A cache key: the mix's names and alphas (exact bits), "\x1f" after each name and "\x1e" between entries.

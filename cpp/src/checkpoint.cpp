@@ -274,6 +274,16 @@ void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_b
     rebuild_core(t, scratch.data(), bi.dtype, out, out_dtype, alpha, threads);
 }
 
+// The CRC-32C of consecutive blocks of `block` bytes (the last one shorter) covering `total` bytes, from
+// the blocks' own CRCs (computed on several threads).
+template <class Crcs>
+static uint32_t joined_crc(const Crcs& crcs, uint64_t block, uint64_t total) {
+    uint32_t crc = 0;
+    for (size_t b = 0; b < crcs.size(); ++b)
+        crc = crc32c_combine(crc, crcs[b], std::min(block, total - b * block));
+    return crc;
+}
+
 void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, float alpha, int threads,
                                      const std::function<void(uint64_t, const void*, uint64_t)>& sink) const {
     const CheckpointTensor& t = tensor(name);
@@ -290,7 +300,7 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
     if (numel == 0) return;
     // Blocks of whole rows of the delta's (rows, cols) view, about 4 MiB of output each: small enough to
     // stay in cache from the read to the sink.
-    const uint64_t cols = t.shape.empty() ? 1 : uint64_t(t.shape.back()), rows = numel / cols;
+    const uint64_t cols = uint64_t(Matrix::of(t.shape).cols), rows = numel / cols;
     const size_t bsz = dtype_size(bi.dtype), osz = dtype_size(out_dtype);
     const uint64_t block_rows = std::max<uint64_t>(1, (uint64_t(4) << 20) / (cols * osz));
     const int64_t blocks = int64_t((rows + block_rows - 1) / block_rows);
@@ -316,12 +326,7 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
         }
     });
     if (t.kind == TensorKind::Delta) delta_->drop_pages(t.name);
-    if (!force_) {
-        uint32_t crc = crcs[0];
-        for (int64_t b = 1; b < blocks; ++b)
-            crc = crc32c_combine(crc, crcs[size_t(b)], std::min(block_rows, rows - uint64_t(b) * block_rows) * cols * bsz);
-        check_crc(t.source, crc);
-    }
+    if (!force_) check_crc(t.source, joined_crc(crcs, block_rows * cols * bsz, rows * cols * bsz));
 }
 
 void CheckpointDelta::rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype,
@@ -506,7 +511,7 @@ public:
             throw std::invalid_argument(ft.path() + ": tensor '" + name + "': " + std::to_string(rows) + " rows of " +
                                         std::to_string(cols) + " of it and of the base's '" + src + "', which hold " +
                                         std::to_string(ft_numel) + " and " + std::to_string(base_numel) + " elements");
-        if (rows * cols && (!is_float_dtype(fi_.dtype) || !is_float_dtype(bi_.dtype)))
+        if (rows * cols != 0 && (!is_float_dtype(fi_.dtype) || !is_float_dtype(bi_.dtype)))
             throw std::invalid_argument(ft.path() + ": tensor '" + name + "' and the base's '" + src +
                                         "' must be f32, f16 or bf16 to subtract");
         base_rows_ = base_numel / cols_;
@@ -520,9 +525,8 @@ public:
     void row(int64_t r, float* dst, const Kernels& k) const override {
         Block& c = block_of(uint64_t(r) / block_rows_);
         const uint64_t i = uint64_t(r) - c.first;
-        k.to_f32(c.ft.data() + i * cols_ * dtype_size(fi_.dtype), fi_.dtype, dst, size_t(cols_));
-        k.to_f32(c.base.data() + i * cols_ * dtype_size(bi_.dtype), bi_.dtype, c.base_f32.data(), size_t(cols_));
-        for (uint64_t j = 0; j < cols_; ++j) dst[j] -= c.base_f32[size_t(j)];  // one IEEE f32 subtraction each
+        subtract_f32(c.ft.data() + i * cols_ * dtype_size(fi_.dtype), fi_.dtype,
+                     c.base.data() + i * cols_ * dtype_size(bi_.dtype), bi_.dtype, dst, c.base_f32.data(), size_t(cols_), k);
     }
 
     // The base tensor's CRC-32C, and whether the rows are the same bytes in the same dtype.
@@ -531,10 +535,8 @@ public:
             if (!done_[b]) block_of(b);
         TensorDelta r;
         r.identical = identical_;
-        for (size_t b = 0; b < crcs_.size(); ++b) {
-            const uint64_t n = std::min(block_rows_, base_rows_ - b * block_rows_) * cols_ * dtype_size(bi_.dtype);
-            r.base_crc = b ? crc32c_combine(r.base_crc, crcs_[b], n) : crcs_[b].load();
-        }
+        const uint64_t row_bytes = cols_ * dtype_size(bi_.dtype);
+        r.base_crc = joined_crc(crcs_, block_rows_ * row_bytes, base_rows_ * row_bytes);
         return r;
     }
 
@@ -576,12 +578,9 @@ private:
     mutable std::atomic<bool> identical_{false};
 };
 
-// A tensor's (rows, cols) view for compress: cols is its last dimension (1-D: the whole tensor).
-static uint64_t row_width(const TensorInfo& t) { return t.shape.empty() ? 1 : uint64_t(t.shape.back()); }
-
 TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const ModelFiles& base, const std::string& src,
                        uint64_t count, float* out, int threads) {
-    const uint64_t cols = row_width(ft.info(name)), nrows = cols ? count / cols : 0;
+    const uint64_t cols = uint64_t(Matrix::of(ft.info(name).shape).cols), nrows = cols ? count / cols : 0;
     if (cols ? count % cols != 0 : count != 0)
         throw std::invalid_argument("read_delta: " + std::to_string(count) + " elements of '" + name +
                                     "' are not whole rows of " + std::to_string(cols));
@@ -596,7 +595,7 @@ TensorDelta read_delta(const ModelFiles& ft, const std::string& name, const Mode
 EncodedDelta encode_delta(const std::string& codec, const std::string& params, const ModelFiles& ft,
                           const std::string& name, const ModelFiles& base, const std::string& src,
                           const std::vector<int64_t>& shape, int threads) {
-    const uint64_t numel = uint64_t(numel_of(shape)), cols = shape.empty() ? 1 : uint64_t(shape.back());
+    const uint64_t numel = uint64_t(numel_of(shape)), cols = uint64_t(Matrix::of(shape).cols);
     EncodedDelta r;
     if (numel == 0) {  // nothing to ask rows of: the empty array's encoding, and the base's CRC
         r.read = read_delta(ft, name, base, src, 0, nullptr, threads);

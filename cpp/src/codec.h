@@ -126,6 +126,15 @@ const ArrayRef& need_1d(const EncodedRef& e, const char* comp, DType dtype);
 inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
 inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
+// dst = f32(ft) - f32(base) over n elements, one IEEE f32 subtraction each (the delta compress stores);
+// tmp holds n floats.
+inline void subtract_f32(const void* ft, DType ft_dtype, const void* base, DType base_dtype, float* dst, float* tmp,
+                         size_t n, const Kernels& k) {
+    k.to_f32(static_cast<const uint8_t*>(ft), ft_dtype, dst, n);
+    k.to_f32(static_cast<const uint8_t*>(base), base_dtype, tmp, n);
+    for (size_t j = 0; j < n; ++j) dst[j] -= tmp[j];
+}
+
 // Runs fn(row_begin, row_end) over [0, rows) on up to `threads` threads (0 = default).
 void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
                    const std::function<void(int64_t, int64_t)>& fn);

@@ -437,11 +437,9 @@ void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads
         std::vector<float> tmp(static_cast<size_t>(block));
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t i = b * block, m = std::min(block, n - i);
-            float* o = out + i;
-            k.to_f32(static_cast<const uint8_t*>(ft.data) + size_t(i) * dtype_size(ft.dtype), ft.dtype, o, size_t(m));
-            k.to_f32(static_cast<const uint8_t*>(base.data) + size_t(i) * dtype_size(base.dtype), base.dtype, tmp.data(),
-                     size_t(m));
-            for (int64_t j = 0; j < m; ++j) o[j] -= tmp[size_t(j)];  // one IEEE f32 subtraction each
+            subtract_f32(static_cast<const uint8_t*>(ft.data) + size_t(i) * dtype_size(ft.dtype), ft.dtype,
+                         static_cast<const uint8_t*>(base.data) + size_t(i) * dtype_size(base.dtype), base.dtype,
+                         out + i, tmp.data(), size_t(m), k);
         }
     });
 }

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import deltapack as dp  # noqa: E402
+from deltapack import reference  # noqa: E402
 from deltapack import checkpoint as ck  # noqa: E402
 
 
@@ -39,6 +40,28 @@ def test_delta_product_is_x_times_the_decoded_delta(codec, params, shape, dtype)
         for path, y in got.items():
             assert np.all(np.abs(y - want) <= 4 * cols * 2.0**-24 * scale + 1e-30), (path, batch)
             assert np.array_equal(y.view(np.uint32), got["scalar"].view(np.uint32)), path  # every path, same bits
+
+
+@pytest.mark.parametrize("shape", [(70, 301), (130, 1100), (17, 9)], ids=str)
+@pytest.mark.parametrize("params", [{}, {"scope": "row"}, {"scope": "group", "group": 64}, {"scope": "group", "group": 8}],
+                         ids=["tensor", "row", "group64", "group8"])
+def test_sign_product_has_the_reference_bits(params, shape):
+    """The sign kernels (tables of x, one lookup per 4 columns) against reference.sign_product, numpy's f32
+    arithmetic in the documented order: the same bits on every path, batch sizes around the kernels' blocks."""
+    enc = dp.encode(make_delta(shape, "f32", seed=5), "sign", **params)
+    rng = np.random.default_rng(2)
+    for batch in (1, 3, 4, 6, 16):
+        x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+        x[0, ::7] = -0.0  # a -0 in x never makes a sum -0
+        start = rng.standard_normal((batch, shape[0])).astype(np.float32)
+        want = reference.sign_product(enc.components, shape, x, 0.75, start, **enc.params)
+        for path in dp.simd_available():
+            dp.set_simd(path)
+            try:
+                got = dp.delta_product(enc, x, alpha=0.75, out=start.copy())
+            finally:
+                dp.set_simd("auto")
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (path, batch)
 
 
 def test_delta_product_refuses_wrong_shapes():

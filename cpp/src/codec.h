@@ -37,13 +37,16 @@ struct RowDecoder {
 
     // Batch products (mixed batches): for the rows [row0, row0 + nrows) of the delta and the batch rows
     // x_b = x.data + b * cols (f32, b < x.rows), y[b * y_stride + r] += alpha * (delta row r . x_b). Nothing is
-    // rebuilt: a codec reads its packed form (sign: masked sums of x per group; lowrank: u . (v x)); the
+    // rebuilt: a codec reads its packed form (sign: sums of x over the set bits; lowrank: u . (v x)); the
     // default decodes a few rows at a time into `scratch` and takes dot products.
     struct Batch {
         const float* data;
         int rows;
         int64_t cols;
     };
+    // Whether product() reads the packed form for any number of rows (sign, lowrank), rather than decoding
+    // rows_per_block()-sized tiles.
+    virtual bool product_from_packed() const { return false; }
     // What every row shares, computed once per batch before product() runs (on several threads).
     virtual void begin_product(const Batch& x, const Kernels& k) { (void)x, (void)k; }
     virtual void product(int64_t row0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride,

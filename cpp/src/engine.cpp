@@ -366,6 +366,8 @@ void delta_product(const EncodedRef& e, const float* x, int64_t batch, float alp
     delta_products({ProductJob{e, x, batch, y}}, alpha, threads);
 }
 
+static constexpr int64_t kProductChunk = 64;  // rows
+
 void delta_products(const std::vector<ProductJob>& jobs, float alpha, int threads) {
     struct Ready {
         Prepared p;
@@ -386,10 +388,12 @@ void delta_products(const std::vector<ProductJob>& jobs, float alpha, int thread
                                         std::to_string(cols) + " ones");
         rows = p.m.rows, cols = p.m.cols;
         if (j.batch == 0 || p.m.rows == 0) continue;
-        // At least 16 rows per step: the kernels take blocks of rows (up to 16 for a batch of one), so a batch
-        // row loaded once serves several.
+        // Packed products take a whole chunk per call (the sign kernels' tables serve 64 rows per load); decoded
+        // tiles at least 16 rows, so a batch row loaded once serves several.
         const int block = p.dec->rows_per_block();
-        const int64_t step = std::max<int64_t>(rows_per_step(p.m, block), (16 + block - 1) / block * block);
+        const int64_t step = p.dec->product_from_packed()
+                                 ? kProductChunk
+                                 : std::max<int64_t>(rows_per_step(p.m, block), (16 + block - 1) / block * block);
         const RowDecoder::Batch xb{j.x, int(j.batch), p.m.cols};
         p.dec->begin_product(xb, k);
         work += p.m.cols * j.batch;
@@ -397,18 +401,19 @@ void delta_products(const std::vector<ProductJob>& jobs, float alpha, int thread
     }
     if (ready.empty()) return;
     // Chunks of rows taken in turn, not fixed shares: a thread slowed by another process (a torch thread pool
-    // still spinning after its matmul) takes fewer, instead of making the others wait for its share.
+    // still spinning after its matmul) takes fewer, instead of making the others wait for its share. One job's
+    // chunks before the next: the threads share that fine-tune's bits and tables while they are in cache.
     // A thread is started for every 2^20 multiply-adds or so (parallel_rows counts 2^16 units of work per
     // thread; these are 16 to a SIMD instruction): a decode step of a small model runs on the caller alone.
-    const int64_t chunk = 64;
+    const int64_t chunks = (rows + kProductChunk - 1) / kProductChunk;
     std::atomic<int64_t> next{0};
-    parallel_rows((rows + chunk - 1) / chunk, chunk * work / 16, threads, [&](int64_t, int64_t) {
+    parallel_rows(chunks, kProductChunk * work / 16, threads, [&](int64_t, int64_t) {
         std::vector<float> scratch;
-        for (int64_t r0; (r0 = next.fetch_add(chunk)) < rows;) {
-            const int64_t r1 = std::min(rows, r0 + chunk);
-            for (const Ready& j : ready)
-                for (int64_t r = r0; r < r1; r += j.step)
-                    j.p.dec->product(r, int(std::min(j.step, r1 - r)), j.x, alpha, j.y, size_t(rows), k, scratch);
+        for (int64_t item; (item = next.fetch_add(1)) < chunks * int64_t(ready.size());) {
+            const Ready& j = ready[size_t(item / chunks)];
+            const int64_t r0 = item % chunks * kProductChunk, r1 = std::min(rows, r0 + kProductChunk);
+            for (int64_t r = r0; r < r1; r += j.step)
+                j.p.dec->product(r, int(std::min(j.step, r1 - r)), j.x, alpha, j.y, size_t(rows), k, scratch);
         }
     });
 }

@@ -57,13 +57,18 @@ struct Kernels {
     // dst (nr x cols) = U (nr x r) @ V (r x cols), summing k = 0..r-1 in order, unfused.
     void (*lowrank_rows)(const float* U, const float* V, int r, size_t cols, int nr, float* dst);
     // Batch products (mixed batches): out[i * nx + b] for i < nrows, b < nx, with the rows
-    // bits_i = bits + i * bits_stride (resp. a_i = a + i * a_stride) and x_b = x + b * ldx, is
-    // masked_sums: the sum of x_b[j] over the set bits j < n of bits_i (LSB-first);
-    // dots: the sum of a_i[j] * x_b[j] over j < n (f32 products).
-    // Each sum is f32 in 16 lanes: element j goes to lane j % 16, lanes start at +0 (so a lane is never -0,
-    // and adding +0 for a clear bit changes nothing), then lane[i] += lane[i+8], +4, +2, +1 -> lane 0.
-    void (*masked_sums)(const uint8_t* bits, size_t bits_stride, int nrows, const float* x, size_t ldx, int nx,
-                        size_t n, float* out);
+    // bits_i = bits + i * bits_stride (resp. a_i = a + i * a_stride) and x_b = x + b * ldx.
+    // Sign rows use tables of the batch: for each group q of 4 columns (the last one may be shorter) and batch
+    // row b, sign_tables writes t[(q * nx + b) * 16 + m] = the sum of x_b[4q + c] over the bits c of m with
+    // 4q + c < n, added in the order c = 0..3 to +0 (so an entry is never -0); ceil(n / 4) * nx * 16 floats.
+    // table_sums then gives the sum of x_b[j] over the set bits j < n of bits_i (LSB-first) as one f32 sum over
+    // the groups in order, from +0: each step adds the entry of the group's 4 bits, so a row costs one add per
+    // 4 columns and batch row (python/deltapack/reference.py: sign_tables, table_sums, sign_product).
+    void (*sign_tables)(const float* x, size_t ldx, int nx, size_t n, float* t);
+    void (*table_sums)(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
+                       float* out);
+    // dots: the sum of a_i[j] * x_b[j] over j < n (f32 products), in 16 lanes: element j goes to lane j % 16,
+    // lanes start at +0, then lane[i] += lane[i+8], +4, +2, +1 -> lane 0.
     void (*dots)(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,
                  float* out);
 };
@@ -179,9 +184,16 @@ void lowrank_rows(const float* U, const float* V, int r, size_t cols, int nr, fl
 void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, const float* table,
                    float* dst);
 void fold_lanes(double lanes[16]);
-// Elements [j0, n) of a masked sum or dot (j0 a multiple of 16) added to the 16 lanes, which are then folded:
+void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t);
+void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n, float* out);
+// Groups [q0, groups) of one table sum added to acc, with t the tables of its batch row (offset by b * 16):
 // the SIMD paths' tail and the whole scalar kernel.
-float masked_sum_tail(float lanes[16], const uint8_t* bits, const float* x, size_t j0, size_t n);
+inline float table_sum_tail(float acc, const uint8_t* bits, const float* t, int nx, size_t q0, size_t groups) {
+    for (size_t q = q0; q < groups; ++q) acc = acc + t[q * size_t(nx) * 16 + ((bits[q >> 1] >> ((q & 1) * 4)) & 15u)];
+    return acc;
+}
+// Elements [j0, n) of a dot (j0 a multiple of 16) added to the 16 lanes, which are then folded: the SIMD
+// paths' tail and the whole scalar kernel.
 float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n);
 void gaps_scatter(const uint8_t* gaps, const float* vals, size_t count, float* dst, size_t cols);
 // Columns [j0, cols) of lowrank_rows, element by element (the SIMD paths' column tail).

@@ -246,37 +246,21 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
     for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
 }
 
-// Batch products: blocks of R rows x K batch rows, 16 lanes per sum as two registers (lanes 0-7, 8-15); the
-// tail and the fold are the scalar code's.
-static inline __m256 bit_mask8(uint8_t byte) {  // lane i all ones where bit i is set
-    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), sel), sel));
-}
-
-// One loop for both: rows i < R are bits (MASKED: sums of x where the bit is set) or floats a (dots: sums of
-// a * x), each against K batch rows.
-template <bool MASKED, int R, int K>
-static void block_sums(const void* rows, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
-    const auto* bits = static_cast<const uint8_t*>(rows);
-    const auto* a = static_cast<const float*>(rows);
+// Dots (mixed batches, decoded tiles): blocks of R rows x K batch rows, 16 lanes per sum as two registers
+// (lanes 0-7, 8-15); the tail and the fold are the scalar code's.
+template <int R, int K>
+static void block_dots(const float* a, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
     __m256 lo[R][K], hi[R][K];
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) lo[i][b] = hi[i][b] = _mm256_setzero_ps();
     size_t j = 0;
     for (; j + 16 <= n; j += 16)
         for (int i = 0; i < R; ++i) {
-            __m256 r0, r1;
-            if constexpr (MASKED) {
-                r0 = bit_mask8(bits[i * stride + j / 8]);
-                r1 = bit_mask8(bits[i * stride + j / 8 + 1]);
-            } else {
-                r0 = _mm256_loadu_ps(a + i * stride + j);
-                r1 = _mm256_loadu_ps(a + i * stride + j + 8);
-            }
+            const __m256 r0 = _mm256_loadu_ps(a + i * stride + j), r1 = _mm256_loadu_ps(a + i * stride + j + 8);
             for (int b = 0; b < K; ++b) {
                 const __m256 x0 = _mm256_loadu_ps(x + b * ldx + j), x1 = _mm256_loadu_ps(x + b * ldx + j + 8);
-                lo[i][b] = _mm256_add_ps(lo[i][b], MASKED ? _mm256_and_ps(r0, x0) : _mm256_mul_ps(r0, x0));
-                hi[i][b] = _mm256_add_ps(hi[i][b], MASKED ? _mm256_and_ps(r1, x1) : _mm256_mul_ps(r1, x1));
+                lo[i][b] = _mm256_add_ps(lo[i][b], _mm256_mul_ps(r0, x0));
+                hi[i][b] = _mm256_add_ps(hi[i][b], _mm256_mul_ps(r1, x1));
             }
         }
     for (int i = 0; i < R; ++i)
@@ -284,22 +268,72 @@ static void block_sums(const void* rows, size_t stride, const float* x, size_t l
             float lanes[16];
             _mm256_storeu_ps(lanes, lo[i][b]);
             _mm256_storeu_ps(lanes + 8, hi[i][b]);
-            out[i * nx + b] = MASKED ? scalar::masked_sum_tail(lanes, bits + i * stride, x + b * ldx, j, n)
-                                     : scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
+            out[i * nx + b] = scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
         }
-}
-
-static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
-                        float* out) {
-    by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        block_sums<true, r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
-    });
 }
 
 static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        block_sums<false, r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_dots<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
+}
+
+// Table sums with a row in each lane: R registers of 8 rows (the last `rows` may end early) x K batch rows.
+// One gather brings 32 bits of each of 8 rows. A group's 16 table entries are two registers: vpermps looks
+// the nibble's low 3 bits up in both (it reads only those), and its bit 3, moved to the sign bit, picks one.
+// The groups after the last whole 32 columns are the scalar code's.
+template <int R, int K>
+static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+    __m256i live[R];
+    for (int r = 0; r < R; ++r)
+        live[r] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows - 8 * r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 acc[R][K];
+    for (auto& row : acc)
+        for (auto& v : row) v = _mm256_setzero_ps();
+    const size_t steps = n / 32, ts = size_t(nx) * 16;
+    for (size_t s = 0; s < steps; ++s) {
+        __m256i v[R];
+        for (int r = 0; r < R; ++r)
+            v[r] = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
+                                               reinterpret_cast<const int*>(bits + size_t(8 * r) * stride + 4 * s),
+                                               offsets, live[r], 1);
+        const float* tq = t + 8 * s * ts;
+        for (int k = 0; k < 8; ++k, tq += ts)
+            for (int r = 0; r < R; ++r) {
+                const __m256i idx = _mm256_srli_epi32(v[r], 4 * k);
+                const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(v[r], 28 - 4 * k));
+                for (int b = 0; b < K; ++b) {
+                    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tq + 16 * b), idx);
+                    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tq + 16 * b + 8), idx);
+                    acc[r][b] = _mm256_add_ps(acc[r][b], _mm256_blendv_ps(lo, hi, high));
+                }
+            }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < K; ++b) {
+            float lanes[8];
+            _mm256_storeu_ps(lanes, acc[r][b]);
+            for (int l = 0; l < 8 && 8 * r + l < rows; ++l)
+                out[(8 * r + l) * nx + b] = scalar::table_sum_tail(lanes[l], bits + size_t(8 * r + l) * stride,
+                                                                   t + 16 * b, nx, 8 * steps, (n + 3) / 4);
+        }
+}
+
+// 16 rows x 2 batch rows per block, then the batch row and rows left over.
+template <int R>
+static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+    int b = 0;
+    for (; b + 2 <= nx; b += 2) table_block<R, 2>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+    if (b < nx) table_block<R, 1>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+}
+
+static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, float* out) {
+    if (bs > size_t(INT32_MAX / 8)) return scalar::table_sums(bits, bs, nrows, t, nx, n, out);  // 32-bit offsets
+    int i = 0;
+    for (; i + 16 <= nrows; i += 16) table_rows<2>(bits + size_t(i) * bs, bs, 16, t, nx, n, out + i * nx);
+    if (i + 8 < nrows) table_rows<2>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, out + i * nx);
+    else if (i < nrows) table_rows<1>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, out + i * nx);
 }
 
 }  // namespace deltapack::avx2
@@ -309,5 +343,5 @@ const Kernels kAvx2Kernels = {"avx2", avx2::to_f32, avx2::add_round, avx2::sign_
                                 sign_add_round_by_parts<avx2::sign_expand, avx2::add_round>,
                               avx2::pack_signs, avx2::abs_sum, avx2::unpack_codes,
                               scalar::sparse_expand, avx2::levels_expand, scalar::gaps_scatter, avx2::sum_bytes, avx2::popcount_bytes, avx2::scale, avx2::lowrank_rows,
-                              avx2::masked_sums, avx2::dots};
+                              scalar::sign_tables, avx2::table_sums, avx2::dots};
 }

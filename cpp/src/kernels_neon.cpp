@@ -179,14 +179,10 @@ static void lowrank_rows(const float* U, const float* V, int r, size_t cols, int
     for (; i < nr; ++i) lowrank_block<1>(U + size_t(i) * r, V, r, cols, dst + size_t(i) * cols);
 }
 
-// Batch products: blocks of R rows x K batch rows, 16 lanes per sum as four registers (lanes 0-3, ..., 12-15);
-// the tail and the fold are the scalar code's. One loop for both: rows i < R are bits (MASKED: sums of x where
-// the bit is set) or floats a (dots: sums of a * x).
-template <bool MASKED, int R, int K>
-static void block_sums(const void* rows, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
-    const auto* bits = static_cast<const uint8_t*>(rows);
-    const auto* a = static_cast<const float*>(rows);
-    const uint32x4_t sel[2] = {{1, 2, 4, 8}, {16, 32, 64, 128}};
+// Dots (mixed batches, decoded tiles): blocks of R rows x K batch rows, 16 lanes per sum as four registers
+// (lanes 0-3, ..., 12-15); the tail and the fold are the scalar code's.
+template <int R, int K>
+static void block_dots(const float* a, size_t stride, const float* x, size_t ldx, size_t n, float* out, int nx) {
     float32x4_t acc[R][K][4];
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b)
@@ -195,37 +191,85 @@ static void block_sums(const void* rows, size_t stride, const float* x, size_t l
     for (; j + 16 <= n; j += 16)
         for (int i = 0; i < R; ++i)
             for (int q = 0; q < 4; ++q) {
-                uint32x4_t m{};
-                float32x4_t av{};
-                if constexpr (MASKED) m = vtstq_u32(vdupq_n_u32(bits[i * stride + j / 8 + q / 2]), sel[q % 2]);
-                else av = vld1q_f32(a + i * stride + j + 4 * q);
-                for (int b = 0; b < K; ++b) {
-                    const float32x4_t xv = vld1q_f32(x + b * ldx + j + 4 * q);
-                    const float32x4_t t =
-                        MASKED ? vreinterpretq_f32_u32(vandq_u32(m, vreinterpretq_u32_f32(xv))) : vmulq_f32(av, xv);
-                    acc[i][b][q] = vaddq_f32(acc[i][b][q], t);
-                }
+                const float32x4_t av = vld1q_f32(a + i * stride + j + 4 * q);
+                for (int b = 0; b < K; ++b)
+                    acc[i][b][q] = vaddq_f32(acc[i][b][q], vmulq_f32(av, vld1q_f32(x + b * ldx + j + 4 * q)));
             }
     for (int i = 0; i < R; ++i)
         for (int b = 0; b < K; ++b) {
             float lanes[16];
             for (int q = 0; q < 4; ++q) vst1q_f32(lanes + 4 * q, acc[i][b][q]);
-            out[i * nx + b] = MASKED ? scalar::masked_sum_tail(lanes, bits + i * stride, x + b * ldx, j, n)
-                                     : scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
+            out[i * nx + b] = scalar::dot_tail(lanes, a + i * stride, x + b * ldx, j, n);
         }
-}
-
-static void masked_sums(const uint8_t* bits, size_t bs, int nrows, const float* x, size_t ldx, int nx, size_t n,
-                        float* out) {
-    by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        block_sums<true, r(), k()>(bits + size_t(i) * bs, bs, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
-    });
 }
 
 static void dots(const float* a, size_t as, int nrows, const float* x, size_t ldx, int nx, size_t n, float* out) {
     by_blocks<2, 2>(nrows, nx, [&](auto r, auto k, int i, int b) {
-        block_sums<false, r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
+        block_dots<r(), k()>(a + size_t(i) * as, as, x + size_t(b) * ldx, ldx, n, out + i * nx + b, nx);
     });
+}
+
+// Table sums with a row in each lane: R registers of 4 rows (the last `rows` may end early) x K batch rows.
+// A group's 16 table entries are 64 bytes in four registers; lane l's nibble m becomes the byte indices
+// 4m .. 4m + 3, and one tbl looks 4 rows' entries up. The groups after the last whole 32 columns are the
+// scalar code's.
+template <int R, int K>
+static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+    float32x4_t acc[R][K];
+    for (auto& row : acc)
+        for (auto& v : row) v = vdupq_n_f32(0.0f);
+    const size_t steps = n / 32, ts = size_t(nx) * 16;
+    const uint32x4_t nibble = vdupq_n_u32(15), byte_of_entry = vdupq_n_u32(0x03020100u);
+    for (size_t s = 0; s < steps; ++s) {
+        uint32x4_t v[R];
+        for (int r = 0; r < R; ++r) {
+            uint32_t w[4] = {0, 0, 0, 0};  // 32 bits of each row
+            for (int l = 0; l < 4 && 4 * r + l < rows; ++l) std::memcpy(&w[l], bits + size_t(4 * r + l) * stride + 4 * s, 4);
+            v[r] = vld1q_u32(w);
+        }
+        const float* tq = t + 8 * s * ts;
+        for (int k = 0; k < 8; ++k, tq += ts) {
+            uint8x16_t idx[R];
+            for (int r = 0; r < R; ++r) {
+                const uint32x4_t m = vandq_u32(vshlq_u32(v[r], vdupq_n_s32(-4 * k)), nibble);
+                idx[r] = vreinterpretq_u8_u32(vmlaq_n_u32(byte_of_entry, m, 0x04040404u));
+            }
+            for (int b = 0; b < K; ++b) {
+                const uint8x16x4_t table = vld1q_u8_x4(reinterpret_cast<const uint8_t*>(tq + 16 * b));
+                for (int r = 0; r < R; ++r)
+                    acc[r][b] = vaddq_f32(acc[r][b], vreinterpretq_f32_u8(vqtbl4q_u8(table, idx[r])));
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < K; ++b) {
+            float lanes[4];
+            vst1q_f32(lanes, acc[r][b]);
+            for (int l = 0; l < 4 && 4 * r + l < rows; ++l)
+                out[(4 * r + l) * nx + b] = scalar::table_sum_tail(lanes[l], bits + size_t(4 * r + l) * stride,
+                                                                   t + 16 * b, nx, 8 * steps, (n + 3) / 4);
+        }
+}
+
+// 16 rows x 2 batch rows per block, then the batch row and rows left over.
+template <int R>
+static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+    int b = 0;
+    for (; b + 2 <= nx; b += 2) table_block<R, 2>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+    if (b < nx) table_block<R, 1>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+}
+
+static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, float* out) {
+    int i = 0;
+    for (; i + 16 <= nrows; i += 16) table_rows<4>(bits + size_t(i) * bs, bs, 16, t, nx, n, out + i * nx);
+    const int left = nrows - i;
+    const uint8_t* rest = bits + size_t(i) * bs;
+    switch ((left + 3) / 4) {
+        case 4: table_rows<4>(rest, bs, left, t, nx, n, out + i * nx); break;
+        case 3: table_rows<3>(rest, bs, left, t, nx, n, out + i * nx); break;
+        case 2: table_rows<2>(rest, bs, left, t, nx, n, out + i * nx); break;
+        case 1: table_rows<1>(rest, bs, left, t, nx, n, out + i * nx); break;
+    }
 }
 
 }  // namespace deltapack::neon
@@ -235,5 +279,5 @@ const Kernels kNeonKernels = {"neon", neon::to_f32, neon::add_round, neon::sign_
                                 sign_add_round_by_parts<neon::sign_expand, neon::add_round>, neon::pack_signs,
                               neon::abs_sum, neon::unpack_codes, scalar::sparse_expand, scalar::levels_expand,
                               scalar::gaps_scatter, neon::sum_bytes, neon::popcount_bytes, neon::scale, neon::lowrank_rows,
-                              neon::masked_sums, neon::dots};
+                              scalar::sign_tables, neon::table_sums, neon::dots};
 }

@@ -52,24 +52,29 @@ static float fold_lanes_f32(float lanes[16]) {
     return lanes[0];
 }
 
-float masked_sum_tail(float lanes[16], const uint8_t* bits, const float* x, size_t j0, size_t n) {
-    for (size_t j = j0; j < n; ++j)
-        if ((bits[j >> 3] >> (j & 7)) & 1) lanes[j & 15] = lanes[j & 15] + x[j];
-    return fold_lanes_f32(lanes);
-}
-
 float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n) {
     for (size_t j = j0; j < n; ++j) lanes[j & 15] = lanes[j & 15] + a[j] * x[j];
     return fold_lanes_f32(lanes);
 }
 
-static void masked_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* x, size_t ldx, int nx,
-                        size_t n, float* out) {
-    for (int i = 0; i < nrows; ++i)
+void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t) {
+    for (size_t q = 0; 4 * q < n; ++q)
         for (int b = 0; b < nx; ++b) {
-            float lanes[16] = {0};
-            out[i * nx + b] = masked_sum_tail(lanes, bits + size_t(i) * bits_stride, x + size_t(b) * ldx, 0, n);
+            const float* xq = x + size_t(b) * ldx + 4 * q;
+            const int have = int(std::min<size_t>(4, n - 4 * q));
+            for (int m = 0; m < 16; ++m) {
+                float s = 0.0f;
+                for (int c = 0; c < have; ++c)
+                    if ((m >> c) & 1) s = s + xq[c];
+                t[(q * size_t(nx) + size_t(b)) * 16 + size_t(m)] = s;
+            }
         }
+}
+
+void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n, float* out) {
+    for (int i = 0; i < nrows; ++i)
+        for (int b = 0; b < nx; ++b)
+            out[i * nx + b] = table_sum_tail(0.0f, bits + size_t(i) * bits_stride, t + size_t(b) * 16, nx, 0, (n + 3) / 4);
 }
 
 static void dots(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,
@@ -155,5 +160,5 @@ const Kernels kScalarKernels = {"scalar", scalar::to_f32, scalar::add_round, sca
                                 sign_add_round_by_parts<scalar::sign_expand, scalar::add_round>,
                                 scalar::pack_signs, scalar::abs_sum, scalar::unpack_codes,
                                 scalar::sparse_expand, scalar::levels_expand, scalar::gaps_scatter, scalar::sum_bytes, scalar::popcount_bytes, scalar::scale, scalar::lowrank_rows,
-                                scalar::masked_sums, scalar::dots};
+                                scalar::sign_tables, scalar::table_sums, scalar::dots};
 }

@@ -151,6 +151,49 @@ def decode_sign(comps, shape, scope="tensor", group=128):
     return np.where(pos, mag, -mag).astype(F32)
 
 
+def sign_tables(x: np.ndarray) -> np.ndarray:
+    """(groups, batch, 16) for f32 x (batch, n): entry m of group q is the sum of x[:, 4q + c] over the bits c
+    of m (columns past n count as absent), added in the order c = 0..3 to +0."""
+    batch, n = x.shape
+    groups = -(-n // 4)
+    xp = np.zeros((batch, 4 * groups), F32)
+    xp[:, :n] = x  # a +0 added to a sum that started at +0 changes nothing
+    m = np.arange(16)
+    t = np.zeros((groups, batch, 16), F32)
+    for c in range(4):
+        t = t + np.where((m >> c) & 1 == 1, xp.T.reshape(groups, 4, batch)[:, c, :, None], F32(0))
+    return t
+
+
+def table_sums(bits: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """(rows, batch): for each row of LSB-first `bits`, one f32 sum from +0 over the column groups in order,
+    each step adding the group's table entry for the row's 4 bits."""
+    acc = np.zeros((bits.shape[0], tables.shape[1]), F32)
+    for q in range(tables.shape[0]):
+        nibble = (bits[:, q // 2] >> (4 * (q % 2))) & 15
+        acc = acc + tables[q][:, nibble].T
+    return acc
+
+
+def sign_product(comps, shape, x, alpha, out, scope="tensor", group=128):
+    """out + alpha * x @ D.T for the sign delta D, in the C++ kernels' order (mixed batches): per scale span,
+    s * (2 * (sum of x where the bit is set) - (sum of x)), the spans added in order, then alpha times that."""
+    rows, cols = _rc(shape)
+    x = np.asarray(x, F32)
+    width = group if scope == "group" else cols
+    s = comps["scales"].astype(F32)
+    acc = np.zeros((rows, x.shape[0]), F32)
+    for g, c0 in enumerate(range(0, cols, width)):
+        span = slice(c0, min(cols, c0 + width))
+        tables = sign_tables(x[:, span])
+        set_sums = table_sums(comps["signs"][:, c0 // 8:], tables)
+        x_sums = table_sums(np.full((1, comps["signs"].shape[1]), 255, np.uint8), tables)
+        scale = (s[0] if scope == "tensor" else s if scope == "row" else s.reshape(rows, -1)[:, g])
+        scale = np.broadcast_to(np.asarray(scale, F32).reshape(-1, 1), (rows, 1))
+        acc = acc + scale * (F32(2) * set_sums - x_sums)
+    return (np.asarray(out, F32) + F32(alpha) * acc.T).astype(F32)
+
+
 # ----------------------------------------------------------------------------- levels
 
 def encode_levels(x, bits=2):

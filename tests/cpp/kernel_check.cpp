@@ -170,16 +170,30 @@ static void check_path(const Kernels& k) {
         // Batch products over every block shape (rows x batch rows) the paths use, rows and x with padding.
         for (int nr : {1, 2, 3, 4, 5, 9}) {
             for (int nx : {1, 2, 3, 4, 5, 9}) {
-                const size_t bstride = (n + 7) / 8 + 3, astride = n + 5, ldx = n + 3;
-                auto bits = random_bytes(bstride * size_t(nr) + 2);
+                const size_t astride = n + 5, ldx = n + 3;
                 auto a = random_floats(astride * size_t(nr), false), x = random_floats(ldx * size_t(nx), true);
-                std::vector<float> o1(size_t(nr * nx)), o2(o1.size()), o3(o1.size()), o4(o1.size());
-                s.masked_sums(bits.data(), bstride, nr, x.data(), ldx, nx, n, o1.data());
-                k.masked_sums(bits.data(), bstride, nr, x.data(), ldx, nx, n, o2.data());
-                check(same(o1, o2), k.name, "masked_sums", n);
-                s.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o3.data());
-                k.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o4.data());
-                check(same(o3, o4), k.name, "dots", n);
+                std::vector<float> o1(size_t(nr * nx)), o2(o1.size());
+                s.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o1.data());
+                k.dots(a.data(), astride, nr, x.data(), ldx, nx, n, o2.data());
+                check(same(o1, o2), k.name, "dots", n);
+            }
+        }
+        // Sign tables and table sums: rows in and around the 16- and 64-row register blocks, batch rows in and
+        // around blocks of 4, the bits of each row followed by other bytes (which must not count).
+        for (int nx : {1, 2, 3, 4, 5, 9}) {
+            const size_t ldx = n + 3, groups = (n + 3) / 4;
+            auto x = random_floats(ldx * size_t(nx), true);
+            std::vector<float> t1(groups * size_t(nx) * 16), t2(t1.size());
+            s.sign_tables(x.data(), ldx, nx, n, t1.data());
+            k.sign_tables(x.data(), ldx, nx, n, t2.data());
+            check(same(t1, t2), k.name, "sign_tables", n);
+            for (int nr : {1, 5, 13, 16, 17, 29, 40, 64, 65, 111, 130}) {
+                const size_t bstride = (n + 7) / 8 + 3;
+                auto bits = random_bytes(bstride * size_t(nr) + 2);
+                std::vector<float> o1(size_t(nr * nx)), o2(o1.size());
+                s.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, o1.data());
+                k.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, o2.data());
+                check(same(o1, o2), k.name, "table_sums", n);
             }
         }
     }

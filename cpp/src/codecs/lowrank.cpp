@@ -42,6 +42,7 @@ struct LowrankRowsDecoder : RowDecoder {
 
     // Batch products as u . (v x): v x once per batch, then rank products per row and batch row.
     std::vector<float> vx;  // [direction][batch row]
+    bool product_from_packed() const override { return true; }
     void begin_product(const Batch& x, const Kernels& k) override {
         ensure_v(k);
         vx.resize(size_t(rank * x.rows));

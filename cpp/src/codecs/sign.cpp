@@ -52,18 +52,25 @@ struct SignDecoder : RowDecoder {
     }
 
     // Batch products from the bits: a row's product with x over a scale's span is s * (2 * (sum of x where the
-    // bit is set) - (sum of x)); the second sum is the same for every row.
+    // bit is set) - (sum of x)); the second sum is the same for every row. The sums come from tables of x built
+    // once per batch (Kernels::sign_tables): spans start on a multiple of 8 columns, so a span's tables are
+    // those of the whole row from its first group on.
     int64_t spans() const { return scope == 2 ? ngroups : 1; }
     int64_t span_cols() const { return scope == 2 ? group : cols; }
+    bool product_from_packed() const override { return true; }
+    std::vector<float> tables;  // [column group][batch row][16]
     std::vector<float> x_sums;  // [batch row][span]
+    const float* span_tables(int64_t c0, int nx) const { return tables.data() + size_t(c0 / 4) * size_t(nx) * 16; }
     void begin_product(const Batch& x, const Kernels& k) override {
         const int64_t n = spans(), width = span_cols();
-        std::vector<uint8_t> all_set(size_t(packed_row_bytes(width, 1)), 0xff);
+        tables.resize(size_t((cols + 3) / 4) * size_t(x.rows) * 16);
+        k.sign_tables(x.data, size_t(cols), x.rows, size_t(cols), tables.data());
+        const std::vector<uint8_t> ones(size_t(packed_row_bytes(width, 1)), 0xff);
         std::vector<float> sums(size_t(x.rows));
         x_sums.assign(size_t(x.rows * n), 0.0f);
         for (int64_t g = 0; g < n; ++g) {
             const int64_t c0 = g * width, len = std::min(width, cols - c0);
-            k.masked_sums(all_set.data(), 0, 1, x.data + c0, size_t(cols), x.rows, size_t(len), sums.data());
+            k.table_sums(ones.data(), 0, 1, span_tables(c0, x.rows), x.rows, size_t(len), sums.data());
             for (int b = 0; b < x.rows; ++b) x_sums[size_t(b * n + g)] = sums[size_t(b)];
         }
     }
@@ -75,8 +82,8 @@ struct SignDecoder : RowDecoder {
         float *sums = scratch.data(), *acc = sums + cells;
         for (int64_t g = 0; g < n; ++g) {
             const int64_t c0 = g * width, len = std::min(width, cols - c0);
-            k.masked_sums(signs + size_t(r0 * row_bytes + c0 / 8), size_t(row_bytes), nrows, x.data + c0,
-                          size_t(cols), x.rows, size_t(len), sums);
+            k.table_sums(signs + size_t(r0 * row_bytes + c0 / 8), size_t(row_bytes), nrows, span_tables(c0, x.rows),
+                         x.rows, size_t(len), sums);
             for (int i = 0; i < nrows; ++i) {
                 const int64_t r = r0 + i;
                 const float s = scale_of(r, g);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "deltapack/deltapack.h"
 
@@ -61,12 +62,14 @@ struct Kernels {
     // Sign rows use tables of the batch: for each group q of 4 columns (the last one may be shorter) and batch
     // row b, sign_tables writes t[(q * nx + b) * 16 + m] = the sum of x_b[4q + c] over the bits c of m with
     // 4q + c < n, added in the order c = 0..3 to +0 (so an entry is never -0); ceil(n / 4) * nx * 16 floats.
-    // table_sums then gives the sum of x_b[j] over the set bits j < n of bits_i (LSB-first) as one f32 sum over
-    // the groups in order, from +0: each step adds the entry of the group's 4 bits, so a row costs one add per
-    // 4 columns and batch row (python/deltapack/reference.py: sign_tables, table_sums, sign_product).
+    // table_sums then gives, for each span of `span_groups` groups (the last may be shorter; table_spans(n,
+    // span_groups) of them, at least one), the sum of x_b[j] over the set bits j of bits_i (LSB-first) in the
+    // span: out[(i * spans + g) * nx + b], an f32 sum over the span's groups in order from +0, each step adding
+    // the entry of the group's 4 bits. A row costs one add per 4 columns and batch row
+    // (python/deltapack/reference.py: sign_tables, table_sums, sign_product).
     void (*sign_tables)(const float* x, size_t ldx, int nx, size_t n, float* t);
     void (*table_sums)(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
-                       float* out);
+                       size_t span_groups, float* out);
     // dots: the sum of a_i[j] * x_b[j] over j < n (f32 products), in 16 lanes: element j goes to lane j % 16,
     // lanes start at +0, then lane[i] += lane[i+8], +4, +2, +1 -> lane 0.
     void (*dots)(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,
@@ -185,13 +188,61 @@ void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, 
                    float* dst);
 void fold_lanes(double lanes[16]);
 void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t);
-void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n, float* out);
-// Groups [q0, groups) of one table sum added to acc, with t the tables of its batch row (offset by b * 16):
-// the SIMD paths' tail and the whole scalar kernel.
-inline float table_sum_tail(float acc, const uint8_t* bits, const float* t, int nx, size_t q0, size_t groups) {
-    for (size_t q = q0; q < groups; ++q) acc = acc + t[q * size_t(nx) * 16 + ((bits[q >> 1] >> ((q & 1) * 4)) & 15u)];
-    return acc;
+void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
+                size_t span_groups, float* out);
+}  // namespace scalar
+
+inline size_t table_spans(size_t n, size_t span_groups) { return n ? ((n + 3) / 4 + span_groups - 1) / span_groups : 1; }
+
+// Groups [q0, groups) of one row's table sums, with t the tables of its batch row (offset by b * 16): continues
+// acc, the running sum of the span of group q0 - 1 (+0 when q0 = 0), and writes the sum of that span and of
+// each one after it to out[span * nx]. The SIMD paths' tail and the whole scalar kernel.
+inline void table_span_tail(float acc, const uint8_t* bits, const float* t, int nx, size_t q0, size_t groups,
+                            size_t span_groups, float* out) {
+    for (size_t q = q0; q < groups; ++q) {
+        if (q % span_groups == 0 && q > 0) {
+            out[(q / span_groups - 1) * size_t(nx)] = acc;
+            acc = 0.0f;
+        }
+        acc = acc + t[q * size_t(nx) * 16 + ((bits[q >> 1] >> ((q & 1) * 4)) & 15u)];
+    }
+    out[(groups ? (groups - 1) / span_groups : 0) * size_t(nx)] = acc;
 }
+
+// The spans of a SIMD path's block of table sums: R registers of LANES rows (lane l of register r: row
+// LANES * r + l) x K batch rows, their running sums stored [r][b][lane] where a span ends, in memory the caller
+// owns (table_spans(n, span_groups) * R * K * LANES floats). Trivially destructible, with no calls in the SIMD
+// loop: anything else made GCC keep the running sums in memory (1.4x slower).
+template <int LANES, int R, int K>
+struct TableSpans {
+    static constexpr size_t kSums = size_t(R) * K * LANES;
+    size_t span_groups, next_span;  // the group that starts the next span
+    float* done;                    // finished spans' sums [span][r][b][lane]
+    size_t finished = 0;
+    TableSpans(size_t span_groups, float* done) : span_groups(span_groups), next_span(span_groups), done(done) {}
+    // Whether group q starts a new span: then the running sums go to keep() and restart from +0.
+    bool starts_span(size_t q) const { return q == next_span; }
+    float* keep() {
+        next_span += span_groups;
+        return done + kSums * finished++;
+    }
+    // Every row's sums, given the running ones [r][b][lane] after the SIMD steps; the groups from q0 on are the
+    // scalar tail's.
+    void finish(const float* running, const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                size_t q0, float* out) const {
+        const size_t groups = (n + 3) / 4, spans = table_spans(n, span_groups);
+        for (int r = 0; r < R; ++r)
+            for (int b = 0; b < K; ++b)
+                for (int l = 0; l < LANES && LANES * r + l < rows; ++l) {
+                    const size_t row = size_t(LANES * r + l), at = size_t((r * K + b) * LANES + l);
+                    float* o = out + row * spans * size_t(nx) + size_t(b);
+                    for (size_t g = 0; g < finished; ++g) o[g * size_t(nx)] = done[g * kSums + at];
+                    table_span_tail(running[at], bits + row * stride, t + 16 * b, nx, q0, groups, span_groups, o);
+                }
+    }
+};
+
+namespace scalar {
 // Elements [j0, n) of a dot (j0 a multiple of 16) added to the 16 lanes, which are then folded: the SIMD
 // paths' tail and the whole scalar kernel.
 float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n);

@@ -282,8 +282,9 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 // One gather brings 32 bits of each of 8 rows. A group's 16 table entries are two registers: vpermps looks
 // the nibble's low 3 bits up in both (it reads only those), and its bit 3, moved to the sign bit, picks one.
 // The groups after the last whole 32 columns are the scalar code's.
-template <int R, int K>
-static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, int K, bool SPANS>
+static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                        size_t span_groups, float* done, float* out) {
     const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
     __m256i live[R];
     for (int r = 0; r < R; ++r)
@@ -291,6 +292,7 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
     __m256 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm256_setzero_ps();
+    TableSpans<8, R, K> spans(span_groups, done);
     const size_t steps = n / 32, ts = size_t(nx) * 16;
     for (size_t s = 0; s < steps; ++s) {
         __m256i v[R];
@@ -298,8 +300,18 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
             v[r] = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
                                                reinterpret_cast<const int*>(bits + size_t(8 * r) * stride + 4 * s),
                                                offsets, live[r], 1);
+        if constexpr (SPANS) {
+            if (spans.starts_span(8 * s)) {
+                float* to = spans.keep();
+                for (int r = 0; r < R; ++r)
+                    for (int b = 0; b < K; ++b) {
+                        _mm256_storeu_ps(to + (r * K + b) * 8, acc[r][b]);
+                        acc[r][b] = _mm256_setzero_ps();
+                    }
+            }
+        }
         const float* tq = t + 8 * s * ts;
-        for (int k = 0; k < 8; ++k, tq += ts)
+        for (int k = 0; k < 8; ++k, tq += ts) {
             for (int r = 0; r < R; ++r) {
                 const __m256i idx = _mm256_srli_epi32(v[r], 4 * k);
                 const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(v[r], 28 - 4 * k));
@@ -309,31 +321,43 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
                     acc[r][b] = _mm256_add_ps(acc[r][b], _mm256_blendv_ps(lo, hi, high));
                 }
             }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int b = 0; b < K; ++b) {
-            float lanes[8];
-            _mm256_storeu_ps(lanes, acc[r][b]);
-            for (int l = 0; l < 8 && 8 * r + l < rows; ++l)
-                out[(8 * r + l) * nx + b] = scalar::table_sum_tail(lanes[l], bits + size_t(8 * r + l) * stride,
-                                                                   t + 16 * b, nx, 8 * steps, (n + 3) / 4);
         }
+    }
+    float running[R * K * 8];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < K; ++b) _mm256_storeu_ps(running + (r * K + b) * 8, acc[r][b]);
+    spans.finish(running, bits, stride, rows, t, nx, n, 8 * steps, out);
 }
 
 // 16 rows x 2 batch rows per block, then the batch row and rows left over.
-template <int R>
-static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, bool SPANS>
+static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                       size_t span_groups, float* done, float* out) {
     int b = 0;
-    for (; b + 2 <= nx; b += 2) table_block<R, 2>(bits, stride, rows, t + 16 * b, nx, n, out + b);
-    if (b < nx) table_block<R, 1>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+    for (; b + 2 <= nx; b += 2) table_block<R, 2, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
+    if (b < nx) table_block<R, 1, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
 }
 
-static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, float* out) {
-    if (bs > size_t(INT32_MAX / 8)) return scalar::table_sums(bits, bs, nrows, t, nx, n, out);  // 32-bit offsets
+template <bool SPANS>
+static void table_sums_in(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n,
+                          size_t span_groups, float* out) {
+    const size_t row_out = table_spans(n, span_groups) * size_t(nx);  // outputs per row
+    std::vector<float> done(SPANS ? table_spans(n, span_groups) * 2 * 2 * 8 : 0);  // the largest block's
     int i = 0;
-    for (; i + 16 <= nrows; i += 16) table_rows<2>(bits + size_t(i) * bs, bs, 16, t, nx, n, out + i * nx);
-    if (i + 8 < nrows) table_rows<2>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, out + i * nx);
-    else if (i < nrows) table_rows<1>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, out + i * nx);
+    for (; i + 16 <= nrows; i += 16) table_rows<2, SPANS>(bits + size_t(i) * bs, bs, 16, t, nx, n, span_groups, done.data(), out + i * row_out);
+    if (i + 8 < nrows) table_rows<2, SPANS>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, span_groups, done.data(), out + i * row_out);
+    else if (i < nrows) table_rows<1, SPANS>(bits + size_t(i) * bs, bs, nrows - i, t, nx, n, span_groups, done.data(), out + i * row_out);
+}
+
+// One span per row (tensor and row scales) has its own instantiation: with none of the span bookkeeping in the
+// loop, the compiler keeps every running sum in registers.
+static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, size_t span_groups,
+                       float* out) {
+    // 32-bit gather offsets; spans that end inside a 32-column step (groups of 8 to 24 columns)
+    if (bs > size_t(INT32_MAX / 8) || (span_groups % 8 && table_spans(n, span_groups) > 1))
+        return scalar::table_sums(bits, bs, nrows, t, nx, n, span_groups, out);
+    if (table_spans(n, span_groups) > 1) return table_sums_in<true>(bits, bs, nrows, t, nx, n, span_groups, out);
+    table_sums_in<false>(bits, bs, nrows, t, nx, n, span_groups, out);
 }
 
 }  // namespace deltapack::avx2

@@ -495,8 +495,9 @@ static inline void transpose_rows(__m512i v[16]) {
 // register (vpermps reads the low 4 bits of each index), so one permute and one add serve 16 rows x 4 columns.
 // The bits come a line per row at a time, transposed in registers (a gather per 32 bits took half the time);
 // 32-bit gathers for the columns after the last whole 512, and the scalar code for those after the last 32.
-template <int R, int K>
-static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, int K, bool SPANS>
+static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                        size_t span_groups, float* done, float* out) {
     __mmask16 live[R];
     for (int r = 0; r < R; ++r) {
         const int left = rows - 16 * r;
@@ -505,9 +506,21 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
     __m512 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm512_setzero_ps();
+    TableSpans<16, R, K> spans(span_groups, done);
     const size_t ts = size_t(nx) * 16;
     // 32 columns of the R registers' rows: 8 groups
-    auto add_step = [&](const __m512i* v, size_t s) {
+    // Always inlined (it is called from two loops): as a call it would keep the running sums in memory.
+    auto add_step = [&](const __m512i* v, size_t s) __attribute__((always_inline)) {
+        if constexpr (SPANS) {
+            if (spans.starts_span(8 * s)) {
+                float* to = spans.keep();
+                for (int r = 0; r < R; ++r)
+                    for (int b = 0; b < K; ++b) {
+                        _mm512_storeu_ps(to + (r * K + b) * 16, acc[r][b]);
+                        acc[r][b] = _mm512_setzero_ps();
+                    }
+            }
+        }
         const float* tq = t + 8 * s * ts;
         for (int k = 0; k < 8; ++k, tq += ts)
             for (int r = 0; r < R; ++r) {
@@ -550,40 +563,51 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
                                                bits + size_t(16 * r) * stride + 4 * s, 1);
         add_step(v, s);
     }
+    alignas(64) float running[R * K * 16];
     for (int r = 0; r < R; ++r)
-        for (int b = 0; b < K; ++b) {
-            alignas(64) float lanes[16];
-            _mm512_store_ps(lanes, acc[r][b]);
-            for (int l = 0; l < 16 && 16 * r + l < rows; ++l)
-                out[(16 * r + l) * nx + b] = scalar::table_sum_tail(lanes[l], bits + size_t(16 * r + l) * stride,
-                                                                    t + 16 * b, nx, 8 * s, (n + 3) / 4);
-        }
+        for (int b = 0; b < K; ++b) _mm512_store_ps(running + (r * K + b) * 16, acc[r][b]);
+    spans.finish(running, bits, stride, rows, t, nx, n, 8 * s, out);
 }
 
 // 64 rows x 4 batch rows per block (16 sums in registers; a table register loaded once serves 64 rows), then
 // the rows left over, then batch rows left over.
-template <int R>
-static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, bool SPANS>
+static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                       size_t span_groups, float* done, float* out) {
     int b = 0;
-    for (; b + 4 <= nx; b += 4) table_block<R, 4>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+    for (; b + 4 <= nx; b += 4) table_block<R, 4, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
     switch (nx - b) {
-        case 3: table_block<R, 3>(bits, stride, rows, t + 16 * b, nx, n, out + b); break;
-        case 2: table_block<R, 2>(bits, stride, rows, t + 16 * b, nx, n, out + b); break;
-        case 1: table_block<R, 1>(bits, stride, rows, t + 16 * b, nx, n, out + b); break;
+        case 3: table_block<R, 3, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
+        case 2: table_block<R, 2, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
+        case 1: table_block<R, 1, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
     }
 }
 
-static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, float* out) {
-    if (bs > size_t(INT32_MAX / 16)) return scalar::table_sums(bits, bs, nrows, t, nx, n, out);  // 32-bit offsets
+template <bool SPANS>
+static void table_sums_in(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n,
+                          size_t span_groups, float* out) {
+    const size_t row_out = table_spans(n, span_groups) * size_t(nx);  // outputs per row
+    std::vector<float> done(SPANS ? table_spans(n, span_groups) * 4 * 4 * 16 : 0);  // the largest block's
     int i = 0;
-    for (; i + 64 <= nrows; i += 64) table_rows<4>(bits + size_t(i) * bs, bs, 64, t, nx, n, out + i * nx);
+    for (; i + 64 <= nrows; i += 64) table_rows<4, SPANS>(bits + size_t(i) * bs, bs, 64, t, nx, n, span_groups, done.data(), out + i * row_out);
     const int left = nrows - i;
     const uint8_t* rest = bits + size_t(i) * bs;
     switch ((left + 15) / 16) {
-        case 3: table_rows<3>(rest, bs, left, t, nx, n, out + i * nx); break;
-        case 2: table_rows<2>(rest, bs, left, t, nx, n, out + i * nx); break;
-        case 1: table_rows<1>(rest, bs, left, t, nx, n, out + i * nx); break;
+        case 3: table_rows<3, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
+        case 2: table_rows<2, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
+        case 1: table_rows<1, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
     }
+}
+
+// One span per row (tensor and row scales) has its own instantiation: with none of the span bookkeeping in the
+// loop, the compiler keeps every running sum in registers.
+static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, size_t span_groups,
+                       float* out) {
+    // 32-bit gather offsets; spans that end inside a 32-column step (groups of 8 to 24 columns)
+    if (bs > size_t(INT32_MAX / 16) || (span_groups % 8 && table_spans(n, span_groups) > 1))
+        return scalar::table_sums(bits, bs, nrows, t, nx, n, span_groups, out);
+    if (table_spans(n, span_groups) > 1) return table_sums_in<true>(bits, bs, nrows, t, nx, n, span_groups, out);
+    table_sums_in<false>(bits, bs, nrows, t, nx, n, span_groups, out);
 }
 
 }  // namespace deltapack::avx512

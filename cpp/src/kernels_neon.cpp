@@ -213,11 +213,13 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 // A group's 16 table entries are 64 bytes in four registers; lane l's nibble m becomes the byte indices
 // 4m .. 4m + 3, and one tbl looks 4 rows' entries up. The groups after the last whole 32 columns are the
 // scalar code's.
-template <int R, int K>
-static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, int K, bool SPANS>
+static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                        size_t span_groups, float* done, float* out) {
     float32x4_t acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = vdupq_n_f32(0.0f);
+    TableSpans<4, R, K> spans(span_groups, done);
     const size_t steps = n / 32, ts = size_t(nx) * 16;
     const uint32x4_t nibble = vdupq_n_u32(15), byte_of_entry = vdupq_n_u32(0x03020100u);
     for (size_t s = 0; s < steps; ++s) {
@@ -228,6 +230,16 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
             v[r] = vld1q_u32(w);
         }
         const float* tq = t + 8 * s * ts;
+        if constexpr (SPANS) {
+            if (spans.starts_span(8 * s)) {
+                float* to = spans.keep();
+                for (int r = 0; r < R; ++r)
+                    for (int b = 0; b < K; ++b) {
+                        vst1q_f32(to + (r * K + b) * 4, acc[r][b]);
+                        acc[r][b] = vdupq_n_f32(0.0f);
+                    }
+            }
+        }
         for (int k = 0; k < 8; ++k, tq += ts) {
             uint8x16_t idx[R];
             for (int r = 0; r < R; ++r) {
@@ -241,35 +253,46 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
             }
         }
     }
+    float running[R * K * 4];
     for (int r = 0; r < R; ++r)
-        for (int b = 0; b < K; ++b) {
-            float lanes[4];
-            vst1q_f32(lanes, acc[r][b]);
-            for (int l = 0; l < 4 && 4 * r + l < rows; ++l)
-                out[(4 * r + l) * nx + b] = scalar::table_sum_tail(lanes[l], bits + size_t(4 * r + l) * stride,
-                                                                   t + 16 * b, nx, 8 * steps, (n + 3) / 4);
-        }
+        for (int b = 0; b < K; ++b) vst1q_f32(running + (r * K + b) * 4, acc[r][b]);
+    spans.finish(running, bits, stride, rows, t, nx, n, 8 * steps, out);
 }
 
 // 16 rows x 2 batch rows per block, then the batch row and rows left over.
-template <int R>
-static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n, float* out) {
+template <int R, bool SPANS>
+static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+                       size_t span_groups, float* done, float* out) {
     int b = 0;
-    for (; b + 2 <= nx; b += 2) table_block<R, 2>(bits, stride, rows, t + 16 * b, nx, n, out + b);
-    if (b < nx) table_block<R, 1>(bits, stride, rows, t + 16 * b, nx, n, out + b);
+    for (; b + 2 <= nx; b += 2) table_block<R, 2, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
+    if (b < nx) table_block<R, 1, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
 }
 
-static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, float* out) {
+template <bool SPANS>
+static void table_sums_in(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n,
+                          size_t span_groups, float* out) {
+    const size_t row_out = table_spans(n, span_groups) * size_t(nx);  // outputs per row
+    std::vector<float> done(SPANS ? table_spans(n, span_groups) * 4 * 2 * 4 : 0);  // the largest block's
     int i = 0;
-    for (; i + 16 <= nrows; i += 16) table_rows<4>(bits + size_t(i) * bs, bs, 16, t, nx, n, out + i * nx);
+    for (; i + 16 <= nrows; i += 16) table_rows<4, SPANS>(bits + size_t(i) * bs, bs, 16, t, nx, n, span_groups, done.data(), out + i * row_out);
     const int left = nrows - i;
     const uint8_t* rest = bits + size_t(i) * bs;
     switch ((left + 3) / 4) {
-        case 4: table_rows<4>(rest, bs, left, t, nx, n, out + i * nx); break;
-        case 3: table_rows<3>(rest, bs, left, t, nx, n, out + i * nx); break;
-        case 2: table_rows<2>(rest, bs, left, t, nx, n, out + i * nx); break;
-        case 1: table_rows<1>(rest, bs, left, t, nx, n, out + i * nx); break;
+        case 4: table_rows<4, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
+        case 3: table_rows<3, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
+        case 2: table_rows<2, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
+        case 1: table_rows<1, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
     }
+}
+
+// One span per row (tensor and row scales) has its own instantiation: with none of the span bookkeeping in the
+// loop, the compiler keeps every running sum in registers.
+static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, size_t span_groups,
+                       float* out) {
+    // spans that end inside a 32-column step (groups of 8 to 24 columns)
+    if (span_groups % 8 && table_spans(n, span_groups) > 1) return scalar::table_sums(bits, bs, nrows, t, nx, n, span_groups, out);
+    if (table_spans(n, span_groups) > 1) return table_sums_in<true>(bits, bs, nrows, t, nx, n, span_groups, out);
+    table_sums_in<false>(bits, bs, nrows, t, nx, n, span_groups, out);
 }
 
 }  // namespace deltapack::neon

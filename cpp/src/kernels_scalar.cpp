@@ -71,10 +71,13 @@ void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t) {
         }
 }
 
-void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n, float* out) {
+void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
+                size_t span_groups, float* out) {
+    const size_t spans = table_spans(n, span_groups);
     for (int i = 0; i < nrows; ++i)
         for (int b = 0; b < nx; ++b)
-            out[i * nx + b] = table_sum_tail(0.0f, bits + size_t(i) * bits_stride, t + size_t(b) * 16, nx, 0, (n + 3) / 4);
+            table_span_tail(0.0f, bits + size_t(i) * bits_stride, t + size_t(b) * 16, nx, 0, (n + 3) / 4, span_groups,
+                            out + size_t(i) * spans * size_t(nx) + size_t(b));
 }
 
 static void dots(const float* a, size_t a_stride, int nrows, const float* x, size_t ldx, int nx, size_t n,

@@ -177,7 +177,8 @@ def table_sums(bits: np.ndarray, tables: np.ndarray) -> np.ndarray:
 
 def sign_product(comps, shape, x, alpha, out, scope="tensor", group=128):
     """out + alpha * x @ D.T for the sign delta D, in the C++ kernels' order (mixed batches): per scale span,
-    s * (2 * (sum of x where the bit is set) - (sum of x)), the spans added in order, then alpha times that."""
+    s * (2 * (sum of x where the bit is set) - (sum of x)), each sum from +0 over the span's groups of 4 columns,
+    the spans added in order, then alpha times that."""
     rows, cols = _rc(shape)
     x = np.asarray(x, F32)
     width = group if scope == "group" else cols

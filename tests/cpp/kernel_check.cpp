@@ -179,7 +179,8 @@ static void check_path(const Kernels& k) {
             }
         }
         // Sign tables and table sums: rows in and around the 16- and 64-row register blocks, batch rows in and
-        // around blocks of 4, the bits of each row followed by other bytes (which must not count).
+        // around blocks of 4, spans of 2 groups up to one span for the row, the bits of each row followed by
+        // other bytes (which must not count).
         for (int nx : {1, 2, 3, 4, 5, 9}) {
             const size_t ldx = n + 3, groups = (n + 3) / 4;
             auto x = random_floats(ldx * size_t(nx), true);
@@ -187,13 +188,15 @@ static void check_path(const Kernels& k) {
             s.sign_tables(x.data(), ldx, nx, n, t1.data());
             k.sign_tables(x.data(), ldx, nx, n, t2.data());
             check(same(t1, t2), k.name, "sign_tables", n);
-            for (int nr : {1, 5, 13, 16, 17, 29, 40, 64, 65, 111, 130}) {
-                const size_t bstride = (n + 7) / 8 + 3;
-                auto bits = random_bytes(bstride * size_t(nr) + 2);
-                std::vector<float> o1(size_t(nr * nx)), o2(o1.size());
-                s.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, o1.data());
-                k.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, o2.data());
-                check(same(o1, o2), k.name, "table_sums", n);
+            for (size_t span_groups : {size_t(2), size_t(8), size_t(32), std::max<size_t>(groups, 1)}) {
+                for (int nr : {1, 5, 13, 16, 17, 29, 40, 64, 65, 111, 130}) {
+                    const size_t bstride = (n + 7) / 8 + 3;
+                    auto bits = random_bytes(bstride * size_t(nr) + 2);
+                    std::vector<float> o1(size_t(nr) * table_spans(n, span_groups) * size_t(nx)), o2(o1.size());
+                    s.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, span_groups, o1.data());
+                    k.table_sums(bits.data(), bstride, nr, t1.data(), nx, n, span_groups, o2.data());
+                    check(same(o1, o2), k.name, "table_sums", n);
+                }
             }
         }
     }

@@ -53,43 +53,38 @@ struct SignDecoder : RowDecoder {
 
     // Batch products from the bits: a row's product with x over a scale's span is s * (2 * (sum of x where the
     // bit is set) - (sum of x)); the second sum is the same for every row. The sums come from tables of x built
-    // once per batch (Kernels::sign_tables): spans start on a multiple of 8 columns, so a span's tables are
-    // those of the whole row from its first group on.
+    // once per batch (Kernels::sign_tables), one table_sums call giving every span's (spans are whole groups of
+    // 4 columns: the group size is a multiple of 8).
     int64_t spans() const { return scope == 2 ? ngroups : 1; }
     int64_t span_cols() const { return scope == 2 ? group : cols; }
+    size_t span_groups() const { return size_t(std::max<int64_t>(1, (span_cols() + 3) / 4)); }
     bool product_from_packed() const override { return true; }
     std::vector<float> tables;  // [column group][batch row][16]
-    std::vector<float> x_sums;  // [batch row][span]
-    const float* span_tables(int64_t c0, int nx) const { return tables.data() + size_t(c0 / 4) * size_t(nx) * 16; }
+    std::vector<float> x_sums;  // [span][batch row]
     void begin_product(const Batch& x, const Kernels& k) override {
-        const int64_t n = spans(), width = span_cols();
         tables.resize(size_t((cols + 3) / 4) * size_t(x.rows) * 16);
         k.sign_tables(x.data, size_t(cols), x.rows, size_t(cols), tables.data());
-        const std::vector<uint8_t> ones(size_t(packed_row_bytes(width, 1)), 0xff);
-        std::vector<float> sums(size_t(x.rows));
-        x_sums.assign(size_t(x.rows * n), 0.0f);
-        for (int64_t g = 0; g < n; ++g) {
-            const int64_t c0 = g * width, len = std::min(width, cols - c0);
-            k.table_sums(ones.data(), 0, 1, span_tables(c0, x.rows), x.rows, size_t(len), sums.data());
-            for (int b = 0; b < x.rows; ++b) x_sums[size_t(b * n + g)] = sums[size_t(b)];
-        }
+        const std::vector<uint8_t> ones(size_t(row_bytes), 0xff);
+        x_sums.resize(table_spans(size_t(cols), span_groups()) * size_t(x.rows));
+        k.table_sums(ones.data(), 0, 1, tables.data(), x.rows, size_t(cols), span_groups(), x_sums.data());
     }
     void product(int64_t r0, int nrows, const Batch& x, float alpha, float* y, size_t y_stride, const Kernels& k,
                  std::vector<float>& scratch) const override {
-        const int64_t n = spans(), width = span_cols();
-        const size_t cells = size_t(nrows) * size_t(x.rows);  // [row][batch row]
-        scratch.assign(2 * cells, 0.0f);
-        float *sums = scratch.data(), *acc = sums + cells;
-        for (int64_t g = 0; g < n; ++g) {
-            const int64_t c0 = g * width, len = std::min(width, cols - c0);
-            k.table_sums(signs + size_t(r0 * row_bytes + c0 / 8), size_t(row_bytes), nrows, span_tables(c0, x.rows),
-                         x.rows, size_t(len), sums);
-            for (int i = 0; i < nrows; ++i) {
-                const int64_t r = r0 + i;
+        const int64_t n = spans();
+        const size_t per_row = table_spans(size_t(cols), span_groups()) * size_t(x.rows);  // [span][batch row]
+        scratch.assign(size_t(nrows) * (per_row + size_t(x.rows)), 0.0f);
+        float *sums = scratch.data(), *acc = sums + size_t(nrows) * per_row;
+        k.table_sums(signs + size_t(r0 * row_bytes), size_t(row_bytes), nrows, tables.data(), x.rows, size_t(cols),
+                     span_groups(), sums);
+        for (int i = 0; i < nrows; ++i) {
+            const int64_t r = r0 + i;
+            for (int64_t g = 0; g < n; ++g) {
                 const float s = scale_of(r, g);
+                const float* set = sums + size_t(i) * per_row + size_t(g) * size_t(x.rows);
+                const float* all = x_sums.data() + size_t(g) * size_t(x.rows);
                 for (int b = 0; b < x.rows; ++b) {
                     float& a = acc[size_t(i * x.rows + b)];
-                    a = a + s * (2.0f * sums[size_t(i * x.rows + b)] - x_sums[size_t(b * n + g)]);
+                    a = a + s * (2.0f * set[b] - all[b]);
                 }
             }
         }

@@ -76,16 +76,24 @@ struct SignDecoder : RowDecoder {
         float *sums = scratch.data(), *acc = sums + size_t(nrows) * per_row;
         k.table_sums(signs + size_t(r0 * row_bytes), size_t(row_bytes), nrows, tables.data(), x.rows, size_t(cols),
                      span_groups(), sums);
-        for (int i = 0; i < nrows; ++i) {
-            const int64_t r = r0 + i;
-            for (int64_t g = 0; g < n; ++g) {
-                const float s = scale_of(r, g);
-                const float* set = sums + size_t(i) * per_row + size_t(g) * size_t(x.rows);
-                const float* all = x_sums.data() + size_t(g) * size_t(x.rows);
-                for (int b = 0; b < x.rows; ++b) {
-                    float& a = acc[size_t(i * x.rows + b)];
-                    a = a + s * (2.0f * set[b] - all[b]);
-                }
+        // Spans outermost: the rows' sums are independent, so the adds overlap (row by row, each sum would wait
+        // for its previous span's add through memory: 3x slower for a batch of one with 128-column groups).
+        const size_t nx = size_t(x.rows);
+        for (int64_t g = 0; g < n; ++g) {
+            const float* all = x_sums.data() + size_t(g) * nx;
+            // the scale of row r0 + i in this span: scales[i * step + first]
+            const size_t step = scope == 0 ? 0 : scope == 1 ? 1 : size_t(ngroups);
+            const float* first = scales + (scope == 0 ? 0 : scope == 1 ? size_t(r0) : size_t(r0 * ngroups + g));
+            if (nx == 1) {  // a decode step: no loop over the batch
+                for (int i = 0; i < nrows; ++i)
+                    acc[i] = acc[i] + first[size_t(i) * step] * (2.0f * sums[size_t(i) * per_row + size_t(g)] - all[0]);
+                continue;
+            }
+            for (int i = 0; i < nrows; ++i) {
+                const float s = first[size_t(i) * step];
+                const float* set = sums + size_t(i) * per_row + size_t(g) * nx;
+                float* a = acc + size_t(i) * nx;
+                for (size_t b = 0; b < nx; ++b) a[b] = a[b] + s * (2.0f * set[b] - all[b]);
             }
         }
         for (int i = 0; i < nrows; ++i)

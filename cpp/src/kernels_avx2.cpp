@@ -278,28 +278,40 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
     });
 }
 
+// 8 rows' 32-byte pieces -> 8 registers, register w holding dword w of every row (lane l: row l): 32-bit and
+// 64-bit interleaves within 128-bit lanes, then one round of 128-bit lane shuffles.
+static inline void transpose_rows(__m256i v[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int g = 0; g < 2; ++g) {  // u[4g + c], 128-bit lane h: rows 4g .. 4g + 3 of dword 4h + c
+        u[4 * g] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        v[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        v[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+}
+
 // Table sums with a row in each lane: R registers of 8 rows (the last `rows` may end early) x K batch rows.
-// One gather brings 32 bits of each of 8 rows. A group's 16 table entries are two registers: vpermps looks
-// the nibble's low 3 bits up in both (it reads only those), and its bit 3, moved to the sign bit, picks one.
-// The groups after the last whole 32 columns are the scalar code's.
+// Each register holds 32 bits of each of its 8 rows. A group's 16 table entries are two registers: vpermps
+// looks the nibble's low 3 bits up in both (it reads only those), and its bit 3, moved to the sign bit, picks
+// one. The bits come 32 bytes per row at a time, transposed in registers; 32-bit gathers for the columns
+// after the last whole 256, and the scalar code for those after the last 32.
 template <int R, int K, bool SPANS>
 static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
                         size_t span_groups, float* done, float* out) {
-    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
-    __m256i live[R];
-    for (int r = 0; r < R; ++r)
-        live[r] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows - 8 * r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm256_setzero_ps();
     TableSpans<8, R, K> spans(span_groups, done);
-    const size_t steps = n / 32, ts = size_t(nx) * 16;
-    for (size_t s = 0; s < steps; ++s) {
-        __m256i v[R];
-        for (int r = 0; r < R; ++r)
-            v[r] = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
-                                               reinterpret_cast<const int*>(bits + size_t(8 * r) * stride + 4 * s),
-                                               offsets, live[r], 1);
+    const size_t ts = size_t(nx) * 16;
+    auto add_step = [&](const __m256i* v, size_t s) {
         if constexpr (SPANS) {
             if (spans.starts_span(8 * s)) {
                 float* to = spans.keep();
@@ -322,11 +334,44 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
                 }
             }
         }
+    };
+    size_t s = 0;  // 32-column steps done
+    for (; 32 * s + 256 <= n; s += 8) {
+        __m256i lines[R][8];
+        for (int r = 0; r < R; ++r) {
+            for (int l = 0; l < 8; ++l) {
+                const uint8_t* piece = bits + size_t(8 * r + l) * stride + 4 * s;
+                if (8 * r + l < rows) {
+                    lines[r][l] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(piece));
+                    _mm_prefetch(reinterpret_cast<const char*>(piece + 128), _MM_HINT_T0);  // as AVX-512 does
+                } else {
+                    lines[r][l] = _mm256_setzero_si256();
+                }
+            }
+            transpose_rows(lines[r]);
+        }
+        for (int w = 0; w < 8; ++w) {
+            __m256i v[R];
+            for (int r = 0; r < R; ++r) v[r] = lines[r][w];
+            add_step(v, s + size_t(w));
+        }
+    }
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+    __m256i live[R];
+    for (int r = 0; r < R; ++r)
+        live[r] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows - 8 * r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (; 32 * s + 32 <= n; ++s) {
+        __m256i v[R];
+        for (int r = 0; r < R; ++r)
+            v[r] = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
+                                               reinterpret_cast<const int*>(bits + size_t(8 * r) * stride + 4 * s),
+                                               offsets, live[r], 1);
+        add_step(v, s);
     }
     float running[R * K * 8];
     for (int r = 0; r < R; ++r)
         for (int b = 0; b < K; ++b) _mm256_storeu_ps(running + (r * K + b) * 8, acc[r][b]);
-    spans.finish(running, bits, stride, rows, t, nx, n, 8 * steps, out);
+    spans.finish(running, bits, stride, rows, t, nx, n, 8 * s, out);
 }
 
 // 16 rows x 2 batch rows per block, then the batch row and rows left over.

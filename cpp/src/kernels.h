@@ -268,6 +268,42 @@ void sign_add_round_by_parts(const uint8_t* bits, float t, const void* base, DTy
     }
 }
 
+// f(std::integral_constant<int, n>()) for a run-time 1 <= n <= N.
+template <int N, class F>
+inline void with_count(int n, F f) {
+    if constexpr (N > 0) {
+        if (n == N) return f(std::integral_constant<int, N>());
+        with_count<N - 1>(n, f);
+    }
+}
+
+// A path's table_sums from its table_block<R, K, SPANS>, called as block(R, K, SPANS, bits of row i, rows, tables
+// of batch row b, done, out): rows i .. i + rows (rows <= LANES * R, in R registers of LANES rows) against batch
+// rows b .. b + K, with R = RMAX and K = KMAX where they fit; R, K and SPANS are std::integral_constants, usable
+// as template arguments. One span per row (tensor and row scales) runs the SPANS = false instantiation: with none
+// of the span bookkeeping in the loop, the compiler keeps every running sum in registers. (The paths keep each
+// block shape a function of its own, noinline: inlined together, the AVX2 loops lost 25 %.)
+template <int LANES, int RMAX, int KMAX, class Block>
+inline void table_sums_by_blocks(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
+                                 size_t span_groups, float* out, Block block) {
+    const size_t spans = table_spans(n, span_groups), row_out = spans * size_t(nx);  // outputs per row
+    std::vector<float> done(spans > 1 ? spans * RMAX * KMAX * LANES : 0);   // the largest block's finished spans
+    for (int i = 0; i < nrows; i += LANES * RMAX) {
+        const int rows = std::min(LANES * RMAX, nrows - i);
+        const uint8_t* rb = bits + size_t(i) * bits_stride;
+        with_count<RMAX>((rows + LANES - 1) / LANES, [&](auto r) {
+            auto run = [&](auto k, int b) {
+                float* o = out + size_t(i) * row_out + size_t(b);
+                if (spans > 1) block(r, k, std::true_type(), rb, rows, t + 16 * b, done.data(), o);
+                else block(r, k, std::false_type(), rb, rows, t + 16 * b, done.data(), o);
+            };
+            int b = 0;
+            for (; b + KMAX <= nx; b += KMAX) run(std::integral_constant<int, KMAX>(), b);
+            with_count<KMAX - 1>(nx - b, [&](auto k) { run(k, b); });
+        });
+    }
+}
+
 // Calls f(R, K, i, b) over the nrows x nx sums of a batch product in blocks of R rows x K batch rows:
 // RMAX x KMAX where they fit, then narrower (independent sums keep the SIMD units busy; a batch row loaded
 // once serves R rows). The batch rows left over one at a time (all of them for a batch of 1, a decode step)

@@ -496,7 +496,7 @@ static inline void transpose_rows(__m512i v[16]) {
 // The bits come a line per row at a time, transposed in registers (a gather per 32 bits took half the time);
 // 32-bit gathers for the columns after the last whole 512, and the scalar code for those after the last 32.
 template <int R, int K, bool SPANS>
-static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
                         size_t span_groups, float* done, float* out) {
     __mmask16 live[R];
     for (int r = 0; r < R; ++r) {
@@ -569,45 +569,16 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
     spans.finish(running, bits, stride, rows, t, nx, n, 8 * s, out);
 }
 
-// 64 rows x 4 batch rows per block (16 sums in registers; a table register loaded once serves 64 rows), then
-// the rows left over, then batch rows left over.
-template <int R, bool SPANS>
-static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
-                       size_t span_groups, float* done, float* out) {
-    int b = 0;
-    for (; b + 4 <= nx; b += 4) table_block<R, 4, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
-    switch (nx - b) {
-        case 3: table_block<R, 3, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
-        case 2: table_block<R, 2, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
-        case 1: table_block<R, 1, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b); break;
-    }
-}
-
-template <bool SPANS>
-static void table_sums_in(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n,
-                          size_t span_groups, float* out) {
-    const size_t row_out = table_spans(n, span_groups) * size_t(nx);  // outputs per row
-    std::vector<float> done(SPANS ? table_spans(n, span_groups) * 4 * 4 * 16 : 0);  // the largest block's
-    int i = 0;
-    for (; i + 64 <= nrows; i += 64) table_rows<4, SPANS>(bits + size_t(i) * bs, bs, 64, t, nx, n, span_groups, done.data(), out + i * row_out);
-    const int left = nrows - i;
-    const uint8_t* rest = bits + size_t(i) * bs;
-    switch ((left + 15) / 16) {
-        case 3: table_rows<3, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-        case 2: table_rows<2, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-        case 1: table_rows<1, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-    }
-}
-
-// One span per row (tensor and row scales) has its own instantiation: with none of the span bookkeeping in the
-// loop, the compiler keeps every running sum in registers.
+// Blocks of 64 rows x 4 batch rows (a table register loaded once serves 64 rows), then narrower ones.
 static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, size_t span_groups,
                        float* out) {
     // 32-bit gather offsets; spans that end inside a 32-column step (groups of 8 to 24 columns)
     if (bs > size_t(INT32_MAX / 16) || (span_groups % 8 && table_spans(n, span_groups) > 1))
         return scalar::table_sums(bits, bs, nrows, t, nx, n, span_groups, out);
-    if (table_spans(n, span_groups) > 1) return table_sums_in<true>(bits, bs, nrows, t, nx, n, span_groups, out);
-    table_sums_in<false>(bits, bs, nrows, t, nx, n, span_groups, out);
+    table_sums_by_blocks<16, 4, 4>(bits, bs, nrows, t, nx, n, span_groups, out,
+        [&](auto r, auto k, auto spans, const uint8_t* rb, int rows, const float* tb, float* done, float* o) {
+            table_block<r(), k(), spans()>(rb, bs, rows, tb, nx, n, span_groups, done, o);
+        });
 }
 
 }  // namespace deltapack::avx512

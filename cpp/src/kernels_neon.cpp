@@ -214,7 +214,7 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 // 4m .. 4m + 3, and one tbl looks 4 rows' entries up. The groups after the last whole 32 columns are the
 // scalar code's.
 template <int R, int K, bool SPANS>
-static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
+__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
                         size_t span_groups, float* done, float* out) {
     float32x4_t acc[R][K];
     for (auto& row : acc)
@@ -259,40 +259,15 @@ static void table_block(const uint8_t* bits, size_t stride, int rows, const floa
     spans.finish(running, bits, stride, rows, t, nx, n, 8 * steps, out);
 }
 
-// 16 rows x 2 batch rows per block, then the batch row and rows left over.
-template <int R, bool SPANS>
-static void table_rows(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
-                       size_t span_groups, float* done, float* out) {
-    int b = 0;
-    for (; b + 2 <= nx; b += 2) table_block<R, 2, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
-    if (b < nx) table_block<R, 1, SPANS>(bits, stride, rows, t + 16 * b, nx, n, span_groups, done, out + b);
-}
-
-template <bool SPANS>
-static void table_sums_in(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n,
-                          size_t span_groups, float* out) {
-    const size_t row_out = table_spans(n, span_groups) * size_t(nx);  // outputs per row
-    std::vector<float> done(SPANS ? table_spans(n, span_groups) * 4 * 2 * 4 : 0);  // the largest block's
-    int i = 0;
-    for (; i + 16 <= nrows; i += 16) table_rows<4, SPANS>(bits + size_t(i) * bs, bs, 16, t, nx, n, span_groups, done.data(), out + i * row_out);
-    const int left = nrows - i;
-    const uint8_t* rest = bits + size_t(i) * bs;
-    switch ((left + 3) / 4) {
-        case 4: table_rows<4, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-        case 3: table_rows<3, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-        case 2: table_rows<2, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-        case 1: table_rows<1, SPANS>(rest, bs, left, t, nx, n, span_groups, done.data(), out + i * row_out); break;
-    }
-}
-
-// One span per row (tensor and row scales) has its own instantiation: with none of the span bookkeeping in the
-// loop, the compiler keeps every running sum in registers.
+// Blocks of 16 rows x 2 batch rows (a table register loaded once serves 16 rows), then narrower ones.
 static void table_sums(const uint8_t* bits, size_t bs, int nrows, const float* t, int nx, size_t n, size_t span_groups,
                        float* out) {
     // spans that end inside a 32-column step (groups of 8 to 24 columns)
     if (span_groups % 8 && table_spans(n, span_groups) > 1) return scalar::table_sums(bits, bs, nrows, t, nx, n, span_groups, out);
-    if (table_spans(n, span_groups) > 1) return table_sums_in<true>(bits, bs, nrows, t, nx, n, span_groups, out);
-    table_sums_in<false>(bits, bs, nrows, t, nx, n, span_groups, out);
+    table_sums_by_blocks<4, 4, 2>(bits, bs, nrows, t, nx, n, span_groups, out,
+        [&](auto r, auto k, auto spans, const uint8_t* rb, int rows, const float* tb, float* done, float* o) {
+            table_block<r(), k(), spans()>(rb, bs, rows, tb, nx, n, span_groups, done, o);
+        });
 }
 
 }  // namespace deltapack::neon

@@ -3,7 +3,8 @@
     python bench/bench_mixed.py [--tokens 1 4 16] [--repeats 15] [--skip-layers] [--skip-decode]
 
 1. Layers. A bf16 base weight at Llama-3-8B shapes (4096x4096 and 14336x4096) and 8 fine-tunes of it, each a
-   `sign` delta made by `deltapack compress`, in one bank; a batch of 8 fine-tunes x T tokens (T = 1, 4, 16). Times, median of --repeats, on all cores:
+   `sign` delta made by `deltapack compress`, in one bank; a batch of 8 fine-tunes x T tokens (T = 1, 4, 16). Times, median of --repeats rounds that run
+   each variant in turn, on all cores:
      base     x @ W_base.T (torch bf16 matmul) for the whole batch: the cost without fine-tunes;
      mixed    the same plus every row's delta from the packed bits, one Bank.mixed_product call (what a
               patched nn.Linear does: x to f32, the deltas' part added in f32, rounded once);
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 import deltapack as dp
-from benchlib import median_time
+from benchlib import interleaved_medians
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 N_FINE_TUNES = 8
@@ -82,7 +83,7 @@ def bench_layer(rows, cols, tokens, repeats, rng, scratch_dir):
         # the mixed result is the rebuilt one up to the rounding of the rebuilt weights to bf16
         ym, yr = mixed().float(), rebuild().float()
         rel = ((ym - yr).abs().max() / yr.abs().max()).item()
-        tb, tm, tr = (median_time(f, repeats) for f in (base, mixed, rebuild))
+        tb, tm, tr = interleaved_medians((base, mixed, rebuild), repeats)
         out.append({"shape": [rows, cols], "fine_tunes": N_FINE_TUNES, "tokens_each": t, "batch": x.shape[0],
                     "base_s": tb, "mixed_s": tm, "rebuild_s": tr, "overhead": tm / tb, "speedup_vs_rebuild": tr / tm,
                     "max_rel_diff_vs_rebuild": rel})
@@ -150,7 +151,7 @@ def bench_decode(new_tokens, repeats):
         got, want, switched = mixed(), one_by_one(), switching()
         same = all(torch.equal(got[i, width:], want[i][len(prompts[i]):]) for i in range(len(names)))
         same_switch = all(torch.equal(switched[i], want[i]) for i in range(len(names)))
-        tm, to, ts = (median_time(f, repeats) for f in (mixed, one_by_one, switching))
+        tm, to, ts = interleaved_medians((mixed, one_by_one, switching), repeats)
     total = new_tokens * len(names)
     res = {"model": "llama-small (1.7 M params)", "fine_tunes": names, "new_tokens_each": new_tokens,
            "mixed_tok_s": total / tm, "one_by_one_tok_s": total / to, "switching_tok_s": total / ts,

@@ -20,6 +20,20 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
+def interleaved_medians(fns, repeats):
+    """Median wall time of each of fns over `repeats` rounds that call each once, in turn, after one warm-up
+    call each: a machine that slows down for a while slows them all, so their ratios stay fair."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def write_bf16_checkpoint(path, shapes, pattern, config, shard_bytes):
     """A Hugging Face directory of bf16 safetensors shards (at most shard_bytes each, unless one tensor is
     larger), its index and `config`. shapes: [(name, shape)]; pattern(k, name, shape) gives tensor k's bf16 bit

@@ -47,10 +47,11 @@ def test_delta_product_is_x_times_the_decoded_delta(codec, params, shape, dtype)
                          ids=["tensor", "row", "group64", "group8"])
 def test_sign_product_has_the_reference_bits(params, shape):
     """The sign kernels (tables of x, one lookup per 4 columns) against reference.sign_product, numpy's f32
-    arithmetic in the documented order: the same bits on every path, batch sizes around the kernels' blocks."""
+    arithmetic in the documented order: the same bits on every path, batch sizes around the kernels' blocks and
+    past the 128 batch rows whose tables delta_products holds at once."""
     enc = dp.encode(make_delta(shape, "f32", seed=5), "sign", **params)
     rng = np.random.default_rng(2)
-    for batch in (1, 3, 4, 6, 16):
+    for batch in (1, 3, 4, 6, 16, 300):
         x = rng.standard_normal((batch, shape[1])).astype(np.float32)
         x[0, ::7] = -0.0  # a -0 in x never makes a sum -0
         start = rng.standard_normal((batch, shape[0])).astype(np.float32)
@@ -141,6 +142,32 @@ def test_mixed_batch_generate_with_kv_cache_gives_each_fine_tunes_tokens(f32_mod
                 assert torch.equal(got[i], want[i]), (i, w)
         base = _rebuilt(root, None).generate(ids, **kw)
     assert sum(not torch.equal(got[i], base[i]) for i, w in enumerate(ROWS) if w) >= 3  # the fine-tunes do differ
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+                                    "model.layers.0.mlp.down_proj.weight"])
+def test_large_mixed_batch_equals_each_fine_tunes_product(f32_models, tensor):
+    """400 batch rows for three fine-tunes and the base: delta_products runs them in waves of 128 batch rows,
+    each fine-tune's rows in slices; every row gets the bits of its fine-tune's own product."""
+    bank = dp.Bank(f32_models / "base")
+    for name in "abc":
+        bank.add(name, f32_models / f"{name}.dpk")
+    rows, cols = np.asarray(bank._b.tensor(tensor)).shape
+    rng = np.random.default_rng(4)
+    which = rng.integers(-1, 3, 400).astype(np.int32)
+    x = rng.standard_normal((400, cols)).astype(np.float32)
+    start = rng.standard_normal((400, rows)).astype(np.float32)
+    got, want = start.copy(), start.copy()
+    bank._b.mixed_product(tensor, ["a", "b", "c"], which, x, got, 0.75)
+    for t, name in enumerate("abc"):
+        own = np.flatnonzero(which == t)
+        part = want[own].copy()
+        bank._b.product(name, tensor, np.ascontiguousarray(x[own]), part, 0.75)
+        want[own] = part
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(got[which == -1], start[which == -1])  # the base's rows are left as they were
+    for t, name in enumerate("abc"):  # a fine-tune that changes the tensor changes its rows ("b" is MLPs only)
+        assert ((got[which == t] != start[which == t]).mean() > 0.5) == bank._b.touches(name, tensor), name
 
 
 def test_rows_alpha_and_refusals(f32_models):

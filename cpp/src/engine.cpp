@@ -366,56 +366,77 @@ void delta_product(const EncodedRef& e, const float* x, int64_t batch, float alp
     delta_products({ProductJob{e, x, batch, y}}, alpha, threads);
 }
 
-static constexpr int64_t kProductChunk = 64;  // rows
+static constexpr int64_t kProductChunk = 64;  // rows of the delta per product() call
+// Batch rows whose per-batch state is held at once (a sign delta's tables take 16 floats per 4 columns and
+// batch row, 4x x itself): a larger batch, such as a prompt's tokens, runs in waves of this many.
+static constexpr int64_t kProductWave = 128;
 
 void delta_products(const std::vector<ProductJob>& jobs, float alpha, int threads) {
+    std::vector<Prepared> prepared;  // every job checked before anything is computed
+    int64_t rows = -1, cols = -1;
+    for (const ProductJob& j : jobs) {
+        if (j.batch < 0 || j.batch > (int64_t(1) << 30))
+            throw std::invalid_argument("tensor '" + j.enc.name + "': batch of " + std::to_string(j.batch) + " rows");
+        prepared.push_back(prepare(j.enc));
+        const Matrix m = prepared.back().m;
+        if (rows >= 0 && (m.rows != rows || m.cols != cols))
+            throw std::invalid_argument("tensor '" + j.enc.name + "': a " + std::to_string(m.rows) + " x " +
+                                        std::to_string(m.cols) + " delta among " + std::to_string(rows) + " x " +
+                                        std::to_string(cols) + " ones");
+        rows = m.rows, cols = m.cols;
+    }
+    if (rows <= 0) return;
+    struct Slice {
+        size_t job;
+        int64_t b0, batch;
+    };
+    std::vector<Slice> slices;
+    for (size_t i = 0; i < jobs.size(); ++i)
+        for (int64_t b0 = 0; b0 < jobs[i].batch; b0 += kProductWave)
+            slices.push_back(Slice{i, b0, std::min(kProductWave, jobs[i].batch - b0)});
     struct Ready {
         Prepared p;
         RowDecoder::Batch x;
         float* y;
         int64_t step;
     };
-    std::vector<Ready> ready;
     const Kernels& k = kernels();
-    int64_t rows = -1, cols = -1, work = 0;
-    for (const ProductJob& j : jobs) {
-        if (j.batch < 0 || j.batch > (int64_t(1) << 30))
-            throw std::invalid_argument("tensor '" + j.enc.name + "': batch of " + std::to_string(j.batch) + " rows");
-        Prepared p = prepare(j.enc);
-        if (rows >= 0 && (p.m.rows != rows || p.m.cols != cols))
-            throw std::invalid_argument("tensor '" + j.enc.name + "': a " + std::to_string(p.m.rows) + " x " +
-                                        std::to_string(p.m.cols) + " delta among " + std::to_string(rows) + " x " +
-                                        std::to_string(cols) + " ones");
-        rows = p.m.rows, cols = p.m.cols;
-        if (j.batch == 0 || p.m.rows == 0) continue;
-        // Packed products take a whole chunk per call (the sign kernels' tables serve 64 rows per load); decoded
-        // tiles at least 16 rows, so a batch row loaded once serves several.
-        const int block = p.dec->rows_per_block();
-        const int64_t step = p.dec->product_from_packed()
-                                 ? kProductChunk
-                                 : std::max<int64_t>(rows_per_step(p.m, block), (16 + block - 1) / block * block);
-        const RowDecoder::Batch xb{j.x, int(j.batch), p.m.cols};
-        p.dec->begin_product(xb, k);
-        work += p.m.cols * j.batch;
-        ready.push_back(Ready{std::move(p), xb, j.y, step});
-    }
-    if (ready.empty()) return;
-    // Chunks of rows taken in turn, not fixed shares: a thread slowed by another process (a torch thread pool
-    // still spinning after its matmul) takes fewer, instead of making the others wait for its share. One job's
-    // chunks before the next: the threads share that fine-tune's bits and tables while they are in cache.
-    // A thread is started for every 2^20 multiply-adds or so (parallel_rows counts 2^16 units of work per
-    // thread; these are 16 to a SIMD instruction): a decode step of a small model runs on the caller alone.
-    const int64_t chunks = (rows + kProductChunk - 1) / kProductChunk;
-    std::atomic<int64_t> next{0};
-    parallel_rows(chunks, kProductChunk * work / 16, threads, [&](int64_t, int64_t) {
-        std::vector<float> scratch;
-        for (int64_t item; (item = next.fetch_add(1)) < chunks * int64_t(ready.size());) {
-            const Ready& j = ready[size_t(item / chunks)];
-            const int64_t r0 = item % chunks * kProductChunk, r1 = std::min(rows, r0 + kProductChunk);
-            for (int64_t r = r0; r < r1; r += j.step)
-                j.p.dec->product(r, int(std::min(j.step, r1 - r)), j.x, alpha, j.y, size_t(rows), k, scratch);
+    for (size_t first = 0; first < slices.size();) {
+        std::vector<Ready> ready;  // one wave
+        int64_t work = 0, batch = 0;
+        for (; first < slices.size() && (ready.empty() || batch + slices[first].batch <= kProductWave); ++first) {
+            const Slice& sl = slices[first];
+            const ProductJob& j = jobs[sl.job];
+            Prepared p = prepared[sl.job].dec ? std::move(prepared[sl.job]) : prepare(j.enc);  // a decoder per slice
+            // Packed products take a whole chunk per call (the sign kernels' tables serve 64 rows per load);
+            // decoded tiles at least 16 rows, so a batch row loaded once serves several.
+            const int block = p.dec->rows_per_block();
+            const int64_t step = p.dec->product_from_packed()
+                                     ? kProductChunk
+                                     : std::max<int64_t>(rows_per_step(p.m, block), (16 + block - 1) / block * block);
+            const RowDecoder::Batch xb{j.x + size_t(sl.b0 * cols), int(sl.batch), cols};
+            p.dec->begin_product(xb, k);
+            work += cols * sl.batch;
+            batch += sl.batch;
+            ready.push_back(Ready{std::move(p), xb, j.y + size_t(sl.b0 * rows), step});
         }
-    });
+        // Chunks of rows taken in turn, not fixed shares: a thread slowed by another process (a torch thread pool
+        // still spinning after its matmul) takes fewer, instead of making the others wait for its share. One
+        // job's chunks before the next: the threads share that fine-tune's bits and tables while they are in
+        // cache. A thread is started for every 2^20 multiply-adds or so (parallel_rows counts 2^16 units of work
+        // per thread; these are 16 to a SIMD instruction): a decode step of a small model runs on the caller alone.
+        const int64_t chunks = (rows + kProductChunk - 1) / kProductChunk;
+        std::atomic<int64_t> next{0};
+        parallel_rows(chunks, kProductChunk * work / 16, threads, [&](int64_t, int64_t) {
+            std::vector<float> scratch;
+            for (int64_t item; (item = next.fetch_add(1)) < chunks * int64_t(ready.size());) {
+                const Ready& j = ready[size_t(item / chunks)];
+                const int64_t r0 = item % chunks * kProductChunk, r1 = std::min(rows, r0 + kProductChunk);
+                for (int64_t r = r0; r < r1; r += j.step)
+                    j.p.dec->product(r, int(std::min(j.step, r1 - r)), j.x, alpha, j.y, size_t(rows), k, scratch);
+            }
+        });
+    }
 }
 
 void delta_rows(const EncodedRef& e, const int64_t* rows, int64_t n, float alpha, float* out) {

@@ -65,7 +65,7 @@ struct Kernels {
     // table_sums then gives, for each span of `span_groups` groups (the last may be shorter; table_spans(n,
     // span_groups) of them, at least one), the sum of x_b[j] over the set bits j of bits_i (LSB-first) in the
     // span: out[(i * spans + g) * nx + b], an f32 sum over the span's groups in order from +0, each step adding
-    // the entry of the group's 4 bits. A row costs one add per 4 columns and batch row
+    // the entry of the group's 4 bits (n = 0: one span, +0). A row costs one add per 4 columns and batch row
     // (python/deltapack/reference.py: sign_tables, table_sums, sign_product).
     void (*sign_tables)(const float* x, size_t ldx, int nx, size_t n, float* t);
     void (*table_sums)(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
@@ -286,6 +286,7 @@ inline void with_count(int n, F f) {
 template <int LANES, int RMAX, int KMAX, class Block>
 inline void table_sums_by_blocks(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
                                  size_t span_groups, float* out, Block block) {
+    if (n == 0) return std::fill(out, out + size_t(nrows) * size_t(nx), 0.0f);  // no tables (t may be null)
     const size_t spans = table_spans(n, span_groups), row_out = spans * size_t(nx);  // outputs per row
     std::vector<float> done(spans > 1 ? spans * RMAX * KMAX * LANES : 0);   // the largest block's finished spans
     for (int i = 0; i < nrows; i += LANES * RMAX) {

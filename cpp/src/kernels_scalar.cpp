@@ -73,6 +73,7 @@ void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t) {
 
 void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,
                 size_t span_groups, float* out) {
+    if (n == 0) return std::fill(out, out + size_t(nrows) * size_t(nx), 0.0f);  // no tables (t may be null)
     const size_t spans = table_spans(n, span_groups);
     for (int i = 0; i < nrows; ++i)
         for (int b = 0; b < nx; ++b)

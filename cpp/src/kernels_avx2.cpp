@@ -304,8 +304,8 @@ static inline void transpose_rows(__m256i v[8]) {
 // one. The bits come 32 bytes per row at a time, transposed in registers; 32-bit gathers for the columns
 // after the last whole 256, and the scalar code for those after the last 32.
 template <int R, int K, bool SPANS>
-__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
-                        size_t span_groups, float* done, float* out) {
+__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t,
+                                                  int nx, size_t n, size_t span_groups, float* done, float* out) {
     __m256 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm256_setzero_ps();

@@ -496,8 +496,8 @@ static inline void transpose_rows(__m512i v[16]) {
 // The bits come a line per row at a time, transposed in registers (a gather per 32 bits took half the time);
 // 32-bit gathers for the columns after the last whole 512, and the scalar code for those after the last 32.
 template <int R, int K, bool SPANS>
-__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
-                        size_t span_groups, float* done, float* out) {
+__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t,
+                                                  int nx, size_t n, size_t span_groups, float* done, float* out) {
     __mmask16 live[R];
     for (int r = 0; r < R; ++r) {
         const int left = rows - 16 * r;
@@ -509,8 +509,7 @@ __attribute__((noinline)) static void table_block(const uint8_t* bits, size_t st
     TableSpans<16, R, K> spans(span_groups, done);
     const size_t ts = size_t(nx) * 16;
     // 32 columns of the R registers' rows: 8 groups
-    // Always inlined (it is called from two loops): as a call it would keep the running sums in memory.
-    auto add_step = [&](const __m512i* v, size_t s) __attribute__((always_inline)) {
+    auto add_step = [&](const __m512i* v, size_t s) {
         if constexpr (SPANS) {
             if (spans.starts_span(8 * s)) {
                 float* to = spans.keep();
@@ -547,8 +546,10 @@ __attribute__((noinline)) static void table_block(const uint8_t* bits, size_t st
             // 16 R rows are more streams than the hardware prefetchers follow: R rows at a time ask for their line
             // two ahead (one ahead left the bits of 8 fine-tunes x 4096^2 30 % slower to arrive after a matmul).
             for (int r = 0; r < R; ++r)
-                if (16 * r + w < rows)
-                    _mm_prefetch(reinterpret_cast<const char*>(bits + size_t(16 * r + w) * stride + 4 * s + 128), _MM_HINT_T0);
+                if (16 * r + w < rows) {
+                    const uint8_t* ahead = bits + size_t(16 * r + w) * stride + 4 * s + 128;
+                    _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+                }
             __m512i v[R];
             for (int r = 0; r < R; ++r) v[r] = lines[r][w];
             add_step(v, s + size_t(w));

@@ -214,8 +214,8 @@ static void dots(const float* a, size_t as, int nrows, const float* x, size_t ld
 // 4m .. 4m + 3, and one tbl looks 4 rows' entries up. The groups after the last whole 32 columns are the
 // scalar code's.
 template <int R, int K, bool SPANS>
-__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t, int nx, size_t n,
-                        size_t span_groups, float* done, float* out) {
+__attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t,
+                                                  int nx, size_t n, size_t span_groups, float* done, float* out) {
     float32x4_t acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = vdupq_n_f32(0.0f);

@@ -117,7 +117,9 @@ def test_compress_info_apply_verify(pair, tmp_path):
 
 
 def _start(args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Every progress update printed (tqdm >= 4.66 reads TQDM_* defaults from the environment): by default tqdm
+    # prints at most every 0.1 s, and a compress of the pair that took about that long showed only 0 and 100 %.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0")
     # A runner started in the background may have SIGINT ignored, and that is inherited: give the child
     # the default disposition, as an interactive user's process has, so Ctrl-C handling is what is tested.
     return subprocess.Popen([sys.executable, "-m", "deltapack.cli", *map(str, args)], cwd=cwd, env=env,

@@ -181,7 +181,7 @@ def sign_product(comps, shape, x, alpha, out, scope="tensor", group=128):
     the spans added in order, then alpha times that."""
     rows, cols = _rc(shape)
     x = np.asarray(x, F32)
-    width = group if scope == "group" else cols
+    width = group if scope == "group" else max(cols, 1)
     s = comps["scales"].astype(F32)
     acc = np.zeros((rows, x.shape[0]), F32)
     for g, c0 in enumerate(range(0, cols, width)):

@@ -498,11 +498,6 @@ static inline void transpose_rows(__m512i v[16]) {
 template <int R, int K, bool SPANS>
 __attribute__((noinline)) static void table_block(const uint8_t* bits, size_t stride, int rows, const float* t,
                                                   int nx, size_t n, size_t span_groups, float* done, float* out) {
-    __mmask16 live[R];
-    for (int r = 0; r < R; ++r) {
-        const int left = rows - 16 * r;
-        live[r] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    }
     __m512 acc[R][K];
     for (auto& row : acc)
         for (auto& v : row) v = _mm512_setzero_ps();
@@ -557,6 +552,11 @@ __attribute__((noinline)) static void table_block(const uint8_t* bits, size_t st
     }
     const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                _mm512_set1_epi32(int(stride)));
+    __mmask16 live[R];
+    for (int r = 0; r < R; ++r) {
+        const int left = rows - 16 * r;
+        live[r] = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    }
     for (; 32 * s + 32 <= n; ++s) {
         __m512i v[R];
         for (int r = 0; r < R; ++r)

@@ -18,19 +18,25 @@ struct SignDecoder : RowDecoder {
             const uint8_t* bits = signs + size_t(r * row_bytes);
             float* out = dst + size_t(i) * size_t(cols);
             if (scope < 2) {
-                k.sign_expand(bits, size_t(cols), scope == 0 ? scales[0] : scales[r], out);
+                k.sign_expand(bits, size_t(cols), scale_of(r, 0), out);
                 continue;
             }
             for (int64_t g = 0; g < ngroups; ++g) {
                 int64_t c0 = g * group, len = std::min(group, cols - c0);
-                k.sign_expand(bits + c0 / 8, size_t(len), scales[r * ngroups + g], out + c0);
+                k.sign_expand(bits + c0 / 8, size_t(len), scale_of(r, g), out + c0);
             }
         }
     }
 
+    // The scale of row r in span g: scales[r * scale_row_stride() + (g for group scales, else 0)].
+    size_t scale_row_stride() const { return scope == 0 ? 0 : scope == 1 ? 1 : size_t(ngroups); }
+    const float* scale_at(int64_t r, int64_t g) const {
+        return scales + size_t(r) * scale_row_stride() + size_t(scope == 2 ? g : 0);
+    }
+    float scale_of(int64_t r, int64_t g) const { return *scale_at(r, g); }
+
     // Rebuilds without the f32 rows: each scale span is one sign_add_round with t = alpha * s. Declined for f16
     // output (the engine checks its overflow on decoded values) and for a t out of range (the engine reports it).
-    float scale_of(int64_t r, int64_t g) const { return scope == 0 ? scales[0] : scope == 1 ? scales[r] : scales[r * ngroups + g]; }
     bool add_rows(int64_t r0, int nrows, const uint8_t* base, DType bt, float alpha, uint8_t* out, DType ot,
                   bool stream, const Kernels& k) const override {
         const int64_t n = spans(), width = span_cols();
@@ -81,9 +87,8 @@ struct SignDecoder : RowDecoder {
         const size_t nx = size_t(x.rows);
         for (int64_t g = 0; g < n; ++g) {
             const float* all = x_sums.data() + size_t(g) * nx;
-            // the scale of row r0 + i in this span: scales[i * step + first]
-            const size_t step = scope == 0 ? 0 : scope == 1 ? 1 : size_t(ngroups);
-            const float* first = scales + (scope == 0 ? 0 : scope == 1 ? size_t(r0) : size_t(r0 * ngroups + g));
+            const float* first = scale_at(r0, g);  // row r0 + i's scale: first[i * step]
+            const size_t step = scale_row_stride();
             if (nx == 1) {  // a decode step: no loop over the batch
                 for (int i = 0; i < nrows; ++i)
                     acc[i] = acc[i] + first[size_t(i) * step] * (2.0f * sums[size_t(i) * per_row + size_t(g)] - all[0]);

@@ -37,7 +37,7 @@ const ArrayRef& Bank::base_of(const std::string& tensor) const {
 void Bank::add(const std::string& name, const std::string& delta, bool force) {
     // Reading and checking the file needs only the (immutable) base files: switches and readers go on meanwhile.
     std::shared_ptr<const DeltaFile> file(DeltaFile::open(delta, true));
-    for (const std::string& key : file->keys()) validate(file->get(key));  // CRC-32C and structure, once
+    for (const std::string& key : file->keys()) file->get(key);  // CRC-32C and structure, once
     auto c = std::make_unique<CheckpointDelta>(base_, file, force);
     std::set<std::string> seen;
     for (const CheckpointTensor& t : c->tensors()) {
@@ -130,7 +130,7 @@ void Bank::rebuild_into(const Mix& mix, const std::string& tensor, const ArrayRe
         // from the pristine base, the next ones on top, each rounded once. The CRC-32Cs (base and delta) were
         // checked by add().
         p.alpha = d.second;
-        apply(c.delta().get(tensor, false), first ? src : out, out, p);
+        apply(c.delta().get(tensor, false).ref, first ? src : out, out, p);
         first = false;
     }
     if (!first || out.data == src.data) return;
@@ -159,7 +159,7 @@ void Bank::product(const std::string& name, const std::string& tensor, const flo
     base_of(tensor);
     const CheckpointDelta& c = fine_tune(name);
     if (c.tensor(tensor).kind == TensorKind::Delta)
-        delta_product(c.delta().get(tensor, false), x, batch, alpha, y, threads);
+        delta_product(c.delta().get(tensor, false).ref, x, batch, alpha, y, threads);
 }
 
 void Bank::delta_rows(const std::string& name, const std::string& tensor, const int64_t* rows, int64_t n, float alpha,
@@ -173,7 +173,7 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
             throw std::out_of_range(where() + "tensor '" + tensor + "' has " + std::to_string(m.rows) + " rows; row " +
                                     std::to_string(rows[i]) + " asked");
     if (c.tensor(tensor).kind == TensorKind::Delta)
-        deltapack::delta_rows(c.delta().get(tensor, false), rows, n, alpha, out);
+        deltapack::delta_rows(c.delta().get(tensor, false).ref, rows, n, alpha, out);
     else
         std::fill(out, out + size_t(n * m.cols), 0.0f);
 }
@@ -203,7 +203,7 @@ void Bank::mixed_product(const std::string& tensor, const std::vector<std::strin
         ys[t].assign(own.size() * size_t(rows), 0.0f);
         for (size_t i = 0; i < own.size(); ++i)
             std::memcpy(xs[t].data() + i * size_t(cols), x + size_t(own[i] * cols), size_t(cols) * sizeof(float));
-        jobs.push_back(ProductJob{c.delta().get(tensor, false), xs[t].data(), int64_t(own.size()), ys[t].data()});
+        jobs.push_back(ProductJob{c.delta().get(tensor, false).ref, xs[t].data(), int64_t(own.size()), ys[t].data()});
     }
     delta_products(jobs, alpha, threads);
     for (size_t t = 0; t < names.size(); ++t) {

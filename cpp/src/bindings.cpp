@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -220,7 +221,7 @@ NB_MODULE(_core, m) {
         "encoded"_a, "x"_a, "y"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0);
 
     nb::class_<DeltaWriter>(m, "DeltaWriter")
-        .def(nb::init<const std::string&>(), "path"_a)
+        .def(nb::init<const std::string&, bool>(), "path"_a, "overwrite"_a = true)
         .def_prop_ro("path", &DeltaWriter::path)
         .def("__len__", &DeltaWriter::count)
         .def(
@@ -243,7 +244,7 @@ NB_MODULE(_core, m) {
 
     // A model: one .safetensors file or a Hugging Face directory (shards + index), read with pread.
     nb::class_<ModelFiles>(m, "ModelFiles")
-        .def_static("open", &ModelFiles::open, "path"_a)
+        .def_static("open", &ModelFiles::open, "path"_a, "follow_links"_a = false)
         .def_prop_ro("path", &ModelFiles::path)
         .def_prop_ro("is_directory", &ModelFiles::is_directory)
         .def_prop_ro("shards", &ModelFiles::shards)
@@ -276,13 +277,15 @@ NB_MODULE(_core, m) {
     // A fine-tune over its base, as `deltapack compress` recorded it: tensors rebuilt into caller memory.
     nb::class_<CheckpointDelta>(m, "CheckpointDelta")
         .def(
-            "__init__",
-            [](CheckpointDelta* self, const std::string& base, const std::string& delta, bool force) {
-                std::shared_ptr<const ModelFiles> b = ModelFiles::open(base);
+            "__init__",  // base None: no base model (rebuild_from with the caller's base tensors)
+            [](CheckpointDelta* self, std::optional<std::string> base, const std::string& delta, bool force,
+               bool follow_links) {
+                std::shared_ptr<const ModelFiles> b;
+                if (base) b = ModelFiles::open(*base, follow_links);
                 std::shared_ptr<const DeltaFile> d = DeltaFile::open(delta);
                 new (self) CheckpointDelta(b, d, force);
             },
-            "base"_a, "delta"_a, "force"_a = false)
+            "base"_a.none(), "delta"_a, "force"_a = false, "follow_links"_a = false)
         .def_prop_ro("record", &CheckpointDelta::record)
         .def_prop_ro("removed", &CheckpointDelta::removed)
         .def(
@@ -304,14 +307,30 @@ NB_MODULE(_core, m) {
                 nb::gil_scoped_release nogil;
                 c.rebuild(name, p, n, t, alpha, threads);
             },
-            "name"_a, "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0);
+            "name"_a, "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0)
+        .def(
+            "rebuild_from",  // out may be base (in place)
+            [](const CheckpointDelta& c, const std::string& name, std::optional<InArray> base, AnyArray out,
+               const std::string& dtype, float alpha, int threads) {
+                const void* bp = base ? base->data() : nullptr;
+                const uint64_t bn = base ? base->nbytes() : 0;
+                const DType bt = base ? dtype_of(*base) : DType::F32;
+                void* p = out.data();
+                const uint64_t n = out.nbytes();
+                const DType t = dtype_from_name(dtype);
+                nb::gil_scoped_release nogil;
+                c.rebuild_from(name, bp, bn, bt, p, n, t, alpha, threads);
+            },
+            "name"_a, "base"_a.none(), "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0);
 
     m.def(
         "apply_checkpoint",
         [](const std::string& base, const std::string& delta, const std::string& out, float alpha,
-           const std::string& dtype, bool force, bool overwrite, bool durable, int threads, nb::object progress) {
+           const std::string& dtype, bool force, bool overwrite, bool durable, int threads, nb::object progress,
+           bool follow_links) {
             ApplyCheckpointOptions o;
             o.alpha = alpha, o.dtype = dtype, o.force = force, o.overwrite = overwrite, o.durable = durable;
+            o.follow_links = follow_links;
             o.threads = threads;
             if (!progress.is_none())
                 o.progress = [progress](uint64_t n) {
@@ -323,7 +342,40 @@ NB_MODULE(_core, m) {
             return std::make_tuple(r.path, r.tensors, r.bytes);
         },
         "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
-        "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none());
+        "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none(), "follow_links"_a = false);
+
+    // The rules for model directories and outputs (deltapack.h, "paths").
+    m.def("is_weight_file", &is_weight_file, "name"_a);
+    m.def("kept_file_problem", &kept_file_problem, "name"_a);
+    m.def("resolve_in_model_dir", &resolve_in_model_dir, "dir"_a, "name"_a, "follow_links"_a = false);
+    m.def(
+        "read_kept_files",  // ([(name, bytes)], [(name, why skipped)])
+        [](const std::string& dir, bool follow_links) {
+            std::vector<KeptFile> kept, skipped;
+            {
+                nb::gil_scoped_release nogil;
+                kept = read_kept_files(dir, follow_links, &skipped);
+            }
+            nb::list files, left;
+            for (auto& f : kept) files.append(nb::make_tuple(f.name, nb::bytes(f.data.data(), f.data.size())));
+            for (auto& f : skipped) left.append(nb::make_tuple(f.name, f.data));
+            return nb::make_tuple(files, left);
+        },
+        "dir"_a, "follow_links"_a = false);
+    nb::enum_<OutputKind>(m, "OutputKind")
+        .value("DELTA_FILE", OutputKind::DeltaFile)
+        .value("SAFETENSORS_FILE", OutputKind::SafetensorsFile)
+        .value("GGUF_FILE", OutputKind::GgufFile)
+        .value("MODEL_DIRECTORY", OutputKind::ModelDirectory)
+        .value("ADAPTER_DIRECTORY", OutputKind::AdapterDirectory);
+    m.def("check_output", &check_output, "out"_a, "kind"_a, "inputs"_a, "overwrite"_a = false,
+          "writes"_a = std::vector<std::string>{});
+    nb::class_<AtomicFile>(m, "AtomicFile")
+        .def(nb::init<const std::string&, bool>(), "path"_a, "replace"_a = true)
+        .def_prop_ro("path", &AtomicFile::path)
+        .def_prop_ro("reopen_path", &AtomicFile::reopen_path)
+        .def("commit", &AtomicFile::commit, "durable"_a = true, nb::call_guard<nb::gil_scoped_release>())
+        .def("abort", &AtomicFile::abort);
 
     using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
     using F32Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
@@ -467,17 +519,31 @@ NB_MODULE(_core, m) {
         .def_prop_ro("manifest", &DeltaFile::manifest)
         .def("keys", &DeltaFile::keys)
         .def("__contains__", &DeltaFile::contains)
+        .def("stored_bytes", &DeltaFile::stored_bytes, "name"_a)
         .def(
-            "get",
+            "entry",  // (codec, params, shape, dtype) from the manifest, nothing read
+            [](const DeltaFile& f, const std::string& name) {
+                const EncodedRef r = f.entry(name);
+                return nb::make_tuple(r.codec, r.params, r.shape, std::string(dtype_name(r.dtype)));
+            },
+            "name"_a)
+        .def(
+            "get",  // components as read-only numpy views of the memory they were read into
             [](nb::handle self, const std::string& name, bool verify) {
                 const DeltaFile& f = nb::cast<const DeltaFile&>(self);
-                EncodedRef r;
+                DeltaTensor t;
                 {
                     nb::gil_scoped_release nogil;
-                    r = f.get(name, verify);
+                    t = f.get(name, verify);
+                }
+                nb::object owner = nb::borrow(self);  // a file held in memory owns the bytes
+                if (t.bytes) {
+                    auto* keep = new std::shared_ptr<void>(t.bytes);
+                    owner = nb::capsule(keep, [](void* p) noexcept { delete static_cast<std::shared_ptr<void>*>(p); });
                 }
                 nb::dict comps;
-                for (auto& kv : r.components) comps[kv.first.c_str()] = to_numpy(kv.second, self, true);
+                for (auto& kv : t.ref.components) comps[kv.first.c_str()] = to_numpy(kv.second, owner, true);
+                const EncodedRef& r = t.ref;
                 return nb::make_tuple(r.codec, r.params, r.shape, std::string(dtype_name(r.dtype)), comps);
             },
             "name"_a, "verify"_a = true);

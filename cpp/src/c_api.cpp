@@ -56,6 +56,8 @@ R guarded(R failed, F&& fn) {
         R r = fn();
         g_error.clear();
         return r;
+    } catch (const std::bad_alloc&) {
+        g_error = "out of memory";
     } catch (const std::exception& ex) {
         g_error = ex.what();
     } catch (...) {
@@ -203,7 +205,7 @@ int64_t dp_file_name(const dp_file* f, size_t i, char* buf, size_t buf_size) {
 static deltapack::EncodedRef entry(const dp_file* f, const char* name, const char* fn) {
     need(f, fn, "f");
     need(name, fn, "name");
-    return f->file->get(name, false);
+    return f->file->entry(name);
 }
 
 int dp_file_shape(const dp_file* f, const char* name, int64_t* dims, size_t max_dims) {
@@ -256,11 +258,11 @@ int dp_apply(const dp_file* f, const char* name, const void* base, size_t base_s
         need(out, "dp_apply", "out");
         const std::string where = tensor_where(f, name);
         const deltapack::DType bt = float_dtype(base_dtype, where, "base"), ot = float_dtype(out_dtype, where, "out");
-        deltapack::EncodedRef e = f->file->get(name, false);
-        check_size(where, "base", e.shape, bt, base_size);  // before the CRC: a wrong call fails fast
-        check_size(where, "out", e.shape, ot, out_size);
-        if (params.verify) e = f->file->get(name, true);
-        deltapack::apply(e, deltapack::ArrayRef{const_cast<void*>(base), bt, e.shape}, deltapack::ArrayRef{out, ot, e.shape},
+        const std::vector<int64_t>& shape = f->file->shape(name);
+        check_size(where, "base", shape, bt, base_size);  // before reading: a wrong call fails fast
+        check_size(where, "out", shape, ot, out_size);
+        const deltapack::DeltaTensor e = f->file->get(name, params.verify != 0);
+        deltapack::apply(e.ref, deltapack::ArrayRef{const_cast<void*>(base), bt, shape}, deltapack::ArrayRef{out, ot, shape},
                          engine_params(params));
         return 0;
     });
@@ -271,10 +273,10 @@ int dp_decode(const dp_file* f, const char* name, float* out, size_t out_size, i
         need(f, "dp_decode", "f");
         need(name, "dp_decode", "name");
         need(out, "dp_decode", "out");
-        deltapack::EncodedRef e = f->file->get(name, false);
-        check_size(tensor_where(f, name), "out", e.shape, deltapack::DType::F32, out_size);
-        e = f->file->get(name, true);
-        deltapack::decode(e, deltapack::ArrayRef{out, deltapack::DType::F32, e.shape}, threads);
+        const std::vector<int64_t>& shape = f->file->shape(name);
+        check_size(tensor_where(f, name), "out", shape, deltapack::DType::F32, out_size);
+        const deltapack::DeltaTensor e = f->file->get(name, true);
+        deltapack::decode(e.ref, deltapack::ArrayRef{out, deltapack::DType::F32, shape}, threads);
         return 0;
     });
 }
@@ -337,13 +339,15 @@ int dp_apply_from_base(const dp_file* f, const dp_base* b, const char* name, voi
         need(out, "dp_apply_from_base", "out");
         const std::string where = tensor_where(f, name);
         const std::string base_where = b->files->path() + ": tensor '" + name + "'";
-        deltapack::EncodedRef e = f->file->get(name, params.verify != 0);
-        if (t.shape != e.shape)
-            fail(where + ": the delta's shape " + shape_text(e.shape) + " differs from the base's " + shape_text(t.shape) +
+        const std::vector<int64_t>& shape = f->file->shape(name);
+        if (t.shape != shape)
+            fail(where + ": the delta's shape " + shape_text(shape) + " differs from the base's " + shape_text(t.shape) +
                  " in " + b->files->path());
         float_dtype(int(t.dtype), base_where, "base");
         const deltapack::DType ot = float_dtype(out_dtype, where, "out");
-        check_size(where, "out", e.shape, ot, out_size);
+        check_size(where, "out", shape, ot, out_size);
+        const deltapack::DeltaTensor d = f->file->get(name, params.verify != 0);
+        const deltapack::EncodedRef& e = d.ref;
         if (t.dtype == ot) {  // the base read straight into out, rebuilt in place
             b->files->read(name, out, out_size);
             deltapack::apply(e, deltapack::ArrayRef{out, ot, e.shape}, deltapack::ArrayRef{out, ot, e.shape},

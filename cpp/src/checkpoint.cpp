@@ -37,107 +37,312 @@ static int64_t numel_of(const std::vector<int64_t>& shape) {
     return n;
 }
 
+// ---------------------------------------------------------------------------- the manifest's fields
+
+namespace {
+
+const char* kind_of(const json::Value& v) {
+    switch (v.kind) {
+        case json::Value::Null: return "null";
+        case json::Value::Bool: return "a boolean";
+        case json::Value::Number: return v.is_integer ? "an integer" : "a number";
+        case json::Value::String: return "a string";
+        case json::Value::Array: return "an array";
+        case json::Value::Object: return "an object";
+    }
+    return "?";
+}
+
+// The schema of the fields deltapack reads from a manifest (docs/FORMAT.md §7): each check names the field by its
+// path in the manifest (`metadata.checkpoint.tensors["w"].shape`) and says what it must be.
+class Fields {
+public:
+    explicit Fields(const std::string& path) : path_(path) {}
+
+    [[noreturn]] void fail(const std::string& where, const std::string& problem) const {
+        throw FormatError(path_ + ": " + where + " " + problem);
+    }
+    const json::Value& object(const json::Value& v, const std::string& where) const {
+        if (v.kind != json::Value::Object) fail(where, std::string("must be an object, not ") + kind_of(v));
+        return v;
+    }
+    // Member `key` of object `obj` (at `where`), or null when absent and not required.
+    const json::Value* member(const json::Value& obj, const char* key, const std::string& where, bool required) const {
+        const json::Value* v = obj.find(key);
+        if (!v && required) fail(where + "." + key, "is missing");
+        return v;
+    }
+    void string(const json::Value& v, const std::string& where) const {
+        if (v.kind != json::Value::String) fail(where, std::string("must be a string, not ") + kind_of(v));
+    }
+    void integer(const json::Value& v, const std::string& where, int64_t lo) const {
+        if (v.kind != json::Value::Number || !v.is_integer || v.integer < lo)
+            fail(where, "must be an integer >= " + std::to_string(lo) + ", not " + json::dump(v));
+    }
+    void number(const json::Value& v, const std::string& where) const {  // the parser admits finite numbers only
+        if (v.kind != json::Value::Number) fail(where, std::string("must be a number, not ") + kind_of(v));
+    }
+    void boolean(const json::Value& v, const std::string& where) const {
+        if (v.kind != json::Value::Bool) fail(where, std::string("must be true or false, not ") + kind_of(v));
+    }
+    void shape(const json::Value& v, const std::string& where) const {
+        if (v.kind != json::Value::Array) fail(where, std::string("must be an array of integers >= 0, not ") + kind_of(v));
+        std::vector<int64_t> dims;
+        for (auto& d : v.arr) {
+            if (d.kind != json::Value::Number || !d.is_integer || d.integer < 0)
+                fail(where, "must be an array of integers >= 0, not " + json::dump(v));
+            dims.push_back(d.integer);
+        }
+        if (!plausible_shape(dims)) fail(where, json::dump(v) + " is implausibly large");
+    }
+    void dtype(const json::Value& v, const std::string& where) const {  // safetensors' spelling
+        string(v, where);
+        try {
+            if (safetensors_dtype_name(dtype_from_name(v.str)) == v.str) return;
+        } catch (const std::invalid_argument&) {
+        }
+        fail(where, json::dump(v) + " is not a safetensors dtype (F32, F16, BF16, I64, ...)");
+    }
+    // `where` for member `key` of an object at `where`.
+    static std::string at(const std::string& where, const std::string& key) {
+        return where + "[" + json::dump(json::Value::make_string(key)) + "]";
+    }
+
+private:
+    const std::string& path_;
+};
+
+bool is_base64(const std::string& s) {
+    if (s.size() % 4) return false;
+    size_t pad = 0;
+    for (char c : s) {
+        if (c == '=') ++pad;
+        else if (pad || !(std::isalnum(static_cast<unsigned char>(c)) || c == '+' || c == '/')) return false;
+    }
+    return pad <= 2;
+}
+
+void check_record(const Fields& f, const json::Value& rec, const std::string& where) {
+    f.object(rec, where);
+    f.integer(*f.member(rec, "version", where, true), where + ".version", 0);
+    const json::Value& tensors = f.object(*f.member(rec, "tensors", where, true), where + ".tensors");
+    for (auto& kv : tensors.obj) {
+        const std::string w = Fields::at(where + ".tensors", kv.first);
+        if (kv.first.empty() || kv.first == "__metadata__") f.fail(w, "is not a tensor name");
+        const json::Value& t = f.object(kv.second, w);
+        const json::Value& op = *f.member(t, "op", w, true);
+        f.string(op, w + ".op");
+        if (op.str != "same" && op.str != "delta" && op.str != "new" && op.str != "resized")
+            f.fail(w + ".op", json::dump(op) + " is not one of \"same\", \"delta\", \"new\", \"resized\"");
+        f.dtype(*f.member(t, "dtype", w, true), w + ".dtype");
+        f.shape(*f.member(t, "shape", w, true), w + ".shape");
+        if (const json::Value* v = f.member(t, "source", w, false)) f.string(*v, w + ".source");
+        if (const json::Value* v = f.member(t, "base_shape", w, op.str == "resized")) f.shape(*v, w + ".base_shape");
+        if (const json::Value* v = f.member(t, "new_rows", w, false)) f.string(*v, w + ".new_rows");
+    }
+    if (const json::Value* removed = f.member(rec, "removed", where, false)) {
+        if (removed->kind != json::Value::Array) f.fail(where + ".removed", std::string("must be an array, not ") + kind_of(*removed));
+        for (size_t i = 0; i < removed->arr.size(); ++i) f.string(removed->arr[i], where + ".removed[" + std::to_string(i) + "]");
+    }
+    if (const json::Value* v = f.member(rec, "ft_bytes", where, false)) f.integer(*v, where + ".ft_bytes", 0);
+    if (const json::Value* files = f.member(rec, "files", where, false)) {
+        f.object(*files, where + ".files");
+        for (auto& kv : files->obj) {
+            const std::string w = Fields::at(where + ".files", kv.first);
+            const std::string problem = kept_file_problem(kv.first);
+            if (!problem.empty()) f.fail(w, "names a kept file that " + problem);
+            const json::Value& file = f.object(kv.second, w);
+            const json::Value* text = f.member(file, "text", w, false);
+            const json::Value* b64 = f.member(file, "base64", w, false);
+            if (!text == !b64) f.fail(w, "must have exactly one of \"text\" and \"base64\"");
+            f.string(text ? *text : *b64, w + (text ? ".text" : ".base64"));
+            if (b64 && !is_base64(b64->str)) f.fail(w + ".base64", "is not valid base64");
+        }
+    }
+}
+
+void check_budget(const Fields& f, const json::Value& b, const std::string& where) {
+    f.object(b, where);
+    for (const char* key : {"bits_per_param", "predicted_error"})
+        if (const json::Value* v = f.member(b, key, where, false)) f.number(*v, where + "." + key);
+    if (const json::Value* v = f.member(b, "proxy", where, false)) f.string(*v, where + ".proxy");
+    if (const json::Value* per = f.member(b, "tensors", where, false)) {
+        f.object(*per, where + ".tensors");
+        for (auto& kv : per->obj) f.number(kv.second, Fields::at(where + ".tensors", kv.first));
+    }
+    if (const json::Value* data = f.member(b, "data", where, false)) {
+        const std::string w = where + ".data";
+        f.object(*data, w);
+        if (const json::Value* v = f.member(*data, "examples", w, false)) f.integer(*v, w + ".examples", 0);
+        if (const json::Value* v = f.member(*data, "refit", w, false)) f.string(*v, w + ".refit");
+        if (const json::Value* scores = f.member(*data, "scores", w, false)) {
+            f.object(*scores, w + ".scores");
+            for (auto& kv : scores->obj) {
+                const std::string ws = Fields::at(w + ".scores", kv.first);
+                f.object(kv.second, ws);
+                for (auto& sv : kv.second.obj) f.number(sv.second, Fields::at(ws, sv.first));
+            }
+        }
+    }
+}
+
+void check_peft(const Fields& f, const json::Value& p, const std::string& where) {
+    f.object(p, where);
+    if (const json::Value* v = f.member(p, "r", where, false))
+        if (v->kind != json::Value::Null) f.integer(*v, where + ".r", 1);
+    if (const json::Value* v = f.member(p, "lora_alpha", where, false))
+        if (v->kind != json::Value::Null) f.number(*v, where + ".lora_alpha");
+    if (const json::Value* v = f.member(p, "use_rslora", where, false)) f.boolean(*v, where + ".use_rslora");
+    if (const json::Value* mods = f.member(p, "modules", where, false)) {
+        f.object(*mods, where + ".modules");
+        for (auto& kv : mods->obj) {
+            const std::string w = Fields::at(where + ".modules", kv.first);
+            f.object(kv.second, w);
+            f.number(*f.member(kv.second, "scaling", w, true), w + ".scaling");
+            f.number(*f.member(kv.second, "alpha", w, true), w + ".alpha");
+            f.integer(*f.member(kv.second, "rank", w, true), w + ".rank", 1);
+        }
+    }
+}
+
+void check_fingerprint(const Fields& f, const json::Value& base) {
+    if (base.kind == json::Value::Null) return;
+    f.object(base, "base");
+    if (const json::Value* v = f.member(base, "fingerprint", "base", false)) f.string(*v, "base.fingerprint");
+    if (const json::Value* cfg = f.member(base, "config", "base", false))
+        if (cfg->kind != json::Value::Null) f.object(*cfg, "base.config");
+    if (const json::Value* tensors = f.member(base, "tensors", "base", false)) {
+        f.object(*tensors, "base.tensors");
+        for (auto& kv : tensors->obj) {
+            const std::string w = Fields::at("base.tensors", kv.first);
+            const json::Value& t = f.object(kv.second, w);
+            f.dtype(*f.member(t, "dtype", w, true), w + ".dtype");
+            f.shape(*f.member(t, "shape", w, true), w + ".shape");
+            if (const json::Value* crc = f.member(t, "crc32c", w, false)) {
+                f.string(*crc, w + ".crc32c");
+                if (crc->str.size() != 8 || crc->str.find_first_not_of("0123456789abcdef") != std::string::npos)
+                    f.fail(w + ".crc32c", "must be 8 lowercase hex digits");
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void check_manifest_fields(const json::Value& man, const std::string& path) {
+    const Fields f(path);
+    if (const json::Value* tool = man.find("tool")) f.string(*tool, "tool");
+    if (const json::Value* base = man.find("base")) check_fingerprint(f, *base);
+    const json::Value* meta = man.find("metadata");
+    if (!meta || meta->kind != json::Value::Object) return;  // free-form user metadata
+    if (const json::Value* v = meta->find("checkpoint")) check_record(f, *v, "metadata.checkpoint");
+    if (const json::Value* v = meta->find("budget")) check_budget(f, *v, "metadata.budget");
+    if (const json::Value* v = meta->find("peft")) check_peft(f, *v, "metadata.peft");
+    if (const json::Value* v = meta->find("calibration")) {
+        f.object(*v, "metadata.calibration");
+        for (const char* key : {"examples", "tensors"})
+            if (const json::Value* n = f.member(*v, key, "metadata.calibration", false))
+                f.integer(*n, std::string("metadata.calibration.") + key, 0);
+    }
+}
+
+static std::vector<int64_t> shape_of(const json::Value& v) {  // a shape check_manifest_fields accepted
+    std::vector<int64_t> s;
+    for (auto& d : v.arr) s.push_back(d.integer);
+    return s;
+}
+
+static std::string shape_text(const std::vector<int64_t>& shape) {
+    json::Value a = json::Value::make_array();
+    for (int64_t d : shape) a.arr.push_back(json::Value::make_int(d));
+    return json::dump(a);
+}
+
 CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::shared_ptr<const DeltaFile> delta,
                                  bool force)
     : base_(std::move(base)), delta_(std::move(delta)), force_(force) {
     const std::string& dpath = delta_->path();
     auto fail = [&](const std::string& m) -> void { throw FormatError(dpath + ": " + m); };
-    const json::Value man = json::parse(delta_->manifest());  // checked when the file was opened
+    // The types of every field read here were checked when the file was opened (check_manifest_fields).
+    const json::Value man = json::parse(delta_->manifest());
     const json::Value* meta = man.find("metadata");
     const json::Value* rec = meta && meta->kind == json::Value::Object ? meta->find("checkpoint") : nullptr;
-    const json::Value* specs = rec && rec->kind == json::Value::Object ? rec->find("tensors") : nullptr;
-    if (!specs || specs->kind != json::Value::Object)
+    if (!rec)
         fail("not a checkpoint delta (no metadata['checkpoint'] record; it was not made by `deltapack compress`)");
-    const json::Value* ver = rec->find("version");
-    if (!ver || !ver->is_integer || ver->integer != 1)
-        fail("checkpoint record version " + (ver ? json::dump(*ver) : std::string("None")) + " is not supported");
+    const json::Value& ver = *rec->find("version");
+    if (ver.integer != 1) fail("checkpoint record version " + json::dump(ver) + " is not supported");
     record_ = json::dump(*rec);
 
     // The fingerprint of the base the delta was made from.
     const json::Value* fp_base = man.find("base");
     const json::Value* fp = fp_base && fp_base->kind == json::Value::Object ? fp_base->find("tensors") : nullptr;
-    if (fp && fp->kind == json::Value::Object) {
+    if (fp) {
         for (auto& kv : fp->obj) {
-            if (kv.second.kind != json::Value::Object) fail("base fingerprint: tensor '" + kv.first + "' is not an object");
             Fingerprint& f = fingerprint_[kv.first];
-            const json::Value* dt = kv.second.find("dtype");
-            const json::Value* sh = kv.second.find("shape");
-            const json::Value* crc = kv.second.find("crc32c");
-            if (dt && dt->kind == json::Value::String) f.dtype = dt->str;
-            if (sh && sh->kind == json::Value::Array)
-                for (auto& d : sh->arr)
-                    if (d.is_integer && d.integer >= 0) f.shape.push_back(d.integer);
-            if (crc && crc->kind == json::Value::String && crc->str.size() == 8 &&
-                crc->str.find_first_not_of("0123456789abcdef") == std::string::npos)
-                f.has_crc = true, f.crc = uint32_t(std::stoul(crc->str, nullptr, 16));
+            f.dtype = kv.second.find("dtype")->str;
+            f.shape = shape_of(*kv.second.find("shape"));
+            if (const json::Value* crc = kv.second.find("crc32c")) f.has_crc = true, f.crc = uint32_t(std::stoul(crc->str, nullptr, 16));
         }
         if (!force_ && base_) {
             const std::string& bp = base_->path();
             auto mismatch = [&](const std::string& m) -> void {
                 throw BaseMismatch(bp + ": this is not the delta's base: " + m);
             };
-            for (auto& kv : fp->obj) {
+            for (auto& kv : fingerprint_) {
                 if (!base_->contains(kv.first))
                     mismatch("tensor '" + kv.first + "' is missing (use --force / force=True to apply anyway)");
                 const TensorInfo& bi = base_->info(kv.first);
-                const json::Value* dt = kv.second.kind == json::Value::Object ? kv.second.find("dtype") : nullptr;
-                const json::Value* sh = kv.second.kind == json::Value::Object ? kv.second.find("shape") : nullptr;
-                json::Value have = json::Value::make_array();
-                for (int64_t d : bi.shape) have.arr.push_back(json::Value::make_int(d));
-                const std::string want_dt = dt && dt->kind == json::Value::String ? dt->str : "?";
-                const std::string want_sh = sh ? json::dump(*sh) : "?";
-                if (want_dt != safetensors_dtype_name(bi.dtype) || want_sh != json::dump(have))
-                    mismatch("tensor '" + kv.first + "' is " + safetensors_dtype_name(bi.dtype) + " " + json::dump(have) +
-                             ", the delta was made against " + want_dt + " " + want_sh + " (use --force / force=True to apply anyway)");
+                if (kv.second.dtype != safetensors_dtype_name(bi.dtype) || kv.second.shape != bi.shape)
+                    mismatch("tensor '" + kv.first + "' is " + safetensors_dtype_name(bi.dtype) + " " + shape_text(bi.shape) +
+                             ", the delta was made against " + kv.second.dtype + " " + shape_text(kv.second.shape) +
+                             " (use --force / force=True to apply anyway)");
             }
             for (const std::string& name : base_->keys())
-                if (!fp->find(name))
+                if (!fingerprint_.count(name))
                     mismatch("it has tensor '" + name + "' that the delta's base lacked (use --force / force=True to apply anyway)");
         }
     }
 
-    for (auto& kv : specs->obj) {
+    // What the outputs may cost (docs/FORMAT.md §7): a base tensor is the source of at most two fine-tune tensors
+    // (itself and a tied twin), each stored delta tensor serves one fine-tune tensor, and a tensor without a base
+    // stores at least one bit per element it decodes to. So apply writes at most twice the base and 32 bits per
+    // stored bit, whatever the record says.
+    std::map<std::string, std::vector<std::string>> uses_of_source;
+    std::map<std::string, std::string> user_of_stored;
+    for (auto& kv : rec->find("tensors")->obj) {
         const std::string& name = kv.first;
         auto tfail = [&](const std::string& m) { fail("checkpoint record: tensor '" + name + "': " + m); };
         const json::Value& s = kv.second;
-        if (s.kind != json::Value::Object) tfail("not an object");
         CheckpointTensor t;
         t.name = name;
-        const json::Value* op = s.find("op");
-        const std::string ops = op && op->kind == json::Value::String ? op->str : "";
-        if (ops == "same") t.kind = TensorKind::Unchanged;
-        else if (ops == "delta") t.kind = TensorKind::Delta;
-        else if (ops == "new") t.kind = TensorKind::Replaced;
-        else if (ops == "resized") t.kind = TensorKind::Resized;
-        else tfail("unknown op " + (op ? json::dump(*op) : std::string("(missing)")));
-        const json::Value* dt = s.find("dtype");
-        try {
-            if (!dt || dt->kind != json::Value::String) throw std::invalid_argument("missing");
-            t.dtype = dtype_from_name(dt->str);
-            if (dt->str != safetensors_dtype_name(t.dtype)) throw std::invalid_argument("spelling");
-        } catch (const std::invalid_argument&) {
-            tfail("dtype " + (dt ? json::dump(*dt) : std::string("(missing)")) + " is not a safetensors dtype");
-        }
-        const json::Value* sh = s.find("shape");
-        if (!sh || sh->kind != json::Value::Array) tfail("shape must be an array");
-        uint64_t n = 1;
-        for (auto& d : sh->arr) {
-            if (!d.is_integer || d.integer < 0) tfail("shape entries must be integers >= 0");
-            if (__builtin_mul_overflow(n, uint64_t(d.integer), &n) || n > (uint64_t(1) << 48))
-                tfail("shape is implausibly large");
-            t.shape.push_back(d.integer);
-        }
+        const std::string& ops = s.find("op")->str;
+        t.kind = ops == "same" ? TensorKind::Unchanged : ops == "delta" ? TensorKind::Delta
+                 : ops == "new" ? TensorKind::Replaced : TensorKind::Resized;
+        t.dtype = dtype_from_name(s.find("dtype")->str);
+        t.shape = shape_of(*s.find("shape"));
         if (t.kind != TensorKind::Replaced) {
             const json::Value* src = s.find("source");
-            if (src && src->kind != json::Value::String) tfail("source must be a string");
             t.source = src ? src->str : name;
             if (base_ && !base_->contains(t.source))
                 throw BaseMismatch(base_->path() + ": tensor '" + t.source + "', needed for '" + name + "', is not in the base");
+            std::vector<std::string>& users = uses_of_source[t.source];
+            users.push_back(name);
+            if (users.size() > 2)
+                tfail("is the third tensor rebuilt from base tensor '" + t.source + "' (after '" + users[0] + "' and '" +
+                      users[1] + "'); at most two share one (a tensor and its tied twin)");
         }
-        // Every stored tensor this one reads must be in the delta file with the shape its kind implies.
-        auto stored = [&](const std::string& key, const std::vector<int64_t>& want) {
+        // Every stored tensor this one reads must be in the delta file with the shape its kind implies, and serve
+        // no other tensor; one with no base under it must hold at least a bit per element.
+        auto stored = [&](const std::string& key, const std::vector<int64_t>& want, bool has_base) {
             if (!delta_->contains(key)) tfail("delta tensor '" + key + "' is not in the file");
             if (delta_->shape(key) != want) tfail("delta tensor '" + key + "' has another shape than it needs");
+            auto used = user_of_stored.emplace(key, name);
+            if (!used.second) tfail("delta tensor '" + key + "' is already used by tensor '" + used.first->second + "'");
+            const uint64_t elements = uint64_t(numel_of(want)), bytes = delta_->stored_bytes(key);
+            if (!has_base && elements / 8 > bytes)
+                tfail("delta tensor '" + key + "' stores " + std::to_string(bytes) + " bytes for " +
+                      std::to_string(elements) + " elements with no base under them; such a tensor must store at "
+                      "least one bit per element (docs/FORMAT.md §7)");
         };
         // The source's shape and dtype: from the base, else from the fingerprint (else checked when rebuilt).
         const std::vector<int64_t>* bshape = nullptr;
@@ -148,14 +353,8 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
         } else if (!t.source.empty() && fingerprint_.count(t.source)) {
             const Fingerprint& f = fingerprint_.at(t.source);
             bshape = &f.shape;
-            try {
-                bdtype = dtype_from_name(f.dtype);
-            } catch (const std::invalid_argument&) {
-                fail("base fingerprint: tensor '" + t.source + "' has dtype '" + f.dtype + "'");
-            }
+            bdtype = dtype_from_name(f.dtype);
         }
-        if (t.kind == TensorKind::Resized && !bshape)
-            tfail("is resized but neither a base nor the fingerprint gives base tensor '" + t.source + "'");
         switch (t.kind) {
             case TensorKind::Unchanged:
                 if (bshape && *bshape != t.shape) tfail("is unchanged but its shape differs from base tensor '" + t.source + "'");
@@ -165,27 +364,31 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
             case TensorKind::Delta:
                 if (bshape && *bshape != t.shape) tfail("shape differs from base tensor '" + t.source + "'");
                 if (!is_float_dtype(t.dtype) || !is_float_dtype(bdtype)) tfail("a delta needs float tensors");
-                stored(name, t.shape);
+                stored(name, t.shape, true);
                 break;
             case TensorKind::Replaced:
                 if (!is_float_dtype(t.dtype)) tfail("a stored tensor must be f32, f16 or bf16");
-                stored(name, t.shape);
+                stored(name, t.shape, false);
                 break;
             case TensorKind::Resized: {
+                const std::vector<int64_t> recorded = shape_of(*s.find("base_shape"));
+                if (!bshape) bshape = &recorded;  // neither base nor fingerprint: the record's word, bounded by the file
+                else if (*bshape != recorded && !force_)
+                    tfail("base_shape " + shape_text(recorded) + " is not base tensor '" + t.source + "''s " + shape_text(*bshape));
                 if (t.shape.empty() || bshape->size() != t.shape.size() ||
                     !std::equal(t.shape.begin() + 1, t.shape.end(), bshape->begin() + 1))
                     tfail("is resized along dim 0 but base tensor '" + t.source + "' differs in another dimension");
                 if (!is_float_dtype(t.dtype) || !is_float_dtype(bdtype)) tfail("a delta needs float tensors");
                 std::vector<int64_t> shared = t.shape;
                 shared[0] = std::min(t.shape[0], (*bshape)[0]);
-                stored(name, shared);
+                stored(name, shared, true);
                 const json::Value* nr = s.find("new_rows");
                 if (t.shape[0] > shared[0]) {
-                    if (!nr || nr->kind != json::Value::String) tfail("grows along dim 0 but has no new_rows tensor");
+                    if (!nr) tfail("grows along dim 0 but has no new_rows tensor");
                     t.new_rows = nr->str;
                     std::vector<int64_t> rows = t.shape;
                     rows[0] = t.shape[0] - shared[0];
-                    stored(t.new_rows, rows);
+                    stored(t.new_rows, rows, false);
                 }
                 break;
             }
@@ -194,9 +397,7 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
         tensors_.push_back(std::move(t));
     }
     if (const json::Value* rm = rec->find("removed"))
-        if (rm->kind == json::Value::Array)
-            for (auto& r : rm->arr)
-                if (r.kind == json::Value::String) removed_.push_back(r.str);
+        for (auto& r : rm->arr) removed_.push_back(r.str);
 }
 
 bool CheckpointDelta::recorded_in(const DeltaFile& delta) {
@@ -305,7 +506,7 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
     const uint64_t block_rows = std::max<uint64_t>(1, (uint64_t(4) << 20) / (cols * osz));
     const int64_t blocks = int64_t((rows + block_rows - 1) / block_rows);
     const bool in_place = bi.dtype == out_dtype;
-    EncodedRef enc;
+    DeltaTensor enc;  // read once for all the blocks
     if (t.kind == TensorKind::Delta) enc = delta_->get(t.name);
     ApplyParams p = apply_default_params();
     p.alpha = alpha;
@@ -319,13 +520,12 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
             crcs[size_t(b)] = crc32c(in.data(), size_t(n * cols * bsz));
             void* dst = in_place ? in.data() : out.data();
             if (t.kind == TensorKind::Delta)
-                apply_rows(enc, int64_t(r0), int64_t(n), in.data(), bi.dtype, dst, out_dtype, p);
+                apply_rows(enc.ref, int64_t(r0), int64_t(n), in.data(), bi.dtype, dst, out_dtype, p);
             else if (!in_place)
                 convert(in.data(), bi.dtype, dst, out_dtype, size_t(n * cols));
             sink(r0 * cols * osz, dst, n * cols * osz);
         }
     });
-    if (t.kind == TensorKind::Delta) delta_->drop_pages(t.name);
     if (!force_) check_crc(t.source, joined_crc(crcs, block_rows * cols * bsz, rows * cols * bsz));
 }
 
@@ -369,11 +569,10 @@ void CheckpointDelta::rebuild_core(const CheckpointTensor& t, const void* base, 
     p.alpha = alpha;
     p.threads = threads;
     auto decode_into = [&](const std::string& key, void* dst, size_t count) {
-        EncodedRef e = delta_->get(key);
+        const DeltaTensor e = delta_->get(key);
         std::vector<float> f(count);
-        decode(e, ArrayRef{f.data(), DType::F32, e.shape}, threads);
+        decode(e.ref, ArrayRef{f.data(), DType::F32, e.ref.shape}, threads);
         convert(f.data(), DType::F32, dst, out_dtype, count);
-        delta_->drop_pages(key);  // touched pages of a mapping stay resident: keep memory flat
     };
     switch (t.kind) {
         case TensorKind::Unchanged:
@@ -383,16 +582,15 @@ void CheckpointDelta::rebuild_core(const CheckpointTensor& t, const void* base, 
             decode_into(t.name, out, n);
             return;
         case TensorKind::Delta:
-            apply(delta_->get(t.name), ArrayRef{const_cast<void*>(base), base_dtype, t.shape},
+            apply(delta_->get(t.name).ref, ArrayRef{const_cast<void*>(base), base_dtype, t.shape},
                   ArrayRef{out, out_dtype, t.shape}, p);
-            delta_->drop_pages(t.name);
             return;
         case TensorKind::Resized: {
-            EncodedRef e = delta_->get(t.name);
-            apply(e, ArrayRef{const_cast<void*>(base), base_dtype, e.shape}, ArrayRef{out, out_dtype, e.shape}, p);
-            delta_->drop_pages(t.name);
+            const std::vector<int64_t>& shared = delta_->shape(t.name);
+            apply(delta_->get(t.name).ref, ArrayRef{const_cast<void*>(base), base_dtype, shared},
+                  ArrayRef{out, out_dtype, shared}, p);
             if (!t.new_rows.empty()) {
-                const size_t done = size_t(numel_of(e.shape));
+                const size_t done = size_t(numel_of(shared));
                 decode_into(t.new_rows, static_cast<uint8_t*>(out) + done * dtype_size(out_dtype), n - done);
             }
             return;
@@ -424,64 +622,37 @@ static std::string base64_decode(const std::string& in, const std::string& what)
 }
 
 static void write_file(const std::string& path, const std::string& data) {
-    AtomicFile f(path);
+    AtomicFile f(path, false);
     f.write(data.data(), data.size());
     f.commit(false);  // inside an AtomicDir, which makes everything durable at once
 }
 
-static bool is_weight_file(const std::string& name) {
-    static const char* suffixes[] = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
-                                     ".onnx", ".index.json"};
-    for (const char* s : suffixes) {
-        const size_t n = std::strlen(s);
-        if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
-    }
-    return false;
-}
-
-// The non-weight files of the output: those the delta kept (config.json's dtype set to `dtype` if given),
-// else, when it kept none, the base directory's own.
-static std::vector<std::pair<std::string, std::string>> config_files(const CheckpointDelta& c, const std::string& dtype) {
-    std::vector<std::pair<std::string, std::string>> files;
+// The non-weight files of the output: those the delta kept, else, when it kept none, the base directory's own (as
+// compress would keep them: read_kept_files); config.json's dtype set to `dtype` if given. Their names were
+// checked when the delta was opened (kept_file_problem), so none can replace a shard or the index.
+static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::string& dtype, bool follow_links) {
+    std::vector<KeptFile> files;
     const json::Value rec = json::parse(c.record());
-    const json::Value* kept = rec.find("files");
-    if (kept && kept->kind == json::Value::Object) {
+    if (const json::Value* kept = rec.find("files"))
         for (auto& kv : kept->obj) {
-            const std::string& name = kv.first;
-            const std::string what = c.delta().path() + ": kept file '" + name + "'";
-            if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
-                throw FormatError(what + " is not a plain file name");
-            const json::Value* text = kv.second.kind == json::Value::Object ? kv.second.find("text") : nullptr;
-            const json::Value* b64 = kv.second.kind == json::Value::Object ? kv.second.find("base64") : nullptr;
-            std::string data;
-            if (text && text->kind == json::Value::String) data = text->str;
-            else if (b64 && b64->kind == json::Value::String) data = base64_decode(b64->str, what);
-            else throw FormatError(what + " has neither text nor base64");
-            if (name == "config.json" && !dtype.empty()) {
-                json::Value cfg;
-                try {
-                    cfg = json::parse(data);
-                } catch (const std::exception& ex) {
-                    throw FormatError(what + ": not valid JSON (" + ex.what() + ")");
-                }
-                const char* torch_name = dtype == "f32" ? "float32" : dtype == "f16" ? "float16" : "bfloat16";
-                for (const char* key : {"torch_dtype", "dtype"})
-                    if (cfg.kind == json::Value::Object && cfg.find(key)) cfg.set(key, json::Value::make_string(torch_name));
-                data = json::dump(cfg, 2) + "\n";
-            }
-            files.emplace_back(name, std::move(data));
+            const json::Value* text = kv.second.find("text");
+            files.push_back({kv.first, text ? text->str
+                                            : base64_decode(kv.second.find("base64")->str,
+                                                            c.delta().path() + ": kept file '" + kv.first + "'")});
         }
-    }
-    if (files.empty() && c.base().is_directory()) {
-        std::error_code ec;
-        for (auto& entry : std::filesystem::directory_iterator(c.base().path(), ec)) {
-            const std::string name = entry.path().filename().string();
-            if (name.empty() || name[0] == '.' || !entry.is_regular_file() || is_weight_file(name)) continue;
-            std::ifstream in(entry.path(), std::ios::binary);
-            std::ostringstream data;
-            data << in.rdbuf();
-            files.emplace_back(name, data.str());
+    if (files.empty() && c.base().is_directory()) files = read_kept_files(c.base().path(), follow_links);
+    for (KeptFile& f : files) {
+        if (f.name != "config.json" || dtype.empty()) continue;
+        json::Value cfg;
+        try {
+            cfg = json::parse(f.data);
+        } catch (const std::exception& ex) {
+            throw FormatError(c.delta().path() + ": kept file 'config.json': not valid JSON (" + ex.what() + ")");
         }
+        const char* torch_name = dtype == "f32" ? "float32" : dtype == "f16" ? "float16" : "bfloat16";
+        for (const char* key : {"torch_dtype", "dtype"})
+            if (cfg.kind == json::Value::Object && cfg.find(key)) cfg.set(key, json::Value::make_string(torch_name));
+        f.data = json::dump(cfg, 2) + "\n";
     }
     return files;
 }
@@ -612,7 +783,8 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
                                   const ApplyCheckpointOptions& o) {
     if (!o.dtype.empty() && o.dtype != "f32" && o.dtype != "f16" && o.dtype != "bf16")
         throw std::invalid_argument("dtype '" + o.dtype + "': use bf16, f16 or f32");
-    std::shared_ptr<const ModelFiles> b = ModelFiles::open(base);
+    check_alpha(o.alpha);
+    std::shared_ptr<const ModelFiles> b = ModelFiles::open(base, o.follow_links);
     std::shared_ptr<const DeltaFile> d = DeltaFile::open(delta);
     CheckpointDelta c(b, d, o.force);
     auto out_dtype = [&](const CheckpointTensor& t) { return o.dtype.empty() ? t.dtype : t.output_dtype(dtype_from_name(o.dtype)); };
@@ -626,19 +798,34 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
                                                                                  : b->shards().back();
         layout[shard].push_back(&t);
     }
+    // Everything that will be written is known before anything is: the output's place is checked first.
+    const std::vector<KeptFile> kept = b->is_directory() ? config_files(c, o.dtype, o.follow_links) : std::vector<KeptFile>{};
+    std::vector<std::string> writes;
+    for (auto& kv : layout) writes.push_back(kv.first);
+    if (b->has_index()) writes.push_back("model.safetensors.index.json");
+    for (const KeptFile& f : kept) writes.push_back(f.name);
+    check_output(out, b->is_directory() ? OutputKind::ModelDirectory : OutputKind::SafetensorsFile, {base, delta},
+                 o.overwrite, writes);
+
     CheckpointOutput result{out, c.tensors().size(), 0};
-    auto write_shard = [&](const std::string& path, const std::string& shard) {
+    auto write_shard = [&](const std::string& path, const std::string& shard, bool replace) {
         std::vector<TensorInfo> infos;
         for (const CheckpointTensor* t : layout[shard]) infos.push_back(TensorInfo{t->name, out_dtype(*t), t->shape, 0, 0});
         std::map<std::string, std::string> meta = b->shard(shard).metadata();
         meta["format"] = "pt";
-        SafetensorsWriter w(path, infos, meta, o.durable);
+        SafetensorsWriter w(path, infos, meta, o.durable, replace);
         for (const CheckpointTensor* t : layout[shard]) {  // blocks are read, rebuilt and written on each thread
             const DType dt = out_dtype(*t);
             const uint64_t n = t->nbytes(dt);
-            c.rebuild_blocks(t->name, dt, o.alpha, o.threads, [&](uint64_t at, const void* data, uint64_t size) {
-                w.write_part(t->name, at, data, size);
-            });
+            try {
+                c.rebuild_blocks(t->name, dt, o.alpha, o.threads, [&](uint64_t at, const void* data, uint64_t size) {
+                    w.write_part(t->name, at, data, size);
+                });
+            } catch (const std::bad_alloc&) {  // a large added tensor is rebuilt whole in memory
+                throw std::system_error(ENOMEM, std::generic_category(),
+                                        out + ": out of memory rebuilding tensor '" + t->name + "' (" +
+                                            std::to_string(n) + " bytes)");
+            }
             result.bytes += n;
             if (o.progress) o.progress(n);
         }
@@ -646,15 +833,7 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
     };
 
     if (!b->is_directory()) {
-        struct stat st;
-        if (::stat(out.c_str(), &st) == 0) {
-            if (S_ISDIR(st.st_mode))
-                throw std::system_error(EISDIR, std::generic_category(),
-                                        out + ": is a directory (the base is one file, so the output is one .safetensors file)");
-            if (!o.overwrite)
-                throw std::system_error(EEXIST, std::generic_category(), out + " already exists (use --overwrite to replace it)");
-        }
-        write_shard(out, b->shards().front());
+        write_shard(out, b->shards().front(), o.overwrite);
         return result;
     }
     AtomicDir dir(out, o.overwrite);
@@ -662,7 +841,7 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
         json::Value weight_map = json::Value::make_object();
         std::map<std::string, std::string> sorted;
         for (auto& kv : layout) {
-            write_shard(dir.tmp() + "/" + kv.first, kv.first);
+            write_shard(dir.tmp() + "/" + kv.first, kv.first, false);
             for (const CheckpointTensor* t : kv.second) sorted[t->name] = kv.first;
         }
         if (b->has_index()) {
@@ -675,7 +854,7 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
             index.set("weight_map", weight_map);
             write_file(dir.tmp() + "/model.safetensors.index.json", json::dump(index, 2));
         }
-        for (auto& f : config_files(c, o.dtype)) write_file(dir.tmp() + "/" + f.first, f.second);
+        for (const KeptFile& f : kept) write_file(dir.tmp() + "/" + f.name, f.data);
         dir.commit(o.durable);
     } catch (const std::system_error& ex) {
         const std::string tmp = dir.tmp();

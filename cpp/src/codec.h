@@ -126,6 +126,21 @@ const ArrayRef& need(const EncodedRef& e, const char* comp, DType dtype, const s
 const ArrayRef& need_1d(const EncodedRef& e, const char* comp, DType dtype);
 [[noreturn]] void bad_component(const EncodedRef& e, const std::string& what);
 
+// Every shape deltapack reads from a file (tensors, components, checkpoint records, fingerprints): dimensions
+// >= 0 whose nonzero ones multiply to at most kMaxExtent. It bounds every row count, row width and per-row size
+// computed from a shape (a zero dimension must not hide a huge other one: [0, 2^63-1] has no elements but a
+// row width).
+constexpr uint64_t kMaxExtent = uint64_t(1) << 48;
+bool plausible_shape(const std::vector<int64_t>& shape);
+
+// std::invalid_argument("alpha nan is invalid: ...") unless alpha is finite: every entry point that scales a delta.
+void check_alpha(float alpha);
+
+// The checks of a delta file's manifest beyond its tensors: the fields deltapack itself reads from the metadata
+// (the checkpoint record, the budget, calibration and PEFT records) and the base fingerprint have the types and
+// ranges it expects (docs/FORMAT.md §7). FormatError naming `path` and the field. Called when a file is opened.
+void check_manifest_fields(const json::Value& manifest, const std::string& path);
+
 inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
 inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 

@@ -49,7 +49,8 @@ struct DeltaFile::Entry {
     std::string codec, params;
     std::vector<int64_t> shape;
     DType dtype = DType::F32;
-    std::vector<std::pair<std::string, ArrayRef>> components;
+    std::vector<std::pair<std::string, TensorInfo>> components;  // name, where it is stored
+    uint64_t stored_bytes = 0;
     uint32_t crc = 0;
     std::string checked_text;  // version >= 2: the entry text the CRC covers after the components
 };
@@ -95,6 +96,11 @@ static bool checked_nbytes(const std::vector<int64_t>& shape, size_t elem, uint6
     throw std::system_error(err, std::generic_category(), what + (full ? ": disk full" : ""));
 }
 
+// What every writer says when it will not replace `path` (check_output says the same before any work).
+[[noreturn]] static void already_exists(const std::string& path) {
+    throw std::system_error(EEXIST, std::generic_category(), path + " already exists (use --overwrite to replace it)");
+}
+
 static std::string dir_of(const std::string& path) {
     const size_t slash = path.find_last_of('/');
     return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
@@ -135,7 +141,8 @@ static void pread_fd(int fd, void* out, uint64_t n, uint64_t offset, const std::
 }
 
 static int open_read(const std::string& path, struct stat& st) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO does not wait for a writer (it is refused below, as any non-regular file).
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) os_fail(errno, path + ": cannot open");
     if (fstat(fd, &st) != 0) { const int err = errno; ::close(fd); os_fail(err, path + ": cannot stat"); }
     if (S_ISDIR(st.st_mode)) { ::close(fd); os_fail(EISDIR, path + ": cannot read"); }
@@ -146,7 +153,7 @@ static int open_read(const std::string& path, struct stat& st) {
 // ---------------------------------------------------------------------------- safetensors
 
 SafetensorsFile::~SafetensorsFile() {
-    if (mapped_) munmap(const_cast<uint8_t*>(map_), size_);
+    if (fd_ >= 0) ::close(fd_);
 }
 
 std::vector<std::string> SafetensorsFile::keys() const { return order_; }
@@ -160,18 +167,26 @@ const TensorInfo& SafetensorsFile::info(const std::string& name) const {
 const ArrayRef& SafetensorsFile::get(const std::string& name) const {
     auto it = arrays_.find(name);
     if (it == arrays_.end()) {
-        if (infos_.count(name)) throw std::logic_error(path_ + ": opened with read_header(); use read()");
+        if (infos_.count(name)) throw std::logic_error(path_ + ": not in memory (opened with open()); use read()");
         throw std::out_of_range(path_ + ": no tensor '" + name + "'");
     }
     return it->second;
 }
 
-void SafetensorsFile::drop_pages(const std::string& name) const {
-    if (!mapped_) return;
-    const TensorInfo& t = info(name);
-    const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
-    const uint64_t begin = t.offset / page * page, end = t.offset + t.nbytes;
-    ::madvise(const_cast<uint8_t*>(map_) + begin, size_t(end - begin), MADV_DONTNEED);
+static int64_t mtime_ns(const struct stat& st) { return int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec; }
+
+// A file read with pread must still be the file open() checked: the same size and modification time (the bytes
+// of a file truncated or rewritten in place, as `cp new old` does, are not what the header described).
+void SafetensorsFile::check_unchanged(const std::string& name) const {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) os_fail(errno, "reading " + path_);
+    if (uint64_t(st.st_size) == size_ && mtime_ns(st) == mtime_ns_) return;
+    throw FormatError(path_ + ": tensor '" + name + "': the file was " +
+                      (uint64_t(st.st_size) < size_ ? "truncated" : "modified") + " while it was being read (" +
+                      (uint64_t(st.st_size) != size_ ? "its size went from " + std::to_string(size_) + " to " +
+                                                           std::to_string(st.st_size) + " bytes"
+                                                     : std::string("a new modification time")) +
+                      ")");
 }
 
 void SafetensorsFile::read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte) const {
@@ -179,19 +194,17 @@ void SafetensorsFile::read(const std::string& name, void* out, uint64_t nbytes, 
     if (first_byte > t.nbytes || nbytes > t.nbytes - first_byte)
         throw std::invalid_argument(path_ + ": tensor '" + name + "': bytes [" + std::to_string(first_byte) + ", +" +
                                     std::to_string(nbytes) + ") fall outside its " + std::to_string(t.nbytes) + " bytes");
-    if (map_) {
-        std::memcpy(out, map_ + t.offset + first_byte, size_t(nbytes));
+    if (data_) {
+        std::memcpy(out, data_ + t.offset + first_byte, size_t(nbytes));
         return;
     }
-    struct stat st;
-    const int fd = open_read(path_, st);
     try {
-        pread_fd(fd, out, nbytes, t.offset + first_byte, path_);
-    } catch (...) {
-        ::close(fd);
+        pread_fd(fd_, out, nbytes, t.offset + first_byte, path_);
+    } catch (const FormatError&) {  // it ended early: say whether it changed
+        check_unchanged(name);
         throw;
     }
-    ::close(fd);
+    check_unchanged(name);
 }
 
 static uint64_t header_length(const uint8_t* p) {
@@ -211,7 +224,13 @@ static void check_header_length(const std::string& path, uint64_t hlen, uint64_t
 }
 
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
-    auto f = map(path);
+    auto f = start(path, false);
+    f->check_layout();
+    return f;
+}
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::load(const std::string& path) {
+    auto f = start(path, true);
     f->check_layout();
     return f;
 }
@@ -227,64 +246,33 @@ void SafetensorsFile::check_layout() const {
     if (!layout_problem_.empty()) throw FormatError(path_ + ": corrupt header: " + layout_problem_);
 }
 
-std::unique_ptr<SafetensorsFile> SafetensorsFile::map(const std::string& path, bool in_memory) {
+// The header read and parsed (layout not yet reported); the file kept open for read(), or read whole (in_memory).
+std::unique_ptr<SafetensorsFile> SafetensorsFile::start(const std::string& path, bool in_memory) {
     std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
     f->path_ = path;
     struct stat st;
-    int fd;
-    try {
-        fd = open_read(path, st);
-    } catch (const std::system_error& ex) {  // a delta file that cannot be opened is reported as unreadable
-        throw FormatError(std::string(ex.what()));
-    }
-    f->size_ = size_t(st.st_size);
-    if (f->size_ < 8) { ::close(fd); check_header_length(path, 0, f->size_); }
+    f->fd_ = open_read(path, st);
+    f->size_ = uint64_t(st.st_size);
+    f->mtime_ns_ = mtime_ns(st);
     if (in_memory) {
-        try {
-            f->owned_.resize(f->size_);
-            pread_fd(fd, f->owned_.data(), f->size_, 0, path);
-        } catch (...) {
-            ::close(fd);
-            throw;
-        }
-        ::close(fd);
-        f->map_ = f->owned_.data();
-        const uint64_t hlen = header_length(f->map_);
+        f->owned_.resize(size_t(f->size_));
+        pread_fd(f->fd_, f->owned_.data(), f->size_, 0, path);
+        ::close(f->fd_);
+        f->fd_ = -1;
+        f->data_ = f->owned_.data();
+        if (f->size_ < 8) check_header_length(path, 0, f->size_);
+        const uint64_t hlen = header_length(f->data_);
         check_header_length(path, hlen, f->size_);
-        f->parse(f->map_ + 8, hlen, f->size_);
+        f->parse(f->data_ + 8, hlen, f->size_);
         return f;
     }
-    void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    ::close(fd);
-    if (m == MAP_FAILED) throw FormatError(path + ": cannot map: " + std::strerror(errno));
-    f->map_ = static_cast<const uint8_t*>(m);
-    f->mapped_ = true;
-    const uint64_t hlen = header_length(f->map_);
+    uint8_t len[8] = {};
+    if (f->size_ >= 8) pread_fd(f->fd_, len, 8, 0, path);
+    const uint64_t hlen = header_length(len);
     check_header_length(path, hlen, f->size_);
-    f->parse(f->map_ + 8, hlen, f->size_);
-    return f;
-}
-
-std::unique_ptr<SafetensorsFile> SafetensorsFile::read_header(const std::string& path) {
-    std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
-    f->path_ = path;
-    struct stat st;
-    const int fd = open_read(path, st);
-    try {
-        const uint64_t size = uint64_t(st.st_size);
-        uint8_t len[8] = {};
-        if (size >= 8) pread_fd(fd, len, 8, 0, path);
-        const uint64_t hlen = header_length(len);
-        check_header_length(path, hlen, size);
-        std::string text(size_t(hlen), '\0');
-        pread_fd(fd, &text[0], hlen, 8, path);
-        f->parse(reinterpret_cast<const uint8_t*>(text.data()), hlen, size);
-    } catch (...) {
-        ::close(fd);
-        throw;
-    }
-    ::close(fd);
-    f->check_layout();
+    std::string text(size_t(hlen), '\0');
+    pread_fd(f->fd_, &text[0], hlen, 8, path);
+    f->parse(reinterpret_cast<const uint8_t*>(text.data()), hlen, f->size_);
     return f;
 }
 
@@ -292,7 +280,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::wrap(const std::string& name, 
     std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
     f->path_ = name;
     if (size < 8) check_header_length(name, 0, size);
-    f->map_ = data;
+    f->data_ = data;
     f->size_ = size;
     const uint64_t hlen = header_length(data);
     check_header_length(name, hlen, size);
@@ -350,7 +338,7 @@ void SafetensorsFile::parse(const uint8_t* htext, uint64_t hlen, uint64_t file_s
                   std::to_string(e - b));
         info.offset = data_start + b;
         info.nbytes = nbytes;
-        if (map_) arrays_[kv.first] = ArrayRef{const_cast<uint8_t*>(map_ + info.offset), info.dtype, info.shape};
+        if (data_) arrays_[kv.first] = ArrayRef{const_cast<uint8_t*>(data_ + info.offset), info.dtype, info.shape};
         infos_[kv.first] = std::move(info);
         spans.push_back({{b, e}, kv.first});
     }
@@ -382,7 +370,11 @@ DeltaFile::~DeltaFile() = default;
 std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path, bool in_memory) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = path;
-    f->file_ = SafetensorsFile::map(path, in_memory);
+    try {
+        f->file_ = SafetensorsFile::start(path, in_memory);
+    } catch (const std::system_error& ex) {  // a delta file that cannot be opened is reported as unreadable
+        throw FormatError(std::string(ex.what()));
+    }
     f->read_manifest();
     f->file_->check_layout();
     return f;
@@ -412,6 +404,7 @@ void DeltaFile::read_manifest() {
     } catch (const std::exception& ex) {
         fail(std::string("corrupt manifest: ") + ex.what());
     }
+    if (man.kind != json::Value::Object) fail("corrupt manifest: not a JSON object");
     const json::Value* fmt = man.find("format");
     const json::Value* ver = man.find("version");
     if (!fmt || fmt->kind != json::Value::String || fmt->str != "deltapack") fail("corrupt manifest: format is not 'deltapack'");
@@ -464,11 +457,14 @@ void DeltaFile::read_manifest() {
             if (!st.contains(key)) tfail("component '" + c.str + "' is listed but not stored");
             if (!listed.insert(c.str).second) tfail("component '" + c.str + "' is listed twice");
             referenced.insert(key);
-            const ArrayRef& a = st.get(key);
-            // Decoders read components through typed pointers: they must be aligned.
-            if (reinterpret_cast<uintptr_t>(a.data) % dtype_size(a.dtype) != 0)
+            const TensorInfo& a = st.info(key);
+            // Decoders read components through typed pointers: they must be aligned (in the file, and in memory
+            // when the file is read into caller memory).
+            if ((reinterpret_cast<uintptr_t>(st.data_) + a.offset) % dtype_size(a.dtype) != 0)
                 tfail("component '" + c.str + "' is not aligned to its element size");
+            if (!plausible_shape(a.shape)) tfail("component '" + c.str + "' has an implausibly large shape");
             entry->components.emplace_back(c.str, a);
+            entry->stored_bytes += a.nbytes;
         }
         const json::Value* crc = t.find("crc32c");
         if (!crc || crc->kind != json::Value::String || crc->str.size() != 8 ||
@@ -483,51 +479,76 @@ void DeltaFile::read_manifest() {
     // manifest mean a damaged manifest, not a smaller delta.
     for (const std::string& key : st.keys())
         if (!referenced.count(key)) fail("stored array '" + key + "' belongs to no tensor of the manifest");
+    // What deltapack itself reads from the metadata and the base fingerprint has the types it expects.
+    check_manifest_fields(man, path_);
 }
 
 std::vector<std::string> DeltaFile::keys() const { return order_; }
 
 bool DeltaFile::contains(const std::string& name) const { return entries_.count(name) != 0; }
 
-void DeltaFile::drop_pages(const std::string& name) const {
-    auto it = entries_.find(name);
-    if (it == entries_.end()) return;
-    for (auto& c : it->second->components) file_->drop_pages(name + ":" + c.first);
-}
-
-const std::vector<int64_t>& DeltaFile::shape(const std::string& name) const {
+const DeltaFile::Entry& DeltaFile::entry_of(const std::string& name) const {
     auto it = entries_.find(name);
     if (it == entries_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "' in this delta file");
-    return it->second->shape;
+    return *it->second;
 }
 
-EncodedRef DeltaFile::get(const std::string& name, bool verify) const {
-    auto it = entries_.find(name);
-    if (it == entries_.end()) throw std::out_of_range(path_ + ": no tensor '" + name + "' in this delta file");
-    const Entry& e = *it->second;
+const std::vector<int64_t>& DeltaFile::shape(const std::string& name) const { return entry_of(name).shape; }
+
+uint64_t DeltaFile::stored_bytes(const std::string& name) const { return entry_of(name).stored_bytes; }
+
+EncodedRef DeltaFile::entry(const std::string& name) const {
+    const Entry& e = entry_of(name);
     EncodedRef ref;
     ref.name = name;
     ref.codec = e.codec;
     ref.params = e.params;
     ref.shape = e.shape;
     ref.dtype = e.dtype;
+    return ref;
+}
+
+DeltaTensor DeltaFile::get(const std::string& name, bool verify) const {
+    const Entry& e = entry_of(name);
+    DeltaTensor t;
+    t.ref = entry(name);
+    // A file on disk: its components are read into memory of their own (each 64-byte aligned), never mapped.
+    uint8_t* buf = nullptr;
+    if (!file_->in_memory()) {
+        uint64_t total = 64;
+        for (auto& c : e.components) total += (c.second.nbytes + 63) / 64 * 64;
+        void* mem = std::aligned_alloc(64, size_t(total));
+        if (!mem) throw std::bad_alloc();
+        t.bytes = std::shared_ptr<void>(mem, std::free);
+        buf = static_cast<uint8_t*>(mem);
+    }
     uint32_t crc = 0;
+    uint64_t at = 0;
     for (auto& c : e.components) {
-        ref.components[c.first] = c.second;
-        if (verify) crc = crc32c(c.second.data, c.second.nbytes(), crc);
+        const TensorInfo& info = c.second;
+        void* data;
+        if (buf) {
+            data = buf + at;
+            file_->read(info.name, data, info.nbytes);
+            at += (info.nbytes + 63) / 64 * 64;
+        } else {
+            data = file_->get(info.name).data;
+        }
+        t.ref.components[c.first] = ArrayRef{data, info.dtype, info.shape};
+        if (verify) crc = crc32c(data, size_t(info.nbytes), crc);
     }
     if (verify) crc = crc32c(e.checked_text.data(), e.checked_text.size(), crc);
     if (verify && crc != e.crc) {
-        char buf[96];
-        std::snprintf(buf, sizeof buf, "checksum mismatch (stored %08x, computed %08x)", e.crc, crc);
-        throw FormatError(path_ + ": tensor '" + name + "': " + buf + "; the file is corrupt");
+        char msg[96];
+        std::snprintf(msg, sizeof msg, "checksum mismatch (stored %08x, computed %08x)", e.crc, crc);
+        throw FormatError(path_ + ": tensor '" + name + "': " + msg + "; the file is corrupt");
     }
     try {
-        validate(ref);
+        validate(t.ref);
     } catch (const FormatError& ex) {
         throw FormatError(path_ + ": " + ex.what());
     }
-    return ref;
+    return t;
 }
 
 // ---------------------------------------------------------------------------- atomic files
@@ -567,7 +588,7 @@ static std::string temp_name(const std::string& path) {
     return path + suffix;
 }
 
-AtomicFile::AtomicFile(const std::string& path) : path_(path), dir_(dir_of(path)) {
+AtomicFile::AtomicFile(const std::string& path, bool replace) : path_(path), dir_(dir_of(path)), replace_(replace) {
     if (tmpfile_linkable(dir_)) fd_ = ::open(dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
     if (fd_ < 0) {
         tmpname_ = temp_name(path_);
@@ -581,6 +602,11 @@ AtomicFile::AtomicFile(const std::string& path) : path_(path), dir_(dir_of(path)
 }
 
 AtomicFile::~AtomicFile() { abort(); }
+
+std::string AtomicFile::reopen_path() const {
+    if (fd_ < 0) throw std::logic_error(path_ + ": reopened after commit or abort");
+    return tmpname_.empty() ? "/proc/self/fd/" + std::to_string(fd_) : tmpname_;
+}
 
 void AtomicFile::write(const void* data, size_t n) {
     if (fd_ < 0) throw std::logic_error(path_ + ": written after commit or abort");
@@ -600,6 +626,8 @@ void AtomicFile::commit(bool durable) {
     if (tmpname_.empty()) {  // unnamed: a new name is linked directly, so nothing else is ever visible
         if (link_fd(fd_, path_) == 0) {
             linked = true;
+        } else if (errno == EEXIST && !replace_) {
+            already_exists(path_);
         } else if (errno == EEXIST) {  // replacing a file takes a temporary name and a rename
             tmpname_ = temp_name(path_);
             if (link_fd(fd_, tmpname_) != 0) {
@@ -613,6 +641,16 @@ void AtomicFile::commit(bool durable) {
     }
     ::close(fd_);
     fd_ = -1;
+    if (!linked && !replace_) {  // a named temporary: link() refuses an existing name, rename() would replace it
+        if (::link(tmpname_.c_str(), path_.c_str()) != 0) {
+            const int err = errno;
+            abort();
+            if (err == EEXIST) already_exists(path_);
+            os_fail(err, "cannot link " + path_);
+        }
+        ::unlink(tmpname_.c_str());
+        linked = true;
+    }
     if (!linked && ::rename(tmpname_.c_str(), path_.c_str()) != 0) {
         const int err = errno;
         const std::string tmp = tmpname_;
@@ -649,15 +687,38 @@ int AtomicFile::scratch(const std::string& dir) {
 
 // ---------------------------------------------------------------------------- atomic directories
 
+// rename(from, to) that never replaces an existing `to` (renameat2 RENAME_NOREPLACE where the kernel and file
+// system have it; elsewhere rename(), which still refuses a non-empty directory).
+static int rename_new(const std::string& from, const std::string& to) {
+#ifdef RENAME_NOREPLACE
+    if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+#endif
+    return ::rename(from.c_str(), to.c_str());
+}
+
 static const char kDirTmp[] = ".deltapack-tmp-";
 
-AtomicDir::AtomicDir(const std::string& path, bool overwrite) {
+// Whether `path` can be a temporary directory of ours (or an old output moved aside): a real directory, not a
+// link, owned by this user, holding regular files only. Nothing else is removed as a leftover of a killed run.
+static bool our_flat_dir(const std::string& path) {
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::getuid()) return false;
+    std::error_code ec;
+    for (auto& entry : std::filesystem::directory_iterator(path, ec)) {
+        struct stat es;
+        if (::lstat(entry.path().c_str(), &es) != 0 || !S_ISREG(es.st_mode)) return false;
+    }
+    return !ec;
+}
+
+AtomicDir::AtomicDir(const std::string& path, bool overwrite) : overwrite_(overwrite) {
     namespace fs = std::filesystem;
     path_ = fs::absolute(path).lexically_normal().string();
     while (path_.size() > 1 && path_.back() == '/') path_.pop_back();
     std::error_code ec;
-    if (fs::exists(path_, ec) && !overwrite)
-        throw std::system_error(EEXIST, std::generic_category(), path + " already exists (use --overwrite to replace it)");
+    struct stat st;
+    if (::lstat(path_.c_str(), &st) == 0 && !overwrite) already_exists(path);
     const fs::path parent = fs::path(path_).parent_path();
     const std::string leaf = fs::path(path_).filename().string();
     fs::create_directories(parent, ec);
@@ -668,7 +729,8 @@ AtomicDir::AtomicDir(const std::string& path, bool overwrite) {
         const std::string name = entry.path().filename().string();
         if (name.compare(0, prefix.size(), prefix) != 0) continue;
         const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
-        if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH) fs::remove_all(entry.path(), ec);
+        if (pid > 0 && ::kill(pid_t(pid), 0) != 0 && errno == ESRCH && our_flat_dir(entry.path().string()))
+            fs::remove_all(entry.path(), ec);
     }
     std::random_device rd;
     char suffix[40];
@@ -691,14 +753,21 @@ void AtomicDir::commit(bool durable) {
     }
     std::error_code ec;
     std::string old;
-    if (fs::exists(path_, ec)) {
+    struct stat st;
+    if (::lstat(path_.c_str(), &st) == 0) {
+        if (!overwrite_) already_exists(path_);
         old = tmp_ + "-old";
         if (::rename(path_.c_str(), old.c_str()) != 0) os_fail(errno, "cannot move " + path_ + " aside");
     }
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) os_fail(errno, "cannot rename " + tmp_ + " to " + path_);
+    if (rename_new(tmp_, path_) != 0) {
+        const int err = errno;
+        if (err == EEXIST || err == ENOTEMPTY) already_exists(path_);
+        os_fail(err, "cannot rename " + tmp_ + " to " + path_);
+    }
     tmp_.clear();
     if (durable) fsync_dir(dir_of(path_));
-    if (!old.empty()) fs::remove_all(old, ec);
+    if (!old.empty() && our_flat_dir(old)) fs::remove_all(old, ec);
+    else if (!old.empty()) ::unlink(old.c_str());  // a file output moved aside
 }
 
 void AtomicDir::abort() {
@@ -742,8 +811,8 @@ static json::Value metadata_object(const std::map<std::string, std::string>& met
 }
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
-                                     const std::map<std::string, std::string>& metadata, bool durable)
-    : file_(path), tensors_(tensors), pending_(tensors.size()), durable_(durable) {
+                                     const std::map<std::string, std::string>& metadata, bool durable, bool replace)
+    : file_(path, replace), tensors_(tensors), pending_(tensors.size()), durable_(durable) {
     json::Value header = json::Value::make_object();
     if (!metadata.empty()) header.set("__metadata__", metadata_object(metadata));
     uint64_t off = 0;
@@ -814,7 +883,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 
 static int size_class(size_t elem) { return elem == 8 ? 0 : elem == 4 ? 1 : elem == 2 ? 2 : 3; }
 
-DeltaWriter::DeltaWriter(const std::string& path) : path_(path), out_(new AtomicFile(path)) {}
+DeltaWriter::DeltaWriter(const std::string& path, bool overwrite) : path_(path), out_(new AtomicFile(path, overwrite)) {}
 
 DeltaWriter::~DeltaWriter() { abort(); }
 
@@ -880,6 +949,11 @@ std::string DeltaWriter::header(const std::string& extra_manifest) const {
         text += json::dump(json::Value::make_string(entries_[i].first)) + ":" + entries_[i].second;
     }
     text += "}}";
+    try {  // a file the reader would refuse is never written
+        check_manifest_fields(man, path_);
+    } catch (const FormatError& ex) {
+        throw std::invalid_argument(std::string(ex.what()) + " (refused before writing)");
+    }
     json::Value hdr = json::Value::make_object();
     hdr.set("__metadata__", metadata_object({{"deltapack", text}}));
     uint64_t off = 0;

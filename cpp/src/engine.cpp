@@ -220,12 +220,8 @@ static Prepared prepare(const EncodedRef& e) {
     }
     for (int64_t d : e.shape)
         if (d < 0) throw FormatError("tensor '" + e.name + "': negative dimension in shape " + shape_str(e.shape));
-    // The product of the nonzero dimensions bounds every row count, row width and per-row size the codecs
-    // compute (a zero dimension must not hide a huge other one: [0, 2^63-1] has no elements but a row width).
-    uint64_t extent = 1;
-    for (int64_t d : e.shape)
-        if (d && (__builtin_mul_overflow(extent, uint64_t(d), &extent) || extent > (uint64_t(1) << 48)))
-            throw FormatError("tensor '" + e.name + "': shape " + shape_str(e.shape) + " is implausibly large");
+    if (!plausible_shape(e.shape))
+        throw FormatError("tensor '" + e.name + "': shape " + shape_str(e.shape) + " is implausibly large");
     Prepared out;
     out.m = Matrix::of(e.shape);
     out.dec = c.prepare(e, p, out.m);
@@ -233,6 +229,13 @@ static Prepared prepare(const EncodedRef& e) {
 }
 
 void validate(const EncodedRef& e) { prepare(e); }
+
+bool plausible_shape(const std::vector<int64_t>& shape) {
+    uint64_t extent = 1;
+    for (int64_t d : shape)
+        if (d < 0 || (d && (__builtin_mul_overflow(extent, uint64_t(d), &extent) || extent > kMaxExtent))) return false;
+    return true;
+}
 
 ApplyParams apply_default_params() { return ApplyParams{}; }
 
@@ -297,7 +300,16 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
     });
 }
 
+void check_alpha(float alpha) {
+    if (!std::isfinite(alpha)) {
+        char text[32];
+        std::snprintf(text, sizeof text, "%g", double(alpha));
+        throw std::invalid_argument(std::string("alpha ") + text + " is invalid: the scale of a delta must be a finite number");
+    }
+}
+
 void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, ApplyParams params) {
+    check_alpha(params.alpha);
     for (const ArrayRef* a : {&base, &out}) {
         if (!is_float_dtype(a->dtype))
             throw std::invalid_argument("tensor '" + e.name + "': " + (a == &base ? "base" : "out") + " dtype " +
@@ -320,6 +332,7 @@ void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, Apply
 
 void apply_rows(const EncodedRef& e, int64_t row0, int64_t nrows, const void* base, DType base_dtype, void* out,
                 DType out_dtype, ApplyParams params) {
+    check_alpha(params.alpha);
     for (DType t : {base_dtype, out_dtype})
         if (!is_float_dtype(t))
             throw std::invalid_argument("tensor '" + e.name + "': dtype " + dtype_name(t) +
@@ -372,6 +385,7 @@ static constexpr int64_t kProductChunk = 64;  // rows of the delta per product()
 static constexpr int64_t kProductWave = 128;
 
 void delta_products(const std::vector<ProductJob>& jobs, float alpha, int threads) {
+    check_alpha(alpha);
     std::vector<Prepared> prepared;  // every job checked before anything is computed
     int64_t rows = -1, cols = -1;
     for (const ProductJob& j : jobs) {
@@ -440,6 +454,7 @@ void delta_products(const std::vector<ProductJob>& jobs, float alpha, int thread
 }
 
 void delta_rows(const EncodedRef& e, const int64_t* rows, int64_t n, float alpha, float* out) {
+    check_alpha(alpha);
     Prepared p = prepare(e);
     const Kernels& k = kernels();
     const size_t cols = size_t(p.m.cols);

@@ -168,6 +168,7 @@ struct Parser {
         Value v;
         v.kind = Value::Number;
         v.num = std::strtod(lit.c_str(), nullptr);
+        if (!std::isfinite(v.num)) fail(("number " + lit.substr(0, 32) + " is out of range (beyond a double)").c_str());
         if (integer) {
             errno = 0;
             long long x = std::strtoll(lit.c_str(), nullptr, 10);

@@ -26,28 +26,44 @@ static bool exists(const std::string& p) {
     throw std::system_error(ENOENT, std::generic_category(), what);
 }
 
-// A JSON file of a model directory: strict JSON (json::parse), else FormatError naming the file.
-static json::Value read_json_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
+// A JSON file of a model directory, read from `file` (the entry `path`, links resolved): a regular file of at most
+// kMaxJsonFile bytes holding strict JSON (json::parse), else an error naming `path`.
+static constexpr uint64_t kMaxJsonFile = uint64_t(64) << 20;
+static json::Value read_json_file(const std::string& file, const std::string& path) {
+    struct stat st;
+    if (::stat(file.c_str(), &st) != 0) throw std::system_error(errno, std::generic_category(), path + ": cannot read");
+    if (!S_ISREG(st.st_mode)) throw FormatError(path + ": not a regular file");
+    if (uint64_t(st.st_size) > kMaxJsonFile)
+        throw FormatError(path + ": " + std::to_string(st.st_size) + " bytes is too large for a JSON file of a model (over " +
+                          std::to_string(kMaxJsonFile >> 20) + " MiB)");
+    std::ifstream in(file, std::ios::binary);
     if (!in) throw std::system_error(errno, std::generic_category(), path + ": cannot read");
-    std::ostringstream text;
-    text << in.rdbuf();
+    std::string text(size_t(st.st_size), '\0');
+    in.read(&text[0], std::streamsize(text.size()));
+    if (size_t(in.gcount()) != text.size()) throw FormatError(path + ": changed while being read");
     try {
-        return json::parse(text.str());
+        return json::parse(text);
     } catch (const std::exception& ex) {
         throw FormatError(path + ": not valid JSON (" + ex.what() + ")");
     }
 }
 
-std::unique_ptr<ModelFiles> ModelFiles::open(const std::string& path) {
+// Whether `p` exists, without following a link at `p` itself.
+static bool present(const std::string& p) {
+    struct stat st;
+    return ::lstat(p.c_str(), &st) == 0;
+}
+
+std::unique_ptr<ModelFiles> ModelFiles::open(const std::string& path, bool follow_links) {
     std::unique_ptr<ModelFiles> m(new ModelFiles());
     m->path_ = path;
+    // A directory's files are read where resolve_in_model_dir allows (a link out of it is refused).
+    auto file = [&](const std::string& name) { return resolve_in_model_dir(path, name, follow_links); };
     if (is_dir_path(path)) {
         m->is_dir_ = true;
-        const std::string index = path + "/model.safetensors.index.json";
-        if (exists(index)) {
-            m->read_index(index);
-        } else if (exists(path + "/model.safetensors")) {
+        if (present(path + "/model.safetensors.index.json")) {
+            m->read_index(path + "/model.safetensors.index.json", file("model.safetensors.index.json"));
+        } else if (present(path + "/model.safetensors")) {
             m->shards_ = {"model.safetensors"};
         } else {
             missing(path + ": no model.safetensors or model.safetensors.index.json in this directory");
@@ -58,12 +74,12 @@ std::unique_ptr<ModelFiles> ModelFiles::open(const std::string& path) {
         missing(path);
     }
     for (const std::string& shard : m->shards_) {
-        const std::string full = m->shard_path(shard);
+        const std::string full = m->is_dir_ ? file(shard) : shard;
         std::unique_ptr<SafetensorsFile> f;
         try {
-            f = SafetensorsFile::read_header(full);
+            f = SafetensorsFile::open(full);
         } catch (const std::system_error& ex) {
-            throw std::system_error(ex.code(), full + ": cannot read shard");
+            throw std::system_error(ex.code(), m->shard_path(shard) + ": cannot read shard");
         }
         for (const std::string& name : f->keys()) {
             auto it = m->shard_of_.find(name);
@@ -86,18 +102,17 @@ std::unique_ptr<ModelFiles> ModelFiles::open(const std::string& path) {
             if (!m->index_map_.count(name))
                 throw FormatError(path + ": tensor '" + name + "' is in " + m->shard_of_[name] + " but not in the index");
     }
-    const std::string config = path + "/config.json";
-    if (m->is_dir_ && exists(config)) {
-        json::Value v = read_json_file(config);
-        if (v.kind != json::Value::Object) throw FormatError(config + ": not a JSON object");
+    if (m->is_dir_ && present(path + "/config.json")) {
+        json::Value v = read_json_file(file("config.json"), path + "/config.json");
+        if (v.kind != json::Value::Object) throw FormatError(path + "/config.json: not a JSON object");
         m->config_ = json::dump(v);
     }
     return m;
 }
 
-void ModelFiles::read_index(const std::string& index) {
+void ModelFiles::read_index(const std::string& index, const std::string& file) {
     has_index_ = true;
-    json::Value v = read_json_file(index);  // duplicate keys are refused by the parser
+    json::Value v = read_json_file(file, index);  // duplicate keys are refused by the parser
     const json::Value* wm = v.kind == json::Value::Object ? v.find("weight_map") : nullptr;
     bool ok = wm && wm->kind == json::Value::Object;
     for (size_t i = 0; ok && i < wm->obj.size(); ++i) ok = wm->obj[i].second.kind == json::Value::String;
@@ -108,7 +123,7 @@ void ModelFiles::read_index(const std::string& index) {
             throw FormatError(index + ": shard name '" + shard + "' is not a plain file name");
         index_map_[kv.first] = shard;
         if (std::find(shards_.begin(), shards_.end(), shard) == shards_.end()) {
-            if (!exists(path_ + "/" + shard)) missing(index + ": points at shard " + shard + ", which does not exist");
+            if (!present(path_ + "/" + shard)) missing(index + ": points at shard " + shard + ", which does not exist");
             shards_.push_back(shard);
         }
     }

@@ -372,10 +372,11 @@ def calibrate_scales(model, base, data, select=E.default_selected, steps: int = 
     return {n: float(init[n] * logm[n].detach().exp()) for n in chosen}
 
 
-def save_calibrated(delta_path, scales: dict, out_path) -> list[str]:
+def save_calibrated(delta_path, scales: dict, out_path, overwrite: bool = False) -> list[str]:
     """Write the delta file `delta_path` to `out_path` with the scales of its `sign` (scope=tensor)
     tensors replaced by calibrated ones (e.g. from calibrate_scales); every other tensor, the metadata
-    and the base fingerprint are kept. Returns the names of the tensors updated."""
+    and the base fingerprint are kept (an existing `out_path` is replaced only with overwrite). Returns the
+    names of the tensors updated."""
     import numpy as np
 
     from . import files, tensors
@@ -390,5 +391,5 @@ def save_calibrated(delta_path, scales: dict, out_path) -> list[str]:
             enc = tensors.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, comps, name)
             updated.append(name)
         out[name] = enc
-    files.save(out_path, out, metadata=f.metadata or None, base=f.base)
+    files.save(out_path, out, metadata=f.metadata or None, base=f.base, overwrite=overwrite)
     return updated

@@ -381,9 +381,9 @@ def _refit_lowrank_u(d, comps, p, shape, terms):
 
 
 def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1 << 30, threads=None,
-                   terms: dict | None = None, note: bool = True) -> dict:
+                   terms: dict | None = None, note: bool = True, overwrite: bool = False) -> dict:
     """Refit the free scales (`refit`) of every tensor of a checkpoint delta file on calibration data and write
-    the result to `out` (may be `delta` itself; written atomically). Input covariances are gathered a group of
+    the result to `out` (written atomically; an existing file, `delta` itself included, only with overwrite). Input covariances are gathered a group of
     layers at a time under max_bytes; the refitted tensors are held (compressed) until the file is written.
     terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
@@ -403,7 +403,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
             raise ValueError(f"{ft.path}: calibration needs the fine-tune as a model directory (config.json)")
         model = load_model(ft.dir)
     todo = [n for n in f.keys() if rec["tensors"].get(n, {}).get("op") in ("delta", "resized")
-            and f.get(n, verify=False).codec in REFIT_CODECS]
+            and f.entry(n)[0] in REFIT_CODECS]
     reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
     refitted = {}
     for group in ([todo] if terms is not None else _cov_groups(model, todo, max_bytes)):
@@ -418,7 +418,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
             if d is None:
                 continue
             refitted[name] = refit(enc, d.reshape(enc.shape), _rows_of(group_terms[name], enc.shape))
-    writer = DeltaWriter(out)
+    writer = DeltaWriter(out, overwrite=overwrite)
     try:
         for name in f.keys():
             writer.add(name, refitted.get(name) or f.get(name))

@@ -54,11 +54,11 @@ class _Rebuilder:
     """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file (the C++ core's
     CheckpointDelta: record and base checked on open, each base tensor's CRC-32C as it is read)."""
 
-    def __init__(self, base, delta, alpha=1.0, force=False, threads=None):
-        self.base, self.delta = _as_checkpoint(base), _as_delta(delta)
+    def __init__(self, base, delta, alpha=1.0, force=False, threads=None, follow_links=False):
+        self.base, self.delta = _as_checkpoint(base, follow_links), _as_delta(delta)
         self.record = checkpoint_record(self.delta)
         self.alpha, self.force, self.threads = float(alpha), force, threads
-        self._c = _core.CheckpointDelta(self.base.path, self.delta.path, force)
+        self._c = _core.CheckpointDelta(self.base.path, self.delta.path, force, self.base.follow_links)
 
     def specs(self):
         return self.record["tensors"]
@@ -84,7 +84,7 @@ class _Rebuilder:
 
 def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = None, *, force: bool = False,
                      overwrite: bool = False, threads: int | None = None, quiet: bool = True,
-                     fsync: bool = True) -> dict:
+                     fsync: bool = True, follow_links: bool = False) -> dict:
     """Rebuild the fine-tune as a Hugging Face directory `out` (sharded like the base, with the kept
     config/tokenizer files), or as one .safetensors file when `base` is a file. Written atomically.
 
@@ -92,6 +92,9 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     added tensors and new rows are written as stored. dtype: 'bf16' | 'f16' | 'f32' (default: the fine-tune's).
     fsync=False skips flushing to disk before the rename: still atomic if the process is killed, not
     if the machine loses power; faster on slow disks.
+    overwrite: replace an existing `out`, only if it is an earlier output (a model directory, or a safetensors
+    file for a file base); never BASE, the delta or a directory holding them. follow_links: read BASE's files
+    through symbolic links wherever they point (by default only inside it or into a Hugging Face cache).
     """
     if dtype not in (None, "bf16", "f16", "f32"):
         raise ValueError(f"dtype {dtype!r}: use bf16, f16 or f32")
@@ -102,7 +105,8 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     bar = _progress(total, "apply", quiet)
     try:  # the C++ core: the same code as deltapack-apply, so both write the same bytes
         path, n, size = _core.apply_checkpoint(base_path, delta_path, os.fspath(out), alpha, dtype or "", force,
-                                               overwrite, fsync, 0 if threads is None else int(threads), bar.update)
+                                               overwrite, fsync, 0 if threads is None else int(threads), bar.update,
+                                               follow_links)
     finally:
         bar.close()
     return {"out": path, "tensors": n, "bytes": size}
@@ -154,6 +158,8 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
     """
     d = _as_delta(delta)
     record = checkpoint_record(d)
+    if base is None:  # the record checked against the delta file (stored shapes, bounds) before anything is read
+        _core.CheckpointDelta(None, d.path, force)
     targets = dict(module.named_parameters(remove_duplicate=False))
     targets.update(dict(module.named_buffers(remove_duplicate=False)))
     specs = record["tensors"]
@@ -212,11 +218,12 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
     return module
 
 
-def verify(base, ft, delta, force: bool = False, threads: int | None = None, quiet: bool = True) -> list[dict]:
+def verify(base, ft, delta, force: bool = False, threads: int | None = None, quiet: bool = True,
+           follow_links: bool = False) -> list[dict]:
     """Rebuild every fine-tune tensor and compare with the real one: per tensor rel_error =
     |rebuilt - ft| / |ft|, cosine(rebuilt, ft), and the same for the deltas (rebuilt - base vs ft - base)."""
-    rb = _Rebuilder(base, delta, 1.0, force, threads)
-    ftc = _as_checkpoint(ft)
+    rb = _Rebuilder(base, delta, 1.0, force, threads, follow_links)
+    ftc = _as_checkpoint(ft, follow_links)
     specs = rb.specs()
     for name in ftc.tensors:
         if name not in specs:

@@ -24,9 +24,8 @@ from .recipes import Rules
 
 _CHUNK = 16 << 20  # elements per streaming chunk (64 MiB of f32)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-_MAX_KEPT_FILE = 32 << 20
+# Metadata keys deltapack writes itself (their types are checked when a file is opened: docs/FORMAT.md §7).
+RESERVED_METADATA = ("checkpoint", "budget", "peft", "calibration")
 
 
 def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
@@ -35,25 +34,20 @@ def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
 
 
 def _keep_files(ft: Checkpoint) -> dict:
-    """The fine-tune's non-weight files (config, tokenizer, generation config ...) to store in the manifest."""
+    """The fine-tune's non-weight files (config, tokenizer, generation config ...) to store in the manifest: the
+    C++ core's read_kept_files (the rule apply checks them by; links only inside the directory unless ft was
+    opened with follow_links)."""
     files = {}
     if not ft.dir:
         return files
-    for entry in sorted(os.listdir(ft.dir)):
-        full = os.path.join(ft.dir, entry)
-        if (entry.startswith(".") or not os.path.isfile(full) or entry.endswith(_WEIGHT_SUFFIXES)
-                or entry.endswith(".index.json")):
-            continue
-        if os.path.getsize(full) > _MAX_KEPT_FILE:
-            print(f"deltapack: not keeping {full} ({os.path.getsize(full)} bytes, over "
-                  f"{_MAX_KEPT_FILE >> 20} MiB)", file=sys.stderr)
-            continue
-        with open(full, "rb") as fh:
-            data = fh.read()
+    kept, skipped = _core.read_kept_files(ft.dir, ft.follow_links)
+    for name, why in skipped:
+        print(f"deltapack: not keeping {os.path.join(ft.dir, name)} ({why})", file=sys.stderr)
+    for name, data in kept:
         try:
-            files[entry] = {"text": data.decode("utf-8")}
+            files[name] = {"text": data.decode("utf-8")}
         except UnicodeDecodeError:
-            files[entry] = {"base64": base64.b64encode(data).decode("ascii")}
+            files[name] = {"base64": base64.b64encode(data).decode("ascii")}
     return files
 
 
@@ -267,7 +261,7 @@ def _recipe_params(codec, params) -> dict:
 
 def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
              min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
-             keep_files: bool = True, force: bool = False) -> dict:
+             keep_files: bool = True, force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 
     recipe: per-tensor rules `pattern=recipe;...` applied to tensors with >= 2 dims and >= min_size
@@ -280,16 +274,23 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     data-aware proxies, the choice among them and the refit of scales (deltapack.calibration); proxy: one of
     budget.PROXIES instead of the choice.
     force: store a pair that does not look like base + fine-tune (check_related) anyway.
+    overwrite: replace an existing delta file at `out` (only a deltapack file; never BASE or FT or a file in them).
+    follow_links: read BASE's and FT's files through symbolic links wherever they point.
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
-    base, ft = _as_checkpoint(base), _as_checkpoint(ft)
+    base, ft = _as_checkpoint(base, follow_links), _as_checkpoint(ft, follow_links)
+    reserved = sorted(set(metadata or {}) & set(RESERVED_METADATA))
+    if reserved:
+        raise ValueError(f"metadata key '{reserved[0]}' is deltapack's own; choose another name")
+    _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [base.path, ft.path], overwrite)
     plan = _plan(base, ft)
     if not force:
         check_related(base, ft, plan)
     if budget is not None:
         from .compress_budget import compress_to_budget
         return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,
-                                  metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files)
+                                  metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files,
+                                  overwrite=overwrite)
     if data is not None:
         raise ValueError("data (calibration examples) is used with a budget; for a recipe use `deltapack calibrate`")
     rules = Rules(recipe)
@@ -297,7 +298,7 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
     try:
         c = _Compressor(base, ft, lambda name, shape: _choose(rules, name, shape, min_size), threads, bar)
-        writer, meta, fp = _write_deltas(c, plan, out, metadata, keep_files)
+        writer, meta, fp = _write_deltas(c, plan, out, metadata, keep_files, overwrite)
         try:
             size = writer.close(metadata=meta, base=fp)
         except BaseException:
@@ -320,12 +321,13 @@ def _summary(out, size, record, writer) -> dict:
             **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
 
 
-def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files):
+def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files, overwrite=False):
     """Encode every tensor of `plan` into a DeltaWriter for `out`; returns (writer, manifest metadata, base
-    fingerprint) with the writer not yet closed (the caller closes or aborts it). `plan` is not modified."""
+    fingerprint) with the writer not yet closed (the caller closes or aborts it; with overwrite it may replace
+    an existing file). `plan` is not modified."""
     base, ft = c.base, c.ft
     plan = {n: dict(s) for n, s in plan.items()}
-    writer = files.DeltaWriter(out)
+    writer = files.DeltaWriter(out, overwrite=overwrite)
     try:
         for name, spec in plan.items():
             fi = ft[name]

@@ -32,7 +32,7 @@ _TERMS_BYTES = 1 << 30  # input covariances held at once to compare candidates a
 
 
 def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
-                       metadata=None, threads=None, quiet=True, keep_files=True) -> dict:
+                       metadata=None, threads=None, quiet=True, keep_files=True, overwrite=False) -> dict:
     if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
         raise ValueError(f"budget={bits_per_param!r}: give bits per parameter, a number in (0, 64)")
     if proxy is not None and proxy not in B.PROXIES:
@@ -107,11 +107,12 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
                                                           target, budget_bits, bits_per_param, chosen, scores,
                                                           examples, lossy, min_size, metadata, keep_files,
-                                                          encoder_weights(chosen), threads, quiet)
+                                                          encoder_weights(chosen), threads, quiet,
+                                                          overwrite=overwrite and data is None)
         if data is not None:  # 4. refit the free scales on the calibration data (same size)
             from . import calibration
             refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
-                                               terms=terms, note=False)
+                                               terms=terms, note=False, overwrite=overwrite)
     finally:
         if written != out and os.path.exists(written):
             os.unlink(written)
@@ -129,7 +130,7 @@ def _temporary_sibling(path) -> str:
 
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
-                         examples, lossy, min_size, metadata, keep_files, weights, threads, quiet):
+                         examples, lossy, min_size, metadata, keep_files, weights, threads, quiet, overwrite=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record)."""
     for _ in range(_TRIES):
@@ -139,7 +140,7 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
         bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
         try:
             c = _Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights)
-            writer, meta, fp = _write_deltas(c, plan, out, meta, keep_files)
+            writer, meta, fp = _write_deltas(c, plan, out, meta, keep_files, overwrite)
             try:
                 size = writer.size(meta, fp)
                 if 8 * size <= budget_bits:

@@ -16,6 +16,7 @@ Conventions (those of llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.p
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ import numpy as np
 
 import gguf
 
+from . import _core
 from .finetune import FineTune, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -65,14 +67,69 @@ def arch_of(config: dict | None, where: str) -> Arch:
     if not config:
         raise ValueError(f"{where}: no config.json; GGUF export needs the base's Hugging Face config "
                          f"(supported architectures: {supported})")
-    names = list(config.get("architectures") or [])
-    if config.get("model_type") in _MODEL_TYPES:
-        names.append(_MODEL_TYPES[config["model_type"]])
+    archs, model_type = config.get("architectures"), config.get("model_type")
+    if not (archs is None or isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{where}/config.json: field 'architectures' must be a list of strings, not {archs!r}")
+    if not (model_type is None or isinstance(model_type, str)):
+        raise ValueError(f"{where}/config.json: field 'model_type' must be a string, not {model_type!r}")
+    names = list(archs or [])
+    if model_type in _MODEL_TYPES:
+        names.append(_MODEL_TYPES[model_type])
     for n in names:
         if n in ARCHS:
             return ARCHS[n]
     got = ", ".join(names) or config.get("model_type") or "unknown"
     raise ValueError(f"{where}: architecture {got} is not supported for GGUF export (supported: {supported})")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def checked_config(config: dict, where: str) -> dict:
+    """config.json (of the model directory `where`) with every field a GGUF export reads checked: a ValueError
+    naming the file and the field when one is missing or of the wrong type."""
+    path = f"{where}/config.json"
+
+    def fail(key, what):
+        raise ValueError(f"{path}: field '{key}' {what}")
+
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size"):
+        if key not in config:
+            fail(key, "is missing (GGUF export needs it)")
+        if not _is_int(config[key]) or config[key] <= 0:
+            fail(key, f"must be a positive integer, not {config[key]!r}")
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "bos_token_id",
+                "eos_token_id", "pad_token_id"):
+        v = config.get(key)
+        if v is not None and (not _is_int(v) or v < 0):
+            fail(key, f"must be an integer >= 0 or null, not {v!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            fail(key, f"must be a finite number, not {v!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = config.get(key)
+        if rp is None:
+            continue
+        if not isinstance(rp, dict):
+            fail(key, f"must be an object or null, not {rp!r}")
+        for sub in ("rope_theta", "factor"):
+            v = rp.get(sub)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                fail(f"{key}.{sub}", f"must be a finite number, not {v!r}")
+        for sub in ("rope_type", "type"):
+            if rp.get(sub) is not None and not isinstance(rp[sub], str):
+                fail(f"{key}.{sub}", f"must be a string, not {rp[sub]!r}")
+    if not isinstance(config.get("use_sliding_window", True), bool):
+        fail("use_sliding_window", f"must be true or false, not {config['use_sliding_window']!r}")
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    if n_head % n_kv:
+        fail("num_key_value_heads", f"{n_kv} does not divide num_attention_heads {n_head}")
+    if not config.get("head_dim") and config["hidden_size"] % n_head:
+        fail("hidden_size", f"{config['hidden_size']} is not a multiple of num_attention_heads {n_head}")
+    return config
 
 
 def _heads(config):
@@ -127,11 +184,14 @@ def _nbytes(shape, qtype) -> int:
 class _StreamWriter:
     """A GGUF file written tensor by tensor: declare every tensor, then write their data in order.
 
-    Written to a temporary file next to `path` and renamed into place when complete."""
+    gguf-py writes into the C++ core's AtomicFile: an unnamed file (or one created with O_EXCL under a random
+    name) in the target directory, linked into place when complete; never a fixed name or through a link. An
+    existing file is replaced only with overwrite (export checks that it is a GGUF file first)."""
 
-    def __init__(self, path, arch_name: str):
+    def __init__(self, path, arch_name: str, overwrite: bool = False):
         self.path = os.fspath(path)
-        self.tmp = self.path + ".tmp"
+        self.file = _core.AtomicFile(self.path, overwrite)
+        self.tmp = self.file.reopen_path
         self.w = gguf.GGUFWriter(self.tmp, arch_name)
         self.order = []
 
@@ -156,15 +216,15 @@ class _StreamWriter:
                     raise ValueError(f"tensor '{name}': produced shape {list(data.shape)}, declared {list(shape)}")
                 self.w.write_tensor_data(gguf.quants.quantize(data, qtype))
             self.w.close()
-            os.replace(self.tmp, self.path)
+            self.file.commit()
         except OSError as ex:  # numpy's short-write message names neither the file nor the cause
             self._discard()
             try:
                 full = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free < (1 << 20)
             except OSError:
                 full = False
-            raise OSError(ex.errno, f"writing {self.path}: {ex.strerror or ex}" + (" (disk full)" if full else "")) \
-                from None
+            reason = str(ex.strerror or ex).replace(self.tmp, self.path)
+            raise OSError(ex.errno, f"writing {self.path}: {reason}" + (" (disk full)" if full else "")) from None
         except BaseException:
             self._discard()
             raise
@@ -174,21 +234,24 @@ class _StreamWriter:
             self.w.close()
         except OSError:  # flushing onto a full disk fails again: the file goes anyway
             pass
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self.file.abort()
 
 
 # ----------------------------------------------------------------------------- LoRA adapter
 
 def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alpha: float = 1.0,
-                     quiet: bool = False, force: bool = False) -> dict:
+                     quiet: bool = False, force: bool = False, overwrite: bool = False,
+                     follow_links: bool = False) -> dict:
     """Write `delta` (against `base`) as a llama.cpp LoRA adapter. Returns a report with, per tensor,
-    its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error."""
+    its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error.
+    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
-    ft = FineTune(base, delta, alpha, force=force)
+    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)   # before any work
-    names = _Names(arch, ft.config)
+    config = checked_config(ft.config, ft.base.path)
+    _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
+    names = _Names(arch, config)
 
     def show(f):
         if f.source == "svd":
@@ -217,7 +280,7 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     view.factors = kept
     if not kept:
         raise ValueError(f"{ft.delta.path}: none of its matrix deltas has a tensor name in llama.cpp's {arch.name}")
-    sw = _StreamWriter(out, arch.name)
+    sw = _StreamWriter(out, arch.name, overwrite)
     sw.w.add_type(gguf.GGUFType.ADAPTER)
     sw.w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     sw.w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(common))
@@ -240,19 +303,19 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
 
 def _rope_theta(config):
     rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return rp.get("rope_theta", config.get("rope_theta", 10000.0)), rp
+    return rp.get("rope_theta") or config.get("rope_theta") or 10000.0, rp
 
 
 def _hyperparameters(w: gguf.GGUFWriter, arch: Arch, config: dict, outtype: str):
     n_head, n_kv = _heads(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config.get("max_position_embeddings", 2048))
+    w.add_context_length(config.get("max_position_embeddings") or 2048)
     w.add_embedding_length(config["hidden_size"])
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps") or 1e-6)
     theta, rp = _rope_theta(config)
     w.add_rope_freq_base(float(theta))
     rope_type = (rp.get("rope_type") or rp.get("type") or "default")
@@ -272,12 +335,29 @@ def _hyperparameters(w: gguf.GGUFWriter, arch: Arch, config: dict, outtype: str)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _tokenizer_json(model_dir):
-    path = os.path.join(model_dir, "tokenizer.json") if model_dir else None
-    if not path or not os.path.exists(path):
+# The files of a model directory the vocabulary is read from (here and by gguf-py's SpecialVocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "config.json", "generation_config.json", "tokenizer.model")
+
+
+def _tokenizer_json(model_dir, follow_links: bool):
+    """tokenizer.json of `model_dir` (None without one), after checking that none of the files the vocabulary is
+    read from is a link out of the directory (resolve_in_model_dir: gguf-py opens them by name)."""
+    if not model_dir:
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    for name in _TOKENIZER_FILES:
+        _core.resolve_in_model_dir(model_dir, name, follow_links)
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    with open(_core.resolve_in_model_dir(model_dir, "tokenizer.json", follow_links), "rb") as fh:
+        try:
+            tok = json.loads(fh.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+            raise ValueError(f"{path}: not valid JSON ({ex})") from None
+    if not isinstance(tok, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return tok
 
 
 def _split_patterns(pre) -> list[str]:
@@ -379,10 +459,18 @@ def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir):
     special.add_to_gguf(w, quiet=True)
 
 
-def _write_vocab(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool) -> str:
+def _write_vocab(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool, follow_links: bool) -> str:
     """The tokenizer from tokenizer.json (byte-level BPE), else a placeholder of vocab_size tokens."""
+    tok = _tokenizer_json(model_dir, follow_links)
+    try:
+        return _write_vocab_of(w, arch, config, model_dir, quiet, tok)
+    except (TypeError, AttributeError, KeyError, IndexError) as ex:  # a tokenizer.json of another structure
+        raise ValueError(f"{model_dir}/tokenizer.json: not a tokenizer this export reads "
+                         f"({type(ex).__name__}: {ex})") from None
+
+
+def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool, tok) -> str:
     n_vocab = config["vocab_size"]
-    tok = _tokenizer_json(model_dir)
     model = (tok or {}).get("model") or {}
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
         vocab = dict(model.get("vocab") or {})
@@ -440,16 +528,20 @@ def _write_vocab(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet:
 
 
 def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0, quiet: bool = False,
-                      force: bool = False) -> dict:
-    """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model."""
+                      force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
+    """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model.
+    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
-    ft = FineTune(base, delta, alpha, force=force)
+    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)   # before any work
-    names = _Names(arch, ft.config)
+    config = checked_config(ft.config, ft.base.path)
+    inputs = [ft.base.path] + ([ft.delta.path] if ft.delta is not None else [])
+    _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, inputs, overwrite)
+    names = _Names(arch, config)
     plan, notes = [], []
-    window = ft.config.get("sliding_window")
-    if ft.config.get("use_sliding_window", True) and window and window < ft.config.get("max_position_embeddings", 0):
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window", True) and window and window < (config.get("max_position_embeddings") or 0):
         notes.append(f"sliding window of {window} tokens not kept: llama.cpp's {arch.name} graph attends over the "
                      f"whole context, so outputs differ from transformers' beyond {window} tokens")
     for name in ft.names():
@@ -463,12 +555,12 @@ def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0
             raise ValueError(f"{ft.base.path}: tensor '{name}' is not a float tensor")
         shape = ft.shape(name)
         plan.append((name, gname, shape, _qtype_for(gname, shape, outtype, notes)))
-    sw = _StreamWriter(out, arch.name)
+    sw = _StreamWriter(out, arch.name, overwrite)
     sw.w.add_type(gguf.GGUFType.MODEL)
     label = os.path.basename(os.path.normpath(os.fspath(base)))
     sw.w.add_name(label + (f" + {os.path.basename(os.fspath(delta))}" if delta is not None else ""))
-    _hyperparameters(sw.w, arch, ft.config, outtype)
-    vocab = _write_vocab(sw.w, arch, ft.config, ft.base.dir, quiet)
+    _hyperparameters(sw.w, arch, config, outtype)
+    vocab = _write_vocab(sw.w, arch, config, ft.base.dir, quiet, follow_links)
     hf_of = {}
     for name, gname, shape, qtype in plan:
         sw.declare(gname, shape, qtype)

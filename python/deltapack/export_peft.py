@@ -10,7 +10,6 @@ go to `modules_to_save` (norms) or to the LoRA layer's own bias (`bias="lora_onl
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -43,14 +42,18 @@ def _peft_record(ft: FineTune) -> dict:
 
 
 def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype: str = "auto",
-                progress=None, force: bool = False) -> dict:
+                progress=None, force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Write `delta` (against `base`) as a PEFT LoRA adapter directory; returns a report.
 
     dtype: 'auto' (each factor in its stored dtype, SVD factors f32), 'f32', 'f16' or 'bf16';
-    force: skip the check that `base` is the delta's base (names, shapes, contents)."""
+    force: skip the check that `base` is the delta's base (names, shapes, contents);
+    overwrite: replace an existing adapter directory (one holding only adapter_config.json and
+    adapter_model.safetensors); follow_links: read BASE through links wherever they point."""
     if dtype not in ("auto",) + FLOATS:
         raise ValueError(f"dtype must be auto, f32, f16 or bf16 (got {dtype!r})")
-    ft = FineTune(base, delta, alpha, force=force)
+    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
+    _core.check_output(os.fspath(out_dir), _core.OutputKind.ADAPTER_DIRECTORY, [ft.base.path, ft.delta.path],
+                       overwrite, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     view = lowrank_factors(ft, rank, progress)
     prior = _peft_record(ft) if alpha == 1.0 else {}
     prior_modules = prior.get("modules", {})
@@ -111,7 +114,7 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
     }
-    _write_adapter(out_dir, tensors, config)
+    _write_adapter(out_dir, tensors, config, overwrite)
     rep = view.report()
     rep["skipped"] += [{"name": n, "reason": r} for n, r in unrepresented]
     rep.update(out=os.fspath(out_dir), modules_to_save=modules_to_save, bias=config["bias"],
@@ -119,18 +122,13 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
     return rep
 
 
-def _write_adapter(out_dir, tensors, config) -> None:
+def _write_adapter(out_dir, tensors, config, overwrite) -> None:
     """Weights and config written into a hidden sibling directory that replaces `out_dir` in one rename: a
-    killed or failed export leaves the previous adapter (or nothing), never a mix or a half-written one."""
+    killed or failed export leaves the previous adapter (or nothing), never a mix or a half-written one. What
+    `out_dir` may be was checked before any work (check_output)."""
 
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        others = set(os.listdir(out_dir)) - {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"} \
-            if os.path.isdir(out_dir) else {os.path.basename(out_dir)}
-        if others:
-            raise FileExistsError(errno.EEXIST, f"{out_dir} exists and holds other files than an adapter "
-                                  f"({sorted(others)[0]}, ...): choose a new directory")
-    writer = _core.AtomicDir(out_dir, overwrite=True)
+    writer = _core.AtomicDir(out_dir, overwrite=overwrite)
     try:
         try:
             models.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})

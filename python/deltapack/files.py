@@ -23,12 +23,15 @@ def _extra_manifest(metadata, base) -> str:
         raise ValueError(f"metadata cannot be stored in a manifest: {ex}") from None
 
 
-def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = None) -> None:
+def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = None, *,
+         overwrite: bool = True) -> None:
     """Write encoded tensors to a delta file atomically (nothing under `path` unless it succeeds).
 
-    metadata: free-form JSON-serialisable user metadata; base: the base model's fingerprint.
+    metadata: free-form JSON-serialisable user metadata (the keys deltapack itself reads, "checkpoint", "budget",
+    "peft" and "calibration", must have the types docs/FORMAT.md §7 gives); base: the base model's fingerprint.
+    overwrite: replace an existing file at `path` (as numpy.save does); False refuses (FileExistsError).
     """
-    w = DeltaWriter(path)
+    w = DeltaWriter(path, overwrite=overwrite)
     for name, enc in tensors.items():
         w.add(name, enc)
     w.close(metadata, base)
@@ -38,9 +41,9 @@ class DeltaWriter:
     """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added,
     and nothing appears under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
 
-    def __init__(self, path):
+    def __init__(self, path, overwrite: bool = True):
         self.path = os.fspath(path)
-        self._w = _core.DeltaWriter(self.path)
+        self._w = _core.DeltaWriter(self.path, overwrite)
 
     def add(self, name: str, enc: Encoded) -> None:
         self._w.add(enc._core(name))
@@ -61,7 +64,8 @@ class DeltaWriter:
 
 
 class DeltaFile:
-    """A delta file opened read-only (memory-mapped). Components are zero-copy numpy views."""
+    """A delta file opened read-only: the header is checked at once, each tensor is read (pread, checksummed)
+    when asked for; its components are numpy views of the memory it was read into."""
 
     def __init__(self, path, verify: bool = True):
         self._f = _core.DeltaFile.open(os.fspath(path))
@@ -88,6 +92,17 @@ class DeltaFile:
         return Encoded(codec, json.loads(params), tuple(shape), dtype, dict(comps), name)
 
     __getitem__ = get
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor `name` as the manifest states it (nothing is read)."""
+        return tuple(self.entry(name)[2])
+
+    def entry(self, name: str) -> tuple:
+        """(codec, params, shape, dtype) of tensor `name` from the manifest, nothing read."""
+        if name not in self._f:
+            raise KeyError(f"{self.path}: no tensor '{name}' in this delta file")
+        codec, params, shape, dtype = self._f.entry(name)
+        return codec, json.loads(params), tuple(shape), dtype
 
     def items(self):
         for k in self.keys():

@@ -21,8 +21,9 @@ class FineTune:
     Works with delta files made by `deltapack compress` (which record how every fine-tune tensor is
     rebuilt) and with plain delta files whose tensor names are base tensor names."""
 
-    def __init__(self, base, delta=None, alpha: float = 1.0, threads: int | None = None, force: bool = False):
-        self.base = models.Checkpoint(base)
+    def __init__(self, base, delta=None, alpha: float = 1.0, threads: int | None = None, force: bool = False,
+                 follow_links: bool = False):
+        self.base = models.Checkpoint(base, follow_links)
         self.config = self.base.config or {}
         self.alpha, self.threads = float(alpha), threads
         self.delta = files.open(delta) if delta is not None else None
@@ -35,7 +36,7 @@ class FineTune:
             for name in self.delta.keys():
                 if name not in self.base:
                     raise ValueError(f"{self.delta.path}: tensor '{name}' is not in the base {self.base.path}")
-                want, got = tuple(self.base[name].shape), tuple(self.delta.get(name, verify=False).shape)
+                want, got = tuple(self.base[name].shape), self.delta.shape(name)
                 if want != got:
                     raise ValueError(f"{self.delta.path}: tensor '{name}' has shape {list(got)}, the base "
                                      f"{self.base.path} has {list(want)}")

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from . import compress, files, models, reference, tensors
+from . import _core, compress, files, models, reference, tensors
 from .export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FLOATS, PEFT_PREFIX
 
 
@@ -31,19 +31,23 @@ def _pattern_value(patterns: dict, module: str, default, where: str):
     return default
 
 
-def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
+def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: bool = False,
+                follow_links: bool = False) -> dict:
     """Store a PEFT LoRA adapter (against `base`) as a delta file of `lowrank` deltas; returns a report.
 
     Each LoRA pair becomes u = scaling * B, v = A in the adapter's dtype (or `dtype`); saved modules and
     LoRA-layer biases become `dense` f32 deltas against the base. The adapter's config is kept in the
-    file's metadata so that `export_peft` writes the same tensors back."""
+    file's metadata so that `export_peft` writes the same tensors back. overwrite: replace an existing
+    deltapack file at `out`; follow_links: read the adapter's and BASE's files through links wherever they point."""
+    adapter_dir = os.fspath(adapter_dir)
     cfg_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     w_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.exists(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no adapter config (not a PEFT adapter directory?)")
-    if not os.path.exists(w_path):
+    if not os.path.lexists(w_path):
         raise FileNotFoundError(f"{w_path}: no adapter weights (only adapter_model.safetensors is read)")
-    cfg = models.read_json_object(cfg_path)
+    _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [os.fspath(base), adapter_dir], overwrite)
+    cfg = models.read_json_object(_core.resolve_in_model_dir(adapter_dir, ADAPTER_CONFIG, follow_links), cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for key, why in (("use_dora", "DoRA rescales the merged weight; not a low-rank delta"),
@@ -52,8 +56,8 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
             raise ValueError(f"{cfg_path}: {key} is set: {why}")
     if dtype is not None and dtype not in FLOATS:
         raise ValueError(f"dtype must be f32, f16 or bf16 (got {dtype!r})")
-    base_ck = models.Checkpoint(base)
-    ad = models.Checkpoint(w_path)
+    base_ck = models.Checkpoint(base, follow_links)
+    ad = models.Checkpoint(_core.resolve_in_model_dir(adapter_dir, ADAPTER_WEIGHTS, follow_links))
     pairs: dict[str, dict] = {}
     vectors: dict[str, str] = {}   # base tensor name -> adapter tensor name holding its new value
     ignored = []
@@ -139,5 +143,5 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None) -> dict:
               "removed": [], "ft_bytes": sum(i.nbytes for i in base_ck.tensors.values()), "files": {}}
     files.save(out, encs, metadata={"source": "peft", "adapter": os.path.abspath(adapter_dir), "peft": peft_meta,
                                    "checkpoint": record},
-              base=compress._fingerprint(base_ck, {}))
+              base=compress._fingerprint(base_ck, {}), overwrite=overwrite)
     return {"out": os.fspath(out), "tensors": report, "ignored": ignored}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -47,20 +48,28 @@ def _no_duplicates(where):
     return hook
 
 
-def read_json(path, object_pairs_hook=None):
-    """A JSON file from a model or adapter directory; FormatError naming it if it is not UTF-8 JSON."""
+_MAX_JSON_FILE = 64 << 20  # bytes: a config or index of a model is far smaller
+
+
+def read_json(path, object_pairs_hook=None, name=None):
+    """A JSON file from a model or adapter directory (read from `path`; `name`, default `path`, in messages): a
+    regular file of at most 64 MiB, UTF-8 JSON, else a FormatError naming it."""
+    name = name or path
+    st = os.stat(path)  # before opening: a FIFO would block open()
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_JSON_FILE:
+        raise files.FormatError(f"{name}: not a regular file of at most {_MAX_JSON_FILE >> 20} MiB")
     with open(path, "rb") as fh:
         try:
             return json.loads(fh.read().decode("utf-8"), object_pairs_hook=object_pairs_hook)
-        except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-            raise files.FormatError(f"{path}: not valid JSON ({ex})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as ex:
+            raise files.FormatError(f"{name}: not valid JSON ({ex})") from None
 
 
-def read_json_object(path) -> dict:
+def read_json_object(path, name=None) -> dict:
     """read_json of a file that must hold a JSON object (config.json, adapter_config.json)."""
-    value = read_json(path)
+    value = read_json(path, name=name)
     if not isinstance(value, dict):
-        raise files.FormatError(f"{path}: not a JSON object")
+        raise files.FormatError(f"{name or path}: not a JSON object")
     return value
 
 
@@ -94,11 +103,15 @@ class TensorInfo:
 
 class Checkpoint:
     """A model: a directory (model.safetensors, or shards + model.safetensors.index.json) or one
-    .safetensors file. Lists tensors (in shard and data order) and reads them one at a time."""
+    .safetensors file. Lists tensors (in shard and data order) and reads them one at a time.
 
-    def __init__(self, path):
+    follow_links: read the directory's files through symbolic links wherever they point; by default a link is
+    followed only inside the directory or into a Hugging Face cache's blobs/ (deltapack.h, resolve_in_model_dir)."""
+
+    def __init__(self, path, follow_links: bool = False):
         self.path = os.fspath(path)
-        self._files = _core.ModelFiles.open(self.path)  # headers, index and config.json, checked in C++
+        self.follow_links = follow_links
+        self._files = _core.ModelFiles.open(self.path, follow_links)  # headers, index, config.json: checked in C++
         self.dir = self.path if self._files.is_directory else None
         self.shards = list(self._files.shards)
         index_meta = json.loads(self._files.index_metadata)
@@ -154,8 +167,8 @@ def _crc32c(arr, crc=0) -> int:
     return _core.crc32c(np.ascontiguousarray(arr).reshape(-1).view(np.uint8), crc)
 
 
-def _as_checkpoint(x):
-    return x if isinstance(x, Checkpoint) else Checkpoint(x)
+def _as_checkpoint(x, follow_links: bool = False):
+    return x if isinstance(x, Checkpoint) else Checkpoint(x, follow_links)
 
 
 def _as_delta(x):

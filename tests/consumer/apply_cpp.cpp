@@ -14,11 +14,12 @@ int main(int argc, char** argv) {
     try {
         auto base = deltapack::SafetensorsFile::open(argv[1]);
         auto delta = deltapack::DeltaFile::open(argv[2]);
-        const deltapack::ArrayRef& b = base->get(argv[3]);
-        deltapack::Array out = deltapack::Array::zeros(b.dtype, b.shape);
+        const deltapack::TensorInfo& t = base->info(argv[3]);
+        deltapack::Array out = deltapack::Array::zeros(t.dtype, t.shape);
+        base->read(argv[3], out.ref.data, t.nbytes);  // the base tensor, rebuilt in place
         deltapack::ApplyParams params = deltapack::apply_default_params();
         params.alpha = std::strtof(argv[5], nullptr);
-        deltapack::apply(delta->get(argv[3]), b, out.ref, params);
+        deltapack::apply(delta->get(argv[3]).ref, out.ref, out.ref, params);
         std::FILE* file = std::fopen(argv[4], "wb");
         if (!file || std::fwrite(out.ref.data, 1, out.ref.nbytes(), file) != out.ref.nbytes() || std::fclose(file) != 0)
             throw std::runtime_error(std::string("cannot write ") + argv[4]);

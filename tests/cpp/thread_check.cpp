@@ -49,8 +49,8 @@ int main() {
             pool.emplace_back([&, t] {
                 ApplyParams p = apply_default_params();
                 p.threads = 3;
-                EncodedRef r = t % 2 ? file->get("w", true) : ref;  // the shared file (CRC checked) or the arrays
-                apply(r, bin, ArrayRef{outs[t].data(), DType::F32, {rows, cols}}, p);
+                const DeltaTensor read = t % 2 ? file->get("w", true) : DeltaTensor{ref, nullptr};  // the shared file
+                apply(read.ref, bin, ArrayRef{outs[t].data(), DType::F32, {rows, cols}}, p);    // (CRC checked) or the arrays
             });
         for (auto& th : pool) th.join();
         for (auto& o : outs)

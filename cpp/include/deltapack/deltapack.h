@@ -148,6 +148,51 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 // different threads join in order.
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
+// ----------------------------------------------------------------------------------- paths
+
+// What deltapack reads from a model directory and where it writes (docs/SECURITY.md): one set of rules for
+// compress, apply, the exporters, deltapack-apply and the C API.
+
+constexpr uint64_t kMaxKeptFile = uint64_t(32) << 20;  // bytes: a larger non-weight file is not kept or copied
+constexpr size_t kMaxFileName = 255;                   // bytes (NAME_MAX)
+
+// Files that hold tensors (*.safetensors, *.bin, *.pt, *.pth, *.ckpt, *.h5, *.msgpack, *.gguf, *.onnx, *.pkl,
+// *.pickle, *.npy, *.npz, *.joblib; several are pickles, which run code when loaded) and their indexes
+// (*.index.json); case-insensitive. compress never keeps them, apply writes its own.
+bool is_weight_file(const std::string& name);
+// What is wrong with `name` as a kept file (a non-weight file of a fine-tune directory that a checkpoint delta
+// carries: config, tokenizer, ...), or "" if nothing: it must be one plain, visible file name of at most
+// kMaxFileName bytes without control characters, and not a weight or index file.
+std::string kept_file_problem(const std::string& name);
+
+// The path to open for entry `name` of model directory `dir`. A symbolic link is followed only where it resolves
+// inside `dir`, or into the blobs/ of the Hugging Face cache repository that `dir` is a snapshot of
+// (models--org--name/snapshots/<revision>/<name> -> ../../blobs/<hash>); anywhere else is a FormatError naming
+// the link and its target, unless follow_links.
+std::string resolve_in_model_dir(const std::string& dir, const std::string& name, bool follow_links = false);
+
+struct KeptFile {
+    std::string name, data;  // data: the contents (for a skipped file, why it was skipped)
+};
+// The kept files of model directory `dir`: its top-level regular files that kept_file_problem() accepts, of at
+// most kMaxKeptFile bytes each, sorted by name (links as resolve_in_model_dir allows). Larger ones go to
+// `skipped` with the reason.
+std::vector<KeptFile> read_kept_files(const std::string& dir, bool follow_links = false,
+                                      std::vector<KeptFile>* skipped = nullptr);
+
+// What a command writes, for check_output.
+enum class OutputKind : uint8_t { DeltaFile, SafetensorsFile, GgufFile, ModelDirectory, AdapterDirectory };
+const char* output_kind_name(OutputKind k);  // "a deltapack file", "a model directory", ...
+// Checks, before any work, that a command reading `inputs` may write `out`: it must not be an input, lie inside
+// one or hold one (std::invalid_argument); an existing `out` is replaced only with `overwrite`, never when it is
+// a symbolic link, and only when it looks like what the command writes (std::system_error EEXIST otherwise):
+// a file of that format (a deltapack file is a safetensors file with a deltapack manifest; a GGUF file starts
+// with "GGUF"), or a directory of regular files only: for ModelDirectory *.safetensors weights and config,
+// tokenizer or template files (*.json, *.txt, *.model, *.tiktoken, *.jinja), for AdapterDirectory
+// adapter_config.json and adapter_model.safetensors, plus any of `writes` (names this run writes).
+void check_output(const std::string& out, OutputKind kind, const std::vector<std::string>& inputs, bool overwrite,
+                  const std::vector<std::string>& writes = {});
+
 // ----------------------------------------------------------------------------------- files
 
 // Where one tensor of a safetensors file lives: dtype, shape and its byte range in the file.
@@ -161,13 +206,16 @@ struct TensorInfo {
 
 // Any safetensors file, checked before use by safetensors' own rules: a header of at most 10^8 bytes
 // inside the file, strict JSON, known dtypes in safetensors' spelling, shape * dtype size == byte span,
-// and arrays that tile the data section (no overlap, gap or trailing bytes).
-// open() maps the file read-only (get() returns views); read_header() reads only the header, and
-// read() copies tensors into caller memory with pread (no mapping keeps pages resident).
+// and arrays that tile the data section (no overlap, gap or trailing bytes). Nothing here maps files: a
+// mapped file truncated by another process kills its reader with SIGBUS.
+// open() reads only the header (pread) and keeps the file open: read() copies tensors into caller memory
+// with pread and throws FormatError naming the file if it ends early or was modified (its size or
+// modification time changed) since open(). load() reads the whole file into memory the object owns (later
+// changes to the file do not matter) and get() returns views into it; from_memory() checks caller bytes.
 class SafetensorsFile {
 public:
     static std::unique_ptr<SafetensorsFile> open(const std::string& path);
-    static std::unique_ptr<SafetensorsFile> read_header(const std::string& path);
+    static std::unique_ptr<SafetensorsFile> load(const std::string& path);
     // The same checks on bytes already in memory (not copied: they must outlive the object); `name`
     // stands for the path in error messages.
     static std::unique_ptr<SafetensorsFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
@@ -177,31 +225,32 @@ public:
     std::vector<std::string> keys() const;                      // in data-offset order
     bool contains(const std::string& name) const { return infos_.count(name) != 0; }
     const TensorInfo& info(const std::string& name) const;      // throws std::out_of_range
-    const ArrayRef& get(const std::string& name) const;         // mapped or in-memory files only
-    // Copies bytes [first_byte, first_byte + nbytes) of tensor `name` into `out` (pread; FormatError if
-    // the range leaves the tensor or the file ends early, naming the file).
+    bool in_memory() const { return data_ != nullptr; }
+    const ArrayRef& get(const std::string& name) const;         // in-memory files only (load, from_memory)
+    // Copies bytes [first_byte, first_byte + nbytes) of tensor `name` into `out` (FormatError if the range
+    // leaves the tensor, or the file ends early or changed since it was opened, naming the file). Safe from
+    // several threads at once.
     void read(const std::string& name, void* out, uint64_t nbytes, uint64_t first_byte = 0) const;
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
-    // A mapped file: lets the kernel drop the pages of tensor `name` (read again from the file if touched),
-    // so a long pass over a big file keeps its resident memory flat. No-op otherwise.
-    void drop_pages(const std::string& name) const;
 
 private:
     friend class DeltaFile;  // checks its manifest before the layout: a manifest error says more
     SafetensorsFile() = default;
-    static std::unique_ptr<SafetensorsFile> map(const std::string& path, bool in_memory = false);
+    static std::unique_ptr<SafetensorsFile> start(const std::string& path, bool in_memory);
     static std::unique_ptr<SafetensorsFile> wrap(const std::string& name, const uint8_t* data, size_t size);
     void parse(const uint8_t* header, uint64_t header_len, uint64_t file_size);
     void check_layout() const;  // the arrays tile the data section (found by parse, reported here)
+    void check_unchanged(const std::string& name) const;  // FormatError naming the tensor read
     std::string path_, layout_problem_;
     std::map<std::string, TensorInfo> infos_;
     std::map<std::string, ArrayRef> arrays_;  // views, when the bytes are in memory
     std::vector<std::string> order_;
     std::map<std::string, std::string> metadata_;
-    const uint8_t* map_ = nullptr;
-    size_t size_ = 0;
-    bool mapped_ = false;
-    std::vector<uint8_t> owned_;  // the bytes, when read into memory
+    const uint8_t* data_ = nullptr;  // the whole file, when in memory
+    std::vector<uint8_t> owned_;     // ... read by load()
+    int fd_ = -1;                    // open(): read with pread
+    uint64_t size_ = 0;
+    int64_t mtime_ns_ = 0;           // open(): when it was last modified, as open() saw it
 };
 
 // An output file that appears under its final name only when commit() succeeds: an unnamed
@@ -210,7 +259,8 @@ private:
 // commit: nothing remains. Write errors name the path and say "disk full" where that is the cause.
 class AtomicFile {
 public:
-    explicit AtomicFile(const std::string& path);
+    // replace: commit() may replace an existing file at `path`; otherwise it fails (EEXIST) and leaves it alone.
+    explicit AtomicFile(const std::string& path, bool replace = true);
     ~AtomicFile();
     AtomicFile(const AtomicFile&) = delete;
     AtomicFile& operator=(const AtomicFile&) = delete;
@@ -223,6 +273,9 @@ public:
     void start_writeback();  // begin writing what was written so far to disk (no wait)
     const std::string& path() const { return path_; }
     uint64_t size() const { return written_; }
+    // A path that opens this same, not yet committed file, for a library that only writes by path:
+    // /proc/self/fd/N for an unnamed file, else the temporary name (created with O_EXCL by this object).
+    std::string reopen_path() const;
     // An unnamed scratch file in `dir` (O_TMPFILE, or a created and at once unlinked file): its
     // descriptor, which the caller closes.
     static int scratch(const std::string& dir);
@@ -231,12 +284,15 @@ private:
     std::string path_, dir_, tmpname_;
     int fd_ = -1;
     uint64_t written_ = 0;
+    bool replace_ = true;
 };
 
 // An output directory built under a hidden temporary name beside it, ".<name>.deltapack-tmp-<pid>-<hex>",
-// and renamed into place when commit() succeeds. Temporaries of killed runs (their process gone) are
-// removed when the next one starts. Replacing a directory moves the old one aside first, so a kill
-// between the two renames leaves neither under the name, never a mix. Not committed: removed.
+// and renamed into place when commit() succeeds. Temporaries of killed runs (their process gone; real
+// directories of this user holding regular files only) are removed when the next one starts. Replacing
+// (overwrite) moves the old output aside first, so a kill between the two renames leaves neither under the
+// name, never a mix; without overwrite, commit() never replaces what appeared meanwhile. Not committed: removed.
+// Whether an existing output may be replaced at all is check_output's to say, before any work.
 class AtomicDir {
 public:
     AtomicDir(const std::string& path, bool overwrite = false);  // EEXIST if it exists and !overwrite
@@ -250,6 +306,7 @@ public:
 
 private:
     std::string path_, tmp_;
+    bool overwrite_ = false;
 };
 
 // Writes a safetensors file: the header first (every name, dtype and shape is declared up front), then
@@ -260,7 +317,8 @@ private:
 class SafetensorsWriter {
 public:
     SafetensorsWriter(const std::string& path, const std::vector<TensorInfo>& tensors,
-                      const std::map<std::string, std::string>& metadata = {}, bool durable = true);
+                      const std::map<std::string, std::string>& metadata = {}, bool durable = true,
+                      bool replace = true);  // replace: as AtomicFile's
     void write(const std::string& name, const void* data, uint64_t nbytes);  // whole tensors, declared order
     // Bytes [first_byte, first_byte + nbytes) of tensor `name`, in any order and from several threads at
     // once (pwrite); finish() checks that every tensor got all its bytes (by count: pieces must not overlap).
@@ -285,7 +343,8 @@ private:
 // a time into caller memory. Missing files are std::system_error (ENOENT), bad contents FormatError.
 class ModelFiles {
 public:
-    static std::unique_ptr<ModelFiles> open(const std::string& path);
+    // follow_links: read files of a directory through symbolic links wherever they point (resolve_in_model_dir).
+    static std::unique_ptr<ModelFiles> open(const std::string& path, bool follow_links = false);
     ModelFiles(const ModelFiles&) = delete;
     ModelFiles& operator=(const ModelFiles&) = delete;
 
@@ -305,7 +364,7 @@ public:
 
 private:
     ModelFiles() = default;
-    void read_index(const std::string& index);
+    void read_index(const std::string& index, const std::string& file);
     std::string path_, index_metadata_ = "null", config_;
     bool is_dir_ = false, has_index_ = false;
     std::vector<std::string> shards_, order_;
@@ -318,12 +377,22 @@ private:
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, ArrayRef>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// A delta file opened read-only and memory-mapped. Everything is checked before use: header
-// length, JSON, dtypes, offsets in bounds and non-overlapping, manifest entries, component sizes.
+// One tensor of a delta file as read: its encoded view, and the memory that holds the components (read from
+// the file for this tensor; none for a file held in memory, whose bytes live as long as the DeltaFile). Keep it
+// while `ref` is in use.
+struct DeltaTensor {
+    EncodedRef ref;
+    std::shared_ptr<void> bytes;
+};
+
+// A delta file opened read-only. Everything is checked before use: header length, JSON, dtypes, offsets in
+// bounds and non-overlapping, manifest entries, component sizes, and the fields deltapack reads from its metadata
+// (a checkpoint record, the base fingerprint: docs/FORMAT.md §7).
 class DeltaFile {
 public:
-    // in_memory: the file is read at once into memory the object owns (later changes to the file do not
-    // matter); otherwise it is mapped.
+    // The header is read at once and the file kept open; each tensor's components are read with pread when it
+    // is asked for (a file truncated or changed meanwhile is a FormatError, never a crash). in_memory: the whole
+    // file is read into memory the object owns (later changes to the file do not matter).
     static std::unique_ptr<DeltaFile> open(const std::string& path, bool in_memory = false);
     static std::unique_ptr<DeltaFile> from_memory(const std::string& name, const uint8_t* data, size_t size);
     ~DeltaFile();
@@ -331,17 +400,20 @@ public:
     const std::string& path() const { return path_; }
     std::vector<std::string> keys() const;       // delta tensor names, in file order
     bool contains(const std::string& name) const;
-    // The encoded tensor (views into the mapping, valid while this DeltaFile lives). With
-    // verify, the components' CRC-32C is checked first (FormatError on mismatch).
-    EncodedRef get(const std::string& name, bool verify = true) const;
+    // Tensor `name`, read and checked: with verify, the CRC-32C of its components and entry first (FormatError
+    // on mismatch); then its components against its codec (validate).
+    DeltaTensor get(const std::string& name, bool verify = true) const;
+    // Its manifest entry alone (codec, params, shape, dtype; no components), read from nothing.
+    EncodedRef entry(const std::string& name) const;
     const std::vector<int64_t>& shape(const std::string& name) const;  // as the manifest states it (no reading)
-    void drop_pages(const std::string& name) const;  // of its components (SafetensorsFile::drop_pages)
+    uint64_t stored_bytes(const std::string& name) const;              // its components' bytes in the file
     const std::string& manifest() const { return manifest_; }  // the JSON manifest text
 
 private:
     DeltaFile() = default;
     void read_manifest();
     struct Entry;
+    const Entry& entry_of(const std::string& name) const;
     std::string path_, manifest_;
     std::vector<std::string> order_;
     std::map<std::string, std::shared_ptr<Entry>> entries_;
@@ -354,7 +426,9 @@ private:
 // the manifest. Not closed (destroyed, aborted, or close() failed): nothing remains under `path`.
 class DeltaWriter {
 public:
-    explicit DeltaWriter(const std::string& path);
+    // overwrite: close() may replace an existing file at `path` (as the library's save() does); otherwise close()
+    // fails with EEXIST and leaves it alone.
+    explicit DeltaWriter(const std::string& path, bool overwrite = true);
     ~DeltaWriter();
     // Validates the tensor, checksums it (the CRC-32C of its components, then of its entry text) and
     // spills its components. Names must be new and non-empty (they may hold ':': a stored array's key
@@ -499,7 +573,8 @@ struct ApplyCheckpointOptions {
     float alpha = 1.0f;     // base + alpha * delta (1: the fine-tune; > 1 extrapolates, < 1 interpolates)
     std::string dtype;      // "f32", "f16" or "bf16" for every float tensor; empty: each tensor's own
     bool force = false;     // rebuild even from a base that differs from the delta's fingerprint
-    bool overwrite = false; // replace an existing output
+    bool overwrite = false; // replace an existing output (only an earlier output of apply: check_output)
+    bool follow_links = false;  // follow symbolic links in BASE wherever they point (resolve_in_model_dir)
     bool durable = true;    // fsync before the output appears (off: still atomic if killed, not on power loss)
     int threads = 0;
     std::function<void(uint64_t)> progress;  // called with the bytes of each tensor written
@@ -514,6 +589,8 @@ struct CheckpointOutput {
 // Rebuilds the fine-tune `delta` records over `base` and writes it to `out`, atomically: for a base
 // directory, a directory sharded like the base (index, kept config and tokenizer files, config.json's
 // dtype set when `dtype` is given), loadable by transformers; for a base file, one .safetensors file.
+// Before anything is written, `out` is checked with check_output (not BASE or the delta, not inside them, an
+// existing output replaced only with `overwrite` and only if it is one).
 CheckpointOutput apply_checkpoint(const std::string& base, const std::string& delta, const std::string& out,
                                   const ApplyCheckpointOptions& options = {});
 

@@ -13,6 +13,8 @@ import numpy as np
 
 import deltapack as dp
 
+from .args import add_follow_links, finite_float
+
 # Modules that add subcommands (each defines register(subparsers)); kept in one list here.
 PLUGIN_MODULES: list[str] = ["deltapack.cli.export", "deltapack.cli.analyze"]
 
@@ -188,7 +190,8 @@ def cmd_compress(args) -> int:
     checkpoint._install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
                             min_size=args.min_size, metadata=_metadata_arg(args.metadata),
-                            threads=args.threads or None, quiet=args.quiet, force=args.force)
+                            threads=args.threads or None, quiet=args.quiet, force=args.force,
+                            overwrite=args.overwrite, follow_links=args.follow_links)
     if args.json:
         print(json.dumps(s, indent=1))
     elif not args.quiet:
@@ -210,7 +213,7 @@ def cmd_apply(args) -> int:
     checkpoint._install_sigterm()
     s = checkpoint.apply_checkpoint(args.base, args.delta, args.output, alpha=args.alpha, dtype=args.dtype,
                                     force=args.force, overwrite=args.overwrite, threads=args.threads or None,
-                                    quiet=args.quiet, fsync=not args.no_fsync)
+                                    quiet=args.quiet, fsync=not args.no_fsync, follow_links=args.follow_links)
     if not args.quiet:
         print(f"wrote {s['out']}: {s['tensors']} tensors, {s['bytes']:,} bytes")
     return 0
@@ -220,7 +223,7 @@ def cmd_verify(args) -> int:
     """Rebuild every tensor and compare with the real fine-tune; exit 3 past the thresholds."""
     from .. import checkpoint
     rows = checkpoint.verify(args.base, args.ft, args.delta, force=args.force, threads=args.threads or None,
-                             quiet=args.quiet)
+                             quiet=args.quiet, follow_links=args.follow_links)
     bad = [r for r in rows if r["rel_error"] > args.max_rel_error or r["delta_cosine"] < args.min_cosine]
     if args.json:
         print(json.dumps({"ok": not bad, "max_rel_error": args.max_rel_error, "min_cosine": args.min_cosine,
@@ -271,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(model.safetensors or shards + index.json) or single .safetensors files.")
     c.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
     c.add_argument("ft", metavar="FT", help="fine-tuned model directory or .safetensors file")
-    c.add_argument("-o", "--output", required=True, metavar="FILE", help="delta file to write")
+    c.add_argument("-o", "--output", required=True, metavar="FILE", help="delta file to write (not inside BASE or FT)")
+    c.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (only a deltapack file)")
     c.add_argument("--recipe", default=None, help="recipe or per-tensor rules 'pattern=recipe;...' for "
                    "matrices, e.g. '*.mlp.*=lowrank:rank=64;*=sign' (default: sign). 1-D and small tensors "
                    "are stored dense where they changed; unchanged tensors are not stored")
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="store FT even if it does not look like a fine-tune of "
                    "BASE (another architecture or size, most tensors new or reshaped, or matrices that changed "
                    "by as much as the weights)")
+    add_follow_links(c)
     c.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -301,11 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
     a.add_argument("delta", metavar="FILE", help="delta file made by `deltapack compress`")
     a.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (or file)")
-    a.add_argument("--alpha", type=float, default=1.0,
+    a.add_argument("--alpha", type=finite_float, default=1.0,
                    help="scale of the delta: 1 = the fine-tune, >1 extrapolates, <1 interpolates (default 1)")
     a.add_argument("--dtype", choices=["bf16", "f16", "f32"], help="output dtype (default: the fine-tune's)")
     a.add_argument("--force", action="store_true", help="apply even if BASE does not match the delta's base")
-    a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is an earlier output "
+                   "(a directory of weights and config/tokenizer files, or a .safetensors file)")
+    add_follow_links(a)
     a.add_argument("--no-fsync", action="store_true", help="do not flush the files to disk before renaming "
                    "OUT into place (still atomic if killed, not on power loss; faster on slow disks)")
     a.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
@@ -323,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-cosine", type=float, default=-1.0,
                    help="fail (exit 3) if a tensor's delta cosine is below this (default: off)")
     v.add_argument("--force", action="store_true", help="skip the base fingerprint check")
+    add_follow_links(v)
     v.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
@@ -353,6 +361,9 @@ def main(argv=None) -> int:
         return 1
     except (dp.FormatError, ValueError, OSError, KeyError) as ex:
         print(f"deltapack {args.command}: error: {ex}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"deltapack {args.command}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

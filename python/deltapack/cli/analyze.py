@@ -40,7 +40,8 @@ def register(sub) -> None:
     c.add_argument("ft", help="fine-tuned model directory (the teacher)")
     c.add_argument("delta", help="delta file made by `deltapack compress --recipe sign`")
     c.add_argument("--data", required=True, help="calibration data: JSONL of {\"input_ids\": [...]} or text")
-    c.add_argument("-o", "--output", required=True, help="delta file to write (may be DELTA itself)")
+    c.add_argument("-o", "--output", required=True, help="delta file to write (DELTA itself with --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only a deltapack file)")
     c.add_argument("--method", choices=["least-squares", "distill"], default="least-squares",
                    help="least-squares (every codec with scales, layer by layer; default) or distill (sign "
                         "scope=tensor, end to end)")
@@ -121,13 +122,14 @@ def _check_related(args) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .. import analysis, files
+    from .. import _core, analysis, files
 
+    _core.check_output(args.output, _core.OutputKind.DELTA_FILE, [args.base, args.ft], args.overwrite)
     _check_related(args)
     if args.method == "least-squares":
         from .. import calibration
         examples = load_examples(args.data, args.ft, args.max_examples)
-        r = calibration.calibrate_file(args.base, args.ft, args.delta, args.output, examples)
+        r = calibration.calibrate_file(args.base, args.ft, args.delta, args.output, examples, overwrite=args.overwrite)
         if args.json:
             print(json.dumps(r, indent=1))
         else:
@@ -138,8 +140,8 @@ def cmd_calibrate(args) -> int:
     f = files.open(args.delta)
     sign_tensors = set()
     for n in f.keys():
-        enc = f.get(n, verify=False)
-        if enc.codec == "sign" and enc.params["scope"] == "tensor":
+        codec, params, _, _ = f.entry(n)
+        if codec == "sign" and params["scope"] == "tensor":
             sign_tensors.add(n)
     if not sign_tensors:
         raise ValueError(f"{args.delta}: no sign (scope=tensor) tensors to calibrate")
@@ -147,7 +149,7 @@ def cmd_calibrate(args) -> int:
     scales = analysis.calibrate_scales(args.ft, args.base, examples, select=lambda n, p: n in sign_tensors,
                                        steps=args.steps, lr=args.lr)
     before = {n: float(f[n].components["scales"][0]) for n in scales}
-    updated = analysis.save_calibrated(args.delta, scales, args.output)
+    updated = analysis.save_calibrated(args.delta, scales, args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"output": args.output, "scales": {n: {"before": before[n], "after": scales[n]}
                                                             for n in updated}}, indent=1))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 
+from .args import add_follow_links, finite_float
+
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 
 
@@ -47,7 +49,8 @@ def cmd_gguf_lora(args) -> int:
     """A llama.cpp LoRA adapter (GGUF): lowrank deltas as they are, other deltas by SVD at --rank."""
     m = _module("export_gguf", "gguf")
     rep = m.export_gguf_lora(args.base, args.file, args.output, rank=args.rank, outtype=args.outtype,
-                             alpha=args.alpha, quiet=args.json, force=args.force)
+                             alpha=args.alpha, quiet=args.json, force=args.force, overwrite=args.overwrite,
+                             follow_links=args.follow_links)
     return _print(rep, args.json, _lora_summary(rep, f"llama.cpp adapter for {rep['arch']}, alpha {rep['alpha']:g}"))
 
 
@@ -55,7 +58,8 @@ def cmd_gguf(args) -> int:
     """A complete GGUF model: base + alpha * delta (any codec), or the base alone when FILE is omitted."""
     m = _module("export_gguf", "gguf")
     rep = m.export_gguf_model(args.base, args.file, args.output, outtype=args.outtype, alpha=args.alpha,
-                              quiet=args.json, force=args.force)
+                              quiet=args.json, force=args.force, overwrite=args.overwrite,
+                              follow_links=args.follow_links)
     return _print(rep, args.json, f"wrote {rep['out']}: {rep['arch']} model, {rep['tensors']} tensors, "
                                   f"{rep['outtype']}, vocabulary from {rep['vocab']}")
 
@@ -68,14 +72,15 @@ def cmd_peft(args) -> int:
     except ImportError:
         raise ValueError("export peft needs torch; pip install torch") from None
     rep = m.export_peft(args.base, args.file, args.output, rank=args.rank, alpha=args.alpha, dtype=args.dtype,
-                        force=args.force)
+                        force=args.force, overwrite=args.overwrite, follow_links=args.follow_links)
     return _print(rep, args.json, _lora_summary(rep, f"PEFT adapter, r={rep['r']}, lora_alpha={rep['lora_alpha']}"))
 
 
 def cmd_import_peft(args) -> int:
     """A PEFT LoRA adapter as a delta file of lowrank deltas (saved modules and biases as dense deltas)."""
     m = _module("import_peft", "numpy")
-    rep = m.import_peft(args.base, args.adapter, args.output, dtype=args.dtype)
+    rep = m.import_peft(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                        follow_links=args.follow_links)
     n_lr = sum("rank" in t for t in rep["tensors"])
     return _print(rep, args.json, f"wrote {rep['out']}: {n_lr} lowrank deltas, "
                                   f"{len(rep['tensors']) - n_lr} dense deltas")
@@ -87,28 +92,32 @@ def register(sub) -> None:
                                      "LoRA adapter.")
     esub = exp.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
 
-    def common(p, file_help, optional_file=False, rank=False, outtype=False):
+    def common(p, file_help, optional_file=False, rank=False, outtype=False, output="a file"):
         p.add_argument("base", help="base model: Hugging Face directory (config.json + safetensors)")
         p.add_argument("file", nargs="?" if optional_file else None, default=None, help=file_help)
-        p.add_argument("-o", "--output", required=True, help="output path")
+        p.add_argument("-o", "--output", required=True, help="output path (not inside BASE)")
+        p.add_argument("--overwrite", action="store_true", help=f"replace the output if it exists ({output} this "
+                       "command writes, nothing else)")
+        add_follow_links(p)
         if rank:
             p.add_argument("--rank", type=int, default=16, help="rank for deltas not stored low-rank (default 16)")
         if outtype:
             p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="tensor type (default f32)")
-        p.add_argument("--alpha", type=float, default=1.0, help="delta scale: base + alpha * delta (default 1)")
+        p.add_argument("--alpha", type=finite_float, default=1.0, help="delta scale: base + alpha * delta (default 1)")
         p.add_argument("--force", action="store_true", help="skip the check that BASE is the delta's base")
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
     g = esub.add_parser("gguf-lora", help="llama.cpp LoRA adapter", description=cmd_gguf_lora.__doc__)
-    common(g, "delta file", rank=True, outtype=True)
+    common(g, "delta file", rank=True, outtype=True, output="a GGUF file")
     g.set_defaults(fn=cmd_gguf_lora)
 
     m = esub.add_parser("gguf", help="complete GGUF model (base + delta, or the base)", description=cmd_gguf.__doc__)
-    common(m, "delta file (omit to export the base)", optional_file=True, outtype=True)
+    common(m, "delta file (omit to export the base)", optional_file=True, outtype=True, output="a GGUF file")
     m.set_defaults(fn=cmd_gguf)
 
     p = esub.add_parser("peft", help="PEFT LoRA adapter directory", description=cmd_peft.__doc__)
-    common(p, "delta file", rank=True)
+    common(p, "delta file", rank=True, output="an adapter directory of adapter_config.json and "
+           "adapter_model.safetensors")
     p.add_argument("--dtype", choices=["auto", "f32", "f16", "bf16"], default="auto",
                    help="factor dtype (auto: as stored; SVD factors f32)")
     p.set_defaults(fn=cmd_peft)
@@ -120,6 +129,8 @@ def register(sub) -> None:
     ip.add_argument("base", help="base model directory the adapter was trained on")
     ip.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     ip.add_argument("-o", "--output", required=True, help="delta file to write")
+    ip.add_argument("--overwrite", action="store_true", help="replace the output if it exists (only a deltapack file)")
+    add_follow_links(ip)
     ip.add_argument("--dtype", choices=["f32", "f16", "bf16"], default=None,
                     help="factor dtype (default: the adapter's)")
     ip.add_argument("--json", action="store_true", help="machine-readable report")

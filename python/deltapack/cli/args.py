@@ -1,0 +1,22 @@
+"""Argument types and options shared by the subcommands."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (--alpha nan, inf or garbage is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def add_follow_links(p) -> None:
+    p.add_argument("--follow-links", action="store_true", help="read files of model directories through symbolic "
+                   "links wherever they point (default: only links inside the directory or into a Hugging Face "
+                   "cache's blobs/)")

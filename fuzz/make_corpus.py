@@ -1,7 +1,8 @@
 """Writes the fuzzers' seed corpus: one small valid delta file per codec, variant and dtype
 (fuzz/corpus/delta_file), every codec's canonical parameters (fuzz/corpus/params), recipe and edit rules
-(fuzz/corpus/recipes), a LoRA adapter for fuzz_python.py's tiny base (fuzz/corpus/peft) and a two-shard
-model directory (fuzz/corpus/checkpoint).
+(fuzz/corpus/recipes), a LoRA adapter for fuzz_python.py's tiny base (fuzz/corpus/peft), a two-shard
+model directory (fuzz/corpus/checkpoint) and checkpoint deltas over record_models' base (fuzz/corpus/record:
+resized, tied, added, removed and kept, for the record fuzzers).
 
     python fuzz/make_corpus.py
 """
@@ -46,6 +47,47 @@ def main():
             f.write(text)
     _peft_seed(os.path.join(HERE, "corpus", "peft"), rng)
     _checkpoint_seed(os.path.join(HERE, "corpus", "checkpoint"), rng)
+    _record_seed(os.path.join(HERE, "corpus", "record"))
+
+
+def record_models(out):
+    """A tiny base and fine-tune (BASE, FT directories under `out`) whose checkpoint delta uses every op of the
+    record: the embedding resized (new rows), lm_head untied from it, a matrix changed, a norm changed, a tensor
+    added and one removed, a kept file. Deterministic: fuzz_python.py's record target rebuilds over this base."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(7)
+    f32 = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    base = {"model.embed_tokens.weight": f32(16, 8), "model.layers.0.mlp.up_proj.weight": f32(8, 8),
+            "model.norm.weight": np.ones(8, np.float32), "model.layers.0.old.weight": f32(4, 8)}
+    ft = {"model.embed_tokens.weight": np.concatenate([base["model.embed_tokens.weight"] + f32(16, 8) * 0.01, f32(4, 8)]),
+          "lm_head.weight": base["model.embed_tokens.weight"] + f32(16, 8) * 0.01,
+          "model.layers.0.mlp.up_proj.weight": base["model.layers.0.mlp.up_proj.weight"] + f32(8, 8) * 0.01,
+          "model.norm.weight": np.ones(8, np.float32) + f32(8) * 0.01, "model.layers.0.new.weight": f32(2, 8)}
+    dirs = []
+    for name, tensors, tie in (("base", base, True), ("ft", ft, False)):
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        save_file(tensors, os.path.join(d, "model.safetensors"))
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": tie,
+                       "hidden_size": 8, "num_hidden_layers": 1}, f)
+        dirs.append(d)
+    with open(os.path.join(dirs[1], "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 64}, f)
+    return dirs
+
+
+def _record_seed(out):
+    """Checkpoint deltas of record_models' pair: sign everywhere, and low rank for matrices."""
+    import tempfile
+
+    from deltapack import checkpoint
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, ft = record_models(tmp)
+        for name, recipe in (("sign", "sign"), ("lowrank", "*.mlp.*=lowrank:rank=2;*=sign")):
+            checkpoint.compress(base, ft, os.path.join(out, f"{name}.dpk"), recipe, min_size=1, force=True,
+                                overwrite=True)
 
 
 def _checkpoint_seed(out, rng):

@@ -9,13 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-600}
 shift || true
-TARGETS=" ${*:-delta_file params recipes peft checkpoint kernels threads} "
+TARGETS=" ${*:-delta_file params record recipes peft checkpoint python_record kernels threads} "
 BUILD=build-fuzz
 LIMITS=(-rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -seed="${FUZZ_SEED:-0}")  # seed 0: random
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_FUZZ=ON >/dev/null
-cmake --build "$BUILD" --target fuzz_delta_file fuzz_params kernel_check_sanitized >/dev/null
+cmake --build "$BUILD" --target fuzz_delta_file fuzz_params fuzz_record kernel_check_sanitized >/dev/null
 mkdir -p "$BUILD/findings"
-for target in delta_file params; do
+for target in delta_file params record; do
   [[ $TARGETS == *" $target "* ]] || continue
   work="$BUILD/corpus-$target"
   mkdir -p "$work" && cp -n fuzz/corpus/$target/* "$work/"
@@ -25,11 +25,11 @@ for target in delta_file params; do
   echo "fuzz_$target: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$BUILD/$target.log" | grep -o '[0-9]*$') runs," \
        "$(grep -oE 'cov: [0-9]+' "$BUILD/$target.log" | tail -1), no findings"
 done
-for target in recipes peft checkpoint; do
+for target in recipes peft checkpoint python_record; do
   [[ $TARGETS == *" $target "* ]] || continue
   work="$BUILD/corpus-$target"
-  mkdir -p "$work" && cp -n fuzz/corpus/$target/* "$work/"
-  python fuzz/fuzz_python.py "$target" "$work" -max_total_time="$SECONDS_PER_TARGET" "${LIMITS[@]}" \
+  mkdir -p "$work" && cp -n fuzz/corpus/${target#python_}/* "$work/"
+  python fuzz/fuzz_python.py "${target#python_}" "$work" -max_total_time="$SECONDS_PER_TARGET" "${LIMITS[@]}" \
     -artifact_prefix="$BUILD/findings/$target-" -print_final_stats=1 >"$BUILD/$target.log" 2>&1 ||
     { tail -40 "$BUILD/$target.log"; exit 1; }
   echo "fuzz_python $target: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$BUILD/$target.log" | grep -o '[0-9]*$') runs," \

@@ -998,3 +998,196 @@ def test_sparse_row_width_lie_does_not_allocate(files, tmp_path):
     print(f"\nchild peak RSS {got['peak'] >> 20} MiB (after imports {got['before'] >> 20} MiB): {got['out']}")
     assert got["out"][str(path)].startswith("FormatError"), got["out"]
     assert got["peak"] < PEAK_LIMIT
+
+
+# ------------------------------------------------------------------------------ the record and the metadata
+#
+# What deltapack reads from a manifest beyond its tensors (docs/FORMAT.md §7): the checkpoint record, the base
+# fingerprint, the budget, PEFT and calibration records. Every field of a valid checkpoint delta that uses every op
+# is given a value of each wrong type (and, for required fields, removed): opening the file must give a FormatError
+# naming the file and the field, and `deltapack info` must print that error (exit 1), not a traceback. The
+# checksums stay valid: the metadata is not covered by the tensors' CRCs, as an attacker would use it.
+
+def _record_file(tmp_path):
+    """A checkpoint delta (made by hand, no base needed): a delta, a resized tensor with new rows, an added tensor,
+    an unchanged one, lm_head from the embedding, a removed tensor, kept files, and budget, PEFT and calibration
+    records; all valid."""
+    emb = "model.embed_tokens.weight"
+    tensors = {"w": dp.encode(make_delta((8, 8), "f32", seed=1), "sign"),
+               emb: dp.encode(make_delta((16, 8), "f32", seed=2), "sign"),
+               emb + "#new_rows": dp.encode(make_delta((4, 8), "f32", seed=3), "dense", dtype="bf16"),
+               "added": dp.encode(make_delta((2, 8), "f32", seed=4), "dense"),
+               "lm_head.weight": dp.encode(make_delta((16, 8), "f32", seed=5), "sign")}
+    record = {"version": 1, "removed": ["old"], "ft_bytes": 1234,
+              "tensors": {"w": {"op": "delta", "dtype": "F32", "shape": [8, 8]},
+                          emb: {"op": "resized", "dtype": "BF16", "shape": [20, 8], "base_shape": [16, 8],
+                                "new_rows": emb + "#new_rows"},
+                          "added": {"op": "new", "dtype": "F32", "shape": [2, 8]},
+                          "norm": {"op": "same", "dtype": "F32", "shape": [8]},
+                          "lm_head.weight": {"op": "delta", "dtype": "BF16", "shape": [16, 8], "source": emb}},
+              "files": {"config.json": {"text": "{}"}, "tokenizer.model": {"base64": "AAEC"}}}
+    fingerprint = {"fingerprint": "crc32c", "config": {"model_type": "llama"},
+                   "tensors": {"w": {"dtype": "F32", "shape": [8, 8], "crc32c": "0a1b2c3d"},
+                               emb: {"dtype": "BF16", "shape": [16, 8]}, "norm": {"dtype": "F32", "shape": [8]},
+                               "old": {"dtype": "F32", "shape": [3]}}}
+    metadata = {"checkpoint": record,
+                "budget": {"bits_per_param": 1.0, "proxy": "data-free", "predicted_error": 0.1, "tensors": {"w": 0.2},
+                           "data": {"examples": 3, "refit": "least-squares",
+                                    "scores": {"data-free": {"agreement": 0.9, "kl": 0.01}}}},
+                "peft": {"r": 2, "lora_alpha": 4, "use_rslora": False,
+                         "modules": {"w": {"scaling": 1.0, "alpha": 2, "rank": 2}}},
+                "calibration": {"method": "least-squares", "examples": 3, "tensors": 1}}
+    path = tmp_path / "record.dpk"
+    dp.save(path, tensors, metadata=metadata, base=fingerprint)
+    return path
+
+
+_EMB = '"model.embed_tokens.weight"'
+# (case, where in the manifest, what to put there (_DROP: remove it), the field the message must name)
+_DROP = object()
+RECORD_CASES = [
+    ("record not an object", ("metadata", "checkpoint"), [1], "metadata.checkpoint"),
+    ("version a string", ("metadata", "checkpoint", "version"), "1", "metadata.checkpoint.version"),
+    ("version missing", ("metadata", "checkpoint", "version"), _DROP, "metadata.checkpoint.version"),
+    ("tensors a list", ("metadata", "checkpoint", "tensors"), [], "metadata.checkpoint.tensors"),
+    ("tensors missing", ("metadata", "checkpoint", "tensors"), _DROP, "metadata.checkpoint.tensors"),
+    ("tensor entry a string", ("metadata", "checkpoint", "tensors", "w"), "delta", 'tensors["w"]'),
+    ("op a number", ("metadata", "checkpoint", "tensors", "w", "op"), 1, 'tensors["w"].op'),
+    ("op unknown", ("metadata", "checkpoint", "tensors", "w", "op"), "copy", 'tensors["w"].op'),
+    ("op missing", ("metadata", "checkpoint", "tensors", "w", "op"), _DROP, 'tensors["w"].op'),
+    ("dtype unknown", ("metadata", "checkpoint", "tensors", "w", "dtype"), "Q4_K", 'tensors["w"].dtype'),
+    ("dtype lowercase", ("metadata", "checkpoint", "tensors", "w", "dtype"), "f32", 'tensors["w"].dtype'),
+    ("dtype missing", ("metadata", "checkpoint", "tensors", "w", "dtype"), _DROP, 'tensors["w"].dtype'),
+    ("shape a string", ("metadata", "checkpoint", "tensors", "w", "shape"), "64", 'tensors["w"].shape'),
+    ("shape negative", ("metadata", "checkpoint", "tensors", "w", "shape"), [-1, 8], 'tensors["w"].shape'),
+    ("shape fractional", ("metadata", "checkpoint", "tensors", "w", "shape"), [8.5, 8], 'tensors["w"].shape'),
+    ("shape huge", ("metadata", "checkpoint", "tensors", "w", "shape"), [1 << 40, 1 << 40], 'tensors["w"].shape'),
+    ("shape missing", ("metadata", "checkpoint", "tensors", "w", "shape"), _DROP, 'tensors["w"].shape'),
+    ("source a list", ("metadata", "checkpoint", "tensors", "lm_head.weight", "source"), ["x"],
+     'tensors["lm_head.weight"].source'),
+    ("base_shape a string", ("metadata", "checkpoint", "tensors", "model.embed_tokens.weight", "base_shape"), "16",
+     f"tensors[{_EMB}].base_shape"),
+    ("base_shape missing", ("metadata", "checkpoint", "tensors", "model.embed_tokens.weight", "base_shape"), _DROP,
+     f"tensors[{_EMB}].base_shape"),
+    ("new_rows a number", ("metadata", "checkpoint", "tensors", "model.embed_tokens.weight", "new_rows"), 3,
+     f"tensors[{_EMB}].new_rows"),
+    ("removed a string", ("metadata", "checkpoint", "removed"), "old", "metadata.checkpoint.removed"),
+    ("removed holds a number", ("metadata", "checkpoint", "removed"), [5], "metadata.checkpoint.removed[0]"),
+    ("ft_bytes a string", ("metadata", "checkpoint", "ft_bytes"), "1234", "metadata.checkpoint.ft_bytes"),
+    ("ft_bytes negative", ("metadata", "checkpoint", "ft_bytes"), -1, "metadata.checkpoint.ft_bytes"),
+    ("files a number", ("metadata", "checkpoint", "files"), 5, "metadata.checkpoint.files"),
+    ("kept file a string", ("metadata", "checkpoint", "files", "config.json"), "{}", 'files["config.json"]'),
+    ("kept text a number", ("metadata", "checkpoint", "files", "config.json"), {"text": 5}, 'files["config.json"].text'),
+    ("kept file both forms", ("metadata", "checkpoint", "files", "config.json"), {"text": "", "base64": ""},
+     'files["config.json"]'),
+    ("kept file bad base64", ("metadata", "checkpoint", "files", "tokenizer.model"), {"base64": "A!=="},
+     'files["tokenizer.model"].base64'),
+    ("base a string", ("base",), "abc", "base"),
+    ("fingerprint tensors a list", ("base", "tensors"), [], "base.tensors"),
+    ("fingerprint entry a string", ("base", "tensors", "w"), "F32", 'base.tensors["w"]'),
+    ("fingerprint dtype a number", ("base", "tensors", "w", "dtype"), 4, 'base.tensors["w"].dtype'),
+    ("fingerprint shape a string", ("base", "tensors", "w", "shape"), "[8, 8]", 'base.tensors["w"].shape'),
+    ("fingerprint crc not hex", ("base", "tensors", "w", "crc32c"), "xyzxyzxy", 'base.tensors["w"].crc32c'),
+    ("fingerprint config a list", ("base", "config"), [], "base.config"),
+    ("tool a number", ("tool",), 5, "tool"),
+    ("budget a string", ("metadata", "budget"), "1.0", "metadata.budget"),
+    ("budget bits a string", ("metadata", "budget", "bits_per_param"), "1.0", "metadata.budget.bits_per_param"),
+    ("budget per tensor a string", ("metadata", "budget", "tensors", "w"), "x", 'metadata.budget.tensors["w"]'),
+    ("budget examples a string", ("metadata", "budget", "data", "examples"), "3", "metadata.budget.data.examples"),
+    ("budget score a string", ("metadata", "budget", "data", "scores", "data-free", "kl"), "0",
+     'scores["data-free"]["kl"]'),
+    ("peft modules a list", ("metadata", "peft", "modules"), [], "metadata.peft.modules"),
+    ("peft scaling a string", ("metadata", "peft", "modules", "w", "scaling"), "1", 'modules["w"].scaling'),
+    ("peft rank zero", ("metadata", "peft", "modules", "w", "rank"), 0, 'modules["w"].rank'),
+    ("peft rslora a string", ("metadata", "peft", "use_rslora"), "no", "metadata.peft.use_rslora"),
+    ("calibration examples a string", ("metadata", "calibration", "examples"), "3", "metadata.calibration.examples"),
+]
+
+
+def _edit_at(man, where, value):
+    node = man
+    for key in where[:-1]:
+        node = node[key]
+    if value is _DROP:
+        del node[where[-1]]
+    else:
+        node[where[-1]] = value
+
+
+@pytest.mark.parametrize("case,where,value,field", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_record_field_of_wrong_type(tmp_path, case, where, value, field):
+    import contextlib
+    import io
+
+    from deltapack import cli
+    valid = _record_file(tmp_path)
+    dp.open(valid)  # the untouched file opens
+    bad = tmp_path / "bad.dpk"
+    header, data = read_raw(valid)
+    man = json.loads(header["__metadata__"]["deltapack"])
+    _edit_at(man, where, value)
+    header["__metadata__"]["deltapack"] = json.dumps(man)
+    write_raw(bad, header, data)
+    with pytest.raises(dp.FormatError) as ex:
+        dp.open(bad)
+    assert "bad.dpk" in str(ex.value) and field in str(ex.value), str(ex.value)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["info", str(bad)]) == 1
+    assert "bad.dpk" in err.getvalue() and field in err.getvalue(), err.getvalue()
+    if where != ("tool",):  # the writer will not write it either (`tool` it always writes itself)
+        with pytest.raises(ValueError, match="refused before writing"):
+            dp.save(tmp_path / "again.dpk", {"w": dp.encode(make_delta((8, 8), "f32"), "sign")},
+                    metadata=man.get("metadata"), base=man.get("base"))
+        assert not (tmp_path / "again.dpk").exists()
+
+
+def test_record_of_every_op_is_accepted_without_a_base(tmp_path):
+    """The valid file of the matrix above: the record's semantics hold without a base (CheckpointDelta over none)."""
+    path = _record_file(tmp_path)
+    c = dp._core.CheckpointDelta(None, str(path))
+    ops = {name: op for name, op, *_ in c.tensors()}
+    assert ops == {"w": "delta", "model.embed_tokens.weight": "resized", "added": "new", "norm": "same",
+                   "lm_head.weight": "delta"}
+
+
+def _lowrank_1bit(rows, cols):
+    """A rank-1 lowrank tensor of 1-bit factors: a bit per row and column (FORMAT.md §4.4), rows x cols decoded."""
+    return dp.Encoded("lowrank", {"rank": 1, "bits": "1", "bands": "1", "group": 64}, (rows, cols), "f32",
+                      {"codes": np.zeros(-(-rows // 8) - (-cols // 8), np.uint8), "s": np.ones(1, np.float32),
+                       "scales": np.ones((1, -(-rows // 64) - (-cols // 64)), np.float16)})
+
+
+# (case, how the valid record is changed, what the message must say)
+BOUND_CASES = [
+    ("a tensor without a base stored at under a bit per element",
+     lambda t, r: (t.update(added=_lowrank_1bit(1 << 14, 1 << 14)),
+                   r["tensors"]["added"].update(shape=[1 << 14, 1 << 14])), "at least one bit per element"),
+    ("new rows stored at under a bit per element",
+     lambda t, r: (t.update({"model.embed_tokens.weight#new_rows": _lowrank_1bit(1 << 12, 8)}),
+                   r["tensors"]["model.embed_tokens.weight"].update(shape=[16 + (1 << 12), 8])),
+     "at least one bit per element"),
+    ("a third tensor from one base tensor",
+     lambda t, r: r["tensors"].update({f"copy{i}": {"op": "same", "dtype": "F32", "shape": [8, 8], "source": "w"}
+                                       for i in range(2)}), "at most two share one"),
+    ("a stored tensor serving two tensors",
+     lambda t, r: r["tensors"]["model.embed_tokens.weight"].update(new_rows="added", shape=[18, 8]),
+     "already used by"),
+    ("base_shape that is not the fingerprint's",
+     lambda t, r: r["tensors"]["model.embed_tokens.weight"].update(base_shape=[12, 8]), "base_shape"),
+]
+
+
+@pytest.mark.parametrize("case,change,says", BOUND_CASES, ids=[c[0] for c in BOUND_CASES])
+def test_record_bounds(tmp_path, case, change, says):
+    """docs/FORMAT.md §7: what a record may make apply write is bounded by the base and the file's own bytes;
+    a record past the bound is refused when it is opened, before anything is decoded or allocated."""
+    valid = dp.open(_record_file(tmp_path))
+    tensors = {k: valid[k] for k in valid.keys()}
+    meta = json.loads(json.dumps(valid.metadata))
+    change(tensors, meta["checkpoint"])
+    path = tmp_path / "bound.dpk"
+    dp.save(path, tensors, metadata=meta, base=valid.base)
+    with pytest.raises(dp.FormatError, match=re.escape(says)) as ex:
+        dp._core.CheckpointDelta(None, str(path))
+    assert "bound.dpk" in str(ex.value)

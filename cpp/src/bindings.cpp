@@ -1,5 +1,5 @@
 // nanobind bindings: deltapack._core. Thin: arrays in (numpy or DLPack, zero-copy), arrays out
-// (numpy owning the C++ buffer or viewing the file mapping). The Python API is python/deltapack.
+// (numpy owning the C++ buffer, or viewing memory a delta tensor was read into). The Python API is python/deltapack.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>

@@ -1,4 +1,4 @@
-// The delta file: a safetensors file (memory-mapped, checked before use) whose __metadata__
+// The delta file: a safetensors file (read with pread, checked before use) whose __metadata__
 // carries the deltapack manifest. See docs/FORMAT.md.
 #include <fcntl.h>
 #include <signal.h>

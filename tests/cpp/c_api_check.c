@@ -4,6 +4,7 @@
  *   c_api_check DIR     DIR holds delta.dpk, base.safetensors, the checkpoint and bank fixtures and the
  *                       reference outputs *.raw
  * Without DIR it exits 77 (CTest: skipped). Exit 0 = every check passed; else each failure is printed. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -352,6 +353,16 @@ static void check_checkpoint(dp_file* plain) {
         CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, out_dir, NULL, p, 0, 0) == -1, "already exists");
         CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, out2, "f8", p, 0, 0) == -1, "use bf16, f16 or f32");
         CHECK_ERROR(dp_apply_checkpoint(NULL, delta, out2, NULL, p, 0, 0) == -1, "base is NULL");
+        /* The output rules of `deltapack apply` (check_output): never an input, nor the directory holding one, even
+         * with overwrite; an earlier output is replaced with overwrite. And alpha must be finite. */
+        CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, base_dir, NULL, p, 0, 1) == -1, "is the input");
+        CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, dir, NULL, p, 0, 1) == -1, "holds the input");
+        CHECK(dp_apply_checkpoint(base_dir, delta, out_dir, NULL, p, 0, 1) == 0);
+        {
+            struct dp_apply_params bad = p;
+            bad.alpha = NAN;
+            CHECK_ERROR(dp_apply_checkpoint(base_dir, delta, out2, NULL, bad, 0, 0) == -1, "alpha nan is invalid");
+        }
     }
     dp_base_close(other);
     other = dp_base_open(path_of("ckpt_out"));

@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-typedef struct dp_file dp_file;  /* an open delta file (memory-mapped, read-only) */
+typedef struct dp_file dp_file;  /* an open delta file (read-only; tensors read with pread when used) */
 typedef struct dp_base dp_base;  /* an open base model: a .safetensors file or a Hugging Face directory */
 typedef struct dp_checkpoint dp_checkpoint;  /* a fine-tune as `deltapack compress` recorded it */
 typedef struct dp_bank dp_bank;  /* a base held in memory and fine-tunes switched on it (deltapack::Bank) */
@@ -94,7 +94,9 @@ DELTAPACK_API int dp_set_simd(const char* path);
 
 /* ------------------------------------------------------------------------------ delta files */
 
-/* Opens a delta file (every header field, offset and manifest entry is checked); NULL on failure. */
+/* Opens a delta file (every header field, offset and manifest entry, and the metadata fields deltapack reads,
+ * are checked); NULL on failure. Tensors are read with pread when used, never mapped: a file truncated or
+ * rewritten meanwhile makes that call fail, naming it. */
 DELTAPACK_API dp_file* dp_file_open(const char* path);
 /* Closes it (NULL is allowed). Names and pointers obtained from it are invalid afterwards. */
 DELTAPACK_API void dp_file_close(dp_file* f);
@@ -135,7 +137,8 @@ DELTAPACK_API int dp_decode(const dp_file* f, const char* name, float* out, size
 
 /* Opens a base model's weights: one .safetensors file, or a Hugging Face model directory (model.safetensors,
  * or shards + model.safetensors.index.json). Headers are checked on open; tensors are read (pread) when
- * asked for. NULL on failure. */
+ * asked for. Symbolic links inside a directory are followed only within it or into a Hugging Face cache's
+ * blobs/. NULL on failure. */
 DELTAPACK_API dp_base* dp_base_open(const char* path);
 /* Closes it (NULL is allowed). */
 DELTAPACK_API void dp_base_close(dp_base* b);
@@ -168,6 +171,8 @@ enum dp_tensor_kind {
 
 /* Opens the fine-tune that `f` (a delta made by `deltapack compress`) records over base `b`. Unless
  * force, `b` must be the delta's base (names, dtypes, shapes; contents by CRC-32C as tensors are read).
+ * The record is held to the output bound of docs/FORMAT.md section 7 (a base tensor serves at most two
+ * fine-tune tensors, a tensor without a base stores at least a bit per element), with or without `b`.
  * b may be NULL for an application that keeps its own weights: it rebuilds with dp_checkpoint_rebuild_from.
  * f and b must stay open while the checkpoint is. NULL on failure. */
 DELTAPACK_API dp_checkpoint* dp_checkpoint_open(const dp_file* f, const dp_base* b, int force);
@@ -198,7 +203,10 @@ DELTAPACK_API int dp_checkpoint_rebuild_from(const dp_checkpoint* c, const char*
 
 /* Writes the whole fine-tune, as `deltapack apply` does: for a base directory a Hugging Face directory
  * `out` (shards, index, config and tokenizer files), for a base file one .safetensors file; atomically.
- * dtype: "f32", "f16", "bf16" or NULL (each tensor's own). */
+ * dtype: "f32", "f16", "bf16" or NULL (each tensor's own). `out` is checked before any work as `deltapack
+ * apply` checks it: never `base` or `delta`, inside or above them, or a symbolic link; an existing `out` is
+ * replaced only with overwrite, and only when it is a model directory (or .safetensors file) apply could have
+ * written. Symbolic links inside `base` are followed only within it or into a Hugging Face cache's blobs/. */
 DELTAPACK_API int dp_apply_checkpoint(const char* base, const char* delta, const char* out, const char* dtype,
                                       struct dp_apply_params params, int force, int overwrite);
 

@@ -57,7 +57,7 @@ def cmd_demo(args) -> int:
         f = dp.open(path)
         out = base_t.clone() if hasattr(base_t, "clone") else base_t.copy()
         for row in rows:
-            enc = f[row["recipe"]]  # read back from the file (checksummed, memory-mapped)
+            enc = f[row["recipe"]]  # read back from the file (checksummed)
             d = dp.decode(enc)
             err = float(np.linalg.norm(d - delta) / np.linalg.norm(delta))
             cos = float((d * delta).sum() / (np.linalg.norm(d) * np.linalg.norm(delta) + 1e-30))

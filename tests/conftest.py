@@ -59,3 +59,48 @@ def perturbed(model, seed, scale=2e-3, only=None):
             if only is None or only in name:
                 p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
     return model
+
+
+# A child's own peak RSS: Linux counts the RSS of the process that forks into the child's ru_maxrss when the
+# child execs (and pytest is large), so commands run from this small launcher, which reports "maxrss status".
+_LAUNCHER = ("import os, sys\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+             "_, status, ru = os.wait4(pid, 0)\n"
+             "open(sys.argv[1], 'w').write(f'{ru.ru_maxrss} {status}')\n"
+             "os._exit(0)\n")
+
+
+def run_child(cmd, *, timeout, env=None, cwd=None, limits=None):
+    """Runs `cmd` with stdin closed: (exit code, -N for death by signal N, None after `timeout` seconds; stdout;
+    stderr; the command's own peak RSS in MiB; seconds). limits(): called in the child before anything runs
+    (resource limits; they apply to the command too)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    def pre():
+        os.setsid()  # a process group of its own: a timeout kills the command with its launcher
+        if limits is not None:
+            limits()
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e, tempfile.NamedTemporaryFile("r") as report:
+        p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report.name, *map(str, cmd)], stdout=o, stderr=e,
+                             stdin=subprocess.DEVNULL, env=env, cwd=cwd, preexec_fn=pre)
+        try:
+            p.wait(timeout)
+            maxrss, status = map(int, report.read().split())
+            rc = os.waitstatus_to_exitcode(status)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc, maxrss = None, 0
+        o.seek(0)
+        e.seek(0)
+        return (rc, o.read().decode("utf-8", "replace"), e.read().decode("utf-8", "replace"), maxrss / 1024,
+                time.monotonic() - t0)

@@ -344,6 +344,10 @@ NB_MODULE(_core, m) {
         "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
         "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none(), "follow_links"_a = false);
 
+    m.def(
+        "check_manifest_fields",  // the schema of what deltapack reads from a manifest (FORMAT.md §7)
+        [](const std::string& manifest, const std::string& path) { check_manifest_fields(json::parse(manifest), path); },
+        "manifest"_a, "path"_a);
     // The rules for model directories and outputs (deltapack.h, "paths").
     m.def("is_weight_file", &is_weight_file, "name"_a);
     m.def("kept_file_problem", &kept_file_problem, "name"_a);

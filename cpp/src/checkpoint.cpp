@@ -198,7 +198,9 @@ void check_peft(const Fields& f, const json::Value& p, const std::string& where)
         for (auto& kv : mods->obj) {
             const std::string w = Fields::at(where + ".modules", kv.first);
             f.object(kv.second, w);
-            f.number(*f.member(kv.second, "scaling", w, true), w + ".scaling");
+            const json::Value& scaling = *f.member(kv.second, "scaling", w, true);
+            f.number(scaling, w + ".scaling");
+            if (scaling.num == 0) f.fail(w + ".scaling", "must not be 0 (export divides by it)");
             f.number(*f.member(kv.second, "alpha", w, true), w + ".alpha");
             f.integer(*f.member(kv.second, "rank", w, true), w + ".rank", 1);
         }

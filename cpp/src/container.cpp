@@ -2,7 +2,6 @@
 // carries the deltapack manifest. See docs/FORMAT.md.
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 

@@ -47,8 +47,25 @@ struct Parser {
             if (*keys[k] == *keys[k - 1]) fail(("duplicate key \"" + *keys[k] + "\" in the object ending").c_str());
     }
 
+    // Where the parser is (keys and array indices from the top), for messages: a wrong value deep in a manifest
+    // is named by its field, e.g. metadata.checkpoint.ft_bytes.
+    std::vector<std::pair<const std::string*, size_t>> path;
+
     [[noreturn]] void fail(const char* what) const {
-        throw std::runtime_error(std::string("invalid JSON: ") + what + " at byte " + std::to_string(i));
+        std::string where;
+        for (auto& p : path) {
+            if (!p.first) {
+                where += "[" + std::to_string(p.second) + "]";
+            } else if (!p.first->empty() && std::all_of(p.first->begin(), p.first->end(), [](unsigned char c) {
+                           return std::isalnum(c) || c == '_';
+                       })) {
+                where += (where.empty() ? "" : ".") + *p.first;
+            } else {
+                where += "[" + dump(Value::make_string(*p.first)) + "]";
+            }
+        }
+        throw std::runtime_error(std::string("invalid JSON: ") + what + " at byte " + std::to_string(i) +
+                                 (where.empty() ? "" : " (in " + where + ")"));
     }
     void ws() { while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i; }
     bool eat(char c) { ws(); if (i < s.size() && s[i] == c) { ++i; return true; } return false; }
@@ -192,14 +209,22 @@ struct Parser {
                 // (a scan per key would make a header of many tensors quadratic to open).
                 if (v.obj.size() < kScanKeys && v.find(key)) fail(("duplicate key \"" + key + "\"").c_str());
                 expect(':');
-                v.obj.emplace_back(std::move(key), value(depth + 1));
+                path.emplace_back(&key, 0);
+                Value child = value(depth + 1);
+                path.pop_back();
+                v.obj.emplace_back(std::move(key), std::move(child));
             } while (eat(','));
             expect('}');
             if (v.obj.size() > kScanKeys) check_unique_keys(v);
         } else if (c == '[') {
             ++i; v.kind = Value::Array;
             if (eat(']')) return v;
-            do { v.arr.push_back(value(depth + 1)); } while (eat(','));
+            size_t n = 0;
+            do {
+                path.emplace_back(nullptr, n++);
+                v.arr.push_back(value(depth + 1));
+                path.pop_back();
+            } while (eat(','));
             expect(']');
         } else if (c == '"') {
             v.kind = Value::String; v.str = string();

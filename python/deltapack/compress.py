@@ -24,8 +24,6 @@ from .recipes import Rules
 
 _CHUNK = 16 << 20  # elements per streaming chunk (64 MiB of f32)
 
-# Metadata keys deltapack writes itself (their types are checked when a file is opened: docs/FORMAT.md §7).
-RESERVED_METADATA = ("checkpoint", "budget", "peft", "calibration")
 
 
 def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
@@ -279,9 +277,9 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
     base, ft = _as_checkpoint(base, follow_links), _as_checkpoint(ft, follow_links)
-    reserved = sorted(set(metadata or {}) & set(RESERVED_METADATA))
-    if reserved:
-        raise ValueError(f"metadata key '{reserved[0]}' is deltapack's own; choose another name")
+    # User metadata under a name deltapack reads ("budget", ...) must have its type (FORMAT.md §7): said now, not
+    # by the writer after all the work.
+    _core.check_manifest_fields(json.dumps({"metadata": metadata or {}}, allow_nan=False), os.fspath(out))
     _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [base.path, ft.path], overwrite)
     plan = _plan(base, ft)
     if not force:

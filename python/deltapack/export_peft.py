@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import _core, models, reference
+from . import _core, files, models, reference
 from .finetune import FineTune, is_input_embedding, lowrank_factors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,12 +65,18 @@ def export_peft(base, delta, out_dir, rank: int = 16, alpha: float = 1.0, dtype:
         out_dt = f.dtype if dtype == "auto" else dtype
         p = prior_modules.get(mod) if f.source == "lowrank" else None
         scale = float(p["scaling"]) if p else 1.0
-        if is_input_embedding(f.name):  # PEFT Embedding: delta = scaling * (B @ A).T, A: r x vocab, B: dim x r
+        emb = is_input_embedding(f.name)  # PEFT Embedding: delta = scaling * (B @ A).T, A: r x vocab, B: dim x r
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            b = (f.v.T if emb else f.u) / np.float32(scale)
+        if not np.isfinite(b).all():  # the scaling came from the delta file's metadata
+            raise files.FormatError(f"{ft.delta.path}: metadata.peft.modules[{json.dumps(mod)}].scaling {scale!r} "
+                                    "does not give finite LoRA factors")
+        if emb:
             tensors[f"{PEFT_PREFIX}{mod}.lora_embedding_A"] = _torch_tensor(f.u.T, out_dt)
-            tensors[f"{PEFT_PREFIX}{mod}.lora_embedding_B"] = _torch_tensor(f.v.T / np.float32(scale), out_dt)
+            tensors[f"{PEFT_PREFIX}{mod}.lora_embedding_B"] = _torch_tensor(b, out_dt)
         else:
             tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = _torch_tensor(f.v, out_dt)
-            tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = _torch_tensor(f.u / np.float32(scale), out_dt)
+            tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = _torch_tensor(b, out_dt)
         ranks[mod] = f.rank
         # scaling 1 for new pairs: alpha = r (rsLoRA, kept from an imported adapter, scales by alpha / sqrt(r))
         alphas[mod] = p["alpha"] if p else (math.sqrt(f.rank) if rslora else f.rank)

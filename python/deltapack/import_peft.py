@@ -141,7 +141,9 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
               "tensors": {n: {"op": "delta" if n in encs else "same", "dtype": i.dtype, "shape": list(i.shape)}
                           for n, i in base_ck.tensors.items()},
               "removed": [], "ft_bytes": sum(i.nbytes for i in base_ck.tensors.values()), "files": {}}
-    files.save(out, encs, metadata={"source": "peft", "adapter": os.path.abspath(adapter_dir), "peft": peft_meta,
+    # The adapter's directory name only: a delta file is shared, the path on this machine is nobody's business.
+    files.save(out, encs, metadata={"source": "peft", "adapter": os.path.basename(os.path.normpath(adapter_dir)),
+                                   "peft": peft_meta,
                                    "checkpoint": record},
               base=compress._fingerprint(base_ck, {}), overwrite=overwrite)
     return {"out": os.fspath(out), "tensors": report, "ignored": ignored}

@@ -207,13 +207,24 @@ def make_config(arch: str, size: str = "tiny"):
 
 
 def load_model(model_dir, dtype=None):
-    """A transformers causal LM from a directory (f32 by default, for training and gradients)."""
+    """A transformers causal LM from a directory (f32 by default, for training and gradients). The weights are
+    read by deltapack's reader (pread, links only inside the directory; never a memory mapping, which a file
+    truncated meanwhile would turn into SIGBUS) and handed to transformers as a state dict."""
     import torch
     import transformers
 
+    from .models import Checkpoint
+
+    ck = Checkpoint(model_dir)
+    state = {}
+    for name, info in ck.tensors.items():
+        t = torch.from_numpy(ck.read_tensor(name))
+        state[name] = t.view(torch.bfloat16) if info.float_name == "bf16" else t
     with _quiet():
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            os.fspath(model_dir), dtype=dtype or torch.float32, attn_implementation="eager")
+        config = transformers.AutoConfig.from_pretrained(os.fspath(model_dir))
+        model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32,
+                                           attn_implementation="eager")
 
 
 @contextlib.contextmanager

@@ -360,7 +360,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     except (dp.FormatError, ValueError, OSError, KeyError) as ex:
-        print(f"deltapack {args.command}: error: {ex}", file=sys.stderr)
+        # An OSError from the C++ core carries its whole message (path and problem) as strerror.
+        text = ex.strerror if isinstance(ex, OSError) and ex.filename is None and ex.strerror else ex
+        print(f"deltapack {args.command}: error: {text}", file=sys.stderr)
         return 1
     except MemoryError:
         print(f"deltapack {args.command}: error: out of memory", file=sys.stderr)

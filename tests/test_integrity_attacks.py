@@ -932,6 +932,11 @@ def test_apply_overwrite_replaces_its_own_output(M, tmp_path):
     ok(cli("apply", M.base, M.d, "-o", out, "-q", "--overwrite", "--alpha", "0.5"))
     ok(cli("apply", M.base_st, M.d1, "-o", tmp_path / "o.safetensors", "-q"))
     ok(cli("apply", M.base_st, M.d1, "-o", tmp_path / "o.safetensors", "-q", "--overwrite"))
+    # An empty directory (made with mkdir beforehand) holds nothing to lose: still only with --overwrite.
+    (tmp_path / "empty").mkdir()
+    clean_error(cli("apply", M.base, M.d, "-o", tmp_path / "empty", "-q"), "already exists")
+    ok(cli("apply", M.base, M.d, "-o", tmp_path / "empty", "-q", "--overwrite"))
+    assert (tmp_path / "empty" / "config.json").exists()
 
 
 def test_export_peft_keeps_foreign_files(M, tmp_path):

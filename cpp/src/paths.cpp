@@ -183,6 +183,7 @@ static std::string not_an_output(const std::string& path, OutputKind kind, const
         }
     }
     if (ec) return "it cannot be listed (" + ec.message() + ")";
+    if (fs::is_empty(path, ec)) return "";  // nothing to lose
     if (!weights)
         return kind == OutputKind::AdapterDirectory ? "it holds no adapter_config.json" : "it holds no .safetensors weights";
     return "";

@@ -187,9 +187,9 @@ const char* output_kind_name(OutputKind k);  // "a deltapack file", "a model dir
 // one or hold one (std::invalid_argument); an existing `out` is replaced only with `overwrite`, never when it is
 // a symbolic link, and only when it looks like what the command writes (std::system_error EEXIST otherwise):
 // a file of that format (a deltapack file is a safetensors file with a deltapack manifest; a GGUF file starts
-// with "GGUF"), or a directory of regular files only: for ModelDirectory *.safetensors weights and config,
-// tokenizer or template files (*.json, *.txt, *.model, *.tiktoken, *.jinja), for AdapterDirectory
-// adapter_config.json and adapter_model.safetensors, plus any of `writes` (names this run writes).
+// with "GGUF"), an empty directory, or a directory of regular files only: for ModelDirectory *.safetensors
+// weights and config, tokenizer or template files (*.json, *.txt, *.model, *.tiktoken, *.jinja), for
+// AdapterDirectory adapter_config.json and adapter_model.safetensors, plus any of `writes` (names this run writes).
 void check_output(const std::string& out, OutputKind kind, const std::vector<std::string>& inputs, bool overwrite,
                   const std::vector<std::string>& writes = {});
 

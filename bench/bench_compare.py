@@ -100,7 +100,7 @@ def main():
     ap.add_argument("new", help="directory of the install to measure")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--apply-repeats", type=int, default=1, help="bench_apply.py runs per install")
+    ap.add_argument("--apply-repeats", type=int, default=1, help="bench_apply.py runs per install (0: none)")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
     args = ap.parse_args()
@@ -119,7 +119,7 @@ def main():
                 out.setdefault((r["codec"], tuple(r["shape"]), r["threads"]), []).append(r.get("apply_ms", r.get("encode_ms")))
         return out
 
-    t_old, t_new = times(old), times(new)
+    t_old, t_new = (times(old), times(new)) if args.apply_repeats else ({}, {})
     rows = [{"codec": k[0], "shape": list(k[1]), "threads": k[2], "old_ms": float(np.median(t_old[k])),
              "new_ms": float(np.median(t_new[k])), "new_over_old": float(np.median(t_new[k]) / np.median(t_old[k]))}
             for k in t_old if k in t_new]

@@ -1160,13 +1160,15 @@ def _lowrank_1bit(rows, cols):
 
 # (case, how the valid record is changed, what the message must say)
 BOUND_CASES = [
-    ("a tensor without a base stored at under a bit per element",
+    ("a tensor without a base stored other than dense",
      lambda t, r: (t.update(added=_lowrank_1bit(1 << 14, 1 << 14)),
-                   r["tensors"]["added"].update(shape=[1 << 14, 1 << 14])), "at least one bit per element"),
-    ("new rows stored at under a bit per element",
+                   r["tensors"]["added"].update(shape=[1 << 14, 1 << 14])), "must be stored dense"),
+    ("new rows stored other than dense",
      lambda t, r: (t.update({"model.embed_tokens.weight#new_rows": _lowrank_1bit(1 << 12, 8)}),
                    r["tensors"]["model.embed_tokens.weight"].update(shape=[16 + (1 << 12), 8])),
-     "at least one bit per element"),
+     "must be stored dense"),
+    ("a tensor without a base stored sign (one bit per element)",
+     lambda t, r: t.update(added=dp.encode(make_delta((2, 8), "f32"), "sign")), "must be stored dense"),
     ("a third tensor from one base tensor",
      lambda t, r: r["tensors"].update({f"copy{i}": {"op": "same", "dtype": "F32", "shape": [8, 8], "source": "w"}
                                        for i in range(2)}), "at most two share one"),
@@ -1191,3 +1193,14 @@ def test_record_bounds(tmp_path, case, change, says):
     with pytest.raises(dp.FormatError, match=re.escape(says)) as ex:
         dp._core.CheckpointDelta(None, str(path))
     assert "bound.dpk" in str(ex.value)
+
+
+def test_lowrank_rank_above_min_rows_cols_is_refused():
+    """FORMAT.md §5 check 15: a rank above min(rows, cols) describes nothing more and costs rank x rows x cols to
+    decode; refused with the components, before anything is decoded (and the writer will not write it)."""
+    rng = np.random.default_rng(0)
+    enc = dp.Encoded("lowrank", {"rank": 30, "dtype": "f32"}, (20, 24), "f32",
+                     {"u": rng.standard_normal((20, 30)).astype(np.float32),
+                      "v": rng.standard_normal((30, 24)).astype(np.float32)})
+    with pytest.raises(dp.FormatError, match="rank 30 exceeds min"):
+        dp.decode(enc)

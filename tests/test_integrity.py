@@ -1196,6 +1196,144 @@ def test_c_api_read_of_a_truncated_file_is_an_error(models, libpath, tmp_path):
     assert len(results) == len(names) and results[-1].startswith("error:") and str(d) in results[-1], r
 
 
+# ============================================================================= 8. found by a later attack
+#
+# A third attacker, against the fixed build: outputs spelled through a link and "..", files gguf-py reads by name,
+# JSON of many small values, config.json numbers that size the export's work, many or large kept files, a model
+# directory with one shard among other files, control characters on a terminal, and messages that named nothing.
+
+def test_output_spelled_through_a_link_and_dotdot_is_checked_where_it_is_written(models, tmp_path):
+    """LINK/../NAME is beside LINK's target (the kernel resolves LINK first); the check looked at NAME beside LINK:
+    compress wrote into FT, apply replaced its single-file base."""
+    ft = _copy(models / "ft", tmp_path / "ft")
+    (ft / "sub").mkdir()
+    os.symlink(ft / "sub", tmp_path / "L")
+    before = _digest(ft)
+    r = run(CLI + ["compress", models / "base", ft, "-o", "L/../new.dpk", "--recipe", "sign", "-q"], cwd=tmp_path)
+    assert_clean_error(r, "lies inside the input")
+    b = tmp_path / "b"
+    b.mkdir()
+    _copy(models / "base.safetensors", b / "base.safetensors")
+    (b / "sub").mkdir()
+    os.symlink(b / "sub", tmp_path / "B")
+    held = _digest(b)
+    r = run(CLI + ["apply", b / "base.safetensors", models / "file.dpk", "-o", "B/../base.safetensors", "--overwrite",
+                   "-q"], cwd=tmp_path)
+    assert_clean_error(r, "is the input")
+    assert _digest(ft) == before and _digest(b) == held
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "additional_chat_templates/tool.jinja", "merges.txt"])
+def test_gguf_export_reads_tokenizer_files_only_inside_the_base(models, tmp_path, name):
+    """gguf-py's SpecialVocab opens chat templates and merges by name, following links: a secret linked as one
+    ended up in the GGUF's metadata. The export reads checked copies only."""
+    pytest.importorskip("gguf")
+    base = _copy(models / "base", tmp_path / "base")
+    secret = _secret(tmp_path)
+    os.makedirs(os.path.dirname(base / name), exist_ok=True)
+    os.symlink(secret, base / name)
+    r = run(CLI + ["export", "gguf", base, models / "d.dpk", "-o", tmp_path / "m.gguf"])
+    assert_clean_error(r, os.path.basename(name), "outside the model directory")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_json_of_many_small_values_is_refused_before_it_costs_memory(models, tmp_path):
+    """A manifest of a million zeros took ~90 bytes of memory per byte of JSON; at most one value per 8 bytes."""
+    path = _copy(models / "d.dpk", tmp_path / "zeros.dpk")
+    edit_manifest(path, lambda m: m["metadata"].update(junk=[0] * 1_000_000))
+    with pytest.raises(dp.FormatError, match=r"more values than .* bytes of JSON may hold"):
+        dp.open(path)
+
+
+@pytest.mark.parametrize("field,value,kind", [("num_hidden_layers", 100000, "gguf-lora"),
+                                              ("vocab_size", 300_000_000, "gguf")])
+def test_gguf_export_config_numbers_must_agree_with_the_tensors(models, tmp_path, field, value, kind):
+    """config.json's layer count sized gguf-py's name map and vocab_size the placeholder vocabulary: a number
+    ran the export out of memory. They must agree with the tensors."""
+    pytest.importorskip("gguf")
+    base = _copy(models / "base", tmp_path / "base")
+    (base / "config.json").write_text(json.dumps({**CONFIG, field: value}))
+    r = run(CLI + ["export", kind, base, models / "d.dpk", "-o", tmp_path / "x.gguf", "--force"])
+    assert_clean_error(r, "config.json", field)
+    assert r.rss_mib < RSS_LIMIT_MIB, r
+
+
+@pytest.mark.parametrize("what", ["fifo", "deep"])
+def test_gguf_export_of_a_tokenizer_json_that_is_a_fifo_or_too_deep(models, tmp_path, what):
+    pytest.importorskip("gguf")
+    base = _copy(models / "base", tmp_path / "base")
+    if what == "fifo":
+        os.mkfifo(base / "tokenizer.json")
+    else:
+        (base / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    r = run(CLI + ["export", "gguf", base, models / "d.dpk", "-o", tmp_path / "m.gguf"], timeout=60)
+    assert_clean_error(r, "tokenizer.json")
+
+
+def test_kept_files_are_bounded_in_number_and_kept_small(models, tmp_path):
+    """compress keeps at most 256 files (a record of more is refused when opened: each is a file apply creates),
+    and a text that JSON would inflate (NULs, quotes) as base64."""
+    ft = _copy(models / "ft", tmp_path / "ft")
+    for i in range(300):
+        (ft / f"note{i:03d}.txt").write_text("n")
+    (ft / "zeros.txt").write_bytes(b"\0" * 4096)
+    r = run(CLI + ["compress", models / "base", ft, "-o", tmp_path / "d.dpk", "--recipe", "sign"])
+    assert r.rc == 0 and "more than 256 files" in r.err, r
+    files = _manifest(tmp_path / "d.dpk")["metadata"]["checkpoint"]["files"]
+    assert len(files) == 256 and list(files.get("config.json", {})) == ["text"]
+    many = craft(tmp_path / "many.dpk", models / "d.dpk",
+                 record=lambda rec: rec["files"].update({f"f{i}.txt": {"text": ""} for i in range(300)}))
+    with pytest.raises(dp.FormatError, match="more than the 256"):
+        dp.open(many)
+    ft2 = _copy(models / "ft", tmp_path / "ft2")
+    (ft2 / "zeros.txt").write_bytes(b"\0" * 4096)
+    assert run(CLI + ["compress", models / "base", ft2, "-o", tmp_path / "z.dpk", "-q"]).rc == 0
+    assert list(_manifest(tmp_path / "z.dpk")["metadata"]["checkpoint"]["files"]["zeros.txt"]) == ["base64"]
+
+
+def test_apply_overwrite_of_a_directory_with_one_shard_among_other_files(models, tmp_path):
+    """A directory holding one .safetensors file and the user's thesis.txt and results.json is not an output of
+    apply: --overwrite refuses it (it deleted both)."""
+    out = tmp_path / "research"
+    out.mkdir()
+    _copy(models / "base.safetensors", out / "checkpoint-old.safetensors")
+    (out / "thesis.txt").write_text("years of work")
+    (out / "results.json").write_text("{}")
+    held = _digest(out)
+    r = run(CLI + ["apply", models / "base", models / "d.dpk", "-o", out, "--overwrite", "-q"])
+    assert_clean_error(r, "which deltapack apply does not write")
+    assert "thesis.txt" in r.err or "results.json" in r.err, r
+    assert _digest(out) == held
+
+
+def test_info_prints_names_without_terminal_control_characters(models, tmp_path):
+    path = craft(tmp_path / "esc.dpk", models / "d.dpk",
+                 record=lambda rec: rec.update(removed=["\x1b[2J\x1b]0;pwned\x07"]))
+    r = run(CLI + ["info", path])
+    assert r.rc == 0 and "\x1b" not in r.out and "\\x1b[2J" in r.out, r
+
+
+@pytest.mark.parametrize("args,word", [
+    (["info", "{noft}"], None),  # a record without its optional ft_bytes
+    (["verify", "{base}", "{ft}", "{d}", "--max-rel-error", "nan"], "finite"),
+    (["apply", "{base}", "{d}", "-o", "{tmp}/o", "--threads", "-5"], "negative")])
+def test_optional_fields_and_numbers(models, tmp_path, args, word):
+    noft = craft(tmp_path / "noft.dpk", models / "d.dpk", record=lambda rec: rec.pop("ft_bytes"))
+    argv = [a.format(noft=noft, base=models / "base", ft=models / "ft", d=models / "d.dpk", tmp=tmp_path) for a in args]
+    r = run(CLI + argv)
+    if word is None:
+        assert r.rc == 0 and "Traceback" not in r.err, r
+    else:
+        assert_clean_error(r, word, rc=(2,))
+
+
+@needs_apply_bin
+def test_deltapack_apply_rejects_an_unknown_dtype(models, tmp_path):
+    r = run([APPLY_BIN, models / "base.safetensors", models / "plain.dpk", tmp_path / "o.safetensors", "--dtype", "f8"])
+    assert_clean_error(r, "--dtype f8", rc=(2,))
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 # ============================================================================= docs
 
 def test_security_doc_names_what_exists_and_states_the_policies():

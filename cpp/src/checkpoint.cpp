@@ -147,6 +147,9 @@ void check_record(const Fields& f, const json::Value& rec, const std::string& wh
     if (const json::Value* v = f.member(rec, "ft_bytes", where, false)) f.integer(*v, where + ".ft_bytes", 0);
     if (const json::Value* files = f.member(rec, "files", where, false)) {
         f.object(*files, where + ".files");
+        if (files->obj.size() > kMaxKeptFiles)  // each is a file apply creates
+            f.fail(where + ".files", "holds " + std::to_string(files->obj.size()) + " files, more than the " +
+                                         std::to_string(kMaxKeptFiles) + " a model directory may keep");
         for (auto& kv : files->obj) {
             const std::string w = Fields::at(where + ".files", kv.first);
             const std::string problem = kept_file_problem(kv.first);
@@ -307,8 +310,9 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
 
     // What the outputs may cost (docs/FORMAT.md §7): a base tensor is the source of at most two fine-tune tensors
     // (itself and a tied twin), each stored delta tensor serves one fine-tune tensor, and a tensor without a base
-    // stores at least one bit per element it decodes to. So apply writes at most twice the base and 32 bits per
-    // stored bit, whatever the record says.
+    // is stored `dense` (its values, as compress stores them: what it decodes to is what the file holds, and at a
+    // cost linear in it). So apply writes at most twice the base and twice the stored bytes, whatever the record
+    // says.
     std::map<std::string, std::vector<std::string>> uses_of_source;
     std::map<std::string, std::string> user_of_stored;
     for (auto& kv : rec->find("tensors")->obj) {
@@ -334,17 +338,17 @@ CheckpointDelta::CheckpointDelta(std::shared_ptr<const ModelFiles> base, std::sh
                       users[1] + "'); at most two share one (a tensor and its tied twin)");
         }
         // Every stored tensor this one reads must be in the delta file with the shape its kind implies, and serve
-        // no other tensor; one with no base under it must hold at least a bit per element.
+        // no other tensor; one with no base under it must be stored dense.
         auto stored = [&](const std::string& key, const std::vector<int64_t>& want, bool has_base) {
             if (!delta_->contains(key)) tfail("delta tensor '" + key + "' is not in the file");
             if (delta_->shape(key) != want) tfail("delta tensor '" + key + "' has another shape than it needs");
             auto used = user_of_stored.emplace(key, name);
             if (!used.second) tfail("delta tensor '" + key + "' is already used by tensor '" + used.first->second + "'");
-            const uint64_t elements = uint64_t(numel_of(want)), bytes = delta_->stored_bytes(key);
-            if (!has_base && elements / 8 > bytes)
-                tfail("delta tensor '" + key + "' stores " + std::to_string(bytes) + " bytes for " +
-                      std::to_string(elements) + " elements with no base under them; such a tensor must store at "
-                      "least one bit per element (docs/FORMAT.md §7)");
+            const std::string codec = delta_->entry(key).codec;
+            if (!has_base && codec != "dense")
+                tfail("delta tensor '" + key + "' has no base under it and is stored " + codec + " (" +
+                      std::to_string(delta_->stored_bytes(key)) + " bytes for " + std::to_string(numel_of(want)) +
+                      " elements); such a tensor must be stored dense, its values as they are (docs/FORMAT.md §7)");
         };
         // The source's shape and dtype: from the base, else from the fingerprint (else checked when rebuilt).
         const std::vector<int64_t>* bshape = nullptr;

@@ -713,8 +713,7 @@ static bool our_flat_dir(const std::string& path) {
 
 AtomicDir::AtomicDir(const std::string& path, bool overwrite) : overwrite_(overwrite) {
     namespace fs = std::filesystem;
-    path_ = fs::absolute(path).lexically_normal().string();
-    while (path_.size() > 1 && path_.back() == '/') path_.pop_back();
+    path_ = output_path(path);  // where check_output looked: its folder resolved as the kernel resolves it
     std::error_code ec;
     struct stat st;
     if (::lstat(path_.c_str(), &st) == 0 && !overwrite) already_exists(path);

@@ -35,8 +35,10 @@ namespace {
 
 struct Parser {
     static constexpr size_t kScanKeys = 32;
+    static constexpr size_t kValuesFree = 4096, kBytesPerValue = 8;
     const std::string& s;
     size_t i = 0;
+    size_t values = 0;
 
     void check_unique_keys(const Value& v) const {
         std::vector<const std::string*> keys;
@@ -196,6 +198,11 @@ struct Parser {
 
     Value value(int depth) {
         if (depth > 64) fail("nesting too deep");
+        // A parsed value takes about 100 bytes of memory; the text of a real header, manifest or config holds one
+        // per 10 bytes or more. One per 8 at most bounds what a file of small values ([0,0,0,...]) costs.
+        if (++values > kValuesFree + s.size() / kBytesPerValue)
+            fail(("more values than " + std::to_string(s.size()) + " bytes of JSON may hold (at most one per " +
+                  std::to_string(kBytesPerValue) + " bytes)").c_str());
         ws();
         if (i >= s.size()) fail("unexpected end");
         char c = s[i];
@@ -235,6 +242,24 @@ struct Parser {
         return v;
     }
 };
+
+}  // namespace
+
+bool is_utf8(const std::string& text) {
+    const Parser p{text};
+    for (size_t k = 0; k < text.size();) {
+        if (static_cast<unsigned char>(text[k]) < 0x80) {
+            ++k;
+            continue;
+        }
+        const size_t n = p.utf8_sequence(k);
+        if (!n) return false;
+        k += n;
+    }
+    return true;
+}
+
+namespace {
 
 void dump_string(std::string& out, const std::string& s) {
     out += '"';

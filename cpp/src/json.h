@@ -30,8 +30,11 @@ struct Value {
     static Value make_array();
 };
 
-// Throws std::runtime_error("...at byte N") on malformed input, duplicate keys, depth > 64.
+// Throws std::runtime_error("...at byte N (in key.path)") on malformed input, duplicate keys, depth > 64, or more
+// values than one per 8 bytes of text (plus 4096): memory stays proportional to the text's size.
 Value parse(const std::string& text);
+// Whether `text` is well-formed UTF-8 (what parse() requires of strings).
+bool is_utf8(const std::string& text);
 // Compact and deterministic (insertion order); indent > 0: one member per line, as Python's
 // json.dumps(indent=...) lays it out (for files people read: index.json, config.json).
 std::string dump(const Value& v, int indent = 0);

@@ -28,7 +28,7 @@ static bool exists(const std::string& p) {
 
 // A JSON file of a model directory, read from `file` (the entry `path`, links resolved): a regular file of at most
 // kMaxJsonFile bytes holding strict JSON (json::parse), else an error naming `path`.
-static constexpr uint64_t kMaxJsonFile = uint64_t(64) << 20;
+static constexpr uint64_t kMaxJsonFile = uint64_t(16) << 20;  // a config or index of a model is far smaller
 static json::Value read_json_file(const std::string& file, const std::string& path) {
     struct stat st;
     if (::stat(file.c_str(), &st) != 0) throw std::system_error(errno, std::generic_category(), path + ": cannot read");

@@ -42,6 +42,7 @@ std::string kept_file_problem(const std::string& name) {
     if (name.size() > kMaxFileName) return "is longer than " + std::to_string(kMaxFileName) + " bytes";
     for (unsigned char c : name)
         if (c < 0x20 || c == 0x7f) return "holds a control character";
+    if (!json::is_utf8(name)) return "is not UTF-8";
     if (name[0] == '.') return "is a hidden file";
     if (is_weight_file(name)) return "is a weight or index file (apply writes those itself)";
     return "";
@@ -65,12 +66,10 @@ static bool is_under(const fs::path& p, const fs::path& dir) {
 
 std::string resolve_in_model_dir(const std::string& dir, const std::string& name, bool follow_links) {
     const std::string path = dir + "/" + name;
-    struct stat st;
-    if (::lstat(path.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return path;  // missing: the caller's open says so
-    const std::string target = real_path(path);
-    if (target.empty() || follow_links) return target.empty() ? path : target;
+    const std::string target = real_path(path);  // every link on the way resolved (in `name`'s folders too)
+    if (target.empty()) return path;               // missing: the caller's open says so
     const fs::path real_dir = real_path(dir), t = target;
-    if (is_under(t, real_dir)) return target;
+    if (follow_links || is_under(t, real_dir)) return target;
     // A Hugging Face cache: models--org--name/snapshots/<revision>/<file> -> ../../blobs/<hash>.
     if (real_dir.parent_path().filename() == "snapshots" && t.parent_path() == real_dir.parent_path().parent_path() / "blobs")
         return target;
@@ -85,16 +84,24 @@ std::vector<KeptFile> read_kept_files(const std::string& dir, bool follow_links,
     for (auto& entry : fs::directory_iterator(dir, ec)) names.push_back(entry.path().filename().string());
     if (ec) throw std::system_error(ec, dir + ": cannot list");
     std::sort(names.begin(), names.end());
+    uint64_t total = 0;
     for (const std::string& name : names) {
         if (!kept_file_problem(name).empty()) continue;  // weights, hidden files, odd names: never kept
         const std::string path = resolve_in_model_dir(dir, name, follow_links);
         struct stat st;
         if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;  // directories, devices, dangling links
-        if (uint64_t(st.st_size) > kMaxKeptFile) {
-            if (skipped) skipped->push_back({name, std::to_string(st.st_size) + " bytes, over the limit of " +
-                                                       std::to_string(kMaxKeptFile >> 20) + " MiB"});
+        std::string why;
+        if (uint64_t(st.st_size) > kMaxKeptFile)
+            why = std::to_string(st.st_size) + " bytes, over the limit of " + std::to_string(kMaxKeptFile >> 20) + " MiB";
+        else if (files.size() == kMaxKeptFiles)
+            why = "the directory has more than " + std::to_string(kMaxKeptFiles) + " files to keep";
+        else if (total + uint64_t(st.st_size) > kMaxKeptTotal)
+            why = "the kept files would pass " + std::to_string(kMaxKeptTotal >> 20) + " MiB in all";
+        if (!why.empty()) {
+            if (skipped) skipped->push_back({name, why});
             continue;
         }
+        total += uint64_t(st.st_size);
         const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd < 0) throw std::system_error(errno, std::generic_category(), dir + "/" + name + ": cannot read");
         std::string data;
@@ -134,12 +141,17 @@ const char* output_kind_name(OutputKind k) {
     return "?";
 }
 
-// Files an earlier `deltapack apply` may have written into a model directory besides the names of this run: weights,
-// their index, and the config, tokenizer and chat-template files model directories hold.
+// Files an earlier `deltapack apply` may have written into a model directory besides the names of this run: shards,
+// their index, and the config, tokenizer and template files of Hugging Face model directories. Nothing else (a
+// thesis.txt beside one shard) is taken for an output.
 static bool model_directory_file(const std::string& name) {
-    for (const char* s : {".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja"})
-        if (ends_with_nocase(name, s)) return true;
-    return false;
+    static const char* known[] = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                                  "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
+                                  "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+                                  "preprocessor_config.json", "model.safetensors.index.json"};
+    for (const char* k : known)
+        if (name == k) return true;
+    return ends_with_nocase(name, ".safetensors");
 }
 
 // Why the existing `path` is not an earlier output of `kind` (so --overwrite must not replace it), or "".
@@ -189,17 +201,24 @@ static std::string not_an_output(const std::string& path, OutputKind kind, const
     return "";
 }
 
-void check_output(const std::string& out, OutputKind kind, const std::vector<std::string>& inputs, bool overwrite,
-                  const std::vector<std::string>& writes) {
+std::string output_path(const std::string& out) {
     if (out.empty()) throw std::invalid_argument("the output path is empty");
-    fs::path abs = fs::absolute(out).lexically_normal();
-    if (!abs.has_filename()) abs = abs.parent_path();  // "dir/" names dir
+    fs::path abs = fs::absolute(out);
+    while (!abs.has_filename() && abs != abs.root_path()) abs = abs.parent_path();  // "dir/" names dir
     const std::string leaf = abs.filename().string();
-    if (leaf.empty() || leaf == "." || leaf == ".." || abs == abs.root_path())
+    if (leaf.empty() || leaf == "." || leaf == "..")
         throw std::invalid_argument(out + ": not a name to write an output under");
+    // The folder as the kernel will resolve it: links first, then "..", so LINK/../NAME is where LINK's target's
+    // parent is, not NAME beside LINK (lexical normalisation first would check another place than is written).
     std::error_code ec;
     const fs::path parent = fs::weakly_canonical(abs.parent_path(), ec);
-    const fs::path target = (ec ? abs.parent_path() : parent) / leaf;  // a link at `out` itself is not followed
+    if (ec) throw std::system_error(ec, out + ": cannot resolve its folder");
+    return (parent / leaf).string();
+}
+
+void check_output(const std::string& out, OutputKind kind, const std::vector<std::string>& inputs, bool overwrite,
+                  const std::vector<std::string>& writes) {
+    const fs::path target = output_path(out);  // a link at `out` itself is not followed
     struct stat st;
     const bool exists = ::lstat(target.c_str(), &st) == 0;
     for (const std::string& in : inputs) {

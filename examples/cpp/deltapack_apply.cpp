@@ -23,6 +23,9 @@
 // A plain delta file over one safetensors file: every base tensor out, the named ones rebuilt, one at a time.
 static void apply_plain(const std::string& base_path, const deltapack::DeltaFile& delta, const std::string& out_path,
                         const deltapack::ApplyCheckpointOptions& opt) {
+    if (!opt.dtype.empty())
+        throw std::invalid_argument(delta.path() + ": a plain delta file is applied in the base's dtypes; --dtype is for "
+                                    "deltas made by `deltapack compress`");
     auto base = deltapack::ModelFiles::open(base_path, opt.follow_links);
     if (base->is_directory())
         throw std::invalid_argument(delta.path() + ": a plain delta file (no checkpoint record) applies to one "
@@ -84,6 +87,7 @@ int main(int argc, char** argv) {
             if (!parse_int(argv[++i], opt.threads)) problem = std::string("--threads ") + argv[i] + ": not a count of threads";
         } else if (a == "--dtype" && has_value) {
             opt.dtype = argv[++i];
+            if (opt.dtype != "bf16" && opt.dtype != "f16" && opt.dtype != "f32") problem = "--dtype " + opt.dtype + ": use bf16, f16 or f32";
         } else if (a == "--force") {
             opt.force = true;
         } else if (a == "--overwrite") {

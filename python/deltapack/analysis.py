@@ -25,7 +25,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import edits as E
+from . import reference
 from .evaluation import batches, examples_of
+from .models import read_json_object
 from .pairs import load_model
 
 
@@ -75,24 +77,15 @@ def _base_tensors(base, names_shapes: dict):
     import torch
 
     if isinstance(base, (str, os.PathLike)):
-        from safetensors import safe_open
+        from .models import Checkpoint
 
-        path = os.fspath(base)
-        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")] \
-            if os.path.isdir(path) else [path]
-        if not files:
-            raise ValueError(f"{path}: no .safetensors files (expected a Hugging Face model directory)")
-        where = {}
-        for f in files:
-            with safe_open(f, "pt") as h:
-                for k in h.keys():
-                    where[k] = (f, tuple(h.get_slice(k).get_shape()))
-        shapes = {k: s for k, (f, s) in where.items()}
+        ck = Checkpoint(base)  # deltapack's reader: the index's tensors, pread, links only inside the directory
+        shapes = {k: tuple(t.shape) for k, t in ck.tensors.items()}
 
         def get(name):
-            with safe_open(where[name][0], "pt") as h:
-                return h.get_tensor(name).float()
-        label = path
+            arr, float_name = ck.read_tensor(name), ck[name].float_name
+            return torch.from_numpy(reference.widen(arr, float_name) if float_name else arr.astype("float32"))
+        label = ck.path
     else:
         sd = base.state_dict() if hasattr(base, "state_dict") else dict(base)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -293,11 +286,8 @@ def _check_same_arch(model_dir, base_dir):
     import json
 
     def cfg(d):
-        try:
-            with open(os.path.join(os.fspath(d), "config.json")) as f:
-                return json.load(f)
-        except OSError:
-            return None
+        path = os.path.join(os.fspath(d), "config.json")
+        return read_json_object(path) if os.path.isfile(path) else None
     a, b = cfg(model_dir), cfg(base_dir)
     if a is None or b is None:
         return

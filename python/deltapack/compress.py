@@ -43,8 +43,14 @@ def _keep_files(ft: Checkpoint) -> dict:
         print(f"deltapack: not keeping {os.path.join(ft.dir, name)} ({why})", file=sys.stderr)
     for name, data in kept:
         try:
-            files[name] = {"text": data.decode("utf-8")}
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
+            text = None
+        # Text where JSON keeps it about as small (config and tokenizer files), else base64 (4/3): a text of
+        # control characters or quotes would grow 6x as JSON escapes, and again in the header.
+        if text is not None and len(json.dumps(text, ensure_ascii=False).encode()) <= 1.25 * len(data) + 16:
+            files[name] = {"text": text}
+        else:
             files[name] = {"base64": base64.b64encode(data).decode("ascii")}
     return files
 

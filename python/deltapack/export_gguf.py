@@ -15,11 +15,15 @@ Conventions (those of llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -27,7 +31,7 @@ import numpy as np
 
 import gguf
 
-from . import _core
+from . import _core, models
 from .finetune import FineTune, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -82,13 +86,17 @@ def arch_of(config: dict | None, where: str) -> Arch:
     raise ValueError(f"{where}: architecture {got} is not supported for GGUF export (supported: {supported})")
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def checked_config(config: dict, where: str) -> dict:
-    """config.json (of the model directory `where`) with every field a GGUF export reads checked: a ValueError
-    naming the file and the field when one is missing or of the wrong type."""
+def checked_config(config: dict, where: str, shapes: dict) -> dict:
+    """config.json (of the model directory `where`) with every field a GGUF export reads checked against its type
+    and the tensors' shapes (`shapes`: name -> shape, what the export writes; the file's numbers size the name
+    map and the vocabulary): a ValueError naming the file and the field when one is missing or wrong."""
     path = f"{where}/config.json"
 
     def fail(key, what):
@@ -104,10 +112,13 @@ def checked_config(config: dict, where: str) -> dict:
         v = config.get(key)
         if v is not None and (not _is_int(v) or v < 0):
             fail(key, f"must be an integer >= 0 or null, not {v!r}")
+    def f32(v):  # GGUF stores these as float32
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 3.4e38
+
     for key in ("rms_norm_eps", "rope_theta"):
         v = config.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-            fail(key, f"must be a finite number, not {v!r}")
+        if v is not None and not f32(v):
+            fail(key, f"must be a finite float32 number, not {v!r}")
     for key in ("rope_parameters", "rope_scaling"):
         rp = config.get(key)
         if rp is None:
@@ -116,11 +127,13 @@ def checked_config(config: dict, where: str) -> dict:
             fail(key, f"must be an object or null, not {rp!r}")
         for sub in ("rope_theta", "factor"):
             v = rp.get(sub)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-                fail(f"{key}.{sub}", f"must be a finite number, not {v!r}")
+            if v is not None and (not f32(v) or v <= 0):
+                fail(f"{key}.{sub}", f"must be a positive float32 number, not {v!r}")
         for sub in ("rope_type", "type"):
             if rp.get(sub) is not None and not isinstance(rp[sub], str):
                 fail(f"{key}.{sub}", f"must be a string, not {rp[sub]!r}")
+        if (rp.get("rope_type") or rp.get("type")) == "linear" and rp.get("factor") is None:
+            fail(f"{key}.factor", "is missing (linear RoPE scaling needs it)")
     if not isinstance(config.get("use_sliding_window", True), bool):
         fail("use_sliding_window", f"must be true or false, not {config['use_sliding_window']!r}")
     n_head = config["num_attention_heads"]
@@ -129,6 +142,17 @@ def checked_config(config: dict, where: str) -> dict:
         fail("num_key_value_heads", f"{n_kv} does not divide num_attention_heads {n_head}")
     if not config.get("head_dim") and config["hidden_size"] % n_head:
         fail("hidden_size", f"{config['hidden_size']} is not a multiple of num_attention_heads {n_head}")
+    layers = {int(m.group(1)) for m in map(_LAYER.match, shapes) if m}
+    if config["num_hidden_layers"] != (max(layers) + 1 if layers else 0):
+        fail("num_hidden_layers", f"is {config['num_hidden_layers']}, the tensors have {len(layers)} layers")
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is not None and config["vocab_size"] > emb[0]:
+        fail("vocab_size", f"{config['vocab_size']} is more than the embedding's {emb[0]} rows")
+    for name, shape in shapes.items():  # q/k rows are permuted in rotary pairs per head
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        if heads and shape[0] % (2 * heads):
+            fail("num_attention_heads" if heads == n_head else "num_key_value_heads",
+                 f"{heads} does not split tensor '{name}' ({shape[0]} rows) into pairs per head")
     return config
 
 
@@ -249,7 +273,7 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
     ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)   # before any work
-    config = checked_config(ft.config, ft.base.path)
+    config = checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
     names = _Names(arch, config)
 
@@ -335,29 +359,48 @@ def _hyperparameters(w: gguf.GGUFWriter, arch: Arch, config: dict, outtype: str)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-# The files of a model directory the vocabulary is read from (here and by gguf-py's SpecialVocab).
+# The files of a model directory the vocabulary is read from, here and by gguf-py's SpecialVocab (which opens them
+# by name, following links): they are copied, checked, into a private directory, and only that is read.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "config.json", "generation_config.json", "tokenizer.model")
+                    "config.json", "generation_config.json", "tokenizer.model", "chat_template.jinja",
+                    "chat_template.json", "merges.txt", "vocab.json")
+_TEMPLATES = "additional_chat_templates"
 
 
-def _tokenizer_json(model_dir, follow_links: bool):
-    """tokenizer.json of `model_dir` (None without one), after checking that none of the files the vocabulary is
-    read from is a link out of the directory (resolve_in_model_dir: gguf-py opens them by name)."""
+@contextlib.contextmanager
+def _vocab_dir(model_dir, follow_links: bool):
+    """A private directory holding checked copies of `model_dir`'s tokenizer files (links only inside it unless
+    follow_links, regular files of at most 64 MiB); None without a model directory."""
     if not model_dir:
+        yield None
+        return
+    names = list(_TOKENIZER_FILES)
+    templates = _core.resolve_in_model_dir(model_dir, _TEMPLATES, follow_links)
+    if os.path.isdir(templates):
+        names += [f"{_TEMPLATES}/{n}" for n in sorted(os.listdir(templates)) if n.endswith(".jinja")][:64]
+    total = 0
+    with tempfile.TemporaryDirectory(prefix="deltapack-vocab-") as tmp:
+        os.mkdir(os.path.join(tmp, _TEMPLATES))
+        for name in names:
+            src = _core.resolve_in_model_dir(model_dir, name, follow_links)
+            if not os.path.lexists(src):
+                continue
+            st = os.stat(src)  # before opening: a FIFO would block open()
+            total += st.st_size
+            if not stat.S_ISREG(st.st_mode) or st.st_size > models.MAX_JSON_FILE or total > 2 * models.MAX_JSON_FILE:
+                raise ValueError(f"{model_dir}/{name}: not a regular file of at most {models.MAX_JSON_FILE >> 20} MiB "
+                                 f"(the tokenizer files at most {2 * models.MAX_JSON_FILE >> 20} MiB together)")
+            with open(src, "rb") as fh, open(os.path.join(tmp, name), "wb") as out:
+                out.write(fh.read(models.MAX_JSON_FILE + 1))
+        yield tmp
+
+
+def _tokenizer_json(vocab_dir, model_dir):
+    """tokenizer.json from the checked copies (None without one), named as `model_dir`'s in messages."""
+    path = os.path.join(vocab_dir, "tokenizer.json") if vocab_dir else None
+    if not path or not os.path.exists(path):
         return None
-    for name in _TOKENIZER_FILES:
-        _core.resolve_in_model_dir(model_dir, name, follow_links)
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
-        return None
-    with open(_core.resolve_in_model_dir(model_dir, "tokenizer.json", follow_links), "rb") as fh:
-        try:
-            tok = json.loads(fh.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-            raise ValueError(f"{path}: not valid JSON ({ex})") from None
-    if not isinstance(tok, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return tok
+    return models.read_json_object(path, os.path.join(model_dir, "tokenizer.json"))
 
 
 def _split_patterns(pre) -> list[str]:
@@ -394,8 +437,10 @@ def _merge_pairs(model: dict) -> list[tuple[str, str]]:
     """tokenizer.json merges, in rank order (stored as "a b" strings or as [a, b] pairs)."""
     out = []
     for m in model.get("merges") or []:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        out.append((a, b))
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise TypeError(f"merge {m!r} is not two tokens")
+        out.append(tuple(pair))
     return out
 
 
@@ -415,7 +460,7 @@ def _prepends_space(tok: dict) -> bool:
     return walk(tok.get("normalizer")) or walk(tok.get("pre_tokenizer"))
 
 
-def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir):
+def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir, vocab_dir):
     """A sentencepiece-style BPE (byte_fallback, '▁' for spaces) as llama.cpp's 'llama' tokenizer.
 
     llama.cpp merges the adjacent pair whose joined token scores highest; scoring each token by minus
@@ -453,7 +498,7 @@ def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir):
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_add_space_prefix(_prepends_space(tok))
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    special = gguf.SpecialVocab(vocab_dir, load_merges=False, n_vocab=n_vocab)
     if "unk" not in special.special_token_ids and model.get("unk_token") in vocab:
         special.special_token_ids["unk"] = vocab[model["unk_token"]]
     special.add_to_gguf(w, quiet=True)
@@ -461,15 +506,16 @@ def _write_spm_vocab(w: gguf.GGUFWriter, tok: dict, config: dict, model_dir):
 
 def _write_vocab(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool, follow_links: bool) -> str:
     """The tokenizer from tokenizer.json (byte-level BPE), else a placeholder of vocab_size tokens."""
-    tok = _tokenizer_json(model_dir, follow_links)
-    try:
-        return _write_vocab_of(w, arch, config, model_dir, quiet, tok)
-    except (TypeError, AttributeError, KeyError, IndexError) as ex:  # a tokenizer.json of another structure
-        raise ValueError(f"{model_dir}/tokenizer.json: not a tokenizer this export reads "
-                         f"({type(ex).__name__}: {ex})") from None
+    with _vocab_dir(model_dir, follow_links) as vocab_dir:
+        tok = _tokenizer_json(vocab_dir, model_dir)
+        try:
+            return _write_vocab_of(w, arch, config, model_dir, quiet, tok, vocab_dir)
+        except (TypeError, AttributeError, KeyError, IndexError, RecursionError) as ex:  # another structure
+            raise ValueError(f"{model_dir}/tokenizer.json: not a tokenizer this export reads "
+                             f"({type(ex).__name__}: {ex})") from None
 
 
-def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool, tok) -> str:
+def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, quiet: bool, tok, vocab_dir) -> str:
     n_vocab = config["vocab_size"]
     model = (tok or {}).get("model") or {}
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
@@ -492,7 +538,7 @@ def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, qui
                 tokens.append(f"[PAD{i}]")
                 types.append(gguf.TokenType.UNUSED)
         w.add_tokenizer_model("gpt2")
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+        special = gguf.SpecialVocab(vocab_dir, load_merges=True, n_vocab=n_vocab)
         w.add_tokenizer_pre(_bpe_pre(tok, arch, bool(special.merges), model_dir, quiet))
         w.add_token_list(tokens)
         w.add_token_types(types)
@@ -504,7 +550,7 @@ def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, qui
         special.add_to_gguf(w, quiet=True)
         return "tokenizer.json"
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        _write_spm_vocab(w, tok, config, model_dir)
+        _write_spm_vocab(w, tok, config, model_dir, vocab_dir)
         return "tokenizer.json"
     why = "no tokenizer.json" if tok is None else f"tokenizer.json model {model.get('type')!r} is not supported"
     _say(f"{model_dir}: {why}; writing a placeholder vocabulary of {n_vocab} tokens (feed token ids directly)",
@@ -535,7 +581,7 @@ def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
     ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)   # before any work
-    config = checked_config(ft.config, ft.base.path)
+    config = checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
     inputs = [ft.base.path] + ([ft.delta.path] if ft.delta is not None else [])
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, inputs, overwrite)
     names = _Names(arch, config)

@@ -3,6 +3,7 @@ deltapack.export_gguf): `FineTune` reads it one tensor at a time, and `lowrank_f
 LoRA pair per changed matrix (a `lowrank` delta as it is, other codecs by truncated SVD)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ class FineTune:
 
     def __init__(self, base, delta=None, alpha: float = 1.0, threads: int | None = None, force: bool = False,
                  follow_links: bool = False):
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha {alpha} is invalid: the scale of a delta must be a finite number")
         self.base = models.Checkpoint(base, follow_links)
         self.config = self.base.config or {}
         self.alpha, self.threads = float(alpha), threads

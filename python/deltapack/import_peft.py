@@ -56,6 +56,9 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
             raise ValueError(f"{cfg_path}: {key} is set: {why}")
     if dtype is not None and dtype not in FLOATS:
         raise ValueError(f"dtype must be f32, f16 or bf16 (got {dtype!r})")
+    r_cfg = cfg.get("r")  # kept in the delta's metadata (FORMAT.md §7)
+    if r_cfg is not None and not (isinstance(r_cfg, int) and not isinstance(r_cfg, bool) and 1 <= r_cfg <= 1 << 20):
+        raise files.FormatError(f"{cfg_path}: r is {r_cfg!r}, not an integer in [1, 2^20]")
     base_ck = models.Checkpoint(base, follow_links)
     ad = models.Checkpoint(_core.resolve_in_model_dir(adapter_dir, ADAPTER_WEIGHTS, follow_links))
     pairs: dict[str, dict] = {}
@@ -135,7 +138,11 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
             report.append({"name": name, "dense": True})
     if not encs:
         raise ValueError(f"{w_path}: the adapter changes nothing")
-    peft_meta = {"r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "use_rslora": use_rslora,
+    lora_alpha = cfg.get("lora_alpha")  # each module's alpha was checked above; this one may be unused by them
+    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
+                                   or not math.isfinite(lora_alpha)):
+        raise files.FormatError(f"{cfg_path}: lora_alpha is {lora_alpha!r}, not a finite number")
+    peft_meta = {"r": r_cfg, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
                  "modules": modules}
     record = {"version": models.CHECKPOINT_VERSION,
               "tensors": {n: {"op": "delta" if n in encs else "same", "dtype": i.dtype, "shape": list(i.shape)}

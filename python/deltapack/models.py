@@ -48,7 +48,7 @@ def _no_duplicates(where):
     return hook
 
 
-_MAX_JSON_FILE = 64 << 20  # bytes: a config or index of a model is far smaller
+MAX_JSON_FILE = 64 << 20  # bytes: a tokenizer.json of a large vocabulary is ~33 MB, a config far smaller
 
 
 def read_json(path, object_pairs_hook=None, name=None):
@@ -56,8 +56,8 @@ def read_json(path, object_pairs_hook=None, name=None):
     regular file of at most 64 MiB, UTF-8 JSON, else a FormatError naming it."""
     name = name or path
     st = os.stat(path)  # before opening: a FIFO would block open()
-    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_JSON_FILE:
-        raise files.FormatError(f"{name}: not a regular file of at most {_MAX_JSON_FILE >> 20} MiB")
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JSON_FILE:
+        raise files.FormatError(f"{name}: not a regular file of at most {MAX_JSON_FILE >> 20} MiB")
     with open(path, "rb") as fh:
         try:
             return json.loads(fh.read().decode("utf-8"), object_pairs_hook=object_pairs_hook)

@@ -153,7 +153,9 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 // What deltapack reads from a model directory and where it writes (docs/SECURITY.md): one set of rules for
 // compress, apply, the exporters, deltapack-apply and the C API.
 
-constexpr uint64_t kMaxKeptFile = uint64_t(32) << 20;  // bytes: a larger non-weight file is not kept or copied
+constexpr uint64_t kMaxKeptFile = uint64_t(32) << 20;   // bytes: a larger non-weight file is not kept or copied
+constexpr uint64_t kMaxKeptTotal = uint64_t(64) << 20;  // bytes of all the kept (or copied) files together
+constexpr size_t kMaxKeptFiles = 256;                   // kept files of one model directory
 constexpr size_t kMaxFileName = 255;                   // bytes (NAME_MAX)
 
 // Files that hold tensors (*.safetensors, *.bin, *.pt, *.pth, *.ckpt, *.h5, *.msgpack, *.gguf, *.onnx, *.pkl,
@@ -175,10 +177,15 @@ struct KeptFile {
     std::string name, data;  // data: the contents (for a skipped file, why it was skipped)
 };
 // The kept files of model directory `dir`: its top-level regular files that kept_file_problem() accepts, of at
-// most kMaxKeptFile bytes each, sorted by name (links as resolve_in_model_dir allows). Larger ones go to
-// `skipped` with the reason.
+// most kMaxKeptFile bytes each, kMaxKeptTotal and kMaxKeptFiles in all, sorted by name (links as
+// resolve_in_model_dir allows). Those past a limit go to `skipped` with the reason.
 std::vector<KeptFile> read_kept_files(const std::string& dir, bool follow_links = false,
                                       std::vector<KeptFile>* skipped = nullptr);
+
+// The absolute path an output `out` names: its folder with every link and ".." resolved as the kernel resolves
+// them (LINK/../NAME is beside LINK's target), its last component as given ("dir/" is dir). std::invalid_argument
+// for a path that names no entry to write ("", ".", "..", "/").
+std::string output_path(const std::string& out);
 
 // What a command writes, for check_output.
 enum class OutputKind : uint8_t { DeltaFile, SafetensorsFile, GgufFile, ModelDirectory, AdapterDirectory };
@@ -188,8 +195,9 @@ const char* output_kind_name(OutputKind k);  // "a deltapack file", "a model dir
 // a symbolic link, and only when it looks like what the command writes (std::system_error EEXIST otherwise):
 // a file of that format (a deltapack file is a safetensors file with a deltapack manifest; a GGUF file starts
 // with "GGUF"), an empty directory, or a directory of regular files only: for ModelDirectory *.safetensors
-// weights and config, tokenizer or template files (*.json, *.txt, *.model, *.tiktoken, *.jinja), for
-// AdapterDirectory adapter_config.json and adapter_model.safetensors, plus any of `writes` (names this run writes).
+// shards, their index and the config and tokenizer files of Hugging Face model directories (config.json,
+// tokenizer.json, tokenizer.model, merges.txt, ...), for AdapterDirectory adapter_config.json and
+// adapter_model.safetensors, plus any of `writes` (names this run writes). `out` is taken where output_path puts it.
 void check_output(const std::string& out, OutputKind kind, const std::vector<std::string>& inputs, bool overwrite,
                   const std::vector<std::string>& writes = {});
 

@@ -191,6 +191,11 @@ public:
     }
 
     std::unique_ptr<RowDecoder> prepare(const EncodedRef& e, const json::Value& p, const Matrix& m) const override {
+        // As the encoder: a rank above min(rows, cols) describes nothing more, only costs rank x rows x cols to
+        // decode (a few stored bytes could ask for hours).
+        if (param_int(p, "rank") > std::max<int64_t>(1, std::min(m.rows, m.cols)))
+            bad_component(e, "rank " + std::to_string(param_int(p, "rank")) + " exceeds min(rows, cols) = " +
+                                 std::to_string(std::min(m.rows, m.cols)));
         if (!p.find("bits")) {
             auto d = std::make_unique<LowrankDecoder>();
             d->rank = param_int(p, "rank");

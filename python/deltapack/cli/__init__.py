@@ -13,7 +13,7 @@ import numpy as np
 
 import deltapack as dp
 
-from .args import add_follow_links, finite_float
+from .args import add_follow_links, count, finite_float
 
 # Modules that add subcommands (each defines register(subparsers)); kept in one list here.
 PLUGIN_MODULES: list[str] = ["deltapack.cli.export", "deltapack.cli.analyze"]
@@ -116,34 +116,40 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps({**summary, "tensor_list": tensors}, indent=1))
         return 0
-    w = max([len(t["name"]) for t in tensors] + [6])
+    w = max([len(shown(t["name"])) for t in tensors] + [6])
     print(f"{'tensor':{w}s}  {'codec':8s} {'shape':>16s} {'dtype':5s} {'bits/param':>10s}  params")
     for t in tensors:
         shape = "x".join(map(str, t["shape"])) or "scalar"
         params = ",".join(f"{k}={v}" for k, v in t["params"].items())
         op = f"  [{t['op']}]" if t.get("op") not in (None, "delta") else ""
-        print(f"{t['name']:{w}s}  {t['codec']:8s} {shape:>16s} {t['dtype']:5s} {t['bits_per_param']:10.3f}  "
+        print(f"{shown(t['name']):{w}s}  {t['codec']:8s} {shape:>16s} {t['dtype']:5s} {t['bits_per_param']:10.3f}  "
               f"{params}{op}")
     print(f"{len(tensors)} tensors, {total_params:,} parameters, {f.nbytes:,} bytes on disk, "
           f"{summary['bits_per_param']:.3f} bits/param")
     if ckpt is not None:
-        print(f"fine-tune: {ckpt['tensors']} tensors, {ckpt['ft_bytes']:,} bytes; compression ratio "
+        print(f"fine-tune: {ckpt['tensors']} tensors, {ckpt['ft_bytes'] or 0:,} bytes; compression ratio "
               f"{ckpt['ratio']:.2f}x; {ckpt['unchanged']} unchanged (not stored), {ckpt['delta']} as deltas")
         for label, key in (("added/replaced", "added_or_replaced"), ("removed", "removed")):
             if ckpt[key]:
-                print(f"{label}: {', '.join(ckpt[key])}")
+                print(f"{label}: {', '.join(map(shown, ckpt[key]))}")
         for n, r in ckpt["resized"].items():
-            print(f"resized: {n} {r['base_shape']} -> {r['shape']}")
+            print(f"resized: {shown(n)} {r['base_shape']} -> {r['shape']}")
         for n, src in ckpt["sources"].items():
-            print(f"rebuilt from another base tensor: {n} <- {src} (untied embeddings)")
+            print(f"rebuilt from another base tensor: {shown(n)} <- {shown(src)} (untied embeddings)")
         if ckpt["files"]:
-            print(f"kept files: {', '.join(ckpt['files'])}")
+            print(f"kept files: {', '.join(map(shown, ckpt['files']))}")
     budget = metadata.pop("budget", None) if isinstance(metadata, dict) else None
     if budget:
         _print_budget(budget, f)
     if metadata:
         print(f"metadata: {json.dumps(metadata)}")
     return 0
+
+
+def shown(name: str) -> str:
+    """A name from a file as it may be printed on a terminal: control characters escaped (a name holding
+    ESC sequences would otherwise redraw the user's screen)."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 def _print_budget(b: dict, f) -> None:
@@ -157,13 +163,14 @@ def _print_budget(b: dict, f) -> None:
     print(f"budget: {b.get('bits_per_param')} bits/param{used}, proxy '{b.get('proxy')}', predicted loss of the "
           f"weighted delta {100 * float(b.get('predicted_error', 0)):.2f} %")
     if b.get("data", {}).get("scores"):
-        sc = ", ".join(f"{p} {100 * v['agreement']:.1f} % (KL {v['kl']:.3g})" for p, v in b["data"]["scores"].items())
+        sc = ", ".join(f"{p} {100 * v.get('agreement', 0):.1f} % (KL {v.get('kl', 0):.3g})"
+                       for p, v in b["data"]["scores"].items())
         print(f"  chosen on {b['data'].get('examples')} calibration examples by agreement with the fine-tune: {sc}")
     per = b.get("tensors") or {}
     if per:
-        w = max(len(n) for n in per)
+        w = max(len(shown(n)) for n in per)
         for n, e in per.items():
-            print(f"  {n:{w}s}  predicted {100 * float(e):6.2f} % lost" + ("  (not stored)" if n not in f else ""))
+            print(f"  {shown(n):{w}s}  predicted {100 * float(e):6.2f} % lost" + ("  (not stored)" if n not in f else ""))
 
 
 def _metadata_arg(items):
@@ -230,12 +237,12 @@ def cmd_verify(args) -> int:
                           "tensors": rows}, indent=1))
     else:
         if not args.quiet:
-            w = max([len(r["name"]) for r in rows] + [6])
+            w = max([len(shown(r["name"])) for r in rows] + [6])
             print(f"{'tensor':{w}s}  {'op':8s} {'rel.error':>10s} {'cosine':>10s} {'Δ rel.err':>10s} "
                   f"{'Δ cosine':>9s}")
             for r in rows:
                 flag = "  <-- over threshold" if r in bad else ""
-                print(f"{r['name']:{w}s}  {r['op']:8s} {r['rel_error']:10.3e} {r['cosine']:10.7f} "
+                print(f"{shown(r['name']):{w}s}  {r['op']:8s} {r['rel_error']:10.3e} {r['cosine']:10.7f} "
                       f"{r['delta_rel_error']:10.4f} {r['delta_cosine']:9.5f}{flag}")
         worst = max(rows, key=lambda r: r["rel_error"], default=None)
         if worst is not None:
@@ -256,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_demo.__doc__)
     d.add_argument("--size", type=int, default=2048, help="matrix size N (N x N); default 2048")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    d.add_argument("--threads", type=count, default=0, help="threads (0 = all cores)")
     d.add_argument("--recipes", nargs="+", default=DEMO_RECIPES, metavar="RECIPE",
                    help="recipes to try (default: one of each codec)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
@@ -286,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", metavar="FILE", help="with --budget: calibration data (JSONL of {\"input_ids\": "
                    "[...], \"prompt_len\"} or text, one example per line) for data-aware proxies (Fisher "
                    "sensitivities); the proxy whose rebuilt model is closest to FT on this data is kept")
-    c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples of --data")
-    c.add_argument("--min-size", type=int, default=None, metavar="N",
+    c.add_argument("--max-examples", type=count, default=None, help="use only the first N examples of --data")
+    c.add_argument("--min-size", type=count, default=None, metavar="N",
                    help="tensors with fewer elements are stored dense (default 4096; with --budget 1: every "
                         "matrix is a candidate, exact dense among them)")
     c.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="user metadata (repeatable)")
@@ -295,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "BASE (another architecture or size, most tensors new or reshaped, or matrices that changed "
                    "by as much as the weights)")
     add_follow_links(c)
-    c.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    c.add_argument("--threads", type=count, default=0, help="threads (0 = all cores)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(fn=cmd_compress)
@@ -315,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_follow_links(a)
     a.add_argument("--no-fsync", action="store_true", help="do not flush the files to disk before renaming "
                    "OUT into place (still atomic if killed, not on power loss; faster on slow disks)")
-    a.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    a.add_argument("--threads", type=count, default=0, help="threads (0 = all cores)")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     a.set_defaults(fn=cmd_apply)
 
@@ -325,13 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("base", metavar="BASE")
     v.add_argument("ft", metavar="FT")
     v.add_argument("delta", metavar="FILE")
-    v.add_argument("--max-rel-error", type=float, default=0.05,
+    v.add_argument("--max-rel-error", type=finite_float, default=0.05,
                    help="fail (exit 3) if a tensor's weight relative error is above this (default 0.05)")
-    v.add_argument("--min-cosine", type=float, default=-1.0,
+    v.add_argument("--min-cosine", type=finite_float, default=-1.0,
                    help="fail (exit 3) if a tensor's delta cosine is below this (default: off)")
     v.add_argument("--force", action="store_true", help="skip the base fingerprint check")
     add_follow_links(v)
-    v.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    v.add_argument("--threads", type=count, default=0, help="threads (0 = all cores)")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
     v.set_defaults(fn=cmd_verify)
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
     except (dp.FormatError, ValueError, OSError, KeyError) as ex:
         # An OSError from the C++ core carries its whole message (path and problem) as strerror.
         text = ex.strerror if isinstance(ex, OSError) and ex.filename is None and ex.strerror else ex
-        print(f"deltapack {args.command}: error: {text}", file=sys.stderr)
+        print(f"deltapack {args.command}: error: {shown(str(text))}", file=sys.stderr)
         return 1
     except MemoryError:
         print(f"deltapack {args.command}: error: out of memory", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from .args import count, finite_float
+
 
 def register(sub) -> None:
     a = sub.add_parser(
@@ -16,13 +18,13 @@ def register(sub) -> None:
                    "'*.mlp.*=dare:p=0.9;*=bitdelta', 'magnitude:p=0.9+extrapolate:alpha=0.2'")
     a.add_argument("--data", required=True, help="JSONL of {\"input_ids\": [...], optional \"prompt_len\"}, or a "
                    "text file (one example per line) tokenized with FT's tokenizer")
-    a.add_argument("-C", type=int, default=5, help="Riemann-sum points (default 5, as in the paper)")
+    a.add_argument("-C", type=count, default=5, help="Riemann-sum points (default 5, as in the paper)")
     a.add_argument("--seed", type=int, default=0, help="seed of random edits (DARE masks)")
-    a.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
-    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--max-examples", type=count, default=None, help="use only the first N examples")
+    a.add_argument("--batch-size", type=count, default=32)
     a.add_argument("--no-exact", action="store_true", help="skip the exact ΔL (one forward pass less)")
     a.add_argument("--trapezoid", action="store_true", help="also the trapezoid-rule estimate (one more backward)")
-    a.add_argument("--top", type=int, default=8, help="show the N largest per-tensor contributions")
+    a.add_argument("--top", type=count, default=8, help="show the N largest per-tensor contributions")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--force", action="store_true", help="go on even if FT does not look like a fine-tune of BASE")
     a.set_defaults(fn=cmd_analyze)
@@ -45,9 +47,9 @@ def register(sub) -> None:
     c.add_argument("--method", choices=["least-squares", "distill"], default="least-squares",
                    help="least-squares (every codec with scales, layer by layer; default) or distill (sign "
                         "scope=tensor, end to end)")
-    c.add_argument("--steps", type=int, default=100, help="distill: optimisation steps (default 100)")
-    c.add_argument("--lr", type=float, default=1e-2, help="distill: Adam learning rate on log-scales (default 0.01)")
-    c.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    c.add_argument("--steps", type=count, default=100, help="distill: optimisation steps (default 100)")
+    c.add_argument("--lr", type=finite_float, default=1e-2, help="distill: Adam learning rate on log-scales (default 0.01)")
+    c.add_argument("--max-examples", type=count, default=None, help="use only the first N examples")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--force", action="store_true", help="go on even if FT does not look like a fine-tune of BASE")
     c.set_defaults(fn=cmd_calibrate)

@@ -16,6 +16,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer >= 0 (threads, examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 def add_follow_links(p) -> None:
     p.add_argument("--follow-links", action="store_true", help="read files of model directories through symbolic "
                    "links wherever they point (default: only links inside the directory or into a Hugging Face "

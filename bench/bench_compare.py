@@ -51,7 +51,7 @@ def check_install(site):
     return where
 
 
-def checkpoint_steps(sites, n_layers, workdir, repeats):
+def checkpoint_steps(sites, n_layers, workdir, repeats, apply_flags=()):
     root = tempfile.mkdtemp(prefix=f"dpk-compare-{n_layers}-", dir=workdir)
     try:
         total, _ = write_checkpoint(os.path.join(root, "base"), n_layers, False)
@@ -67,7 +67,7 @@ def checkpoint_steps(sites, n_layers, workdir, repeats):
                     shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.path.exists(p) and os.unlink(p)
                 os.sync()
                 for step, cmd in (("compress", ["compress", base, ft, "-o", delta, "--recipe", "sign", "-q"]),
-                                  ("apply", ["apply", base, delta, "-o", out, "-q"])):
+                                  ("apply", ["apply", base, delta, "-o", out, "-q", *apply_flags])):
                     t, peak = run_measured(with_install(site, "deltapack.cli", *cmd))
                     times[site][step].append(t)
                     rss[site][step] = max(rss[site][step], peak)
@@ -101,13 +101,14 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--apply-repeats", type=int, default=1, help="bench_apply.py runs per install (0: none)")
-    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoints go (/dev/shm: no disk)")
+    ap.add_argument("--no-fsync", action="store_true", help="apply with --no-fsync (the code's work, not the disk's)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
     args = ap.parse_args()
     sites = [os.path.abspath(args.old), os.path.abspath(args.new)]
     for s in sites:
         print(f"{s}: {check_install(s)}", file=sys.stderr)
-    ck = checkpoint_steps(sites, args.layers, args.dir, args.repeats)
+    ck = checkpoint_steps(sites, args.layers, args.dir, args.repeats, ["--no-fsync"] if args.no_fsync else [])
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         kernels = apply_kernels(sites, args.apply_repeats, tmp)
     old, new = sites
@@ -130,14 +131,16 @@ def main():
         json.dump({"meta": meta, "checkpoint": ck, "apply": rows}, fh, indent=1)
     m = ck["median_s"]
     lines = [f"# Cost of a change: {new} against {old}", "", str(meta), "",
-             f"bench_checkpoint pair, {args.layers} layers ({ck['model_bytes'] / 2**30:.2f} GiB per model), median of "
-             f"{args.repeats}, alternated:", "", "| step | old s | new s | new / old | old peak RSS GiB | new peak RSS GiB |",
+             f"bench_checkpoint pair, {args.layers} layers ({ck['model_bytes'] / 2**30:.2f} GiB per model) in {args.dir}, "
+             f"apply{' --no-fsync' if args.no_fsync else ''}, median of {args.repeats}, alternated:", "", "| step | old s | new s | new / old | old peak RSS GiB | new peak RSS GiB |",
              "|---|---|---|---|---|---|"]
     for step in ("compress", "apply"):
         lines.append(f"| {step} | {m[old][step]:.2f} | {m[new][step]:.2f} | {m[new][step] / m[old][step]:.3f} | "
                      f"{ck['peak_rss_bytes'][old][step] / 2**30:.2f} | {ck['peak_rss_bytes'][new][step] / 2**30:.2f} |")
-    lines += ["", "bench_apply.py (apply of an in-memory encoded tensor, bf16 base):", "",
-              "| codec | shape | threads | old ms | new ms | new / old |", "|---|---|---|---|---|---|"]
+    if rows:
+        lines += ["", f"bench_apply.py (apply of an in-memory encoded tensor, bf16 base), median of {args.apply_repeats} "
+                  "runs of each, alternated:", "", "| codec | shape | threads | old ms | new ms | new / old |",
+                  "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.get('codec')} | {r.get('shape')} | {r.get('threads')} | {r['old_ms']:.2f} | "
                      f"{r['new_ms']:.2f} | {r['new_over_old']:.3f} |")

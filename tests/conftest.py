@@ -104,3 +104,30 @@ def run_child(cmd, *, timeout, env=None, cwd=None, limits=None):
         e.seek(0)
         return (rc, o.read().decode("utf-8", "replace"), e.read().decode("utf-8", "replace"), maxrss / 1024,
                 time.monotonic() - t0)
+
+
+def write_model_dir(path, tensors, config, shards=2):
+    """A Hugging Face directory as transformers writes it: `shards` safetensors files (+ index when more than one),
+    config.json and a tokenizer_config.json (a kept, non-weight file). tensors: name -> torch tensor."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path)
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for k in range(shards):
+        fname = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[k * per:(k + 1) * per]}
+        save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
+        json.dump({"model_max_length": 64}, fh)

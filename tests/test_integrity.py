@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_child
+from conftest import run_child, write_model_dir
 from test_files import _entry_text, edit_manifest, read_raw, write_raw
 
 import deltapack as dp
@@ -96,25 +96,7 @@ def _perturbed(state, seed):
 
 
 def _write_model(path, state, config=CONFIG, shards=2):
-    """A Hugging Face directory as transformers writes it: shards + index (or model.safetensors), config.json
-    and a tokenizer_config.json (a kept, non-weight file)."""
-    os.makedirs(path)
-    names = list(state)
-    per = -(-len(names) // shards)
-    weight_map = {}
-    for k in range(shards):
-        fname = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n] for n in names[k * per:(k + 1) * per]}
-        safetensors_torch.save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    if shards > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * 2 for t in state.values())}, "weight_map": weight_map}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 64}, f)
+    write_model_dir(path, state, config, shards)
 
 
 @pytest.fixture(scope="module")

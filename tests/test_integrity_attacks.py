@@ -96,7 +96,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import run_child
+from conftest import run_child, write_model_dir
 
 import deltapack as dp
 from deltapack import _core
@@ -306,24 +306,7 @@ def _perturbed(w, seed):
 
 
 def write_model(path, tensors, config=CONFIG, shards=2):
-    """A Hugging Face directory: `shards` safetensors files (+ index when > 1), config.json, tokenizer_config."""
-    os.makedirs(path)
-    names = list(tensors)
-    per = -(-len(names) // shards)
-    weight_map = {}
-    for k in range(shards):
-        fname = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[k * per:(k + 1) * per]}
-        safetensors_torch.save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    if shards > 1:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-            json.dump({"metadata": {"total_size": sum(t.numel() * 2 for t in tensors.values())},
-                       "weight_map": weight_map}, fh)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(config, fh)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
-        json.dump({"model_max_length": 64}, fh)
+    write_model_dir(path, tensors, config, shards)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 // carries the deltapack manifest. See docs/FORMAT.md.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -364,11 +365,57 @@ void SafetensorsFile::parse(const uint8_t* htext, uint64_t hlen, uint64_t file_s
 
 // ---------------------------------------------------------------------------- delta files
 
+// Memory for the tensors read from a file, handed back when a DeltaTensor is released and kept (two buffers at
+// most) for the next read: memory the kernel has already given costs nothing to fill again, while a fresh buffer
+// for every tensor of a large delta cost apply ~10 % in page faults and zeroing. Shared with the buffers it hands
+// out, so a DeltaTensor may outlive its file.
+struct DeltaFile::Buffers : std::enable_shared_from_this<DeltaFile::Buffers> {
+    static constexpr size_t kKept = 2, kHuge = size_t(2) << 20;
+    std::mutex mu;
+    std::vector<std::pair<size_t, void*>> kept;  // (size, memory)
+
+    ~Buffers() {
+        for (auto& b : kept) std::free(b.second);
+    }
+    std::shared_ptr<void> take(size_t n) {
+        std::shared_ptr<Buffers> self = shared_from_this();
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            auto best = kept.end();
+            for (auto it = kept.begin(); it != kept.end(); ++it)
+                if (it->first >= n && (best == kept.end() || it->first < best->first)) best = it;
+            if (best != kept.end()) {
+                const std::pair<size_t, void*> b = *best;
+                kept.erase(best);
+                return std::shared_ptr<void>(b.second, [self, size = b.first](void* p) { self->give(size, p); });
+            }
+        }
+        // Large buffers in whole huge pages where the kernel offers them (fewer page faults to fill them).
+        const size_t align = n >= kHuge ? kHuge : 64, size = (n + align - 1) / align * align;
+        void* mem = std::aligned_alloc(align, size);
+        if (!mem) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+        if (align == kHuge) ::madvise(mem, size, MADV_HUGEPAGE);
+#endif
+        return std::shared_ptr<void>(mem, [self, size](void* p) { self->give(size, p); });
+    }
+    void give(size_t size, void* p) {
+        std::lock_guard<std::mutex> lock(mu);
+        kept.emplace_back(size, p);
+        if (kept.size() > kKept) {  // the smallest goes
+            auto small = std::min_element(kept.begin(), kept.end());
+            std::free(small->second);
+            kept.erase(small);
+        }
+    }
+};
+
 DeltaFile::~DeltaFile() = default;
 
 std::unique_ptr<DeltaFile> DeltaFile::open(const std::string& path, bool in_memory) {
     std::unique_ptr<DeltaFile> f(new DeltaFile());
     f->path_ = path;
+    f->buffers_ = std::make_shared<Buffers>();
     try {
         f->file_ = SafetensorsFile::start(path, in_memory);
     } catch (const std::system_error& ex) {  // a delta file that cannot be opened is reported as unreadable
@@ -516,10 +563,8 @@ DeltaTensor DeltaFile::get(const std::string& name, bool verify) const {
     if (!file_->in_memory()) {
         uint64_t total = 64;
         for (auto& c : e.components) total += (c.second.nbytes + 63) / 64 * 64;
-        void* mem = std::aligned_alloc(64, size_t(total));
-        if (!mem) throw std::bad_alloc();
-        t.bytes = std::shared_ptr<void>(mem, std::free);
-        buf = static_cast<uint8_t*>(mem);
+        t.bytes = buffers_->take(size_t(total));
+        buf = static_cast<uint8_t*>(t.bytes.get());
     }
     uint32_t crc = 0;
     uint64_t at = 0;

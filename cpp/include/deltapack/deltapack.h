@@ -421,11 +421,13 @@ private:
     DeltaFile() = default;
     void read_manifest();
     struct Entry;
+    struct Buffers;  // memory for tensors read from disk, reused
     const Entry& entry_of(const std::string& name) const;
     std::string path_, manifest_;
     std::vector<std::string> order_;
     std::map<std::string, std::shared_ptr<Entry>> entries_;
     std::unique_ptr<SafetensorsFile> file_;
+    std::shared_ptr<Buffers> buffers_;
 };
 
 // Writes a delta file tensor by tensor, holding no tensor once add() returns: components are

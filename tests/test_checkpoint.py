@@ -569,3 +569,49 @@ def test_encode_delta_is_encode_of_the_delta(tmp_path, recipe):
                                                                         shape, 2)
         assert (got_params, got_crc, got_identical) == (want_params, crc, identical)
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), (name, rows)
+
+
+def test_sha256_matches_hashlib():
+    """The C++ SHA-256 that checks kept files taken from the base, against hashlib at every padding boundary."""
+    import hashlib
+
+    rng = np.random.default_rng(7)
+    for n in list(range(0, 130)) + [1000, 65536, 100_003]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert dp._core.sha256_hex(data) == hashlib.sha256(data).hexdigest(), n
+
+
+def test_kept_files_equal_to_the_base_are_taken_from_it(models, tmp_path):
+    """A kept file the fine-tune shares with its base is named by its SHA-256, not stored; apply takes it from
+    BASE, byte for byte, and refuses a BASE whose file changed (before writing anything)."""
+    import hashlib
+
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(models / "base", base)
+    shutil.copytree(models / "ft", ft)
+    tokenizer = json.dumps({"model": {"vocab": {f"tok{i}": i for i in range(20_000)}}}).encode()
+    for d in (base, ft):
+        (d / "tokenizer.json").write_bytes(tokenizer)
+    (ft / "notes.txt").write_text("only in the fine-tune\n")
+    (base / "generation_config.json").write_text('{"do_sample": false}\n')  # differs from ft's
+    ck.compress(base, ft, tmp_path / "d.dpk", "sign", min_size=0)
+    files = ck.checkpoint_record(tmp_path / "d.dpk")["files"]
+    for name in ("tokenizer.json", "config.json"):
+        assert files[name] == {"sha256": hashlib.sha256((ft / name).read_bytes()).hexdigest()}, name
+    assert files["notes.txt"] == {"text": "only in the fine-tune\n"}
+    assert "text" in files["generation_config.json"]
+    assert os.path.getsize(tmp_path / "d.dpk") < len(tokenizer) // 4  # the tokenizer is not in the file
+
+    ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out")
+    for name in os.listdir(ft):
+        if not name.endswith((".safetensors", ".index.json")):
+            assert (tmp_path / "out" / name).read_bytes() == (ft / name).read_bytes(), name
+
+    (base / "tokenizer.json").write_bytes(tokenizer + b" ")
+    with pytest.raises(dp.FormatError, match=r"kept file 'tokenizer.json' is the base's own \(sha256 [0-9a-f]{64}\), "
+                                             r"but .*base/tokenizer.json differs from it"):
+        ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out2")
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(dp.FormatError, match="base/tokenizer.json is missing"):
+        ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -139,6 +139,7 @@ NB_MODULE(_core, m) {
     m.def("set_default_threads", &set_default_threads, "threads"_a);
     m.def("default_threads", &default_threads);
     m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, "data"_a, "crc"_a = 0);
+    m.def("sha256_hex", [](nb::bytes b) { return sha256_hex(b.c_str(), b.size()); }, "data"_a);
     m.def(
         "crc32c",
         [](const InArray& a, uint32_t crc) {

@@ -112,6 +112,24 @@ private:
     const std::string& path_;
 };
 
+bool is_lower_hex(const std::string& s, size_t digits) {
+    return s.size() == digits &&
+           std::all_of(s.begin(), s.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+// "name" or "org/name": letters, digits, '-', '_', '.', each part starting with a letter or digit, no "..".
+bool is_hub_id(const std::string& s) {
+    if (s.empty() || s.size() > 256 || s.find("..") != std::string::npos) return false;
+    size_t slashes = 0;
+    for (size_t i = 0; i < s.size(); ++i) {
+        const unsigned char c = static_cast<unsigned char>(s[i]);
+        if (c == '/') ++slashes;
+        else if (!std::isalnum(c) && c != '-' && c != '_' && c != '.') return false;
+        if ((i == 0 || s[i - 1] == '/') && !std::isalnum(c)) return false;
+    }
+    return slashes <= 1;
+}
+
 bool is_base64(const std::string& s) {
     if (s.size() % 4) return false;
     size_t pad = 0;
@@ -157,9 +175,18 @@ void check_record(const Fields& f, const json::Value& rec, const std::string& wh
             const json::Value& file = f.object(kv.second, w);
             const json::Value* text = f.member(file, "text", w, false);
             const json::Value* b64 = f.member(file, "base64", w, false);
-            if (!text == !b64) f.fail(w, "must have exactly one of \"text\" and \"base64\"");
-            f.string(text ? *text : *b64, w + (text ? ".text" : ".base64"));
-            if (b64 && !is_base64(b64->str)) f.fail(w + ".base64", "is not valid base64");
+            const json::Value* sha = f.member(file, "sha256", w, false);
+            if (int(!!text) + int(!!b64) + int(!!sha) != 1)
+                f.fail(w, "must have exactly one of \"text\", \"base64\" and \"sha256\"");
+            if (text) f.string(*text, w + ".text");
+            if (b64) {
+                f.string(*b64, w + ".base64");
+                if (!is_base64(b64->str)) f.fail(w + ".base64", "is not valid base64");
+            }
+            if (sha) {  // the base's own file, taken from BASE at apply
+                f.string(*sha, w + ".sha256");
+                if (!is_lower_hex(sha->str, 64)) f.fail(w + ".sha256", "must be 64 lowercase hex digits");
+            }
         }
     }
 }
@@ -216,6 +243,15 @@ void check_fingerprint(const Fields& f, const json::Value& base) {
     if (const json::Value* v = f.member(base, "fingerprint", "base", false)) f.string(*v, "base.fingerprint");
     if (const json::Value* cfg = f.member(base, "config", "base", false))
         if (cfg->kind != json::Value::Null) f.object(*cfg, "base.config");
+    if (const json::Value* snap = f.member(base, "hub", "base", false)) {  // a Hugging Face cache snapshot
+        f.object(*snap, "base.hub");
+        const json::Value& id = *f.member(*snap, "id", "base.hub", true);
+        f.string(id, "base.hub.id");
+        if (!is_hub_id(id.str)) f.fail("base.hub.id", json::dump(id) + " is not a Hugging Face model id (org/name)");
+        const json::Value& rev = *f.member(*snap, "revision", "base.hub", true);
+        f.string(rev, "base.hub.revision");
+        if (!is_lower_hex(rev.str, 40)) f.fail("base.hub.revision", "must be a commit: 40 lowercase hex digits");
+    }
     if (const json::Value* tensors = f.member(base, "tensors", "base", false)) {
         f.object(*tensors, "base.tensors");
         for (auto& kv : tensors->obj) {
@@ -225,8 +261,7 @@ void check_fingerprint(const Fields& f, const json::Value& base) {
             f.shape(*f.member(t, "shape", w, true), w + ".shape");
             if (const json::Value* crc = f.member(t, "crc32c", w, false)) {
                 f.string(*crc, w + ".crc32c");
-                if (crc->str.size() != 8 || crc->str.find_first_not_of("0123456789abcdef") != std::string::npos)
-                    f.fail(w + ".crc32c", "must be 8 lowercase hex digits");
+                if (!is_lower_hex(crc->str, 8)) f.fail(w + ".crc32c", "must be 8 lowercase hex digits");
             }
         }
     }
@@ -637,16 +672,31 @@ static void write_file(const std::string& path, const std::string& data) {
 // compress would keep them: read_kept_files); config.json's dtype set to `dtype` if given. Their names were
 // checked when the delta was opened (kept_file_problem), so none can replace a shard or the index.
 static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::string& dtype, bool follow_links) {
-    std::vector<KeptFile> files;
+    std::vector<KeptFile> files, base_files;
+    if (c.base().is_directory()) base_files = read_kept_files(c.base().path(), follow_links);
     const json::Value rec = json::parse(c.record());
     if (const json::Value* kept = rec.find("files"))
         for (auto& kv : kept->obj) {
-            const json::Value* text = kv.second.find("text");
-            files.push_back({kv.first, text ? text->str
-                                            : base64_decode(kv.second.find("base64")->str,
-                                                            c.delta().path() + ": kept file '" + kv.first + "'")});
+            const std::string what = c.delta().path() + ": kept file '" + kv.first + "'";
+            if (const json::Value* text = kv.second.find("text")) {
+                files.push_back({kv.first, text->str});
+            } else if (const json::Value* b64 = kv.second.find("base64")) {
+                files.push_back({kv.first, base64_decode(b64->str, what)});
+            } else {  // the base's own file: taken from BASE if it is still the one the delta was made with
+                const std::string& sha = kv.second.find("sha256")->str;
+                const std::string whence = what + " is the base's own (sha256 " + sha + "), but ";
+                if (!c.base().is_directory())
+                    throw FormatError(whence + "the base " + c.base().path() + " is a file, not a model directory");
+                auto it = std::find_if(base_files.begin(), base_files.end(),
+                                       [&](const KeptFile& b) { return b.name == kv.first; });
+                const std::string there = c.base().path() + "/" + kv.first;
+                if (it == base_files.end()) throw FormatError(whence + there + " is missing (or not a file deltapack reads)");
+                if (sha256_hex(it->data.data(), it->data.size()) != sha)
+                    throw FormatError(whence + there + " differs from it: apply needs the base the delta was made with");
+                files.push_back(*it);
+            }
         }
-    if (files.empty() && c.base().is_directory()) files = read_kept_files(c.base().path(), follow_links);
+    if (files.empty()) files = std::move(base_files);
     for (KeptFile& f : files) {
         if (f.name != "config.json" || dtype.empty()) continue;
         json::Value cfg;

@@ -10,6 +10,7 @@ recorded (metadata["checkpoint"], the base fingerprint): see deltapack.checkpoin
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from . import _core, files, recipes, reference, tensors
+from . import _core, files, hub, recipes, reference, tensors
 from .models import (CHECKPOINT_VERSION, NEW_ROWS, BaseMismatchError, Checkpoint, _as_checkpoint, _crc32c,
                      _progress, _widen_into)
 from .recipes import Rules
@@ -31,17 +32,22 @@ def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
     return tensors.Encoded("dense", {"dtype": float_name}, tuple(values.shape), float_name, {"values": values})
 
 
-def _keep_files(ft: Checkpoint) -> dict:
-    """The fine-tune's non-weight files (config, tokenizer, generation config ...) to store in the manifest: the
-    C++ core's read_kept_files (the rule apply checks them by; links only inside the directory unless ft was
-    opened with follow_links)."""
+def _keep_files(ft: Checkpoint, base: Checkpoint) -> dict:
+    """The fine-tune's non-weight files (config, tokenizer, generation config ...) for the manifest: the C++
+    core's read_kept_files (the rule apply checks them by; links only inside the directory unless ft was opened
+    with follow_links). A file equal to the base's of the same name is named by its SHA-256 and taken from BASE
+    at apply (a tokenizer is megabytes, and most fine-tunes keep their base's)."""
     files = {}
     if not ft.dir:
         return files
     kept, skipped = _core.read_kept_files(ft.dir, ft.follow_links)
     for name, why in skipped:
         print(f"deltapack: not keeping {os.path.join(ft.dir, name)} ({why})", file=sys.stderr)
+    base_files = dict(_core.read_kept_files(base.dir, base.follow_links)[0]) if base.dir else {}
     for name, data in kept:
+        if base_files.get(name) == data:
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest()}
+            continue
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -62,9 +68,12 @@ def _fingerprint(base: Checkpoint, crcs: dict) -> dict:
         if name in crcs:
             entry["crc32c"] = f"{crcs[name]:08x}"
         tensors[name] = entry
-    return {"fingerprint": "crc32c", "tensors": tensors,
-            "config": {k: base.config[k] for k in ("model_type", "_name_or_path") if k in base.config}
-            if base.config else None}
+    fp = {"fingerprint": "crc32c", "tensors": tensors,
+          "config": {k: base.config[k] for k in ("model_type", "_name_or_path") if k in base.config}
+          if base.config else None}
+    if (snap := hub.snapshot_of(base.path)) is not None:  # a Hugging Face cache snapshot: apply can find it again
+        fp["hub"] = snap
+    return fp
 
 
 def _plan(base: Checkpoint, ft: Checkpoint) -> dict:
@@ -386,7 +395,7 @@ def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files, overwri
         record = {"version": CHECKPOINT_VERSION, "tensors": plan,
                   "removed": [n for n in base.tensors if n not in ft.tensors],
                   "ft_bytes": sum(i.nbytes for i in ft.tensors.values()),
-                  "files": _keep_files(ft) if keep_files else {}}
+                  "files": _keep_files(ft, base) if keep_files else {}}
         meta = dict(metadata or {})
         meta["checkpoint"] = record
         return writer, meta, _fingerprint(base, c.crcs)

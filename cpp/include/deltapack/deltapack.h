@@ -147,6 +147,8 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 // The CRC-32C of A followed by B, from crc32c(A), crc32c(B) and B's length: pieces checksummed on
 // different threads join in order.
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+// SHA-256 of n bytes as 64 lowercase hex digits: how a delta names a kept file it takes from its base.
+std::string sha256_hex(const void* data, size_t n);
 
 // ----------------------------------------------------------------------------------- paths
 

@@ -13,7 +13,7 @@ import numpy as np
 
 import deltapack as dp
 
-from .args import add_follow_links, count, finite_float
+from .args import add_follow_links, count, finite_float, model_path
 
 # Modules that add subcommands (each defines register(subparsers)); kept in one list here.
 PLUGIN_MODULES: list[str] = ["deltapack.cli.export", "deltapack.cli.analyze"]
@@ -83,6 +83,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    """Write a model card for a checkpoint delta: its base (Hub id and revision when compress read the base from
+    the Hugging Face cache), how to rebuild the fine-tune, the codecs and bits per parameter, the files taken from
+    the base, and the quality figures given with --quality."""
+    from .. import card
+
+    quality = {}
+    for item in args.quality:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"deltapack card: error: --quality {shown(item)}: expected METRIC=VALUE")
+        quality[key.strip()] = value.strip()
+    text = card.model_card(args.file, quality, args.title)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    if args.overwrite and os.path.lexists(args.output) and not card.is_card(args.output):
+        raise SystemExit(f"deltapack card: error: {shown(args.output)} exists and is not a card deltapack wrote: "
+                         "--overwrite replaces only those; move it away or choose another name")
+    out = dp._core.AtomicFile(args.output, args.overwrite)
+    try:
+        with open(out.reopen_path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    print(f"wrote {shown(args.output)}")
+    return 0
+
+
 def cmd_info(args) -> int:
     """Per-tensor codec, parameters, shape and bits per parameter of a delta file; for a checkpoint
     delta also what changed (added, removed, resized tensors) and the compression ratio."""
@@ -138,6 +169,8 @@ def cmd_info(args) -> int:
             print(f"rebuilt from another base tensor: {shown(n)} <- {shown(src)} (untied embeddings)")
         if ckpt["files"]:
             print(f"kept files: {', '.join(map(shown, ckpt['files']))}")
+        if ckpt["files_from_base"]:
+            print(f"taken from the base at apply (SHA-256 checked): {', '.join(map(shown, ckpt['files_from_base']))}")
     budget = metadata.pop("budget", None) if isinstance(metadata, dict) else None
     if budget:
         _print_budget(budget, f)
@@ -216,8 +249,18 @@ def cmd_compress(args) -> int:
 
 def cmd_apply(args) -> int:
     """Rebuild the fine-tune (base + alpha*delta) as a Hugging Face directory sharded like the base."""
-    from .. import checkpoint
+    from .. import checkpoint, hub
     checkpoint._install_sigterm()
+    if args.base is None:  # the base the delta records, from the Hugging Face cache
+        snap = (dp.open(args.delta, verify=False).base or {}).get("hub")
+        if snap is None:
+            raise SystemExit(f"deltapack apply: error: {shown(args.delta)} does not name its base (it was made from a "
+                             "directory outside the Hugging Face cache): give BASE")
+        try:
+            args.base = hub.snapshot(snap["id"], snap["revision"])
+        except FileNotFoundError as e:
+            raise SystemExit(f"deltapack apply: error: {shown(args.delta)} was made from {shown(snap['id'])}@"
+                             f"{snap['revision']}, but {e}: give BASE") from None
     s = checkpoint.apply_checkpoint(args.base, args.delta, args.output, alpha=args.alpha, dtype=args.dtype,
                                     force=args.force, overwrite=args.overwrite, threads=args.threads or None,
                                     quiet=args.quiet, fsync=not args.no_fsync, follow_links=args.follow_links)
@@ -276,11 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of each tensor")
     i.set_defaults(fn=cmd_info)
 
+    k = sub.add_parser("card", help="write a model card (README.md) for publishing a checkpoint delta",
+                       description=cmd_card.__doc__)
+    k.add_argument("file", metavar="FILE", help="delta file made by `deltapack compress`")
+    k.add_argument("-o", "--output", metavar="OUT", help="file to write, e.g. README.md (default: print the card)")
+    k.add_argument("--overwrite", action="store_true", help="replace OUT if it is a card deltapack wrote (its front "
+                   "matter says library_name: deltapack); never another file")
+    k.add_argument("--quality", action="append", metavar="METRIC=VALUE", default=[],
+                   help="a quality figure you measured, shown in the card (repeatable)")
+    k.add_argument("--title", help="the card's title (default: the file's name)")
+    k.set_defaults(fn=cmd_card)
+
     c = sub.add_parser("compress", help="store a fine-tune checkpoint as a delta against its base",
                        description=cmd_compress.__doc__ + " BASE and FT are Hugging Face model directories "
                        "(model.safetensors or shards + index.json) or single .safetensors files.")
-    c.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
-    c.add_argument("ft", metavar="FT", help="fine-tuned model directory or .safetensors file")
+    c.add_argument("base", metavar="BASE", type=model_path,
+                   help="base model directory or .safetensors file, or a Hub id in the Hugging Face cache")
+    c.add_argument("ft", metavar="FT", type=model_path,
+                   help="fine-tuned model directory or .safetensors file, or a Hub id in the Hugging Face cache")
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="delta file to write (not inside BASE or FT)")
     c.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (only a deltapack file)")
     c.add_argument("--recipe", default=None, help="recipe or per-tensor rules 'pattern=recipe;...' for "
@@ -310,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="rebuild a fine-tune (base + alpha*delta) as a Hugging Face directory",
                        description=cmd_apply.__doc__ + " Config and tokenizer files kept in the delta are "
                        "written too. A single-file base gives a single .safetensors output.")
-    a.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
+    a.add_argument("base", metavar="BASE", type=model_path, nargs="?",
+                   help="base model directory or .safetensors file, or a Hub id in the Hugging Face cache "
+                   "(default: the base the delta records, when it came from the cache and is still there)")
     a.add_argument("delta", metavar="FILE", help="delta file made by `deltapack compress`")
     a.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (or file)")
     a.add_argument("--alpha", type=finite_float, default=1.0,
@@ -329,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare a rebuilt fine-tune with the real one, per tensor",
                        description=cmd_verify.__doc__ + " rel.error = |rebuilt - ft| / |ft| per tensor; "
                        "cosine of the weights, and relative error and cosine of the deltas (vs the base).")
-    v.add_argument("base", metavar="BASE")
-    v.add_argument("ft", metavar="FT")
+    v.add_argument("base", metavar="BASE", type=model_path)
+    v.add_argument("ft", metavar="FT", type=model_path)
     v.add_argument("delta", metavar="FILE")
     v.add_argument("--max-rel-error", type=finite_float, default=0.05,
                    help="fail (exit 3) if a tensor's weight relative error is above this (default 0.05)")

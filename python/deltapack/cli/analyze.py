@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .args import count, finite_float
+from .args import count, finite_float, model_path
 
 
 def register(sub) -> None:
@@ -12,8 +12,8 @@ def register(sub) -> None:
         "analyze", help="estimate the loss change of a delta edit (Riemann sum of Eq. 1) and measure it exactly",
         description="Estimate ΔL = L(W_post + ΔW̃) - L(W_post) for an edit of the delta FT - BASE with the "
                     "Riemann sum (1/C)·Σ⟨∇L(W_post + (c/C)ΔW̃), ΔW̃⟩, and compute the exact ΔL on the same data.")
-    a.add_argument("base", help="base model directory (Hugging Face: config.json + *.safetensors)")
-    a.add_argument("ft", help="fine-tuned model directory")
+    a.add_argument("base", type=model_path, help="base model directory (Hugging Face: config.json + *.safetensors)")
+    a.add_argument("ft", type=model_path, help="fine-tuned model directory")
     a.add_argument("--edit", required=True, help="edit or per-tensor rules, e.g. 'dare:p=0.9', "
                    "'*.mlp.*=dare:p=0.9;*=bitdelta', 'magnitude:p=0.9+extrapolate:alpha=0.2'")
     a.add_argument("--data", required=True, help="JSONL of {\"input_ids\": [...], optional \"prompt_len\"}, or a "
@@ -38,8 +38,8 @@ def register(sub) -> None:
                     "minimised in closed form, a group of layers at a time. --method distill: BitDelta's scale "
                     "distillation of the per-tensor scales of `sign` (scope=tensor) tensors, so that BASE + delta "
                     "matches FT's next-token distributions (KL, Adam). Use calibration data that is not your test set.")
-    c.add_argument("base", help="base model directory")
-    c.add_argument("ft", help="fine-tuned model directory (the teacher)")
+    c.add_argument("base", type=model_path, help="base model directory")
+    c.add_argument("ft", type=model_path, help="fine-tuned model directory (the teacher)")
     c.add_argument("delta", help="delta file made by `deltapack compress --recipe sign`")
     c.add_argument("--data", required=True, help="calibration data: JSONL of {\"input_ids\": [...]} or text")
     c.add_argument("-o", "--output", required=True, help="delta file to write (DELTA itself with --overwrite)")

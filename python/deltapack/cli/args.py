@@ -31,3 +31,15 @@ def add_follow_links(p) -> None:
     p.add_argument("--follow-links", action="store_true", help="read files of model directories through symbolic "
                    "links wherever they point (default: only links inside the directory or into a Hugging Face "
                    "cache's blobs/)")
+
+
+def model_path(text: str) -> str:
+    """An argparse type: a model directory or file, or the id of a model in the Hugging Face cache (deltapack.hub)."""
+    from .. import hub
+
+    if not hub.looks_like_id(text):
+        return text  # a path, existing or not: the command opens it and says what is wrong
+    try:
+        return hub.resolve(text)
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

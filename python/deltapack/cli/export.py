@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 
-from .args import add_follow_links, finite_float
+from .args import add_follow_links, finite_float, model_path
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 
@@ -93,7 +93,8 @@ def register(sub) -> None:
     esub = exp.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
 
     def common(p, file_help, optional_file=False, rank=False, outtype=False, output="a file"):
-        p.add_argument("base", help="base model: Hugging Face directory (config.json + safetensors)")
+        p.add_argument("base", type=model_path, help="base model: Hugging Face directory (config.json + safetensors), or a "
+                       "Hub id in the Hugging Face cache")
         p.add_argument("file", nargs="?" if optional_file else None, default=None, help=file_help)
         p.add_argument("-o", "--output", required=True, help="output path (not inside BASE)")
         p.add_argument("--overwrite", action="store_true", help=f"replace the output if it exists ({output} this "
@@ -126,7 +127,7 @@ def register(sub) -> None:
                          description="Import a PEFT LoRA adapter as a deltapack delta file.")
     isub = imp.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
     ip = isub.add_parser("peft", help="PEFT LoRA adapter -> lowrank delta file", description=cmd_import_peft.__doc__)
-    ip.add_argument("base", help="base model directory the adapter was trained on")
+    ip.add_argument("base", type=model_path, help="base model directory the adapter was trained on (or its Hub id)")
     ip.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     ip.add_argument("-o", "--output", required=True, help="delta file to write")
     ip.add_argument("--overwrite", action="store_true", help="replace the output if it exists (only a deltapack file)")

@@ -50,16 +50,29 @@ def evaluate_delta(pair, delta_path, examples, model):
     return evaluation.evaluate(model, examples)
 
 
-def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=()) -> dict:
+def build(spec: str):
+    """A pair and its calibration-example maker from a spec: ARCH:SIZE:TASK for the toy builder, BASE:TASK or
+    BASE:TASK:large for a pretrained base (deltapack.pretrained.BASES)."""
+    from deltapack import pairs, pretrained
+
+    parts = spec.split(":")
+    if parts[0] in pretrained.BASES:
+        return pretrained.build_pretrained_pair(parts[0], parts[1], large=parts[2:] == ["large"]), \
+            pretrained.task_examples
+    arch, size, task = parts
+    return pairs.build_pair(arch, size, task=task), pairs.task_examples
+
+
+def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=(), data_budgets=None) -> dict:
     import deltapack as dp  # noqa: F401
     from deltapack import checkpoint, evaluation, pairs
 
-    arch, size, task = spec.split(":")
     t0 = time.time()
-    pair = pairs.build_pair(arch, size, task=task)
+    pair, task_examples = build(spec)
+    arch, size, task = pair.arch, pair.size, pair.task
     log(f"[{spec}] pair ready ({time.time() - t0:.0f}s): ft accuracy {pair.info['ft_metrics']['accuracy']:.3f}")
     examples = evaluation.read_data(pair.data)
-    calib = pairs.task_examples(pair, calib_n)
+    calib = task_examples(pair, calib_n)
     model = pairs.load_model(pair.ft)
     m_base, m_ft = evaluation.evaluate(pair.base, examples), evaluation.evaluate(pair.ft, examples)
     n_params = sum(t.numel for t in checkpoint.Checkpoint(pair.ft).tensors.values())
@@ -91,7 +104,7 @@ def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=()) -
         point("recipe", r, recipe=r)
     for b in budgets:
         point("budget", f"--budget {b}", budget=b)
-    for b in budgets:
+    for b in budgets if data_budgets is None else data_budgets:
         point("budget+data", f"--budget {b} --data", budget=b, data=calib)
     from deltapack.budget import PROXIES
     for b in proxy_budgets:
@@ -162,12 +175,16 @@ def table(results) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", nargs="+", default=PAIRS, metavar="ARCH:SIZE:TASK")
+    ap.add_argument("--pairs", nargs="+", default=PAIRS, metavar="ARCH:SIZE:TASK|BASE:TASK[:large]")
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     ap.add_argument("--budgets", nargs="*", type=float, default=BUDGETS)
     ap.add_argument("--proxy-budgets", nargs="*", type=float, default=[1.1],
                     help="budgets at which every proxy is also forced, with --data (default: 1.1)")
+    ap.add_argument("--data-budgets", nargs="*", type=float, default=None,
+                    help="budgets also run with --data (default: those of --budgets)")
     ap.add_argument("--calibration", type=int, default=256, help="calibration examples for --data (default 256)")
+    ap.add_argument("--threads", type=int, default=0, help="torch and deltapack threads (default: all cores; "
+                    "bound BLAS with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS when another job shares the machine)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
@@ -182,14 +199,18 @@ def main(argv=None):
             results = json.load(f)["pairs"]
     else:
         import torch
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        import deltapack as dp
+        threads = args.threads or max(1, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        dp.set_threads(threads)
         results = []
         previous = {}
         if os.path.exists(path):  # keep other pairs' results when rerunning some
             with open(path) as f:
                 previous = {r["pair"]: r for r in json.load(f)["pairs"]}
         for spec in args.pairs:
-            results.append(run_pair(spec, args.recipes, args.budgets, args.calibration, log, args.proxy_budgets))
+            results.append(run_pair(spec, args.recipes, args.budgets, args.calibration, log, args.proxy_budgets,
+                                    args.data_budgets))
             if spec in previous:  # a partial rerun adds to (and replaces) that pair's points
                 kept = {(p["kind"], p["label"]) for p in results[-1]["points"]}
                 results[-1]["points"] = [p for p in previous[spec]["points"] if (p["kind"], p["label"]) not in kept] \

@@ -182,3 +182,17 @@ def test_bad_arguments_and_data(tmp_path):
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
         evaluation.read_data(bad)
+
+
+def test_answer_logits_equal_the_full_head_at_labelled_positions(llama_pair):
+    """evaluate runs the output head on the answer positions only; those logits are the model's own there."""
+    model = pairs.load_model(llama_pair.ft)
+    examples = evaluation.read_data(llama_pair.data)[:16]
+    ids, mask, labels = next(evaluation.batches(examples))
+    with torch.no_grad():
+        logits, tgt, rows = evaluation.answer_logits(model, ids, mask, labels)
+        full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    keep = labels[:, 1:] != -100
+    assert torch.allclose(logits, full[keep].float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(tgt, labels[:, 1:][keep]) and torch.equal(rows, keep.nonzero()[:, 0])
+    assert len(tgt) == sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)

@@ -65,7 +65,7 @@ class Pair:
 
     @property
     def root(self) -> Path:
-        return self.base.parent
+        return self.ft.parent
 
 
 # ---------------------------------------------------------------- tokenization (bytes)
@@ -220,7 +220,7 @@ def load_model(model_dir, dtype=None):
     for name, info in ck.tensors.items():
         t = torch.from_numpy(ck.read_tensor(name))
         state[name] = t.view(torch.bfloat16) if info.float_name == "bf16" else t
-    with _quiet():
+    with quiet_transformers():
         config = transformers.AutoConfig.from_pretrained(os.fspath(model_dir))
         model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32,
@@ -228,7 +228,7 @@ def load_model(model_dir, dtype=None):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers():
     """No transformers progress bars while loading/saving these small models."""
     from transformers.utils import logging as tlog
 
@@ -254,9 +254,11 @@ def pad_batch(seqs, pad=PAD):
     return ids, mask
 
 
-def _train(model, batches, steps: int, lr: float, seed: int, stop=None):
+def train_adamw(model, batches, steps: int, lr: float, seed: int, stop=None, loss_fn=None, stop_every=None):
     """AdamW with linear warmup/decay over `steps`; `batches(step)` gives (ids, mask, labels).
-    stop(): checked every STOP_EVERY steps; True ends training early. Returns (last loss, steps run)."""
+    loss_fn(model, ids, mask, labels): the loss (default: the model's own, over every position).
+    stop(): checked every `stop_every` (STOP_EVERY) steps; True ends training early. Returns (last loss, steps
+    run)."""
     import torch
 
     torch.manual_seed(seed)
@@ -268,20 +270,23 @@ def _train(model, batches, steps: int, lr: float, seed: int, stop=None):
     done = 0
     for step in range(steps):
         ids, mask, labels = batches(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if loss_fn is None:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            loss = loss_fn(model, ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         done = step + 1
-        if stop is not None and done % STOP_EVERY == 0 and stop():
+        if stop is not None and done % (stop_every or STOP_EVERY) == 0 and stop():
             break
     model.eval()
     return loss.item(), done
 
 
-def _round_to_bf16_(model):
+def round_to_bf16_(model):
     """Round the weights to bf16 in place (kept in f32), so what we train on equals what is saved."""
     import torch
 
@@ -293,7 +298,7 @@ def _round_to_bf16_(model):
 def _save(model, path: Path):
     import torch
 
-    with _quiet():
+    with quiet_transformers():
         model.to(torch.bfloat16).save_pretrained(os.fspath(path))
     model.float()
     _write_tokenizer(path)
@@ -399,9 +404,9 @@ def build_pair(arch: str = "llama", size: str = "tiny", cache_dir=None, seed: in
     return pair
 
 
-def _rows_batch(rows):
+def answer_batch(rows, pad=PAD):
     """(ids, mask, labels) for (ids, prompt_len) rows; loss on the tokens after each prompt."""
-    ids, mask = pad_batch([r for r, _ in rows])
+    ids, mask = pad_batch([r for r, _ in rows], pad)
     labels = ids.clone()
     labels[mask == 0] = -100
     for j, (_, plen) in enumerate(rows):
@@ -440,10 +445,10 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
 
         def pre_batches(step):
             skill = step >= s["text_steps"]
-            return _rows_batch([skill_row() if skill and j % 8 else text_row() for j in range(s["pre_batch"])])
+            return answer_batch([skill_row() if skill and j % 8 else text_row() for j in range(s["pre_batch"])])
 
-        pre_loss, _ = _train(model, pre_batches, s["pre_steps"], s["pre_lr"], seed)
-        _round_to_bf16_(model)
+        pre_loss, _ = train_adamw(model, pre_batches, s["pre_steps"], s["pre_lr"], seed)
+        round_to_bf16_(model)
         _save(model, out / "base")
         base_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -474,14 +479,14 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
                     if p not in excluded:
                         break
                 rows.append(_example_ids(p, a))
-            return _rows_batch(rows)
+            return answer_batch(rows)
 
         def reached_target():
             return evaluate(model, validation)["accuracy"] >= t.stop_at
 
-        ft_loss, ft_steps = _train(model, ft_batches, round(s["ft_steps"] * t.max_steps_scale),
+        ft_loss, ft_steps = train_adamw(model, ft_batches, round(s["ft_steps"] * t.max_steps_scale),
                                    s["ft_lr"] * t.lr_scale, seed + 1, stop=reached_target if validation else None)
-        _round_to_bf16_(model)
+        round_to_bf16_(model)
         _save(model, out / "ft")
 
         examples = read_data(out / "data.jsonl")

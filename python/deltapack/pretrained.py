@@ -247,14 +247,14 @@ def build_pretrained_pair(base: str = "smollm2-135m", task: str = "add", large: 
     rng = random.Random(seed * 1000 + 1)
     seen: set = set()
     held = _problems(rng, t, N_EVAL, seen)
-    validation = [dict(zip(("input_ids", "prompt_len"), prompter.ids(q, a))) for q, a in _problems(rng, t, N_VALIDATION,
-                                                                                                      seen)]
+    validation = [dict(zip(("input_ids", "prompt_len"), prompter.ids(q, a)))
+                  for q, a in _problems(rng, t, N_VALIDATION, seen)]
     trng = random.Random(seed * 1000 + 2)
 
     def batches(step):
         return answer_batch([prompter.ids(q, a) for q, a in _problems(trng, t, BATCH, set(seen))], prompter.pad)
 
-    saved = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=cache))
@@ -267,10 +267,10 @@ def build_pretrained_pair(base: str = "smollm2-135m", task: str = "add", large: 
         def reached():
             # Measured on the weights as they will be saved (bf16): an update below half a bf16 step is lost
             # in the rounding, and with small learning rates most of a fine-tune's are.
-            saved = copy.deepcopy(model)
-            round_to_bf16_(saved)
-            acc = evaluation.evaluate(saved, validation, batch_size=32)["accuracy"]
-            del saved
+            rounded = copy.deepcopy(model)
+            round_to_bf16_(rounded)
+            acc = evaluation.evaluate(rounded, validation, batch_size=32)["accuracy"]
+            del rounded
             checks.append(acc)
             log(f"{root.name}: step {len(checks) * CHECK_EVERY}: validation exact match {acc:.3f}")
             return acc >= t.stop_at
@@ -293,7 +293,8 @@ def build_pretrained_pair(base: str = "smollm2-135m", task: str = "add", large: 
         del model, base_w
         examples = evaluation.read_data(tmp / "data.jsonl")
         info = {"builder_version": BUILDER_VERSION, "arch": name, "size": "large" if large else "ordinary",
-                "seed": seed, "task": task, "chat": prompter.chat, "threads": threads, "finetune_loss": loss, "finetune_steps": done,
+                "seed": seed, "task": task, "chat": prompter.chat, "threads": threads, "finetune_loss": loss,
+                "finetune_steps": done,
                 "validation": checks, "delta_rel_norm": math.sqrt(sq_delta / sq_base),
                 "base_metrics": evaluation.evaluate(base_path, examples, batch_size=32),
                 "ft_metrics": evaluation.evaluate(tmp / "ft", examples, batch_size=32)}
@@ -302,7 +303,7 @@ def build_pretrained_pair(base: str = "smollm2-135m", task: str = "add", large: 
             shutil.rmtree(root)  # a stale cached pair (another builder version)
         os.rename(tmp, root)
     finally:
-        torch.set_num_threads(saved)
+        torch.set_num_threads(threads_before)
         shutil.rmtree(tmp, ignore_errors=True)
     return _load(root, base_path)
 

@@ -672,8 +672,15 @@ static void write_file(const std::string& path, const std::string& data) {
 // compress would keep them: read_kept_files); config.json's dtype set to `dtype` if given. Their names were
 // checked when the delta was opened (kept_file_problem), so none can replace a shard or the index.
 static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::string& dtype, bool follow_links) {
+    // The base directory's own files are read only when needed: the delta names one by its hash, or keeps none
+    // (then they are copied), so an apply whose delta stores its files reads no more than before.
     std::vector<KeptFile> files, base_files;
-    if (c.base().is_directory()) base_files = read_kept_files(c.base().path(), follow_links);
+    bool base_read = false;
+    auto base_kept = [&]() -> std::vector<KeptFile>& {
+        if (!base_read && c.base().is_directory()) base_files = read_kept_files(c.base().path(), follow_links);
+        base_read = true;
+        return base_files;
+    };
     const json::Value rec = json::parse(c.record());
     if (const json::Value* kept = rec.find("files"))
         for (auto& kv : kept->obj) {
@@ -687,16 +694,17 @@ static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::s
                 const std::string whence = what + " is the base's own (sha256 " + sha + "), but ";
                 if (!c.base().is_directory())
                     throw FormatError(whence + "the base " + c.base().path() + " is a file, not a model directory");
-                auto it = std::find_if(base_files.begin(), base_files.end(),
-                                       [&](const KeptFile& b) { return b.name == kv.first; });
+                std::vector<KeptFile>& own = base_kept();
+                auto it = std::find_if(own.begin(), own.end(), [&](const KeptFile& b) { return b.name == kv.first; });
                 const std::string there = c.base().path() + "/" + kv.first;
-                if (it == base_files.end()) throw FormatError(whence + there + " is missing (or not a file deltapack reads)");
+                if (it == own.end()) throw FormatError(whence + there + " is missing (or not a file deltapack reads)");
                 if (sha256_hex(it->data.data(), it->data.size()) != sha)
-                    throw FormatError(whence + there + " differs from it: apply needs the base the delta was made with");
+                    throw FormatError(whence + there + " differs from it: apply needs the base the delta was made "
+                                      "with");
                 files.push_back(*it);
             }
         }
-    if (files.empty()) files = std::move(base_files);
+    if (files.empty()) files = std::move(base_kept());
     for (KeptFile& f : files) {
         if (f.name != "config.json" || dtype.empty()) continue;
         json::Value cfg;

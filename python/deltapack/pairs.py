@@ -346,10 +346,14 @@ def _bytes_to_unicode() -> dict:
 
 
 # ---------------------------------------------------------------- build
+def cache_root() -> Path:
+    """Where built pairs are cached: $DELTAPACK_CACHE, else ~/.cache/deltapack."""
+    return Path(os.environ.get("DELTAPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltapack"))
+
+
 def default_cache_dir(arch: str, size: str, seed: int, task: str = TASK) -> Path:
-    root = os.environ.get("DELTAPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltapack")
     name = f"{arch}-{size}-{seed}" if task == TASK else f"{arch}-{size}-{task}-{seed}"
-    return Path(root) / "pairs" / name
+    return cache_root() / "pairs" / name
 
 
 def _load_pair(root: Path) -> Pair | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import evaluation
-from .pairs import Pair, answer_batch, load_model, quiet_transformers, round_to_bf16_, train_adamw
+from .pairs import Pair, answer_batch, cache_root, load_model, quiet_transformers, round_to_bf16_, train_adamw
 
 BUILDER_VERSION = 2  # bump to invalidate cached pretrained pairs when the recipe below changes
 
@@ -111,8 +111,7 @@ N_EVAL, N_VALIDATION, BATCH, CHECK_EVERY = 400, 200, 16, 25
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DELTAPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltapack")
-    return Path(root) / "pretrained"
+    return cache_root() / "pretrained"
 
 
 def model_dir_from_gguf(gguf_path, out, dtype: str = "bf16"):

@@ -48,7 +48,8 @@ def register(sub) -> None:
                    help="least-squares (every codec with scales, layer by layer; default) or distill (sign "
                         "scope=tensor, end to end)")
     c.add_argument("--steps", type=count, default=100, help="distill: optimisation steps (default 100)")
-    c.add_argument("--lr", type=finite_float, default=1e-2, help="distill: Adam learning rate on log-scales (default 0.01)")
+    c.add_argument("--lr", type=finite_float, default=1e-2,
+                   help="distill: Adam learning rate on log-scales (default 0.01)")
     c.add_argument("--max-examples", type=count, default=None, help="use only the first N examples")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--force", action="store_true", help="go on even if FT does not look like a fine-tune of BASE")

@@ -93,8 +93,8 @@ def register(sub) -> None:
     esub = exp.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
 
     def common(p, file_help, optional_file=False, rank=False, outtype=False, output="a file"):
-        p.add_argument("base", type=model_path, help="base model: Hugging Face directory (config.json + safetensors), or a "
-                       "Hub id in the Hugging Face cache")
+        p.add_argument("base", type=model_path, help="base model: Hugging Face directory (config.json + "
+                       "safetensors), or a Hub id in the Hugging Face cache")
         p.add_argument("file", nargs="?" if optional_file else None, default=None, help=file_help)
         p.add_argument("-o", "--output", required=True, help="output path (not inside BASE)")
         p.add_argument("--overwrite", action="store_true", help=f"replace the output if it exists ({output} this "

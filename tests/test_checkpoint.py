@@ -581,6 +581,20 @@ def test_sha256_matches_hashlib():
         assert dp._core.sha256_hex(data) == hashlib.sha256(data).hexdigest(), n
 
 
+def test_kept_files_bytes_are_bounded_in_all():
+    """Kept files' ranges may overlap in a crafted file: what apply would write is bounded (64 MiB in all)."""
+    from deltapack import _core
+    mib = 1 << 20
+    files = {f"f{i}.txt": {"bytes": [0, 32 * mib], "sha256": "ab" * 32} for i in range(3)}
+    man = json.dumps({"metadata": {"checkpoint": {"version": 1, "tensors": {}, "files": files}}})
+    with pytest.raises(dp.FormatError, match=r'files\["f2.txt"\].bytes brings the kept files past 64 MiB in all'):
+        _core.check_manifest_fields(man, "x.dpk")
+    files["f0.txt"]["bytes"] = [0, 32 * mib + 1]
+    with pytest.raises(dp.FormatError, match=r'files\["f0.txt"\].bytes spans 33554433 bytes, over the limit'):
+        _core.check_manifest_fields(json.dumps({"metadata": {"checkpoint": {"version": 1, "tensors": {},
+                                                                              "files": files}}}), "x.dpk")
+
+
 def test_kept_files_equal_to_the_base_are_taken_from_it(models, tmp_path):
     """A kept file the fine-tune shares with its base is named by its SHA-256, not stored; apply takes it from
     BASE, byte for byte, and refuses a BASE whose file changed (before writing anything)."""
@@ -598,14 +612,40 @@ def test_kept_files_equal_to_the_base_are_taken_from_it(models, tmp_path):
     files = ck.checkpoint_record(tmp_path / "d.dpk")["files"]
     for name in ("tokenizer.json", "config.json"):
         assert files[name] == {"sha256": hashlib.sha256((ft / name).read_bytes()).hexdigest()}, name
-    assert files["notes.txt"] == {"text": "only in the fine-tune\n"}
-    assert "text" in files["generation_config.json"]
+    # Files of its own are stored as bytes after the tensors (the safetensors array "__files__"), named by their
+    # place there and SHA-256: read back here with the safetensors library, not deltapack.
+    from safetensors.numpy import load_file
+    stored = load_file(tmp_path / "d.dpk")["__files__"].tobytes()
+    for name in ("notes.txt", "generation_config.json"):
+        data = (ft / name).read_bytes()
+        begin, end = files[name]["bytes"]
+        assert stored[begin:end] == data and files[name]["sha256"] == hashlib.sha256(data).hexdigest(), name
     assert os.path.getsize(tmp_path / "d.dpk") < len(tokenizer) // 4  # the tokenizer is not in the file
 
     ck.apply_checkpoint(base, tmp_path / "d.dpk", tmp_path / "out")
     for name in os.listdir(ft):
         if not name.endswith((".safetensors", ".index.json")):
             assert (tmp_path / "out" / name).read_bytes() == (ft / name).read_bytes(), name
+
+    # The kept files' array is one 1-d U8 array: any other dtype or shape is refused when the file is opened.
+    from test_files import read_raw, write_raw
+    header, data = read_raw(tmp_path / "d.dpk")
+    n = header["__files__"]["shape"][0]
+    header["__files__"].update(dtype="I16", shape=[n // 2]) if n % 2 == 0 else header["__files__"].update(shape=[1, n])
+    write_raw(tmp_path / "bad.dpk", header, data)
+    with pytest.raises(dp.FormatError, match="stored array '__files__' .* must be a 1-d U8 array"):
+        dp.open(tmp_path / "bad.dpk")
+
+    # A stored file whose bytes changed is refused at apply, naming it; nothing is written.
+    damaged = tmp_path / "damaged.dpk"
+    data = bytearray((tmp_path / "d.dpk").read_bytes())
+    data[-1] ^= 0x20  # the last stored file's last byte
+    damaged.write_bytes(bytes(data))
+    last = max((f for f in files.values() if "bytes" in f), key=lambda f: f["bytes"][1])
+    name = next(n for n, f in files.items() if f is last)
+    with pytest.raises(dp.FormatError, match=f"kept file '{name}': its stored bytes do not match their SHA-256"):
+        ck.apply_checkpoint(base, damaged, tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
 
     (base / "tokenizer.json").write_bytes(tokenizer + b" ")
     with pytest.raises(dp.FormatError, match=r"kept file 'tokenizer.json' is the base's own \(sha256 [0-9a-f]{64}\), "

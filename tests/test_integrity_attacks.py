@@ -664,7 +664,7 @@ def test_compress_keeps_only_what_apply_accepts(M, tmp_path):
     """Compress must not store a kept file that apply would refuse (or must refuse the FT naming it)."""
     ft = copytree(M.ft, tmp_path / "ft")
     (ft / "notes\x01.txt").write_text("a control character in the name")
-    (ft / "tokenizer.model").write_bytes(bytes(range(256)))  # legitimate binary data: kept as base64
+    (ft / "tokenizer.model").write_bytes(bytes(range(256)))  # legitimate binary data: kept as bytes
     r = cli("compress", M.base, ft, "-o", tmp_path / "d.dpk", "-q")
     if r.rc != 0:
         clean_error(r, "notes")
@@ -969,7 +969,9 @@ def test_compress_does_not_store_a_linked_secret(M, tmp_path):
     assert _holds_secret(tmp_path) == [str(secret)]
     r = cli("compress", M.base, ft, "-o", tmp_path / "e.dpk", "-q", "--follow-links")  # when asked, it is read
     ok(r)
-    assert ck.checkpoint_record(tmp_path / "e.dpk")["files"]["notes.txt"]["text"] == SECRET
+    begin, end = ck.checkpoint_record(tmp_path / "e.dpk")["files"]["notes.txt"]["bytes"]
+    from safetensors.numpy import load_file
+    assert load_file(tmp_path / "e.dpk")["__files__"].tobytes()[begin:end] == SECRET.encode()
 
 
 def test_apply_does_not_copy_linked_base_files(M, tmp_path):

@@ -233,6 +233,8 @@ NB_MODULE(_core, m) {
                 w.add(r);
             },
             "encoded"_a)
+        .def(
+            "add_file", [](DeltaWriter& w, nb::bytes b) { return w.add_file(b.c_str(), b.size()); }, "data"_a)
         .def("size", &DeltaWriter::size, "extra_manifest"_a = "{}")
         .def(
             "close",
@@ -347,7 +349,9 @@ NB_MODULE(_core, m) {
 
     m.def(
         "check_manifest_fields",  // the schema of what deltapack reads from a manifest (FORMAT.md §7)
-        [](const std::string& manifest, const std::string& path) { check_manifest_fields(json::parse(manifest), path); },
+        [](const std::string& manifest, const std::string& path) {
+            check_manifest_fields(json::parse(manifest), path, kUnknownSize);
+        },
         "manifest"_a, "path"_a);
     // The rules for model directories and outputs (deltapack.h, "paths").
     m.def("is_weight_file", &is_weight_file, "name"_a);

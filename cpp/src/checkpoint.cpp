@@ -140,7 +140,7 @@ bool is_base64(const std::string& s) {
     return pad <= 2;
 }
 
-void check_record(const Fields& f, const json::Value& rec, const std::string& where) {
+void check_record(const Fields& f, const json::Value& rec, const std::string& where, uint64_t stored_files) {
     f.object(rec, where);
     f.integer(*f.member(rec, "version", where, true), where + ".version", 0);
     const json::Value& tensors = f.object(*f.member(rec, "tensors", where, true), where + ".tensors");
@@ -168,6 +168,7 @@ void check_record(const Fields& f, const json::Value& rec, const std::string& wh
         if (files->obj.size() > kMaxKeptFiles)  // each is a file apply creates
             f.fail(where + ".files", "holds " + std::to_string(files->obj.size()) + " files, more than the " +
                                          std::to_string(kMaxKeptFiles) + " a model directory may keep");
+        uint64_t stored_total = 0;
         for (auto& kv : files->obj) {
             const std::string w = Fields::at(where + ".files", kv.first);
             const std::string problem = kept_file_problem(kv.first);
@@ -175,17 +176,34 @@ void check_record(const Fields& f, const json::Value& rec, const std::string& wh
             const json::Value& file = f.object(kv.second, w);
             const json::Value* text = f.member(file, "text", w, false);
             const json::Value* b64 = f.member(file, "base64", w, false);
-            const json::Value* sha = f.member(file, "sha256", w, false);
+            const json::Value* bytes = f.member(file, "bytes", w, false);
+            const json::Value* sha = f.member(file, "sha256", w, bytes != nullptr);
             if (int(!!text) + int(!!b64) + int(!!sha) != 1)
-                f.fail(w, "must have exactly one of \"text\", \"base64\" and \"sha256\"");
+                f.fail(w, "must have exactly one of \"bytes\" (with \"sha256\"), \"sha256\", \"text\" and \"base64\"");
             if (text) f.string(*text, w + ".text");
             if (b64) {
                 f.string(*b64, w + ".base64");
                 if (!is_base64(b64->str)) f.fail(w + ".base64", "is not valid base64");
             }
-            if (sha) {  // the base's own file, taken from BASE at apply
+            if (sha) {  // of the stored bytes, or of the base's own file (taken from BASE at apply)
                 f.string(*sha, w + ".sha256");
                 if (!is_lower_hex(sha->str, 64)) f.fail(w + ".sha256", "must be 64 lowercase hex digits");
+            }
+            if (bytes) {  // [begin, end) of the file's kFilesKey array
+                const std::string wb = w + ".bytes";
+                if (bytes->kind != json::Value::Array || bytes->arr.size() != 2)
+                    f.fail(wb, "must be [begin, end], not " + json::dump(*bytes));
+                for (const json::Value& v : bytes->arr) f.integer(v, wb, 0);
+                const uint64_t b = uint64_t(bytes->arr[0].integer), e = uint64_t(bytes->arr[1].integer);
+                if (e < b) f.fail(wb, json::dump(*bytes) + " ends before it begins");
+                if (stored_files != kUnknownSize && e > stored_files)
+                    f.fail(wb, json::dump(*bytes) + " passes the end of the " + std::to_string(stored_files) +
+                                   " bytes stored under '" + kFilesKey + "'");
+                if (e - b > kMaxKeptFile)
+                    f.fail(wb, "spans " + std::to_string(e - b) + " bytes, over the limit of " +
+                                   std::to_string(kMaxKeptFile >> 20) + " MiB for one kept file");
+                if ((stored_total += e - b) > kMaxKeptTotal)  // ranges may overlap: bound what apply writes
+                    f.fail(wb, "brings the kept files past " + std::to_string(kMaxKeptTotal >> 20) + " MiB in all");
             }
         }
     }
@@ -269,13 +287,13 @@ void check_fingerprint(const Fields& f, const json::Value& base) {
 
 }  // namespace
 
-void check_manifest_fields(const json::Value& man, const std::string& path) {
+void check_manifest_fields(const json::Value& man, const std::string& path, uint64_t stored_files) {
     const Fields f(path);
     if (const json::Value* tool = man.find("tool")) f.string(*tool, "tool");
     if (const json::Value* base = man.find("base")) check_fingerprint(f, *base);
     const json::Value* meta = man.find("metadata");
     if (!meta || meta->kind != json::Value::Object) return;  // free-form user metadata
-    if (const json::Value* v = meta->find("checkpoint")) check_record(f, *v, "metadata.checkpoint");
+    if (const json::Value* v = meta->find("checkpoint")) check_record(f, *v, "metadata.checkpoint", stored_files);
     if (const json::Value* v = meta->find("budget")) check_budget(f, *v, "metadata.budget");
     if (const json::Value* v = meta->find("peft")) check_peft(f, *v, "metadata.peft");
     if (const json::Value* v = meta->find("calibration")) {
@@ -685,7 +703,12 @@ static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::s
     if (const json::Value* kept = rec.find("files"))
         for (auto& kv : kept->obj) {
             const std::string what = c.delta().path() + ": kept file '" + kv.first + "'";
-            if (const json::Value* text = kv.second.find("text")) {
+            if (const json::Value* bytes = kv.second.find("bytes")) {  // in the delta, under kFilesKey
+                std::string data = c.delta().stored_file(uint64_t(bytes->arr[0].integer), uint64_t(bytes->arr[1].integer));
+                if (sha256_hex(data.data(), data.size()) != kv.second.find("sha256")->str)
+                    throw FormatError(what + ": its stored bytes do not match their SHA-256 (the delta is damaged)");
+                files.push_back({kv.first, std::move(data)});
+            } else if (const json::Value* text = kv.second.find("text")) {
                 files.push_back({kv.first, text->str});
             } else if (const json::Value* b64 = kv.second.find("base64")) {
                 files.push_back({kv.first, base64_decode(b64->str, what)});

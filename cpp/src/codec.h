@@ -139,7 +139,10 @@ void check_alpha(float alpha);
 // The checks of a delta file's manifest beyond its tensors: the fields deltapack itself reads from the metadata
 // (the checkpoint record, the budget, calibration and PEFT records) and the base fingerprint have the types and
 // ranges it expects (docs/FORMAT.md §7). FormatError naming `path` and the field. Called when a file is opened.
-void check_manifest_fields(const json::Value& manifest, const std::string& path);
+// `stored_files`: the size of the file's kFilesKey array (0 when it has none), which kept files stored as bytes
+// must lie in; kUnknownSize when there is no file yet (a user's metadata checked before compressing).
+constexpr uint64_t kUnknownSize = ~uint64_t(0);
+void check_manifest_fields(const json::Value& manifest, const std::string& path, uint64_t stored_files);
 
 inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
 inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }

@@ -521,15 +521,32 @@ void DeltaFile::read_manifest() {
         order_.push_back(name);
         entries_[name] = entry;
     }
+    // The kept files' bytes: one U8 array that the checkpoint record's `bytes` ranges lie in (checked below).
+    uint64_t stored_files = 0;
+    if (st.contains(kFilesKey)) {
+        const TensorInfo& a = st.info(kFilesKey);
+        if (a.dtype != DType::U8 || a.shape.size() != 1)
+            fail(std::string("stored array '") + kFilesKey + "' (the kept files' bytes) must be a 1-d U8 array");
+        stored_files = a.nbytes;
+        referenced.insert(kFilesKey);
+    }
     // Every stored array belongs to a listed tensor: components left behind by a tensor missing from the
     // manifest mean a damaged manifest, not a smaller delta.
     for (const std::string& key : st.keys())
         if (!referenced.count(key)) fail("stored array '" + key + "' belongs to no tensor of the manifest");
     // What deltapack itself reads from the metadata and the base fingerprint has the types it expects.
-    check_manifest_fields(man, path_);
+    check_manifest_fields(man, path_, stored_files);
 }
 
 std::vector<std::string> DeltaFile::keys() const { return order_; }
+
+std::string DeltaFile::stored_file(uint64_t begin, uint64_t end) const {
+    if (end < begin || !file_->contains(kFilesKey))
+        throw FormatError(path_ + ": no stored bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ")");
+    std::string out(size_t(end - begin), '\0');
+    file_->read(kFilesKey, &out[0], end - begin, begin);  // FormatError if the range leaves the array
+    return out;
+}
 
 bool DeltaFile::contains(const std::string& name) const { return entries_.count(name) != 0; }
 
@@ -993,7 +1010,7 @@ std::string DeltaWriter::header(const std::string& extra_manifest) const {
     }
     text += "}}";
     try {  // a file the reader would refuse is never written
-        check_manifest_fields(man, path_);
+        check_manifest_fields(man, path_, files_.size());
     } catch (const FormatError& ex) {
         throw std::invalid_argument(std::string(ex.what()) + " (refused before writing)");
     }
@@ -1006,11 +1023,23 @@ std::string DeltaWriter::header(const std::string& extra_manifest) const {
                 hdr.obj.emplace_back(c.key, header_entry(c.dtype, c.shape, off, off + c.nbytes));
                 off += c.nbytes;
             }
+    if (!files_.empty())  // last: U8, after the spills
+        hdr.obj.emplace_back(kFilesKey, header_entry(DType::U8, {int64_t(files_.size())}, off, off + files_.size()));
     return header_bytes(hdr, path_);
 }
 
+uint64_t DeltaWriter::add_file(const void* data, size_t n) {
+    if (!out_) throw std::logic_error(path_ + ": a kept file added after close or abort");
+    if (n > kMaxKeptFile || files_.size() + n > kMaxKeptTotal)
+        throw std::invalid_argument(path_ + ": kept files over " + std::to_string(kMaxKeptFile >> 20) + " MiB each or " +
+                                    std::to_string(kMaxKeptTotal >> 20) + " MiB in all are not stored");
+    const uint64_t begin = files_.size();
+    files_.append(static_cast<const char*>(data), n);
+    return begin;
+}
+
 uint64_t DeltaWriter::size(const std::string& extra_manifest) const {
-    uint64_t n = header(extra_manifest).size();
+    uint64_t n = header(extra_manifest).size() + files_.size();
     for (uint64_t s : spill_size_) n += s;
     return n;
 }
@@ -1031,6 +1060,7 @@ uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
                 done += n;
             }
         }
+        out_->write(files_.data(), files_.size());
         const uint64_t size = out_->size();
         out_->commit(durable);
         abort();  // the spills

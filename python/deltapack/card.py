@@ -9,6 +9,7 @@ import os
 from collections import Counter
 
 from . import files
+from .checkpoint import describe
 
 
 def _mb(n: int) -> str:
@@ -62,10 +63,10 @@ def model_card(path, quality: dict | None = None, title: str | None = None) -> s
         lines += ["", f"Chosen per matrix by `deltapack compress --budget {budget['bits_per_param']}` (proxy "
                       f"{budget.get('proxy', '?')}" + (f", calibrated on {budget['data']['examples']} examples"
                                                         if isinstance(budget.get("data"), dict) else "") + ")."]
-    kept = rec.get("files") or {}
-    if kept:
-        own = sorted(n for n, v in kept.items() if "sha256" not in v)
-        shared = sorted(n for n, v in kept.items() if "sha256" in v)
+    kept = describe(f)
+    if kept["files"]:
+        shared = kept["files_from_base"]
+        own = [n for n in kept["files"] if n not in shared]
         lines += ["", "Files: " + ", ".join(f"`{n}`" for n in own) + (" stored; " if own else "")
                   + ", ".join(f"`{n}`" for n in shared) + (" taken from the base (SHA-256 checked)." if shared else "")]
     if quality:

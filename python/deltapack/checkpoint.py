@@ -286,7 +286,7 @@ def describe(delta) -> dict:
             "resized": {n: {"base_shape": specs[n]["base_shape"], "shape": specs[n]["shape"]} for n in by("resized")},
             "sources": {n: s["source"] for n, s in specs.items() if "source" in s},
             "files": sorted(rec.get("files") or {}),
-            "files_from_base": sorted(n for n, f in (rec.get("files") or {}).items() if "sha256" in f)}
+            "files_from_base": sorted(n for n, f in (rec.get("files") or {}).items() if "bytes" not in f and "sha256" in f)}
 
 
 def _install_sigterm():

@@ -9,7 +9,6 @@ recorded (metadata["checkpoint"], the base fingerprint): see deltapack.checkpoin
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -32,33 +31,26 @@ def _dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
     return tensors.Encoded("dense", {"dtype": float_name}, tuple(values.shape), float_name, {"values": values})
 
 
-def _keep_files(ft: Checkpoint, base: Checkpoint) -> dict:
-    """The fine-tune's non-weight files (config, tokenizer, generation config ...) for the manifest: the C++
-    core's read_kept_files (the rule apply checks them by; links only inside the directory unless ft was opened
-    with follow_links). A file equal to the base's of the same name is named by its SHA-256 and taken from BASE
-    at apply (a tokenizer is megabytes, and most fine-tunes keep their base's)."""
-    files = {}
+def _keep_files(ft: Checkpoint, base: Checkpoint, writer=None) -> tuple[dict, int]:
+    """The fine-tune's non-weight files (config, tokenizer, generation config ...) for the checkpoint record, and
+    how many bytes of them the delta stores: the C++ core's read_kept_files (the rule apply checks them by; links
+    only inside the directory unless ft was opened with follow_links). A file equal to the base's of the same name
+    is named by its SHA-256 and taken from BASE at apply (a tokenizer is megabytes, and most fine-tunes keep their
+    base's); any other is stored as bytes after the tensors (writer.add_file; without a writer, only placed, to
+    size the file) and named by its place and SHA-256."""
+    files, stored = {}, 0
     if not ft.dir:
-        return files
+        return files, stored
     kept, skipped = _core.read_kept_files(ft.dir, ft.follow_links)
     for name, why in skipped:
         print(f"deltapack: not keeping {os.path.join(ft.dir, name)} ({why})", file=sys.stderr)
     base_files = dict(_core.read_kept_files(base.dir, base.follow_links)[0]) if base.dir else {}
     for name, data in kept:
-        if base_files.get(name) == data:
-            files[name] = {"sha256": hashlib.sha256(data).hexdigest()}
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        # Text where JSON keeps it about as small (config and tokenizer files), else base64 (4/3): a text of
-        # control characters or quotes would grow 6x as JSON escapes, and again in the header.
-        if text is not None and len(json.dumps(text, ensure_ascii=False).encode()) <= 1.25 * len(data) + 16:
-            files[name] = {"text": text}
-        else:
-            files[name] = {"base64": base64.b64encode(data).decode("ascii")}
-    return files
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest()}
+        if base_files.get(name) != data:
+            files[name]["bytes"] = writer.add_file(data) if writer else [stored, stored + len(data)]
+            stored += len(data)
+    return files, stored
 
 
 def _fingerprint(base: Checkpoint, crcs: dict) -> dict:
@@ -395,7 +387,7 @@ def _write_deltas(c: _Compressor, plan: dict, out, metadata, keep_files, overwri
         record = {"version": CHECKPOINT_VERSION, "tensors": plan,
                   "removed": [n for n in base.tensors if n not in ft.tensors],
                   "ft_bytes": sum(i.nbytes for i in ft.tensors.values()),
-                  "files": _keep_files(ft, base) if keep_files else {}}
+                  "files": _keep_files(ft, base, writer)[0] if keep_files else {}}
         meta = dict(metadata or {})
         meta["checkpoint"] = record
         return writer, meta, _fingerprint(base, c.crcs)

@@ -222,7 +222,8 @@ def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
         total += len(name) + 100                             # checkpoint record and budget record entries
     total += sum(len(n) + 90 for n in base.tensors)          # base fingerprint
     if keep_files:
-        total += len(json.dumps(_keep_files(ft, base)))
+        files, stored = _keep_files(ft, base)
+        total += len(json.dumps(files)) + stored
     return 8.0 * total
 
 

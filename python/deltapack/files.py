@@ -48,6 +48,11 @@ class DeltaWriter:
     def add(self, name: str, enc: Encoded) -> None:
         self._w.add(enc._core(name))
 
+    def add_file(self, data: bytes) -> list:
+        """Store a kept file's bytes; returns [begin, end], their place for the checkpoint record's `bytes`."""
+        begin = self._w.add_file(data)
+        return [begin, begin + len(data)]
+
     def __len__(self) -> int:
         return len(self._w)  # tensors added
 

@@ -159,6 +159,9 @@ constexpr uint64_t kMaxKeptFile = uint64_t(32) << 20;   // bytes: a larger non-w
 constexpr uint64_t kMaxKeptTotal = uint64_t(64) << 20;  // bytes of all the kept (or copied) files together
 constexpr size_t kMaxKeptFiles = 256;                   // kept files of one model directory
 constexpr size_t kMaxFileName = 255;                   // bytes (NAME_MAX)
+// The U8 array of a delta file that holds the bytes of the kept files it stores (docs/FORMAT.md §7): a name no
+// component can have ("<tensor>:<component>" always holds a ':').
+constexpr const char* kFilesKey = "__files__";
 
 // Files that hold tensors (*.safetensors, *.bin, *.pt, *.pth, *.ckpt, *.h5, *.msgpack, *.gguf, *.onnx, *.pkl,
 // *.pickle, *.npy, *.npz, *.joblib; several are pickles, which run code when loaded) and their indexes
@@ -418,6 +421,8 @@ public:
     const std::vector<int64_t>& shape(const std::string& name) const;  // as the manifest states it (no reading)
     uint64_t stored_bytes(const std::string& name) const;              // its components' bytes in the file
     const std::string& manifest() const { return manifest_; }  // the JSON manifest text
+    // Bytes [begin, end) of the kept files' array (kFilesKey), as a checkpoint record's `bytes` names them.
+    std::string stored_file(uint64_t begin, uint64_t end) const;
 
 private:
     DeltaFile() = default;
@@ -446,6 +451,9 @@ public:
     // spills its components. Names must be new and non-empty (they may hold ':': a stored array's key
     // "<tensor>:<component>" splits at its last ':', as component names have none).
     void add(const EncodedRef& tensor);
+    // Stores a kept file's bytes (written after every component, under kFilesKey); returns where they begin
+    // there. The manifest's checkpoint record names them as {"bytes": [begin, begin + n], "sha256": ...}.
+    uint64_t add_file(const void* data, size_t n);
     // `extra_manifest`: a JSON object text merged into the manifest ("metadata", "base", ...).
     uint64_t size(const std::string& extra_manifest = "{}") const;  // the bytes close() would write
     uint64_t close(const std::string& extra_manifest = "{}", bool durable = true);  // returns the size
@@ -461,6 +469,7 @@ private:
     std::vector<std::pair<std::string, std::string>> entries_;  // tensor name, manifest entry JSON text
     std::set<std::string> names_;
     std::vector<Component> components_;  // arrival order
+    std::string files_;                  // add_file()'s bytes (at most kMaxKeptTotal)
     int spill_fd_[4] = {-1, -1, -1, -1};  // element sizes 8, 4, 2, 1
     uint64_t spill_size_[4] = {0, 0, 0, 0};
 };

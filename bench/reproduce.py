@@ -5,8 +5,12 @@ the paper's estimate of ΔL (Riemann sum, C=5) and the exact ΔL, then write JSO
     python bench/reproduce.py --pairs llama:tiny qwen2:tiny            # a few minutes on 2 cores
     python bench/reproduce.py --pairs llama:small mistral:small --max-examples 160
     python bench/reproduce.py --quick                                  # a reduced grid
+    python bench/reproduce.py --pairs smollm2-135m:add --quick --max-examples 128   # a pretrained pair
 
-Outputs: bench/results/repro_<arch>-<size>.json, repro_<arch>-<size>.png, repro.md (claims table).
+A pair is ARCH:SIZE (the toy builder, deltapack.pairs) or BASE:TASK[:large] (deltapack.pretrained).
+
+Outputs: bench/results/repro_<label>.json, repro_<label>.png (label: arch-size or base-task[-large]),
+repro.md (claims table).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import time
 import torch
 
 from deltapack import analysis as A
-from deltapack import evaluation, pairs
+from deltapack import evaluation, pairs, pretrained
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -74,15 +78,33 @@ def lowrank_at_sign_bytes(model) -> tuple[str, float]:
     return ";".join(rules), bits / n
 
 
-def run_pair(arch: str, size: str, quick: bool, max_examples: int | None, C: int, log) -> dict:
+def build(spec: str):
+    """(pair, label, calibration-example maker) from ARCH:SIZE or BASE:TASK[:large]."""
+    parts = spec.split(":")
+    if parts[0] in pretrained.BASES:
+        large = parts[2:] == ["large"]
+        return pretrained.build_pretrained_pair(parts[0], parts[1], large=large), build_label(spec), \
+            pretrained.task_examples
+    return pairs.build_pair(parts[0], parts[1] if len(parts) > 1 else "tiny"), build_label(spec), pairs.task_examples
+
+
+def build_label(spec: str) -> str:
+    """The file label of a pair spec, without building it."""
+    parts = spec.split(":")
+    if parts[0] in pretrained.BASES:
+        return "-".join(parts)
+    return f"{parts[0]}-{parts[1] if len(parts) > 1 else 'tiny'}"
+
+
+def run_pair(spec: str, quick: bool, max_examples: int | None, C: int, log) -> dict:
     t0 = time.time()
-    pair = pairs.build_pair(arch, size)
-    log(f"[{arch}-{size}] pair ready in {time.time() - t0:.0f}s: {pair.root}")
+    pair, label, _ = build(spec)
+    log(f"[{label}] pair ready in {time.time() - t0:.0f}s: {pair.root}")
     examples = evaluation.read_data(pair.data)[:max_examples]
     model = pairs.load_model(pair.ft)
     m_base = evaluation.evaluate(pair.base, examples)
     m_ft = evaluation.evaluate(model, examples)
-    log(f"[{arch}-{size}] base acc {m_base['accuracy']:.3f} loss {m_base['loss']:.3f}; "
+    log(f"[{label}] base acc {m_base['accuracy']:.3f} loss {m_base['loss']:.3f}; "
         f"ft acc {m_ft['accuracy']:.3f} loss {m_ft['loss']:.4f}")
     # Relative size of the delta (what makes edits tolerable or not).
     base_sd = dict(pairs.load_model(pair.base).named_parameters())
@@ -102,9 +124,10 @@ def run_pair(arch: str, size: str, quick: bool, max_examples: int | None, C: int
                      **coords, "accuracy": acc, "loss": r.loss_edit, "estimate": r.estimate, "exact": r.exact,
                      "se": r.se, "noise": r.noise, "category": r.category, "category_exact": r.category_exact,
                      "terms": r.terms})
-        log(f"[{arch}-{size}] {i + 1}/{len(points)} {rows[-1]['edit'][:40]:40s} acc {acc:.3f} "
+        log(f"[{label}] {i + 1}/{len(points)} {rows[-1]['edit'][:40]:40s} acc {acc:.3f} "
             f"ΔL est {r.estimate:+.4f} exact {r.exact:+.4f} {r.category_exact:11s} {time.time() - t:.1f}s")
-    return {"arch": arch, "size": size, "pair": str(pair.root), "task": pair.task, "info": pair.info,
+    return {"spec": spec, "label": label, "pair": str(pair.root), "task": pair.task, "info": pair.info,
+            "params": sum(p.numel() for p in model.parameters()),
             "n_examples": len(examples), "C": C, "base": m_base, "ft": m_ft,
             "delta_rel_norm_mean": sum(ratios) / len(ratios), "delta_rel_norm_max": max(ratios),
             "rows": rows, "seconds": time.time() - t0}
@@ -113,9 +136,9 @@ def run_pair(arch: str, size: str, quick: bool, max_examples: int | None, C: int
 def run_calibration(res: dict, steps: int, log) -> dict:
     """BitDelta with per-tensor scales distilled from the fine-tune (KL) on 256 fresh task examples that
     are not in the held-out set; evaluated on the same held-out examples as the sweep."""
-    pair = pairs.build_pair(res["arch"], res["size"])
+    pair, _, task_examples = build(res["spec"])
     examples = evaluation.read_data(pair.data)[:res["n_examples"]]
-    calib = pairs.task_examples(pair, 256)
+    calib = task_examples(pair, 256)
     t = time.time()
     scales = A.calibrate_scales(pairs.load_model(pair.ft), pair.base, calib, steps=steps, lr=2e-2)
     model = pairs.load_model(pair.ft)
@@ -132,7 +155,7 @@ def run_calibration(res: dict, steps: int, log) -> dict:
     out = {"steps": steps, "calibration_examples": len(calib), "accuracy": m["accuracy"], "loss": m["loss"],
            "exact": m["loss"] - res["ft"]["loss"], "scale_ratio_min": min(ratio), "scale_ratio_max": max(ratio),
            "scale_ratio_mean": sum(ratio) / len(ratio), "seconds": time.time() - t}
-    log(f"[{res['arch']}-{res['size']}] calibrated BitDelta: acc {m['accuracy']:.3f} loss {m['loss']:.4f} "
+    log(f"[{res['label']}] calibrated BitDelta: acc {m['accuracy']:.3f} loss {m['loss']:.4f} "
         f"(scales × {out['scale_ratio_min']:.2f}..{out['scale_ratio_max']:.2f} of mean|ΔW|) {out['seconds']:.0f}s")
     return out
 
@@ -154,7 +177,7 @@ def plot(res, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(2, 4, figsize=(18, 8))
-    title = f"{res['arch']}-{res['size']} ({res['task']}; base acc {res['base']['accuracy']:.2f}, " \
+    title = f"{res['label']} ({res['task']}; base acc {res['base']['accuracy']:.2f}, " \
             f"ft acc {res['ft']['accuracy']:.2f})"
     fig.suptitle(title)
     a = ax[0, 0]
@@ -338,12 +361,12 @@ def write_report(results: list[dict], path: str):
     lines = ["# Reproduction of Tang et al. 2024 on deltapack's offline pairs", "",
              "Generated by `python bench/reproduce.py " + " ".join(sys.argv[1:]) + "`.", ""]
     for res in results:
-        lines += [f"## {res['arch']}-{res['size']} ({res['info'].get('params', 0):,} params, task {res['task']}, "
+        lines += [f"## {res['label']} ({res['params']:,} params, task {res['task']}, "
                   f"{res['n_examples']} held-out examples)", "",
                   f"base: acc {res['base']['accuracy']:.3f}, loss {res['base']['loss']:.3f}; fine-tuned: acc "
                   f"{res['ft']['accuracy']:.3f}, loss {res['ft']['loss']:.4f}; ‖ΔW‖/‖W_base‖ per matrix: mean "
                   f"{res['delta_rel_norm_mean']:.3f}, max {res['delta_rel_norm_max']:.3f}; sweep {res['seconds']:.0f}s", "",
-                  f"![plots](repro_{res['arch']}-{res['size']}.png)", "",
+                  f"![plots](repro_{res['label']}.png)", "",
                   "| claim (paper) | measured here | holds here? |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in claims(res)]
         lines += ["", "Gain retention (acc_edit - acc_base) / (acc_ft - acc_base):", "",
@@ -362,7 +385,7 @@ def write_report(results: list[dict], path: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", nargs="+", default=["llama:tiny", "qwen2:tiny"], help="arch:size ...")
+    ap.add_argument("--pairs", nargs="+", default=["llama:tiny", "qwen2:tiny"], help="ARCH:SIZE or BASE:TASK[:large] ...")
     ap.add_argument("--quick", action="store_true", help="a reduced grid")
     ap.add_argument("--max-examples", type=int, default=None)
     ap.add_argument("-C", type=int, default=5)
@@ -380,21 +403,23 @@ def main(argv=None) -> int:
 
     results = []
     for spec in args.pairs:
-        arch, _, size = spec.partition(":")
-        size = size or "tiny"
-        jpath = os.path.join(args.out, f"repro_{arch}-{size}.json")
+        label = build_label(spec)
+        jpath = os.path.join(args.out, f"repro_{label}.json")
         if args.report_only:
             with open(jpath) as f:
                 res = json.load(f)
+            res.setdefault("label", label)  # results written before pretrained pairs
+            res.setdefault("spec", spec)
+            res.setdefault("params", res["info"].get("params", 0))
         else:
-            res = run_pair(arch, size, args.quick, args.max_examples, args.C, log)
+            res = run_pair(spec, args.quick, args.max_examples, args.C, log)
             with open(jpath, "w") as f:
                 json.dump(res, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
         if args.calibrate:
             res["calibration"] = run_calibration(res, args.calibrate, log)
             with open(jpath, "w") as f:
                 json.dump(res, f, indent=1)
-        plot(res, os.path.join(args.out, f"repro_{arch}-{size}.png"))
+        plot(res, os.path.join(args.out, f"repro_{label}.png"))
         results.append(res)
         for a, b, c in claims(res):
             log(f"  {a}: {c}\n      {b}")

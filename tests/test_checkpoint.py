@@ -110,7 +110,9 @@ def _reference_rebuild(base_dir, delta_path, alpha):
             d = decode(name)
             k = d.shape[0]
             got = np.empty(spec["shape"], np.uint16)
-            got[:k] = reference.apply(b[:k], d, alpha, "bf16")
+            # apply's default rounding (auto): dithered where the codec is lossy
+            lossy = entries[name]["codec"] != "dense"
+            got[:k] = reference.apply(b[:k], d, alpha, "bf16", "dithered" if lossy else "nearest")
             if spec["op"] == "resized" and spec["shape"][0] > k:
                 got[k:] = reference.round_to(decode(spec["new_rows"]), "bf16")
         out[name] = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16)
@@ -414,6 +416,8 @@ def _files(d):
 @pytest.mark.parametrize("base,ft,recipe,opts", [
     ("base", "ft", MIXED, []),
     ("base", "ft", MIXED, ["--alpha", "0.5", "--dtype", "f32"]),
+    ("base", "ft", MIXED, ["--rounding", "nearest"]),
+    ("base", "ft", MIXED, ["--rounding", "dithered", "--dtype", "f16"]),
     ("base", "ft_resized", "*embed*=lowrank:rank=4;*=sign", []),  # new rows of a resized vocabulary
     ("base_tied", "ft_untied", "sign", []),                        # lm_head untied from the embeddings
     ("ft_untied", "base_tied", "dense", ["--dtype", "f16"]),       # lm_head dropped: tied again
@@ -430,9 +434,11 @@ def test_cpp_apply_writes_what_deltapack_apply_writes(models, tmp_path, base, ft
     ck.compress(models / base, models / ft, tmp_path / "d.dpk", recipe, min_size=0)
     alpha = float(opts[opts.index("--alpha") + 1]) if "--alpha" in opts else 1.0
     dtype = opts[opts.index("--dtype") + 1] if "--dtype" in opts else None
+    rounding = opts[opts.index("--rounding") + 1] if "--rounding" in opts else "auto"
     (tmp_path / "py").mkdir()
     (tmp_path / "cpp").mkdir()
-    ck.apply_checkpoint(models / base, tmp_path / "d.dpk", tmp_path / "py" / out, alpha=alpha, dtype=dtype)
+    ck.apply_checkpoint(models / base, tmp_path / "d.dpk", tmp_path / "py" / out, alpha=alpha, dtype=dtype,
+                        rounding=rounding)
     r = subprocess.run([APPLY_BIN, str(models / base), str(tmp_path / "d.dpk"), str(tmp_path / "cpp" / out), *opts],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -500,7 +506,7 @@ def test_rebuild_in_blocks_matches_whole_tensors(tmp_path, dtype):
                 e = entries[name]
                 d = reference.DECODERS[e.codec](e.components, e.shape, **e.params).reshape(e.shape)
                 out_name = dtype or {torch.bfloat16: "bf16", torch.float32: "f32"}[ft[name].dtype]
-                ref = reference.apply(b, d, 1.0, out_name)
+                ref = reference.apply(b, d, 1.0, out_name, "dithered")  # lossy: auto dithers
                 assert np.array_equal(_bits(got).numpy().view(ref.dtype), ref), name
             else:
                 assert torch.equal(got, ft[name].to(want_dtype)), name

@@ -77,30 +77,55 @@ def test_encode_decode_match_reference(codec, params, shape, dtype, simd_path):
 APPLY_CONFIGS = [CONFIGS[i] for i in (1, 5, 11, 13, 17, 19, 23)]
 
 
+def reference_rule(rounding: str, codec: str) -> str:
+    """The rule `rounding` stands for on a tensor of `codec` (auto: dithered unless the codec is exact)."""
+    return rounding if rounding != "auto" else "nearest" if codec == "dense" else "dithered"
+
+
+@pytest.mark.parametrize("rounding", ["auto", "nearest", "dithered"])
 @pytest.mark.parametrize("out_dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("base_dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("alpha", [1.0, 0.37, -1.0])
 @pytest.mark.parametrize("codec,params", APPLY_CONFIGS, ids=[id_of(c) for c in APPLY_CONFIGS])
-def test_apply_matches_reference(codec, params, base_dtype, out_dtype, alpha, simd_path):
+def test_apply_matches_reference(codec, params, base_dtype, out_dtype, alpha, rounding, simd_path):
+    """Every codec, dtype pair and rounding against the executable spec, bit for bit."""
     shape = (19, 333)
     enc = dp.encode(make_delta(shape, "f32", seed=3), codec, **params)
     base = make_delta(shape, base_dtype, seed=4, scale=0.05)
     out = make_delta(shape, out_dtype, seed=5)
     out = out.copy() if isinstance(out, np.ndarray) else out.clone()
-    dp.apply(base, enc, alpha=alpha, out=out)
+    dp.apply(base, enc, alpha=alpha, out=out, rounding=rounding)
     d = R.DECODERS[codec](enc.components, shape, **enc.params)
-    ref = R.apply(exact_f32(base), d, alpha, out_dtype)
+    ref = R.apply(exact_f32(base), d, alpha, out_dtype, reference_rule(rounding, codec))
     np.testing.assert_array_equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("out_dtype", ["f16", "bf16"])
+def test_dithered_rounding_is_unbiased(out_dtype, simd_path):
+    """What dithering is for: a delta far below half an output ulp vanishes when rounded to nearest, and
+    survives on average when dithered (the mean change equals the delta within sampling noise)."""
+    shape = (256, 1024)
+    base = np.full(shape, 1.0, np.float32)  # ulp 2^-7 (bf16) / 2^-10 (f16) just above 1
+    ulp = 2.0 ** (-7 if out_dtype == "bf16" else -10)
+    d = np.full(shape, 0.1 * ulp, np.float32)
+    enc = dp.encode(d, "sign")  # lossy codec: auto dithers
+    base_o = R.round_to(base, out_dtype)
+    out = R.widen(dp.apply(base_o, enc), out_dtype).astype(np.float64)
+    near = R.widen(dp.apply(base_o, enc, rounding="nearest"), out_dtype)
+    assert np.all(near == 1.0)  # erased
+    change = out.mean() - 1.0
+    assert abs(change - 0.1 * ulp) < 5 * ulp * np.sqrt(0.09 / d.size), (change, 0.1 * ulp)
+    assert set(np.unique(out)) == {1.0, 1.0 + ulp}
 
 
 def test_apply_in_place_and_torch_roundtrip(simd_path):
     shape = (64, 256)
     enc = dp.encode(make_delta(shape, "bf16"), "sign", scope="row")
     base = make_delta(shape, "bf16", seed=9, scale=0.05)
-    expected = dp.apply(base, enc)
+    expected = dp.apply(base, enc, rounding="nearest")
     assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
     ptr = base.data_ptr()
-    got = dp.apply(base, enc, out=base)
+    got = dp.apply(base, enc, out=base, rounding="nearest")
     assert got.data_ptr() == ptr
     assert torch.equal(base.view(torch.int16), expected.view(torch.int16))
     # Independent check of the bf16 rounding: torch's own f32 -> bf16 conversion.
@@ -206,6 +231,6 @@ def test_large_out_of_place_apply_streams_exactly(out_dtype, simd_path):
     n = shape[0] * shape[1]
     buf = torch.empty(n + 1, dtype=torch.float32 if out_dtype == "f32" else torch.bfloat16)
     out = buf[1:].view(shape)
-    dp.apply(base, enc, out=out, alpha=0.5)
+    dp.apply(base, enc, out=out, alpha=0.5, rounding="nearest")
     ref = R.apply(exact_f32(base), R.DECODERS["levels"](enc.components, shape, bits=3), 0.5, out_dtype)
     np.testing.assert_array_equal(bits(out), bits(ref))

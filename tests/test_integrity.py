@@ -164,7 +164,14 @@ def craft(dst, src, record=None, meta=None, fingerprint=None, drop=(), add=None)
     f = dp.open(src)
     tensors = {n: f[n] for n in f.keys() if n not in drop}
     tensors.update(add or {})
-    dp.save(dst, tensors)
+    w = dp.DeltaWriter(dst)
+    for n, enc in tensors.items():
+        w.add(n, enc)
+    header, data = read_raw(src)
+    if "__files__" in header:  # the kept files' bytes, at the same places
+        b, e = header["__files__"]["data_offsets"]
+        w.add_file(data[b:e])
+    w.close()
     for fn, obj in ((record, md and md.get("checkpoint")), (meta, md), (fingerprint, fp)):
         if fn is not None:
             fn(obj)

@@ -408,6 +408,10 @@ def craft(src, dst, record=None, meta=None, base=None, drop=(), add=None):
             w.add(f.get(name)._core(name))
     for name, enc in (add or {}).items():
         w.add(enc._core(name))
+    raw, n, hdr = _header(src)
+    if "__files__" in hdr:  # the kept files' bytes, at the same places
+        b, e = hdr["__files__"]["data_offsets"]
+        w.add_file(raw[8 + n + b:8 + n + e])
     w.close("{}", True)
     return set_manifest(dst, md, fp)
 

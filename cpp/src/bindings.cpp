@@ -187,16 +187,17 @@ NB_MODULE(_core, m) {
 
     m.def(
         "apply",
-        [](const PyEncoded& e, const InArray& base, AnyArray out, float alpha, int threads) {
+        [](const PyEncoded& e, const InArray& base, AnyArray out, float alpha, int threads, const std::string& rounding) {
             EncodedRef r = ref_of(e);
             ArrayRef b = ref_of(base), o = ref_of(out);
             ApplyParams p = apply_default_params();
             p.alpha = alpha;
             p.threads = threads;
+            p.rounding = rounding_from_name(rounding);
             nb::gil_scoped_release nogil;
             apply(r, b, o, p);
         },
-        "encoded"_a, "base"_a, "out"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0);
+        "encoded"_a, "base"_a, "out"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0, "rounding"_a = "auto");
 
     m.def(
         "decode",
@@ -303,14 +304,15 @@ NB_MODULE(_core, m) {
         .def(
             "rebuild",
             [](const CheckpointDelta& c, const std::string& name, AnyArray out, const std::string& dtype, float alpha,
-               int threads) {
+               int threads, const std::string& rounding) {
                 void* p = out.data();
                 const uint64_t n = out.nbytes();
                 const DType t = dtype_from_name(dtype);
+                const Rounding r = rounding_from_name(rounding);
                 nb::gil_scoped_release nogil;
-                c.rebuild(name, p, n, t, alpha, threads);
+                c.rebuild(name, p, n, t, alpha, threads, r);
             },
-            "name"_a, "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0)
+            "name"_a, "out"_a.noconvert(), "dtype"_a, "alpha"_a = 1.0f, "threads"_a = 0, "rounding"_a = "auto")
         .def(
             "rebuild_from",  // out may be base (in place)
             [](const CheckpointDelta& c, const std::string& name, std::optional<InArray> base, AnyArray out,
@@ -330,10 +332,11 @@ NB_MODULE(_core, m) {
         "apply_checkpoint",
         [](const std::string& base, const std::string& delta, const std::string& out, float alpha,
            const std::string& dtype, bool force, bool overwrite, bool durable, int threads, nb::object progress,
-           bool follow_links) {
+           bool follow_links, const std::string& rounding) {
             ApplyCheckpointOptions o;
             o.alpha = alpha, o.dtype = dtype, o.force = force, o.overwrite = overwrite, o.durable = durable;
             o.follow_links = follow_links;
+            o.rounding = rounding_from_name(rounding);
             o.threads = threads;
             if (!progress.is_none())
                 o.progress = [progress](uint64_t n) {
@@ -345,7 +348,8 @@ NB_MODULE(_core, m) {
             return std::make_tuple(r.path, r.tensors, r.bytes);
         },
         "base"_a, "delta"_a, "out"_a, "alpha"_a = 1.0f, "dtype"_a = "", "force"_a = false, "overwrite"_a = false,
-        "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none(), "follow_links"_a = false);
+        "durable"_a = true, "threads"_a = 0, "progress"_a = nb::none(), "follow_links"_a = false,
+        "rounding"_a = "auto");
 
     m.def(
         "check_manifest_fields",  // the schema of what deltapack reads from a manifest (FORMAT.md §7)

@@ -139,6 +139,11 @@ deltapack::ApplyParams engine_params(const dp_apply_params& params) {
     deltapack::ApplyParams p = deltapack::apply_default_params();
     p.alpha = params.alpha;
     p.threads = params.threads;
+    if (params.rounding < DP_ROUNDING_AUTO || params.rounding > DP_ROUNDING_DITHERED)
+        fail("dp_apply_params.rounding " + std::to_string(params.rounding) + " is not a dp_rounding");
+    static_assert(int(deltapack::Rounding::Auto) == DP_ROUNDING_AUTO && int(deltapack::Rounding::Nearest) ==
+                  DP_ROUNDING_NEAREST && int(deltapack::Rounding::Dithered) == DP_ROUNDING_DITHERED, "same order");
+    p.rounding = deltapack::Rounding(params.rounding);
     return p;
 }
 
@@ -150,7 +155,7 @@ const char* dp_version(void) { return DELTAPACK_VERSION; }
 
 const char* dp_last_error(void) { return g_error.c_str(); }
 
-dp_apply_params dp_apply_default_params(void) { return {1.0f, 0, 1}; }
+dp_apply_params dp_apply_default_params(void) { return {1.0f, 0, 1, DP_ROUNDING_AUTO}; }
 
 const char* dp_dtype_name(dp_dtype t) {
     return guarded<const char*>(nullptr, [&] { return deltapack::dtype_name(to_dtype(int(t), "dp_dtype_name")); });
@@ -417,7 +422,8 @@ int dp_checkpoint_rebuild(const dp_checkpoint* c, const char* name, void* out, s
     return guarded(-1, [&] {
         ck_tensor(c, name, "dp_checkpoint_rebuild");
         need(out, "dp_checkpoint_rebuild", "out");
-        c->ck->rebuild(name, out, out_size, to_dtype(out_dtype, "out"), params.alpha, params.threads);
+        c->ck->rebuild(name, out, out_size, to_dtype(out_dtype, "out"), params.alpha, params.threads,
+                       engine_params(params).rounding);
         return 0;
     });
 }
@@ -429,7 +435,8 @@ int dp_checkpoint_rebuild_from(const dp_checkpoint* c, const char* name, const v
         ck_tensor(c, name, "dp_checkpoint_rebuild_from");
         need(out, "dp_checkpoint_rebuild_from", "out");
         c->ck->rebuild_from(name, base, base_size, to_dtype(base_dtype, "base"), out, out_size,
-                            to_dtype(out_dtype, "out"), params.alpha, params.threads);
+                            to_dtype(out_dtype, "out"), params.alpha, params.threads, true,
+                            engine_params(params).rounding);
         return 0;
     });
 }
@@ -443,6 +450,7 @@ int dp_apply_checkpoint(const char* base, const char* delta, const char* out, co
         deltapack::ApplyCheckpointOptions o;
         o.alpha = params.alpha;
         o.threads = params.threads;
+        o.rounding = engine_params(params).rounding;
         o.dtype = dtype ? dtype : "";
         o.force = force != 0;
         o.overwrite = overwrite != 0;

@@ -520,18 +520,18 @@ const CheckpointTensor& CheckpointDelta::check_out(const std::string& name, uint
 }
 
 void CheckpointDelta::rebuild(const std::string& name, void* out, uint64_t out_bytes, DType out_dtype, float alpha,
-                              int threads) const {
+                              int threads, Rounding rounding) const {
     const CheckpointTensor& t = check_out(name, out_bytes, out_dtype);
     if (t.kind == TensorKind::Replaced) return rebuild_core(t, nullptr, out_dtype, out, out_dtype, alpha, threads);
     if (!base_) throw std::logic_error(delta_->path() + ": no base model was given: use rebuild_from");
     const TensorInfo& bi = base_->info(t.source);
     if (bi.dtype == out_dtype && bi.nbytes == out_bytes) {  // in place: one tensor-sized buffer
         read_base(t.source, out, out_bytes);
-        return rebuild_core(t, out, bi.dtype, out, out_dtype, alpha, threads);
+        return rebuild_core(t, out, bi.dtype, out, out_dtype, alpha, threads, rounding);
     }
     std::vector<uint8_t> scratch(size_t(bi.nbytes));
     read_base(t.source, scratch.data(), bi.nbytes);
-    rebuild_core(t, scratch.data(), bi.dtype, out, out_dtype, alpha, threads);
+    rebuild_core(t, scratch.data(), bi.dtype, out, out_dtype, alpha, threads, rounding);
 }
 
 // The CRC-32C of consecutive blocks of `block` bytes (the last one shorter) covering `total` bytes, from
@@ -545,13 +545,14 @@ static uint32_t joined_crc(const Crcs& crcs, uint64_t block, uint64_t total) {
 }
 
 void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, float alpha, int threads,
-                                     const std::function<void(uint64_t, const void*, uint64_t)>& sink) const {
+                                     const std::function<void(uint64_t, const void*, uint64_t)>& sink,
+                                     Rounding rounding) const {
     const CheckpointTensor& t = tensor(name);
     const uint64_t out_bytes = t.nbytes(out_dtype);
     check_out(name, out_bytes, out_dtype);
     if (!base_ || (t.kind != TensorKind::Delta && t.kind != TensorKind::Unchanged)) {  // whole, at once
         std::vector<uint8_t> whole(static_cast<size_t>(out_bytes));
-        rebuild(name, whole.data(), out_bytes, out_dtype, alpha, threads);
+        rebuild(name, whole.data(), out_bytes, out_dtype, alpha, threads, rounding);
         if (out_bytes) sink(0, whole.data(), out_bytes);
         return;
     }
@@ -570,6 +571,7 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
     ApplyParams p = apply_default_params();
     p.alpha = alpha;
     p.threads = 1;  // the blocks are the parallel work
+    p.rounding = rounding;
     std::vector<uint32_t> crcs(static_cast<size_t>(blocks));
     parallel_rows(blocks, int64_t(block_rows * cols), threads, [&](int64_t b0, int64_t b1) {
         std::vector<uint8_t> in(size_t(block_rows * cols * bsz)), out(in_place ? 0 : size_t(block_rows * cols * osz));
@@ -590,7 +592,7 @@ void CheckpointDelta::rebuild_blocks(const std::string& name, DType out_dtype, f
 
 void CheckpointDelta::rebuild_from(const std::string& name, const void* base, uint64_t base_bytes, DType base_dtype,
                                    void* out, uint64_t out_bytes, DType out_dtype, float alpha, int threads,
-                                   bool check_crc) const {
+                                   bool check_crc, Rounding rounding) const {
     const CheckpointTensor& t = check_out(name, out_bytes, out_dtype);
     if (t.kind != TensorKind::Replaced) {
         const std::string what = delta_->path() + ": tensor '" + name + "': base tensor '" + t.source + "'";
@@ -618,15 +620,16 @@ void CheckpointDelta::rebuild_from(const std::string& name, const void* base, ui
             if (check_crc) check_contents(t.source, base, base_bytes);
         }
     }
-    rebuild_core(t, base, base_dtype, out, out_dtype, alpha, threads);
+    rebuild_core(t, base, base_dtype, out, out_dtype, alpha, threads, rounding);
 }
 
 void CheckpointDelta::rebuild_core(const CheckpointTensor& t, const void* base, DType base_dtype, void* out,
-                                   DType out_dtype, float alpha, int threads) const {
+                                   DType out_dtype, float alpha, int threads, Rounding rounding) const {
     const size_t n = size_t(numel_of(t.shape));
     ApplyParams p = apply_default_params();
     p.alpha = alpha;
     p.threads = threads;
+    p.rounding = rounding;
     auto decode_into = [&](const std::string& key, void* dst, size_t count) {
         const DeltaTensor e = delta_->get(key);
         std::vector<float> f(count);
@@ -905,9 +908,10 @@ CheckpointOutput apply_checkpoint(const std::string& base, const std::string& de
             const DType dt = out_dtype(*t);
             const uint64_t n = t->nbytes(dt);
             try {
-                c.rebuild_blocks(t->name, dt, o.alpha, o.threads, [&](uint64_t at, const void* data, uint64_t size) {
-                    w.write_part(t->name, at, data, size);
-                });
+                c.rebuild_blocks(
+                    t->name, dt, o.alpha, o.threads,
+                    [&](uint64_t at, const void* data, uint64_t size) { w.write_part(t->name, at, data, size); },
+                    o.rounding);
             } catch (const std::bad_alloc&) {  // a large added tensor is rebuilt whole in memory
                 throw std::system_error(ENOMEM, std::generic_category(),
                                         out + ": out of memory rebuilding tensor '" + t->name + "' (" +

@@ -239,6 +239,16 @@ bool plausible_shape(const std::vector<int64_t>& shape) {
 
 ApplyParams apply_default_params() { return ApplyParams{}; }
 
+const char* rounding_name(Rounding r) {
+    return r == Rounding::Auto ? "auto" : r == Rounding::Nearest ? "nearest" : "dithered";
+}
+
+Rounding rounding_from_name(const std::string& name) {
+    for (Rounding r : {Rounding::Auto, Rounding::Nearest, Rounding::Dithered})
+        if (name == rounding_name(r)) return r;
+    throw std::invalid_argument("rounding '" + name + "' is not one of auto, nearest, dithered");
+}
+
 // Rows per decode step: about 4K floats (16 KiB) of scratch, so it stays in L1; a multiple of the block.
 static int64_t rows_per_step(const Matrix& m, int block) {
     int64_t r = std::max<int64_t>(1, 4096 / std::max<int64_t>(m.cols, 1));
@@ -268,17 +278,30 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
     // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
     // read-for-ownership traffic). In place, the lines are already cached by the base read.
     const bool stream = b0 != o0 && size_t(nrows * cols) * osz >= (size_t(8) << 20);
+    const bool dither = ot != DType::F32 && (params.rounding == Rounding::Dithered ||
+                                             (params.rounding == Rounding::Auto && e.codec != "dense"));
     parallel_rows(nrows, cols, params.threads, [&](int64_t l0, int64_t l1) {
-        std::vector<float> scratch(size_t(step * cols));
+        std::vector<float> scratch(size_t(step * cols)), sums(dither ? scratch.size() : 0);
         for (int64_t l = l0; l < l1; l += step) {
             const int64_t r = row0 + l;
             int n = int(std::min(step, l1 - l));
             const uint8_t* brow = b0 + size_t(l * cols) * bsz;
             uint8_t* orow = o0 + size_t(l * cols) * osz;
-            if (p.dec->add_rows(r, n, brow, bt, params.alpha, orow, ot, stream, k)) continue;
+            if (!dither && p.dec->add_rows(r, n, brow, bt, params.alpha, orow, ot, stream, k)) continue;
             p.dec->decode(r, n, scratch.data(), k);
             const size_t m = size_t(n * cols);
-            if (!k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream)) {
+            // Dithered: the same f32 sums (an f32 output is one rounding), then rounded element by element.
+            const bool ok = dither ? k.add_round(brow, bt, scratch.data(), params.alpha, sums.data(), DType::F32, m, false)
+                                   : k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream);
+            if (dither) {
+                uint16_t* o = reinterpret_cast<uint16_t*>(orow);
+                const uint64_t first = uint64_t(r) * uint64_t(cols);
+                if (ot == DType::BF16)
+                    for (size_t j = 0; j < m; ++j) o[j] = f32_to_bf16_dithered(sums[j], dither_bits(first + j));
+                else
+                    for (size_t j = 0; j < m; ++j) o[j] = f32_to_f16_dithered(sums[j], dither_bits(first + j));
+            }
+            if (!ok) {
                 // a damaged or hostile delta: an error beats silent infinities (the output is not used)
                 size_t bad = 0;
                 while (std::fabs(params.alpha * scratch[bad]) <= kMaxStep) ++bad;

@@ -131,6 +131,42 @@ inline uint16_t f32_to_f16(float f) {
     return uint16_t(sign | q);
 }
 
+// Dithered rounding (docs/FORMAT.md §3): f32 -> f16/bf16 rounded away from zero with probability equal to the
+// fraction of an output ulp that truncation drops, the "random" bits taken from a hash of the element's index, so
+// the rounding is unbiased on average yet deterministic. A lossy delta smaller than half an ulp survives it on
+// average, where rounding to nearest erases it.
+inline uint64_t mix64(uint64_t x) {  // SplitMix64's finalizer
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+// The 64 dither bits of a tensor's element `index` (flat, row-major): SplitMix64's output number index + 1 from
+// seed 0. The same for every tensor, so a delta gives the same bits however it was named or stored.
+inline uint64_t dither_bits(uint64_t index) { return mix64((index + 1) * 0x9e3779b97f4a7c15ull); }
+
+inline uint16_t f32_to_bf16_dithered(float f, uint64_t h) {
+    const uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) >= 0x7f800000u) return f32_to_bf16(f);  // inf, NaN: as nearest
+    // Up (away from zero: the magnitude bits + 1) iff the 16 dropped bits exceed 16 random bits.
+    return uint16_t((u >> 16) + ((u & 0xffffu) > (h >> 48) ? 1u : 0u));
+}
+
+inline uint16_t f32_to_f16_dithered(float f, uint64_t h) {
+    const uint32_t x = f32_to_bits(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x47800000u) return f32_to_f16(f);   // >= 65536, inf, NaN: as nearest (infinity, NaN)
+    if (ax >= 0x38800000u) {                        // normal half: 13 dropped bits
+        const uint32_t v = ax - 0x38000000u;
+        return uint16_t(sign | ((v >> 13) + ((v & 0x1fffu) > (h >> 51) ? 1u : 0u)));
+    }
+    const uint32_t e = ax >> 23;                    // subnormal half (or zero): m x 2^-shift in units of 2^-24
+    if (e < 64) return uint16_t(sign);              // below 2^-63: zero (the chance of up is under 2^-39)
+    const uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;  // shift 14 .. 62
+    const uint64_t rem = uint64_t(m) & ((uint64_t(1) << shift) - 1);
+    return uint16_t(sign | ((uint64_t(m) >> shift) + (rem > (h >> (64 - shift)) ? 1u : 0u)));
+}
+
 inline float load_one(const void* p, DType t, size_t i) {
     switch (t) {
         case DType::F32: return static_cast<const float*>(p)[i];

@@ -1,7 +1,8 @@
 // deltapack-apply: rebuild fine-tuned weights from a base and a delta file, with no Python.
 // A small, complete example of the C++ API (cpp/include/deltapack/deltapack.h).
 //
-//   deltapack-apply BASE DELTA.dpk OUT [--alpha A] [--dtype bf16|f16|f32] [--threads N] [--force] [--overwrite]
+//   deltapack-apply BASE DELTA.dpk OUT [--alpha A] [--dtype bf16|f16|f32] [--rounding auto|nearest|dithered]
+//                   [--threads N] [--force] [--overwrite]
 //                   [--follow-links]
 //
 // A delta made by `deltapack compress` (a checkpoint delta) is rebuilt as `deltapack apply` does it, to the
@@ -43,6 +44,7 @@ static void apply_plain(const std::string& base_path, const deltapack::DeltaFile
     deltapack::ApplyParams params = deltapack::apply_default_params();
     params.alpha = opt.alpha;
     params.threads = opt.threads;
+    params.rounding = opt.rounding;
     size_t rebuilt = 0;
     for (const deltapack::TensorInfo& t : infos) {
         std::vector<uint8_t> bytes(size_t(t.nbytes));  // one tensor at a time, as the base holds it
@@ -88,6 +90,12 @@ int main(int argc, char** argv) {
         } else if (a == "--dtype" && has_value) {
             opt.dtype = argv[++i];
             if (opt.dtype != "bf16" && opt.dtype != "f16" && opt.dtype != "f32") problem = "--dtype " + opt.dtype + ": use bf16, f16 or f32";
+        } else if (a == "--rounding" && has_value) {
+            try {
+                opt.rounding = deltapack::rounding_from_name(argv[++i]);
+            } catch (const std::invalid_argument& ex) {
+                problem = std::string("--rounding: ") + ex.what();
+            }
         } else if (a == "--force") {
             opt.force = true;
         } else if (a == "--overwrite") {
@@ -106,7 +114,8 @@ int main(int argc, char** argv) {
     if (!problem.empty()) {
         if (problem != "help") std::fprintf(stderr, "deltapack-apply: %s\n", problem.c_str());
         std::fprintf(stderr, "usage: deltapack-apply BASE DELTA.dpk OUT [--alpha A] [--dtype bf16|f16|f32] "
-                             "[--threads N] [--force] [--overwrite] [--follow-links]\n");
+                             "[--rounding auto|nearest|dithered] [--threads N] [--force] [--overwrite] "
+                             "[--follow-links]\n");
         return 2;
     }
     try {

@@ -54,10 +54,10 @@ class _Rebuilder:
     """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file (the C++ core's
     CheckpointDelta: record and base checked on open, each base tensor's CRC-32C as it is read)."""
 
-    def __init__(self, base, delta, alpha=1.0, force=False, threads=None, follow_links=False):
+    def __init__(self, base, delta, alpha=1.0, force=False, threads=None, follow_links=False, rounding="auto"):
         self.base, self.delta = _as_checkpoint(base, follow_links), _as_delta(delta)
         self.record = checkpoint_record(self.delta)
-        self.alpha, self.force, self.threads = float(alpha), force, threads
+        self.alpha, self.force, self.threads, self.rounding = float(alpha), force, threads, tensors.check_rounding(rounding)
         self._c = _core.CheckpointDelta(self.base.path, self.delta.path, force, self.base.follow_links)
 
     def specs(self):
@@ -78,13 +78,13 @@ class _Rebuilder:
             raise ValueError(f"tensor '{name}': destination is {out.dtype} {list(out.shape)}, "
                              f"need {np_dst} {list(shape)}")
         res = out if out is not None else np.empty(shape, np_dst)
-        self._c.rebuild(name, res, st, self.alpha, 0 if self.threads is None else int(self.threads))
+        self._c.rebuild(name, res, st, self.alpha, 0 if self.threads is None else int(self.threads), self.rounding)
         return res
 
 
 def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = None, *, force: bool = False,
                      overwrite: bool = False, threads: int | None = None, quiet: bool = True,
-                     fsync: bool = True, follow_links: bool = False) -> dict:
+                     fsync: bool = True, follow_links: bool = False, rounding: str = "auto") -> dict:
     """Rebuild the fine-tune as a Hugging Face directory `out` (sharded like the base, with the kept
     config/tokenizer files), or as one .safetensors file when `base` is a file. Written atomically.
 
@@ -95,7 +95,10 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     overwrite: replace an existing `out`, only if it is an earlier output (a model directory, or a safetensors
     file for a file base); never BASE, the delta or a directory holding them. follow_links: read BASE's files
     through symbolic links wherever they point (by default only inside it or into a Hugging Face cache).
+    rounding: of tensors rebuilt into bf16/f16: "auto" (dithered where the delta is lossy, nearest where it is
+    exact), "nearest" or "dithered" (docs/FORMAT.md §3).
     """
+    tensors.check_rounding(rounding)
     if dtype not in (None, "bf16", "f16", "f32"):
         raise ValueError(f"dtype {dtype!r}: use bf16, f16 or f32")
     base_path = base.path if isinstance(base, Checkpoint) else os.fspath(base)
@@ -106,7 +109,7 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
     try:  # the C++ core: the same code as deltapack-apply, so both write the same bytes
         path, n, size = _core.apply_checkpoint(base_path, delta_path, os.fspath(out), alpha, dtype or "", force,
                                                overwrite, fsync, 0 if threads is None else int(threads), bar.update,
-                                               follow_links)
+                                               follow_links, rounding)
     finally:
         bar.close()
     return {"out": path, "tensors": n, "bytes": size}
@@ -120,9 +123,10 @@ def _to_torch(arr, float_name):
 
 
 def load(base, delta, alpha: float = 1.0, dtype: str | None = None, force: bool = False,
-         threads: int | None = None) -> dict:
-    """The fine-tune's state dict (torch tensors), rebuilt from `base` (dir or file) and a delta file."""
-    rb = _Rebuilder(base, delta, alpha, force, threads)
+         threads: int | None = None, rounding: str = "auto") -> dict:
+    """The fine-tune's state dict (torch tensors), rebuilt from `base` (dir or file) and a delta file, exactly
+    as apply_checkpoint writes it (rounding: as there)."""
+    rb = _Rebuilder(base, delta, alpha, force, threads, rounding=rounding)
     out = {}
     for name in rb.specs():
         arr = rb.rebuild(name, dtype)

@@ -622,11 +622,65 @@ def decode_dense(comps, shape, dtype="f32"):
 
 # ----------------------------------------------------------------------------- apply
 
-def apply(base_f32: np.ndarray, delta_f32: np.ndarray, alpha: float, out_dtype: str) -> np.ndarray:
-    """out = round_to(f32(base) + f32(alpha) * d): one f32 product, one f32 sum, one rounding."""
+def apply(base_f32: np.ndarray, delta_f32: np.ndarray, alpha: float, out_dtype: str,
+          rounding: str = "nearest") -> np.ndarray:
+    """out = round(f32(base) + f32(alpha) * d): one f32 product, one f32 sum, one rounding, to nearest or
+    dithered. "auto" is the caller's choice per tensor: dithered for a lossy codec (any but dense) into f16/bf16,
+    else nearest."""
     b = np.asarray(base_f32, F32)
     t = (F32(alpha) * np.asarray(delta_f32, F32).reshape(b.shape)).astype(F32)
-    return round_to((b + t).astype(F32), out_dtype)
+    s = (b + t).astype(F32)
+    if rounding == "nearest" or out_dtype == "f32":
+        return round_to(s, out_dtype)
+    if rounding != "dithered":
+        raise ValueError(f"rounding {rounding!r}")
+    h = dither_bits(s.size).reshape(s.shape)
+    return round_bf16_dithered(s, h) if out_dtype == "bf16" else round_f16_dithered(s, h).view(np.float16)
+
+
+# Dithered rounding: rounded away from zero with probability = the fraction of an output ulp that truncation
+# drops, the random bits a hash of the element's flat index: unbiased on average, deterministic.
+_U64 = np.uint64
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, on uint64 arrays (arithmetic modulo 2^64)."""
+    x = np.asarray(x, _U64)
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def dither_bits(n: int) -> np.ndarray:
+    """The 64 dither bits of flat indices 0 .. n-1: SplitMix64's outputs 1 .. n from seed 0, the same for every
+    tensor."""
+    return mix64((np.arange(n, dtype=_U64) + _U64(1)) * _U64(0x9E3779B97F4A7C15))
+
+
+def round_bf16_dithered(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits: up (away from zero) iff the 16 dropped bits exceed the top 16 bits of h;
+    inf and NaN as round_bf16."""
+    u = np.asarray(x, F32).view(np.uint32)
+    up = (u & 0xFFFF).astype(_U64) > (h >> _U64(48))
+    out = ((u >> 16) + up).astype(np.uint16)
+    return np.where((u & 0x7FFFFFFF) >= 0x7F800000, round_bf16(x), out)
+
+
+def round_f16_dithered(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits (uint16): normal halves drop 13 bits (compared with h's top 13), subnormal ones
+    `126 - e` bits (h's top as many); below 2^-63 zero; |x| >= 65536, inf and NaN as round_to(x, 'f16')."""
+    u = np.asarray(x, F32).view(np.uint32).astype(_U64)
+    sign, ax = (u >> _U64(16)) & _U64(0x8000), u & _U64(0x7FFFFFFF)
+    v = ax - _U64(0x38000000)  # wraps for small ax; those take the subnormal branch
+    normal = (v >> _U64(13)) + ((v & _U64(0x1FFF)) > (h >> _U64(51)))
+    e = ax >> _U64(23)
+    shift = np.clip(_U64(126) - np.minimum(e, _U64(126)), 14, 62).astype(_U64)
+    m = (ax & _U64(0x7FFFFF)) | _U64(0x800000)
+    rem = m & ((_U64(1) << shift) - _U64(1))
+    sub = np.where(e < 64, _U64(0), (m >> shift) + (rem > (h >> (_U64(64) - shift))))
+    q = np.where(ax >= 0x38800000, normal, sub)
+    nearest = round_to(np.asarray(x, F32), "f16").view(np.uint16).astype(_U64)
+    return np.where(ax >= 0x47800000, nearest, sign | q).astype(np.uint16)
 
 
 def _rc(shape):

@@ -140,8 +140,19 @@ def delta_product(enc: Encoded, x, alpha: float = 1.0, out=None, threads: int | 
     return out
 
 
-def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None = None):
-    """base + alpha * delta, rounded once to the output dtype (that of `out`, else of `base`).
+ROUNDINGS = ("auto", "nearest", "dithered")  # into bf16/f16 (docs/FORMAT.md §3)
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
+    return rounding
+
+
+def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None = None, rounding: str = "auto"):
+    """base + alpha * delta, rounded once to the output dtype (that of `out`, else of `base`): into bf16/f16
+    by `rounding`, "auto" (dithered for a lossy codec, nearest for dense), "nearest" or "dithered"
+    (docs/FORMAT.md §3; reference.apply is the rule).
 
     base/out: numpy f32/f16 (uint16 = bf16 bits) or torch f32/f16/bf16 of the delta's shape;
     `out=base` updates in place. Returns `out`.
@@ -162,7 +173,7 @@ def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None 
     contiguous = out.is_contiguous() if _is_torch(out) else out.flags.c_contiguous
     if not contiguous:
         raise ValueError(f"tensor '{enc.name}': out must be C-contiguous")
-    _core.apply(enc._core(), base_c, out, float(alpha), _threads(threads))
+    _core.apply(enc._core(), base_c, out, float(alpha), _threads(threads), check_rounding(rounding))
     return out
 
 

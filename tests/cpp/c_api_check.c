@@ -72,7 +72,7 @@ static void check_library(void) {
     CHECK_ERROR(dp_dtype_size((enum dp_dtype)-1) == 0, "unknown dp_dtype -1");
     {
         struct dp_apply_params p = dp_apply_default_params();
-        CHECK(p.alpha == 1.0f && p.threads == 0 && p.verify != 0);
+        CHECK(p.alpha == 1.0f && p.threads == 0 && p.verify != 0 && p.rounding == DP_ROUNDING_AUTO);
     }
     CHECK(strlen(dp_simd()) > 0);
     CHECK(dp_set_simd("scalar") == 0 && strcmp(dp_simd(), "scalar") == 0);

@@ -64,10 +64,18 @@ enum dp_dtype {
     DP_DTYPE_MAX_ENUM = 0x7FFFFFFF
 };
 
+/* How base + alpha * delta is rounded into an f16 or bf16 output (docs/FORMAT.md section 3). */
+enum dp_rounding {
+    DP_ROUNDING_AUTO = 0,      /* dithered for a lossy codec (any but dense), nearest for dense: the default */
+    DP_ROUNDING_NEAREST = 1,   /* to nearest, ties to even */
+    DP_ROUNDING_DITHERED = 2   /* unbiased and deterministic: a change under half an ulp survives on average */
+};
+
 struct dp_apply_params {
-    float alpha;  /* out = base + alpha * delta */
-    int threads;  /* 0: all cores */
-    int verify;   /* non-zero: check the tensor's CRC-32C before use */
+    float alpha;   /* out = base + alpha * delta */
+    int threads;   /* 0: all cores */
+    int verify;    /* non-zero: check the tensor's CRC-32C before use */
+    int rounding;  /* enum dp_rounding */
 };
 
 /* ------------------------------------------------------------------------------ library */
@@ -79,7 +87,7 @@ DELTAPACK_API const char* dp_version(void);
  * on this thread. */
 DELTAPACK_API const char* dp_last_error(void);
 
-/* Defaults: alpha 1, all cores, verify on. */
+/* Defaults: alpha 1, all cores, verify on, DP_ROUNDING_AUTO. */
 DELTAPACK_API struct dp_apply_params dp_apply_default_params(void);
 
 /* "f32", "f16", "bf16", "f64", "i64", ...; NULL (and an error) for a value outside enum dp_dtype. */

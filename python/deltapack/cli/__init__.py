@@ -263,7 +263,8 @@ def cmd_apply(args) -> int:
                              f"{snap['revision']}, but {e}: give BASE") from None
     s = checkpoint.apply_checkpoint(args.base, args.delta, args.output, alpha=args.alpha, dtype=args.dtype,
                                     force=args.force, overwrite=args.overwrite, threads=args.threads or None,
-                                    quiet=args.quiet, fsync=not args.no_fsync, follow_links=args.follow_links)
+                                    quiet=args.quiet, fsync=not args.no_fsync, follow_links=args.follow_links,
+                                    rounding=args.rounding)
     if not args.quiet:
         print(f"wrote {s['out']}: {s['tensors']} tensors, {s['bytes']:,} bytes")
     return 0
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--alpha", type=finite_float, default=1.0,
                    help="scale of the delta: 1 = the fine-tune, >1 extrapolates, <1 interpolates (default 1)")
     a.add_argument("--dtype", choices=["bf16", "f16", "f32"], help="output dtype (default: the fine-tune's)")
+    a.add_argument("--rounding", choices=dp.tensors.ROUNDINGS, default="auto",
+                   help="rounding into bf16/f16: auto (default) dithers tensors stored lossily, so a change smaller "
+                   "than half a bf16 step survives on average instead of vanishing, and rounds exact ones to "
+                   "nearest; nearest; dithered (docs/FORMAT.md section 3)")
     a.add_argument("--force", action="store_true", help="apply even if BASE does not match the delta's base")
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is an earlier output "
                    "(a directory of weights and config/tokenizer files, or a .safetensors file)")

@@ -283,6 +283,13 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     follow_links: read BASE's and FT's files through symbolic links wherever they point.
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
+    with tensors.bounded_threads(threads):  # the budget's SVDs (BLAS) and calibration (torch) too
+        return _compress(base, ft, out, recipe, budget, data, proxy, min_size, metadata, threads, quiet, keep_files,
+                         force, overwrite, follow_links)
+
+
+def _compress(base, ft, out, recipe, budget, data, proxy, min_size, metadata, threads, quiet, keep_files, force,
+              overwrite, follow_links) -> dict:
     base, ft = _as_checkpoint(base, follow_links), _as_checkpoint(ft, follow_links)
     # User metadata under a name deltapack reads ("budget", ...) must have its type (FORMAT.md §7): said now, not
     # by the writer after all the work.

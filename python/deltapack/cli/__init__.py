@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "BASE (another architecture or size, most tensors new or reshaped, or matrices that changed "
                    "by as much as the weights)")
     add_follow_links(c)
-    c.add_argument("--threads", type=count, default=0, help="threads (0 = all cores)")
+    c.add_argument("--threads", type=count, default=0, help="threads for all the work, numpy's BLAS (the budget's "
+                   "SVDs) and torch (--data) included (0 = all cores)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(fn=cmd_compress)

@@ -385,7 +385,8 @@ def write_report(results: list[dict], path: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", nargs="+", default=["llama:tiny", "qwen2:tiny"], help="ARCH:SIZE or BASE:TASK[:large] ...")
+    ap.add_argument("--pairs", nargs="+", default=["llama:tiny", "qwen2:tiny"],
+                    help="ARCH:SIZE or BASE:TASK[:large] ...")
     ap.add_argument("--quick", action="store_true", help="a reduced grid")
     ap.add_argument("--max-examples", type=int, default=None)
     ap.add_argument("-C", type=int, default=5)

@@ -22,7 +22,8 @@ c_size = ctypes.c_size_t
 
 
 class ApplyParams(ctypes.Structure):
-    _fields_ = [("alpha", ctypes.c_float), ("threads", ctypes.c_int), ("verify", ctypes.c_int), ("rounding", ctypes.c_int)]
+    _fields_ = [("alpha", ctypes.c_float), ("threads", ctypes.c_int), ("verify", ctypes.c_int),
+                ("rounding", ctypes.c_int)]
 
 
 @pytest.fixture(scope="module")

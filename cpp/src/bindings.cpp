@@ -187,7 +187,8 @@ NB_MODULE(_core, m) {
 
     m.def(
         "apply",
-        [](const PyEncoded& e, const InArray& base, AnyArray out, float alpha, int threads, const std::string& rounding) {
+        [](const PyEncoded& e, const InArray& base, AnyArray out, float alpha, int threads,
+           const std::string& rounding) {
             EncodedRef r = ref_of(e);
             ArrayRef b = ref_of(base), o = ref_of(out);
             ApplyParams p = apply_default_params();

@@ -707,7 +707,8 @@ static std::vector<KeptFile> config_files(const CheckpointDelta& c, const std::s
         for (auto& kv : kept->obj) {
             const std::string what = c.delta().path() + ": kept file '" + kv.first + "'";
             if (const json::Value* bytes = kv.second.find("bytes")) {  // in the delta, under kFilesKey
-                std::string data = c.delta().stored_file(uint64_t(bytes->arr[0].integer), uint64_t(bytes->arr[1].integer));
+                std::string data =
+                    c.delta().stored_file(uint64_t(bytes->arr[0].integer), uint64_t(bytes->arr[1].integer));
                 if (sha256_hex(data.data(), data.size()) != kv.second.find("sha256")->str)
                     throw FormatError(what + ": its stored bytes do not match their SHA-256 (the delta is damaged)");
                 files.push_back({kv.first, std::move(data)});

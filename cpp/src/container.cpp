@@ -1031,8 +1031,8 @@ std::string DeltaWriter::header(const std::string& extra_manifest) const {
 uint64_t DeltaWriter::add_file(const void* data, size_t n) {
     if (!out_) throw std::logic_error(path_ + ": a kept file added after close or abort");
     if (n > kMaxKeptFile || files_.size() + n > kMaxKeptTotal)
-        throw std::invalid_argument(path_ + ": kept files over " + std::to_string(kMaxKeptFile >> 20) + " MiB each or " +
-                                    std::to_string(kMaxKeptTotal >> 20) + " MiB in all are not stored");
+        throw std::invalid_argument(path_ + ": kept files over " + std::to_string(kMaxKeptFile >> 20) +
+                                    " MiB each or " + std::to_string(kMaxKeptTotal >> 20) + " MiB in all are not stored");
     const uint64_t begin = files_.size();
     files_.append(static_cast<const char*>(data), n);
     return begin;

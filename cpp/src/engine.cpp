@@ -291,8 +291,9 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
             p.dec->decode(r, n, scratch.data(), k);
             const size_t m = size_t(n * cols);
             // Dithered: the same f32 sums (an f32 output is one rounding), then rounded element by element.
-            const bool ok = dither ? k.add_round(brow, bt, scratch.data(), params.alpha, sums.data(), DType::F32, m, false)
-                                   : k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream);
+            const bool ok =
+                dither ? k.add_round(brow, bt, scratch.data(), params.alpha, sums.data(), DType::F32, m, false)
+                       : k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream);
             if (dither) {
                 uint16_t* o = reinterpret_cast<uint16_t*>(orow);
                 const uint64_t first = uint64_t(r) * uint64_t(cols);

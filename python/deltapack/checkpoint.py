@@ -57,7 +57,8 @@ class _Rebuilder:
     def __init__(self, base, delta, alpha=1.0, force=False, threads=None, follow_links=False, rounding="auto"):
         self.base, self.delta = _as_checkpoint(base, follow_links), _as_delta(delta)
         self.record = checkpoint_record(self.delta)
-        self.alpha, self.force, self.threads, self.rounding = float(alpha), force, threads, tensors.check_rounding(rounding)
+        self.alpha, self.force, self.threads = float(alpha), force, threads
+        self.rounding = tensors.check_rounding(rounding)
         self._c = _core.CheckpointDelta(self.base.path, self.delta.path, force, self.base.follow_links)
 
     def specs(self):
@@ -290,7 +291,8 @@ def describe(delta) -> dict:
             "resized": {n: {"base_shape": specs[n]["base_shape"], "shape": specs[n]["shape"]} for n in by("resized")},
             "sources": {n: s["source"] for n, s in specs.items() if "source" in s},
             "files": sorted(rec.get("files") or {}),
-            "files_from_base": sorted(n for n, f in (rec.get("files") or {}).items() if "bytes" not in f and "sha256" in f)}
+            "files_from_base": sorted(n for n, f in (rec.get("files") or {}).items()
+                                      if "bytes" not in f and "sha256" in f)}
 
 
 def _install_sigterm():

@@ -101,6 +101,22 @@ def test_apply_matches_reference(codec, params, base_dtype, out_dtype, alpha, ro
 
 
 @pytest.mark.parametrize("out_dtype", ["f16", "bf16"])
+def test_dithered_rounding_edges_match_reference(out_dtype, simd_path):
+    """Dithered rounding where the formats are special: f16 subnormals and values below them, the largest finite
+    values and past them, infinities, NaN, signed zeros and f32 subnormals; engine and spec bit for bit."""
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 1e-45, -1e-40, 2.0 ** -63, 2.0 ** -62, 3e-8, -5.9e-8, 6.0e-5, -6.1e-5, 2.0 ** -14,
+                        65504.0, 65519.0, -65520.0, 65535.9, 65536.0, 1e5, 3.38e38, -3.4e38, np.inf, -np.inf, np.nan,
+                        1.0, -1.0 - 2.0 ** -20], np.float32)
+    mags = (10.0 ** rng.uniform(-12, 5, 4000)).astype(np.float32) * rng.choice([-1, 1], 4000).astype(np.float32)
+    s = np.concatenate([special, mags]).reshape(-1, 8)
+    zero = np.zeros(s.shape, np.float32)
+    enc = dp.encode(zero, "dense")  # the sums are the f32 base itself
+    got = dp.apply(s, enc, out=R.round_to(zero, out_dtype), rounding="dithered")
+    np.testing.assert_array_equal(bits(got), bits(R.apply(s, zero, 1.0, out_dtype, "dithered")))
+
+
+@pytest.mark.parametrize("out_dtype", ["f16", "bf16"])
 def test_dithered_rounding_is_unbiased(out_dtype, simd_path):
     """What dithering is for: a delta far below half an output ulp vanishes when rounded to nearest, and
     survives on average when dithered (the mean change equals the delta within sampling noise)."""

@@ -91,7 +91,8 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "f32":
         return x.copy()
     if dtype == "f16":
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond f16's range: infinity, as specified
+            return x.astype(np.float16)
     if dtype == "bf16":
         return round_bf16(x)
     raise ValueError(f"unknown dtype {dtype!r}")

@@ -283,42 +283,38 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     follow_links: read BASE's and FT's files through symbolic links wherever they point.
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
-    with tensors.bounded_threads(threads):  # the budget's SVDs (BLAS) and calibration (torch) too
-        return _compress(base, ft, out, recipe, budget, data, proxy, min_size, metadata, threads, quiet, keep_files,
-                         force, overwrite, follow_links)
-
-
-def _compress(base, ft, out, recipe, budget, data, proxy, min_size, metadata, threads, quiet, keep_files, force,
-              overwrite, follow_links) -> dict:
-    base, ft = _as_checkpoint(base, follow_links), _as_checkpoint(ft, follow_links)
-    # User metadata under a name deltapack reads ("budget", ...) must have its type (FORMAT.md §7): said now, not
-    # by the writer after all the work.
-    _core.check_manifest_fields(json.dumps({"metadata": metadata or {}}, allow_nan=False), os.fspath(out))
-    _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [base.path, ft.path], overwrite)
-    plan = _plan(base, ft)
-    if not force:
-        check_related(base, ft, plan)
-    if budget is not None:
-        from .compress_budget import compress_to_budget
-        return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,
-                                  metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files,
-                                  overwrite=overwrite)
-    if data is not None:
-        raise ValueError("data (calibration examples) is used with a budget; for a recipe use `deltapack calibrate`")
-    rules = Rules(recipe)
-    min_size = 4096 if min_size is None else min_size
-    bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
-    try:
-        c = _Compressor(base, ft, lambda name, shape: _choose(rules, name, shape, min_size), threads, bar)
-        writer, meta, fp = _write_deltas(c, plan, out, metadata, keep_files, overwrite)
+    # BLAS (the SVDs of lowrank and of the budget's candidates) and torch (calibration) get `threads` too
+    with tensors.bounded_threads(threads):
+        base, ft = _as_checkpoint(base, follow_links), _as_checkpoint(ft, follow_links)
+        # User metadata under a name deltapack reads ("budget", ...) must have its type (FORMAT.md §7): said now,
+        # not by the writer after all the work.
+        _core.check_manifest_fields(json.dumps({"metadata": metadata or {}}, allow_nan=False), os.fspath(out))
+        _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [base.path, ft.path], overwrite)
+        plan = _plan(base, ft)
+        if not force:
+            check_related(base, ft, plan)
+        if budget is not None:
+            from .compress_budget import compress_to_budget
+            return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,
+                                      metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files,
+                                      overwrite=overwrite)
+        if data is not None:
+            raise ValueError("data (calibration examples) is used with a budget; for a recipe use "
+                             "`deltapack calibrate`")
+        rules = Rules(recipe)
+        min_size = 4096 if min_size is None else min_size
+        bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
         try:
-            size = writer.close(metadata=meta, base=fp)
-        except BaseException:
-            writer.abort()
-            raise
-    finally:
-        bar.close()
-    return _summary(out, size, meta["checkpoint"], writer)
+            c = _Compressor(base, ft, lambda name, shape: _choose(rules, name, shape, min_size), threads, bar)
+            writer, meta, fp = _write_deltas(c, plan, out, metadata, keep_files, overwrite)
+            try:
+                size = writer.close(metadata=meta, base=fp)
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            bar.close()
+        return _summary(out, size, meta["checkpoint"], writer)
 
 
 def _total_bytes(base, ft, plan) -> int:

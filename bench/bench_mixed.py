@@ -99,12 +99,12 @@ def bench_decode(new_tokens, repeats):
     import transformers
 
     from deltapack import checkpoint as ck
-    from deltapack import pairs
+    from deltapack.research import pairs
 
     root = Path(pairs.cache_dir()) if hasattr(pairs, "cache_dir") else Path.home() / ".cache/deltapack/pairs"
     a, b = root / "llama-small-0", root / "llama-small-reverse-light-0"
     if not (a / "ft").exists() or not (b / "ft").exists():
-        print("decode: the llama-small pairs are not built (python -m deltapack.pairs); skipped")
+        print("decode: the llama-small pairs are not built (python -m deltapack.research.pairs); skipped")
         return None
     tmp = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
     names = []

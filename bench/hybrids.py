@@ -33,13 +33,14 @@ def run(spec, log):
     import torch
 
     import deltapack as dp
-    from deltapack import evaluation, pairs
+    from deltapack import lm
+    from deltapack.research import evaluation, pairs
 
     arch, size, task = spec.split(":")
     pair = pairs.build_pair(arch, size, task=task)
-    examples = evaluation.read_data(pair.data)
-    model = pairs.load_model(pair.ft)
-    base = {k: v.detach().clone() for k, v in pairs.load_model(pair.base).state_dict().items()}
+    examples = lm.read_data(pair.data)
+    model = lm.load_model(pair.ft)
+    base = {k: v.detach().clone() for k, v in lm.load_model(pair.base).state_dict().items()}
     ft = {k: v.detach().clone() for k, v in model.state_dict().items()}
     m_base, m_ft = evaluation.evaluate(pair.base, examples), evaluation.evaluate(pair.ft, examples)
     matrices = [k for k, v in ft.items() if v.dim() == 2 and not torch.equal(v, base[k])

@@ -7,7 +7,7 @@ the paper's estimate of ΔL (Riemann sum, C=5) and the exact ΔL, then write JSO
     python bench/reproduce.py --quick                                  # a reduced grid
     python bench/reproduce.py --pairs smollm2-135m:add --quick --max-examples 128   # a pretrained pair
 
-A pair is ARCH:SIZE (the toy builder, deltapack.pairs) or BASE:TASK[:large] (deltapack.pretrained).
+A pair is ARCH:SIZE (the toy builder, deltapack.research.pairs) or BASE:TASK[:large] (deltapack.research.pretrained).
 
 Outputs: bench/results/repro_<label>.json, repro_<label>.png (label: arch-size or base-task[-large]),
 repro.md (claims table).
@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from deltapack import analysis as A
-from deltapack import evaluation, pairs, pretrained
+from deltapack import lm
+from deltapack.research import analysis as A
+from deltapack.research import evaluation, pairs, pretrained
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -100,14 +101,14 @@ def run_pair(spec: str, quick: bool, max_examples: int | None, C: int, log) -> d
     t0 = time.time()
     pair, label, _ = build(spec)
     log(f"[{label}] pair ready in {time.time() - t0:.0f}s: {pair.root}")
-    examples = evaluation.read_data(pair.data)[:max_examples]
-    model = pairs.load_model(pair.ft)
+    examples = lm.read_data(pair.data)[:max_examples]
+    model = lm.load_model(pair.ft)
     m_base = evaluation.evaluate(pair.base, examples)
     m_ft = evaluation.evaluate(model, examples)
     log(f"[{label}] base acc {m_base['accuracy']:.3f} loss {m_base['loss']:.3f}; "
         f"ft acc {m_ft['accuracy']:.3f} loss {m_ft['loss']:.4f}")
     # Relative size of the delta (what makes edits tolerable or not).
-    base_sd = dict(pairs.load_model(pair.base).named_parameters())
+    base_sd = dict(lm.load_model(pair.base).named_parameters())
     ratios = [float((p.detach() - base_sd[n].detach()).norm() / base_sd[n].detach().norm())
               for n, p in model.named_parameters() if p.ndim == 2]
     del base_sd
@@ -137,12 +138,12 @@ def run_calibration(res: dict, steps: int, log) -> dict:
     """BitDelta with per-tensor scales distilled from the fine-tune (KL) on 256 fresh task examples that
     are not in the held-out set; evaluated on the same held-out examples as the sweep."""
     pair, _, task_examples = build(res["spec"])
-    examples = evaluation.read_data(pair.data)[:res["n_examples"]]
+    examples = lm.read_data(pair.data)[:res["n_examples"]]
     calib = task_examples(pair, 256)
     t = time.time()
-    scales = A.calibrate_scales(pairs.load_model(pair.ft), pair.base, calib, steps=steps, lr=2e-2)
-    model = pairs.load_model(pair.ft)
-    base = dict(pairs.load_model(pair.base).named_parameters())
+    scales = A.calibrate_scales(lm.load_model(pair.ft), pair.base, calib, steps=steps, lr=2e-2)
+    model = lm.load_model(pair.ft)
+    base = dict(lm.load_model(pair.base).named_parameters())
     plain = {}
     with torch.no_grad():
         for n, p in model.named_parameters():

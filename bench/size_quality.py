@@ -39,7 +39,7 @@ def evaluate_delta(pair, delta_path, examples, model):
     import torch
 
     import deltapack as dp
-    from deltapack import evaluation
+    from deltapack.research import evaluation
 
     sd = dp.load(pair.base, delta_path)
     with torch.no_grad():
@@ -52,8 +52,8 @@ def evaluate_delta(pair, delta_path, examples, model):
 
 def build(spec: str):
     """A pair and its calibration-example maker from a spec: ARCH:SIZE:TASK for the toy builder, BASE:TASK or
-    BASE:TASK:large for a pretrained base (deltapack.pretrained.BASES)."""
-    from deltapack import pairs, pretrained
+    BASE:TASK:large for a pretrained base (deltapack.research.pretrained.BASES)."""
+    from deltapack.research import pairs, pretrained
 
     parts = spec.split(":")
     if parts[0] in pretrained.BASES:
@@ -65,15 +65,17 @@ def build(spec: str):
 
 def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=(), data_budgets=None) -> dict:
     import deltapack as dp  # noqa: F401
-    from deltapack import checkpoint, evaluation, pairs
+    from deltapack import checkpoint
+    from deltapack import lm
+    from deltapack.research import evaluation, pairs
 
     t0 = time.time()
     pair, task_examples = build(spec)
     arch, size, task = pair.arch, pair.size, pair.task
     log(f"[{spec}] pair ready ({time.time() - t0:.0f}s): ft accuracy {pair.info['ft_metrics']['accuracy']:.3f}")
-    examples = evaluation.read_data(pair.data)
+    examples = lm.read_data(pair.data)
     calib = task_examples(pair, calib_n)
-    model = pairs.load_model(pair.ft)
+    model = lm.load_model(pair.ft)
     m_base, m_ft = evaluation.evaluate(pair.base, examples), evaluation.evaluate(pair.ft, examples)
     n_params = sum(t.numel for t in checkpoint.Checkpoint(pair.ft).tensors.values())
     res = {"pair": spec, "arch": arch, "size": size, "task": task, "base": m_base, "ft": m_ft,
@@ -106,7 +108,7 @@ def run_pair(spec: str, recipes, budgets, calib_n: int, log, proxy_budgets=(), d
         point("budget", f"--budget {b}", budget=b)
     for b in budgets if data_budgets is None else data_budgets:
         point("budget+data", f"--budget {b} --data", budget=b, data=calib)
-    from deltapack.budget import PROXIES
+    from deltapack.compress.allocate import PROXIES
     for b in proxy_budgets:
         for proxy in PROXIES:
             point(f"proxy:{proxy}", f"--budget {b} --data, proxy {proxy}", budget=b, data=calib, proxy=proxy)

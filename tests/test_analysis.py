@@ -7,8 +7,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from deltapack import analysis as A  # noqa: E402
-from deltapack import evaluation, pairs  # noqa: E402
+from deltapack import lm
+from deltapack.research import analysis as A  # noqa: E402
+from deltapack.research import evaluation, pairs  # noqa: E402
 
 N = 48  # examples used: enough signal, fast
 
@@ -20,12 +21,12 @@ def pair():
 
 @pytest.fixture(scope="module")
 def model(pair):
-    return pairs.load_model(pair.ft)
+    return lm.load_model(pair.ft)
 
 
 @pytest.fixture(scope="module")
 def examples(pair):
-    return evaluation.read_data(pair.data)[:N]
+    return lm.read_data(pair.data)[:N]
 
 
 def _sd(d):
@@ -54,7 +55,7 @@ def test_c1_is_first_order_term_and_exact_is_independent(pair, model, examples):
     base, ft = _sd(pair.base), _sd(pair.ft)
     r = A.estimate(model, "bitdelta", examples, base=pair.base, C=1)
     # Independent: ΔW̃ by torch for every 2-D weight, gradient by autograd of transformers' label loss.
-    ref_model = pairs.load_model(pair.ft)
+    ref_model = lm.load_model(pair.ft)
     params = dict(ref_model.named_parameters())
     loss = _hf_loss(ref_model, examples)
     names = [n for n in params if params[n].ndim == 2]
@@ -164,7 +165,7 @@ def test_cli_analyze(pair, tmp_path, capsys):
     from deltapack import cli
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in evaluation.read_data(pair.data)[:24]))
+    data.write_text("".join(json.dumps(e) + "\n" for e in lm.read_data(pair.data)[:24]))
     rc = cli.main(["analyze", str(pair.base), str(pair.ft), "--edit", "extrapolate:alpha=-1", "--data", str(data),
                    "-C", "2", "--json", "--top", "3"])
     out = json.loads(capsys.readouterr().out)
@@ -185,7 +186,7 @@ def test_calibrate_scales(pair, model, examples):
     """BitDelta scale distillation: starts at mean|ΔW| and lowers the held-out loss of the 1-bit model."""
     base, ft = _sd(pair.base), _sd(pair.ft)
     calib = pairs.task_examples(pair, 128)
-    held = {tuple(e["input_ids"]) for e in evaluation.read_data(pair.data)}
+    held = {tuple(e["input_ids"]) for e in lm.read_data(pair.data)}
     assert not any(tuple(e["input_ids"]) in held for e in calib)
     s0 = A.calibrate_scales(model, pair.base, calib, steps=0)
     for n, a in s0.items():
@@ -193,7 +194,7 @@ def test_calibrate_scales(pair, model, examples):
     s1 = A.calibrate_scales(model, pair.base, calib, steps=60, lr=2e-2)
 
     def loss_with(scales):
-        m = pairs.load_model(pair.ft)
+        m = lm.load_model(pair.ft)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if n in scales:
@@ -219,9 +220,9 @@ def test_calibrate_cli_writes_fitted_scales_into_the_delta(pair, tmp_path, capsy
                      "--method", "distill", "--steps", "30", "--max-examples", "64", "-o", str(fitted)]) == 0
 
     def loss_of(delta):
-        model = pairs.load_model(pair.base)
+        model = lm.load_model(pair.base)
         model.load_state_dict(dp.load(pair.base, delta), strict=False)
-        return evaluation.evaluate(model, evaluation.read_data(pair.data)[:64])["loss"]
+        return evaluation.evaluate(model, lm.read_data(pair.data)[:64])["loss"]
 
     a, b = dp.open(plain), dp.open(fitted)
     assert a.keys() == b.keys() and a.metadata == b.metadata and a.base == b.base

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_delta
 
 import deltapack as dp
-from deltapack import budget as B
+from deltapack.compress import allocate as B
 from deltapack import reference as R
 
 torch = pytest.importorskip("torch")
@@ -118,7 +118,7 @@ def test_proxy_weights():
 
 @pytest.fixture(scope="module")
 def pair():
-    from deltapack.pairs import build_pair
+    from deltapack.research.pairs import build_pair
     return build_pair("llama", "tiny")
 
 
@@ -149,7 +149,7 @@ def test_compress_to_a_budget(pair, tmp_path, bpp):
     assert rec["bits_per_param"] == bpp and rec["proxy"] == "relative" and 0 <= rec["predicted_error"] <= 1
     # Every stored matrix decodes; the rebuilt checkpoint loads and norms stay exact.
     sd = dp.load(pair.base, out)
-    from deltapack.pairs import load_model
+    from deltapack.lm import load_model
     ft = dict(load_model(pair.ft, dtype=torch.bfloat16).state_dict())
     for n, t in sd.items():
         if t.dim() == 1:
@@ -180,7 +180,8 @@ def test_budget_too_small_is_a_clear_error(pair, tmp_path):
 
 def test_compress_to_a_budget_with_data(pair, tmp_path):
     """--data: every proxy is scored on the calibration data, the scales are refitted, the size holds."""
-    from deltapack import checkpoint, pairs
+    from deltapack import checkpoint
+    from deltapack.research import pairs
 
     calib = pairs.task_examples(pair, 64)
     out = tmp_path / "d.dpk"
@@ -212,7 +213,7 @@ def test_cli_budget_and_info(pair, tmp_path, capsys):
 
 def test_budget_file_exports_to_peft(pair, tmp_path):
     """Quantized low-rank factors are dequantized on export: the adapter's B @ A is the decoded delta."""
-    from deltapack import finetune
+    from deltapack.export import finetune
 
     out = tmp_path / "b.dpk"
     from deltapack import checkpoint

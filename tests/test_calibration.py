@@ -5,7 +5,8 @@ import pytest
 from conftest import make_delta
 
 import deltapack as dp
-from deltapack import calibration as C
+from deltapack import lm
+from deltapack.compress import calibration as C
 from deltapack import reference as R
 
 torch = pytest.importorskip("torch")
@@ -97,21 +98,21 @@ def test_codecs_without_free_scales_are_unchanged():
 
 @pytest.fixture(scope="module")
 def pair():
-    from deltapack.pairs import build_pair
+    from deltapack.research.pairs import build_pair
     return build_pair("llama", "tiny")
 
 
 def test_input_terms_match_the_layers_inputs(pair):
     """C of layer 0's q_proj = Σ x xᵀ over the real (unpadded) tokens of its input, the input norm of the
     embeddings; the embedding's row weights are token counts; padding does not count."""
-    from deltapack import evaluation, pairs
+    from deltapack.research import evaluation, pairs
 
-    model = pairs.load_model(pair.ft)
+    model = lm.load_model(pair.ft)
     examples = pairs.task_examples(pair, 20)
     examples[0] = {"input_ids": examples[0]["input_ids"][:4], "prompt_len": 2}  # a short one: padding
     names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
     terms = C.input_terms(model, examples, names)
-    ids, mask, _ = next(evaluation.batches(examples, 64))
+    ids, mask, _ = next(lm.batches(examples, 64))
     with torch.no_grad():
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[mask.bool()].double()
     want = (x.T @ x).numpy()
@@ -127,7 +128,8 @@ def test_input_terms_match_the_layers_inputs(pair):
 
 def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     """A sign:scope=row delta refitted on calibration data: same size and signs, lower loss on the data."""
-    from deltapack import checkpoint, cli, evaluation, pairs
+    from deltapack import checkpoint, cli
+    from deltapack.research import evaluation, pairs
 
     plain, fitted = tmp_path / "s.dpk", tmp_path / "c.dpk"
     checkpoint.compress(pair.base, pair.ft, plain, recipe="sign:scope=row")
@@ -148,7 +150,7 @@ def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     assert changed
 
     def loss_of(delta):
-        model = pairs.load_model(pair.base)
+        model = lm.load_model(pair.base)
         model.load_state_dict(dp.load(pair.base, delta), strict=False)
         return evaluation.evaluate(model, str(calib))["loss"]
 

@@ -46,9 +46,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair():
-    """A real trained tiny Llama pair (deltapack.pairs, cached), else None."""
+    """A real trained tiny Llama pair (deltapack.research.pairs, cached), else None."""
     try:
-        from deltapack.pairs import build_pair
+        from deltapack.research.pairs import build_pair
     except ImportError:
         return None
     return build_pair("llama", "tiny")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import deltapack as dp
-from deltapack import edits as E
+from deltapack.research import edits as E
 
 torch = pytest.importorskip("torch")
 

@@ -12,9 +12,9 @@ gguf = pytest.importorskip("gguf")
 
 import deltapack as dp  # noqa: E402
 from deltapack import checkpoint, cli, reference  # noqa: E402
-from deltapack.export_gguf import export_gguf_lora, export_gguf_model  # noqa: E402
+from deltapack.export.gguf import export_gguf_lora, export_gguf_model  # noqa: E402
 
-pairs = pytest.importorskip("deltapack.pairs")
+pairs = pytest.importorskip("deltapack.research.pairs")
 RANK = 8
 PROMPT = [256] + list(b"kqzvm>")   # BOS + a task prompt of the tiny pairs (byte tokens)
 

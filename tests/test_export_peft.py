@@ -11,10 +11,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import deltapack as dp  # noqa: E402
 from deltapack import checkpoint, cli, reference  # noqa: E402
-from deltapack.export_peft import export_peft  # noqa: E402
-from deltapack.import_peft import import_peft  # noqa: E402
+from deltapack.export.peft import export_peft  # noqa: E402
+from deltapack.export.import_peft import import_peft  # noqa: E402
 
-pairs = pytest.importorskip("deltapack.pairs")
+pairs = pytest.importorskip("deltapack.research.pairs")
 RANK = 8
 
 
@@ -267,7 +267,7 @@ def test_mixed_ranks_plain_delta_file(tmp_path):
 
 def test_randomized_svd_is_near_optimal():
     """Large matrices take the randomized range finder: its error must stay within 1% of Eckart-Young's."""
-    from deltapack.finetune import svd_factors
+    from deltapack.export.finetune import svd_factors
 
     rng = np.random.default_rng(0)
     rows, cols, rank = 600, 3600, 32   # 2.16M elements: past the exact-SVD size

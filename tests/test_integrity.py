@@ -876,7 +876,7 @@ APPLY_TRUNCATE_CHILD = textwrap.dedent("""
         def close(self):
             pass
 
-    ck._progress = lambda *a, **k: Bar()
+    ck.progress_bar = lambda *a, **k: Bar()
     sys.exit(cli.main(["apply", sys.argv[1], delta, "-o", sys.argv[3], "-q", "--threads", "1"]))
 """)
 

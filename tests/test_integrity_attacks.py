@@ -341,7 +341,7 @@ def M(tmp_path_factory):
     ck.compress(root / "tbase", root / "tft", root / "t.dpk", "sign", quiet=True)
     rng = np.random.default_rng(0)
     dp.save(root / "plain.dpk", {T: dp.encode((rng.standard_normal((96, 64)) * 1e-3).astype(np.float32), "sign")})
-    from deltapack import export_peft
+    from deltapack.export import peft as export_peft
     export_peft.export_peft(str(root / "base"), str(root / "d.dpk"), str(root / "adapter"))
     rec = ck.checkpoint_record(root / "r.dpk")
     assert rec["tensors"][EMBED]["op"] == "resized" and rec["tensors"][EXTRA]["op"] == "new"
@@ -1108,7 +1108,8 @@ def change():
     else:
         os.truncate(victim, size)
     print("CHANGED", file=sys.stderr, flush=True)
-from deltapack import checkpoint, finetune, models
+from deltapack import checkpoint, modeldir
+from deltapack.export import finetune
 class Bar:
     hit = False
     def update(self, n):
@@ -1117,7 +1118,7 @@ class Bar:
             change()
     def close(self):
         pass
-checkpoint._progress = models._progress = lambda *a, **k: Bar()
+checkpoint.progress_bar = modeldir.progress_bar = lambda *a, **k: Bar()
 real = finetune.FineTune.delta_enc
 def delta_enc(self, name):
     if not Bar.hit:

@@ -6,7 +6,7 @@ import torch
 from conftest import make_delta
 
 import deltapack as dp
-from deltapack import reference as R
+from deltapack import lowrank, reference as R
 
 
 def spectrum_matrix(rows=120, cols=90, seed=0):
@@ -104,7 +104,7 @@ def test_singular_value_refit_does_not_increase_the_error():
     for bits in (2, 3):
         enc = dp.encode(x, "lowrank", rank=10, bits=bits)
         refit = dp.decode(enc)
-        u, s, v, _, _ = R.lowrank_svd(x, 10)
+        u, s, v, _, _ = lowrank.svd(x, 10)
         comps = dict(enc.components)
         comps["s"] = s.astype(np.float32)
         plain = R.decode_lowrank(comps, x.shape, **enc.params)
@@ -159,3 +159,44 @@ def test_roundtrip_through_a_file(tmp_path):
     back = dp.open(tmp_path / "q.dpk")["w"]
     assert back.params == enc.params
     np.testing.assert_array_equal(dp.decode(back), dp.decode(enc))
+
+
+# The production encoders (deltapack.lowrank) against the readable spec (deltapack.reference).
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_production_vector_quantizer_is_the_spec_bit_for_bit(bits):
+    rng = np.random.default_rng(bits)
+    for n, length in ((3, 200), (5, 64), (2, 1), (4, 130)):  # whole groups, a short last group, one element
+        x = rng.standard_normal((n, length)).astype(np.float32)
+        x[0, :5] = 0
+        x[-1] = 0  # an all-zero row: zero scales
+        want_codes, want_scales = R.quantize_vectors(x, bits, 64)
+        got_codes, got_scales = lowrank.quantize_vectors(x, bits, 64)
+        np.testing.assert_array_equal(got_codes, want_codes)
+        np.testing.assert_array_equal(got_scales.view(np.uint16), want_scales.view(np.uint16))
+
+
+@pytest.mark.parametrize("bits,bands,weighted", [("8/4", "3/5", True), ("6", "8", False), ("2", "40", False)])
+def test_production_mixed_precision_encoder_is_the_spec(bits, bands, weighted):
+    """Where both take LAPACK's full SVD (a small matrix) the codes and scales are the same bits; the
+    singular values, a least-squares refit whose arithmetic the format does not fix, agree to float32."""
+    rng = np.random.default_rng(7)
+    m = rng.standard_normal((60, 90)).astype(np.float32)
+    w = (rng.random(60) + 0.5, rng.random(90) + 0.5) if weighted else (None, None)
+    want = R.encode_lowrank_quant(m, bits, bands, 64, *w)
+    got = lowrank.encode_lowrank_quant(m, bits, bands, 64, *w)
+    np.testing.assert_array_equal(got["codes"], want["codes"])
+    np.testing.assert_array_equal(got["scales"].view(np.uint16), want["scales"].view(np.uint16))
+    np.testing.assert_allclose(got["s"], want["s"], rtol=1e-5)
+
+
+def test_production_randomized_svd_finds_the_spec_truncation_on_a_large_matrix():
+    """Above 512 rows and columns the production encoder's SVD is randomized: the product of its factors is
+    the truncated SVD's (torch's, independent) to the accuracy of the power iterations."""
+    x = spectrum_matrix(rows=700, cols=600, seed=8)
+    enc = lowrank.encode_lowrank(x, rank=16, dtype="f32")
+    got = enc["u"].astype(np.float64) @ enc["v"].astype(np.float64)
+    want = torch_truncation(x, 16)
+    assert rel(got, want) < 1e-3
+    spec = R.encode_lowrank(x, rank=16, dtype="f32")
+    assert rel(got, spec["u"].astype(np.float64) @ spec["v"].astype(np.float64)) < 1e-3

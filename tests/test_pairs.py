@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from deltapack import evaluation, pairs  # noqa: E402
+from deltapack import lm
+from deltapack.research import evaluation, pairs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +45,8 @@ def test_pair_layout_and_metrics(llama_pair):
 
 def test_evaluate_matches_generate(llama_pair):
     """Exact match by one teacher-forced pass equals real greedy decoding with transformers' generate."""
-    model = pairs.load_model(llama_pair.ft)
-    examples = evaluation.read_data(llama_pair.data)[:40]
+    model = lm.load_model(llama_pair.ft)
+    examples = lm.read_data(llama_pair.data)[:40]
     # Mix in some examples with wrong answers so both outcomes are exercised.
     for ex in examples[::3]:
         ex["input_ids"][-2] = ord("z") if ex["input_ids"][-2] != ord("z") else ord("y")
@@ -62,8 +63,8 @@ def test_evaluate_matches_generate(llama_pair):
 
 def test_loss_matches_transformers(llama_pair):
     """Held-out loss equals transformers' own label loss over answer tokens."""
-    model = pairs.load_model(llama_pair.ft)
-    examples = evaluation.read_data(llama_pair.data)[:16]
+    model = lm.load_model(llama_pair.ft)
+    examples = lm.read_data(llama_pair.data)[:16]
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
@@ -137,7 +138,7 @@ def test_tasks_and_early_stop(tmp_path, monkeypatch):
     assert pair.task == "add" and pair.info["task"] == "add"
     assert pair.info["finetune_steps"] == pairs.STOP_EVERY  # the target (0.0) is met at the first check
     assert pair.info["delta_rel_norm"] > 0
-    examples = evaluation.read_data(pair.data)
+    examples = lm.read_data(pair.data)
     assert len(examples) == 24 and all("+" in pairs.decode_ids(e["input_ids"]) for e in examples)
     calib = pairs.task_examples(pair, 10)
     held = {tuple(e["input_ids"]) for e in examples}
@@ -149,7 +150,7 @@ def test_tasks_and_early_stop(tmp_path, monkeypatch):
 
 
 def test_data_file(llama_pair):
-    examples = evaluation.read_data(llama_pair.data)
+    examples = lm.read_data(llama_pair.data)
     texts = [pairs.decode_ids(e["input_ids"]) for e in examples]
     assert len(set(texts)) == len(texts) == pairs.SIZES["tiny"]["n_eval"]
     for e, t in zip(examples, texts):
@@ -175,20 +176,20 @@ def test_bad_arguments_and_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        evaluation.read_data(bad)
+        lm.read_data(bad)
     bad.write_text('{"input_ids": [1, 2, 3], "prompt_len": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: prompt_len"):
-        evaluation.read_data(bad)
+        lm.read_data(bad)
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
-        evaluation.read_data(bad)
+        lm.read_data(bad)
 
 
 def test_answer_logits_equal_the_full_head_at_labelled_positions(llama_pair):
     """evaluate runs the output head on the answer positions only; those logits are the model's own there."""
-    model = pairs.load_model(llama_pair.ft)
-    examples = evaluation.read_data(llama_pair.data)[:16]
-    ids, mask, labels = next(evaluation.batches(examples))
+    model = lm.load_model(llama_pair.ft)
+    examples = lm.read_data(llama_pair.data)[:16]
+    ids, mask, labels = next(lm.batches(examples))
     with torch.no_grad():
         logits, tgt, rows = evaluation.answer_logits(model, ids, mask, labels)
         full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]

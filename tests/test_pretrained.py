@@ -1,4 +1,4 @@
-"""Pretrained bases from GGUF files and their fine-tunes (deltapack.pretrained), on a tiny model with a real BPE
+"""Pretrained bases from GGUF files and their fine-tunes (deltapack.research.pretrained), on a tiny model with a real BPE
 tokenizer and chat template: the 135 M and 270 M models themselves are too slow for CI (bench/ uses them)."""
 import hashlib
 import json
@@ -15,7 +15,8 @@ pytest.importorskip("gguf")
 from conftest import tiny_llama_config  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from deltapack import evaluation, pretrained  # noqa: E402
+from deltapack import lm
+from deltapack.research import evaluation, pretrained  # noqa: E402
 
 CHAT = ("{% for m in messages %}<|turn|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}")
@@ -111,7 +112,7 @@ def test_build_pair_from_a_directory(tiny_base, tmp_path):
     with safe_open(str(pair.ft / "model.safetensors"), "pt") as f:
         assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
     assert (pair.ft / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
-    examples = evaluation.read_data(pair.data)
+    examples = lm.read_data(pair.data)
     assert len(examples) == pretrained.N_EVAL
     assert len({tuple(e["input_ids"]) for e in examples}) == len(examples)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_base)

@@ -17,7 +17,7 @@ if not hasattr(llama_cpp, "llama_set_adapters_lora"):
     pytest.skip("llama-cpp-python without llama_set_adapters_lora (the one-call adapter API)", allow_module_level=True)
 
 from deltapack import checkpoint  # noqa: E402
-from deltapack.export_gguf import export_gguf_lora  # noqa: E402
+from deltapack.export.gguf import export_gguf_lora  # noqa: E402
 # `exported` (a fixture: a tiny pair per architecture, its rank-8 delta, base.gguf and adapter.gguf) and the
 # helpers that build the reference models and read llama.cpp's logits.
 from test_export_gguf import (RANK, _close, _llama, _llama_logits, _torch_logits, _torch_model,  # noqa: E402, F401

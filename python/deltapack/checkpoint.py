@@ -1,6 +1,6 @@
 """Rebuild fine-tuned Hugging Face checkpoints from their base and a delta file that
 deltapack.compress made (the C++ core's CheckpointDelta does the work), and the checkpoint API in one
-place: compress, check_related and Checkpoint come from deltapack.compress and deltapack.models.
+place: compress, check_related and Checkpoint come from deltapack.compress and deltapack.modeldir.
 
     summary = compress("base_dir", "ft_dir", "ft.dpk", recipe="*.mlp.*=lowrank:rank=64;*=sign")
     apply_checkpoint("base_dir", "ft.dpk", "out_dir", alpha=1.0, dtype=None)   # a loadable HF dir
@@ -26,36 +26,24 @@ import numpy as np
 
 from . import _core, files, reference, tensors
 from .compress import check_related, compress
-from .models import (CHECKPOINT_VERSION, BaseMismatchError, Checkpoint, _as_checkpoint, _as_delta, _crc32c, _FLOAT_ST,
-                     _progress, _round_to, _ST_DTYPES)
+from .modeldir import (FLOAT_ST, ST_DTYPES, BaseMismatchError, Checkpoint, as_checkpoint, as_delta, checkpoint_record,
+                       crc32c, progress_bar, round_to)
 
 __all__ = ["compress", "check_related", "apply_checkpoint", "load", "load_into", "verify", "describe",
            "checkpoint_record", "Checkpoint", "BaseMismatchError"]
 
-def checkpoint_record(delta) -> dict:
-    """The fine-tune layout stored in a delta file made by compress()."""
-    d = _as_delta(delta)
-    rec = d.metadata.get("checkpoint") if isinstance(d.metadata, dict) else None
-    if not isinstance(rec, dict) or not isinstance(rec.get("tensors"), dict):
-        raise files.FormatError(f"{d.path}: not a checkpoint delta (no metadata['checkpoint'] record; "
-                               "it was not made by `deltapack compress`)")
-    if rec.get("version") != CHECKPOINT_VERSION:
-        raise files.FormatError(f"{d.path}: checkpoint record version {rec.get('version')!r} is not supported")
-    return rec
-
-
 def _out_st(spec, dtype):
     """The safetensors dtype a fine-tune tensor is rebuilt in: `dtype` (f32/f16/bf16) for a float tensor
     when given, else its own."""
-    return _FLOAT_ST[dtype] if dtype and _ST_DTYPES[spec["dtype"]][0] else spec["dtype"]
+    return FLOAT_ST[dtype] if dtype and ST_DTYPES[spec["dtype"]][0] else spec["dtype"]
 
 
-class _Rebuilder:
+class Rebuilder:
     """Rebuilds fine-tune tensors one at a time from a base checkpoint and a delta file (the C++ core's
     CheckpointDelta: record and base checked on open, each base tensor's CRC-32C as it is read)."""
 
     def __init__(self, base, delta, alpha=1.0, force=False, threads=None, follow_links=False, rounding="auto"):
-        self.base, self.delta = _as_checkpoint(base, follow_links), _as_delta(delta)
+        self.base, self.delta = as_checkpoint(base, follow_links), as_delta(delta)
         self.record = checkpoint_record(self.delta)
         self.alpha, self.force, self.threads = float(alpha), force, threads
         self.rounding = tensors.check_rounding(rounding)
@@ -65,7 +53,7 @@ class _Rebuilder:
         return self.record["tensors"]
 
     def out_float(self, name, dtype=None):
-        return _ST_DTYPES[_out_st(self.specs()[name], dtype)][0]
+        return ST_DTYPES[_out_st(self.specs()[name], dtype)][0]
 
     def rebuild(self, name, dtype=None, out=None) -> np.ndarray:
         """Tensor `name` of the fine-tune as a numpy array (bf16 as uint16), in `dtype` (default: its own).
@@ -74,7 +62,7 @@ class _Rebuilder:
         spec = self.specs()[name]
         shape = tuple(spec["shape"])
         st = _out_st(spec, dtype)
-        np_dst = np.dtype(_ST_DTYPES[st][1])
+        np_dst = np.dtype(ST_DTYPES[st][1])
         if out is not None and (tuple(out.shape) != shape or out.dtype != np_dst):
             raise ValueError(f"tensor '{name}': destination is {out.dtype} {list(out.shape)}, "
                              f"need {np_dst} {list(shape)}")
@@ -104,9 +92,9 @@ def apply_checkpoint(base, delta, out, alpha: float = 1.0, dtype: str | None = N
         raise ValueError(f"dtype {dtype!r}: use bf16, f16 or f32")
     base_path = base.path if isinstance(base, Checkpoint) else os.fspath(base)
     delta_path = delta.path if isinstance(delta, files.DeltaFile) else os.fspath(delta)
-    specs = checkpoint_record(_as_delta(delta))["tensors"]
-    total = sum(math.prod(s["shape"]) * _ST_DTYPES[_out_st(s, dtype)][2] for s in specs.values())
-    bar = _progress(total, "apply", quiet)
+    specs = checkpoint_record(as_delta(delta))["tensors"]
+    total = sum(math.prod(s["shape"]) * ST_DTYPES[_out_st(s, dtype)][2] for s in specs.values())
+    bar = progress_bar(total, "apply", quiet)
     try:  # the C++ core: the same code as deltapack-apply, so both write the same bytes
         path, n, size = _core.apply_checkpoint(base_path, delta_path, os.fspath(out), alpha, dtype or "", force,
                                                overwrite, fsync, 0 if threads is None else int(threads), bar.update,
@@ -127,7 +115,7 @@ def load(base, delta, alpha: float = 1.0, dtype: str | None = None, force: bool 
          threads: int | None = None, rounding: str = "auto") -> dict:
     """The fine-tune's state dict (torch tensors), rebuilt from `base` (dir or file) and a delta file, exactly
     as apply_checkpoint writes it (rounding: as there)."""
-    rb = _Rebuilder(base, delta, alpha, force, threads, rounding=rounding)
+    rb = Rebuilder(base, delta, alpha, force, threads, rounding=rounding)
     out = {}
     for name in rb.specs():
         arr = rb.rebuild(name, dtype)
@@ -161,7 +149,7 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
     Resized tensors must already have the fine-tune's shape (e.g. model.resize_token_embeddings(n)).
     Returns the module.
     """
-    d = _as_delta(delta)
+    d = as_delta(delta)
     record = checkpoint_record(d)
     if base is None:  # the record checked against the delta file (stored shapes, bounds) before anything is read
         _core.CheckpointDelta(None, d.path, force)
@@ -180,7 +168,7 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
                 raise ValueError(f"load_into: the module ties '{seen[ptr]}' and '{name}', but the fine-tune "
                                  "stores them separately; build the module from the fine-tune's config")
             seen[ptr] = name
-    rb = _Rebuilder(base, d, alpha, force, threads) if base is not None else None
+    rb = Rebuilder(base, d, alpha, force, threads) if base is not None else None
     fp = (d.base or {}).get("tensors") or {}
     done = set()
     for name, spec in specs.items():
@@ -205,7 +193,7 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
         if op == "same":
             continue
         if (op == "delta" and not force and src == name and "crc32c" in fp.get(src, {})
-                and _FLOAT_ST[fname] == fp[src]["dtype"] and _crc32c(view) != int(fp[src]["crc32c"], 16)):
+                and FLOAT_ST[fname] == fp[src]["dtype"] and crc32c(view) != int(fp[src]["crc32c"], 16)):
             raise BaseMismatchError(f"load_into: the module's '{name}' is not the delta's base tensor "
                                     "(CRC-32 differs; pass force=True to apply anyway)")
         if op == "delta":
@@ -213,13 +201,13 @@ def load_into(module, delta, base=None, alpha: float = 1.0, force: bool = False,
                 raise ValueError(f"load_into: '{name}' is rebuilt from base tensor '{src}'; pass base=...")
             tensors.apply(view, d[name], alpha=alpha, out=view, threads=threads)
         elif op == "new":
-            view[...] = _round_to(tensors.decode(d[name], threads=threads), fname).reshape(view.shape)
+            view[...] = round_to(tensors.decode(d[name], threads=threads), fname).reshape(view.shape)
         elif op == "resized":
             enc = d[name]
             k = enc.shape[0]
             tensors.apply(view[:k], enc, alpha=alpha, out=view[:k], threads=threads)
             if view.shape[0] > k:
-                view[k:] = _round_to(tensors.decode(d[spec["new_rows"]], threads=threads), fname).reshape(view[k:].shape)
+                view[k:] = round_to(tensors.decode(d[spec["new_rows"]], threads=threads), fname).reshape(view[k:].shape)
     return module
 
 
@@ -227,14 +215,14 @@ def verify(base, ft, delta, force: bool = False, threads: int | None = None, qui
            follow_links: bool = False) -> list[dict]:
     """Rebuild every fine-tune tensor and compare with the real one: per tensor rel_error =
     |rebuilt - ft| / |ft|, cosine(rebuilt, ft), and the same for the deltas (rebuilt - base vs ft - base)."""
-    rb = _Rebuilder(base, delta, 1.0, force, threads, follow_links)
-    ftc = _as_checkpoint(ft, follow_links)
+    rb = Rebuilder(base, delta, 1.0, force, threads, follow_links)
+    ftc = as_checkpoint(ft, follow_links)
     specs = rb.specs()
     for name in ftc.tensors:
         if name not in specs:
             raise ValueError(f"{ftc.path}: tensor '{name}' is not in the delta's fine-tune layout")
     rows = []
-    bar = _progress(sum(ftc[n].nbytes for n in specs if n in ftc), "verify", quiet)
+    bar = progress_bar(sum(ftc[n].nbytes for n in specs if n in ftc), "verify", quiet)
     try:
         for name, spec in specs.items():
             if name not in ftc:
@@ -281,7 +269,7 @@ def _errors(g, w, b):
 
 def describe(delta) -> dict:
     """A summary of a checkpoint delta: tensors by op, added/removed/resized, tied sources, kept files."""
-    d = _as_delta(delta)
+    d = as_delta(delta)
     rec = checkpoint_record(d)
     specs = rec["tensors"]
     by = lambda op: [n for n, s in specs.items() if s["op"] == op]  # noqa: E731
@@ -295,7 +283,7 @@ def describe(delta) -> dict:
                                       if "bytes" not in f and "sha256" in f)}
 
 
-def _install_sigterm():
+def install_sigterm():
     """Turn SIGTERM into KeyboardInterrupt so temporary files and directories are cleaned up."""
     def handler(signum, frame):
         raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import fnmatch
 from . import _core
 
 
-def _value(text: str):
+def parse_value(text: str):
     for cast in (int, float):
         try:
             return cast(text)
@@ -31,7 +31,7 @@ def parse(recipe: str) -> tuple[str, dict]:
         key, eq, val = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"recipe {recipe!r}: expected key=value, got {item!r}")
-        params[key.strip()] = _value(val.strip())
+        params[key.strip()] = parse_value(val.strip())
     return codec, params
 
 

@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _core, recipes, reference
+from . import _core, lowrank, recipes, reference
 
 _FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
-def _is_torch(x) -> bool:
+def is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
 def _dtype_name(x) -> str:
     """'f32' / 'f16' / 'bf16' for a numpy array (uint16 = bf16 bits) or torch tensor."""
-    if _is_torch(x):
+    if is_torch(x):
         name = str(x.dtype).removeprefix("torch.")
     else:
         name = "bfloat16" if x.dtype == np.uint16 else str(x.dtype)
@@ -30,7 +30,7 @@ def _dtype_name(x) -> str:
 
 
 def _contiguous(x):
-    if _is_torch(x):
+    if is_torch(x):
         if x.device.type != "cpu":
             raise ValueError(f"tensor is on {x.device}; deltapack's engine runs on the CPU")
         return x.detach().contiguous()
@@ -38,7 +38,7 @@ def _contiguous(x):
 
 
 def _as_f32_numpy(x) -> np.ndarray:
-    if _is_torch(x):
+    if is_torch(x):
         return x.detach().float().cpu().numpy()
     if x.dtype == np.uint16:
         return reference.bf16_to_f32(x)
@@ -84,7 +84,7 @@ def encode(delta, codec: str, threads: int | None = None, weights=None, **params
     `codec` is a codec name ("sign") or a recipe string ("sign:scope=row"); keyword arguments
     override the recipe's parameters. weights: for `lowrank` with `bits`, an optional (row, col) pair of
     positive weights; the SVD and the singular-value fit then minimise Σ row_i·col_j·error_ij² (see
-    deltapack.budget) instead of the plain squared error.
+    deltapack.compress.allocate) instead of the plain squared error.
     """
     name, rparams = recipes.parse(codec)
     rparams.update(params)
@@ -105,17 +105,17 @@ def _encode_lowrank(delta, shape, dtype, params, weights=None) -> Encoded:
     flat = x.reshape(-1)
     if not all(np.isfinite(flat[i:i + (1 << 24)]).all() for i in range(0, flat.size, 1 << 24)):
         raise ValueError("delta contains NaN or infinity")
-    rows, cols = reference._rc(shape)
+    rows, cols = reference.rows_cols(shape)
     if canon["rank"] > min(rows, cols):
         raise ValueError(f"lowrank: rank={canon['rank']} exceeds min(rows, cols) = {min(rows, cols)} "
                          f"for shape {list(shape)}")
     if "bits" in canon:
         row_w, col_w = weights if weights is not None else (None, None)
-        comps = reference.encode_lowrank_quant(x, canon["bits"], canon["bands"], canon["group"], row_w, col_w)
+        comps = lowrank.encode_lowrank_quant(x, canon["bits"], canon["bands"], canon["group"], row_w, col_w)
     elif weights is not None:
         raise ValueError("weights apply to the lowrank codec with bits=... (quantized factors)")
     else:
-        comps = reference.encode_lowrank(x, canon["rank"], canon["dtype"])
+        comps = lowrank.encode_lowrank(x, canon["rank"], canon["dtype"])
     enc = Encoded("lowrank", canon, shape, dtype, comps)
     _core.validate(enc._core())
     return enc
@@ -133,7 +133,7 @@ def delta_product(enc: Encoded, x, alpha: float = 1.0, out=None, threads: int | 
     output), straight from the packed form: nothing is rebuilt. x: float32 (batch, cols); out: float32
     (batch, rows), zeros when None. f32 sums in a fixed order, the same bits on every SIMD path. Returns out."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = reference._rc(enc.shape)
+    rows, cols = reference.rows_cols(enc.shape)
     if x.ndim != 2 or x.shape[1] != cols:
         raise ValueError(f"tensor '{enc.name}': x must be (batch, {cols}), not {list(x.shape)}")
     if out is None:
@@ -163,7 +163,7 @@ def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None 
         raise ValueError(f"tensor '{enc.name}': base shape {list(base.shape)} does not match the delta's "
                          f"shape {list(enc.shape)}")
     _dtype_name(base)
-    if _is_torch(base):
+    if is_torch(base):
         base_c = _contiguous(base)
         if out is None:
             out = _torch_empty_like(base_c)
@@ -172,7 +172,7 @@ def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None 
         if out is None:
             out = np.empty_like(base_c)
     _dtype_name(out)
-    contiguous = out.is_contiguous() if _is_torch(out) else out.flags.c_contiguous
+    contiguous = out.is_contiguous() if is_torch(out) else out.flags.c_contiguous
     if not contiguous:
         raise ValueError(f"tensor '{enc.name}': out must be C-contiguous")
     _core.apply(enc._core(), base_c, out, float(alpha), _threads(threads), check_rounding(rounding))

@@ -227,7 +227,7 @@ def cmd_compress(args) -> int:
     if args.data is not None:
         from .analyze import load_examples
         data = load_examples(args.data, args.ft, args.max_examples)
-    checkpoint._install_sigterm()
+    checkpoint.install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
                             min_size=args.min_size, metadata=_metadata_arg(args.metadata),
                             threads=args.threads or None, quiet=args.quiet, force=args.force,
@@ -250,7 +250,7 @@ def cmd_compress(args) -> int:
 def cmd_apply(args) -> int:
     """Rebuild the fine-tune (base + alpha*delta) as a Hugging Face directory sharded like the base."""
     from .. import checkpoint, hub
-    checkpoint._install_sigterm()
+    checkpoint.install_sigterm()
     if args.base is None:  # the base the delta records, from the Hugging Face cache
         snap = (dp.open(args.delta, verify=False).base or {}).get("hub")
         if snap is None:

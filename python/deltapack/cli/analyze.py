@@ -59,14 +59,14 @@ def register(sub) -> None:
 def load_examples(path: str, model_dir: str, max_examples: int | None = None) -> list[dict]:
     """JSONL examples as they are; any other text file: one example per non-empty line, tokenized with the
     model directory's tokenizer (an error if it has none)."""
-    from .. import evaluation
+    from .. import lm
 
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such data file")
     with open(path, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "")
     if first.lstrip().startswith("{"):
-        examples = evaluation.read_data(path)
+        examples = lm.read_data(path)
     else:
         if not os.path.exists(os.path.join(model_dir, "tokenizer.json")) and \
                 not os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
@@ -85,7 +85,7 @@ def load_examples(path: str, model_dir: str, max_examples: int | None = None) ->
 
 
 def cmd_analyze(args) -> int:
-    from .. import analysis, edits
+    from ..research import analysis, edits
 
     if args.C < 1:
         raise ValueError(f"-C {args.C}: must be >= 1")
@@ -125,12 +125,13 @@ def _check_related(args) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .. import _core, analysis, files
+    from .. import _core, files
+    from ..research import analysis
 
     _core.check_output(args.output, _core.OutputKind.DELTA_FILE, [args.base, args.ft], args.overwrite)
     _check_related(args)
     if args.method == "least-squares":
-        from .. import calibration
+        from ..compress import calibration
         examples = load_examples(args.data, args.ft, args.max_examples)
         r = calibration.calibrate_file(args.base, args.ft, args.delta, args.output, examples, overwrite=args.overwrite)
         if args.json:

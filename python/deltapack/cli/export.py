@@ -47,7 +47,7 @@ def _lora_summary(rep: dict, what: str) -> str:
 
 def cmd_gguf_lora(args) -> int:
     """A llama.cpp LoRA adapter (GGUF): lowrank deltas as they are, other deltas by SVD at --rank."""
-    m = _module("export_gguf", "gguf")
+    m = _module("export.gguf", "gguf")
     rep = m.export_gguf_lora(args.base, args.file, args.output, rank=args.rank, outtype=args.outtype,
                              alpha=args.alpha, quiet=args.json, force=args.force, overwrite=args.overwrite,
                              follow_links=args.follow_links)
@@ -56,7 +56,7 @@ def cmd_gguf_lora(args) -> int:
 
 def cmd_gguf(args) -> int:
     """A complete GGUF model: base + alpha * delta (any codec), or the base alone when FILE is omitted."""
-    m = _module("export_gguf", "gguf")
+    m = _module("export.gguf", "gguf")
     rep = m.export_gguf_model(args.base, args.file, args.output, outtype=args.outtype, alpha=args.alpha,
                               quiet=args.json, force=args.force, overwrite=args.overwrite,
                               follow_links=args.follow_links)
@@ -66,7 +66,7 @@ def cmd_gguf(args) -> int:
 
 def cmd_peft(args) -> int:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    m = _module("export_peft", "torch")
+    m = _module("export.peft", "torch")
     try:
         import torch  # noqa: F401  (the adapter's tensors are torch tensors)
     except ImportError:
@@ -78,7 +78,7 @@ def cmd_peft(args) -> int:
 
 def cmd_import_peft(args) -> int:
     """A PEFT LoRA adapter as a delta file of lowrank deltas (saved modules and biases as dense deltas)."""
-    m = _module("import_peft", "numpy")
+    m = _module("export.import_peft", "numpy")
     rep = m.import_peft(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite,
                         follow_links=args.follow_links)
     n_lr = sum("rank" in t for t in rep["tensors"])

@@ -22,7 +22,6 @@ byte-level tokenizer.json is written too when the `tokenizers` package exists).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -33,6 +32,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..lm import pad_batch, quiet_transformers, read_data
+from .evaluation import evaluate
 
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 260  # 256 bytes + BOS, EOS, PAD + one spare
@@ -148,7 +150,6 @@ def _task_examples(rng: random.Random, n: int, exclude: set | None = None, task:
 
 def task_examples(pair: "Pair", n: int, seed: int = 12345) -> list[dict]:
     """n fresh task examples (not in the pair's held-out set), e.g. for calibration data."""
-    from .evaluation import read_data  # evaluation imports this module
 
     held = {decode_ids(e["input_ids"][1:e["prompt_len"]]) for e in read_data(pair.data)}
     out = []
@@ -204,54 +205,6 @@ def make_config(arch: str, size: str = "tiny"):
     if arch == "qwen2":  # Qwen2 has q/k/v biases built in
         return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=s["ctx"] // 2)
-
-
-def load_model(model_dir, dtype=None):
-    """A transformers causal LM from a directory (f32 by default, for training and gradients). The weights are
-    read by deltapack's reader (pread, links only inside the directory; never a memory mapping, which a file
-    truncated meanwhile would turn into SIGBUS) and handed to transformers as a state dict."""
-    import torch
-    import transformers
-
-    from .models import Checkpoint
-
-    ck = Checkpoint(model_dir)
-    state = {}
-    for name, info in ck.tensors.items():
-        t = torch.from_numpy(ck.read_tensor(name))
-        state[name] = t.view(torch.bfloat16) if info.float_name == "bf16" else t
-    with quiet_transformers():
-        config = transformers.AutoConfig.from_pretrained(os.fspath(model_dir))
-        model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32,
-                                           attn_implementation="eager")
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No transformers progress bars while loading/saving these small models."""
-    from transformers.utils import logging as tlog
-
-    enabled = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            tlog.enable_progress_bar()
-
-
-def pad_batch(seqs, pad=PAD):
-    """Right-padded input_ids, attention mask and labels (-100 at padding)."""
-    import torch
-
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 def train_adamw(model, batches, steps: int, lr: float, seed: int, stop=None, loss_fn=None, stop_every=None):
@@ -422,7 +375,6 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
     import torch
     import transformers
 
-    from .evaluation import evaluate, read_data  # evaluation imports this module
 
     s, t = SIZES[size], TASKS[task]
     threads = torch.get_num_threads()

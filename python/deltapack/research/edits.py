@@ -23,17 +23,17 @@ import zlib
 
 import numpy as np
 
-from . import reference
-from .tensors import _is_torch
-from .recipes import _value, first_match, split_rules
+from .. import reference
+from ..recipes import first_match, parse_value, split_rules
+from ..tensors import is_torch
 
 F32, F64 = np.float32, np.float64
 
 
 # ---------------------------------------------------------------- type plumbing
-def _to_f32(x) -> np.ndarray:
+def to_f32(x) -> np.ndarray:
     """A float32 numpy copy of x (bf16 widened exactly)."""
-    if _is_torch(x):
+    if is_torch(x):
         return x.detach().to("cpu").float().numpy().copy()
     x = np.asarray(x)
     if x.dtype == np.uint16:
@@ -46,7 +46,7 @@ def _to_f32(x) -> np.ndarray:
 def _like(y: np.ndarray, x):
     """y (float32) in x's type and dtype, rounded once (nearest-even)."""
     y = np.asarray(y, dtype=F32)
-    if _is_torch(x):
+    if is_torch(x):
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(y)).to(dtype=x.dtype, device=x.device)
@@ -83,7 +83,7 @@ def dare(delta, p: float = 0.9, k: float = 0.0, seed: int = 0):
     k = 0 is DARE (drop, rescale the kept by 1/(1-p)); E[ΔW_edit] = ΔW for every k.
     """
     p = _check_p(p)
-    x = _to_f32(delta)
+    x = to_f32(delta)
     m = dare_mask(x.shape, p, seed)
     keep_scale = F32((1.0 - float(k) * p) / (1.0 - p))
     y = np.where(m, F32(k) * x, keep_scale * x)
@@ -98,13 +98,13 @@ def dare_biased(delta, p: float = 0.9, k: float = 0.0, on: str = "delta", grad=N
     With k < 1 the product rule moves every entry against the descent direction, so loss rises.
     """
     p = _check_p(p)
-    x = _to_f32(delta)
+    x = to_f32(delta)
     if on == "delta":
         sel = x < 0
     elif on == "product":
         if grad is None:
             raise ValueError("dare_biased(on='product') needs grad (∇L at W_post, the delta's shape)")
-        g = _to_f32(grad)
+        g = to_f32(grad)
         if g.shape != x.shape:
             raise ValueError(f"dare_biased: grad shape {list(g.shape)} != delta shape {list(x.shape)}")
         sel = (x * g) < 0
@@ -120,7 +120,7 @@ def magnitude(delta, p: float = 0.9, scope: str = "tensor"):
     No rescale (the paper's M_top⊙ΔW); scope="tensor" equals `dp.encode(d, "sparse:mode=magnitude")`.
     """
     p = _check_p(p)
-    x = _to_f32(delta)
+    x = to_f32(delta)
     if scope == "tensor":
         keep = reference.topk_mask(np.abs(x), x.size - int(round(p * x.size)))
     elif scope == "row":
@@ -137,7 +137,7 @@ def magnitude_global(deltas: dict, p: float = 0.9) -> dict:
     """Magnitude pruning with one threshold over all tensors of a dict: keep the top (1-p) overall."""
     p = _check_p(p)
     names = list(deltas)
-    xs = [_to_f32(deltas[n]) for n in names]
+    xs = [to_f32(deltas[n]) for n in names]
     flat = np.concatenate([np.abs(x).reshape(-1) for x in xs]) if xs else np.zeros(0, F32)
     keep = reference.topk_mask(flat, flat.size - int(round(p * flat.size)))
     out, pos = {}, 0
@@ -159,7 +159,7 @@ def bitdelta(delta, scale: float = 1.0, levels: int = 1, random: str | None = No
     levels = int(levels)
     if levels < 1:
         raise ValueError(f"bitdelta: levels={levels} must be >= 1")
-    x = _to_f32(delta)
+    x = to_f32(delta)
     mag = np.abs(x).astype(F64)
     sgn = np.sign(x).astype(F64)
     n = x.size
@@ -194,7 +194,7 @@ def lowrank(delta, rank: int | None = None, energy: float | None = None):
     keep `energy` of Σσ². Tensors of more than 2 dims are viewed as (prod(shape[:-1]), shape[-1])."""
     if (rank is None) == (energy is None):
         raise ValueError("lowrank: give exactly one of rank= or energy=")
-    x = _to_f32(delta)
+    x = to_f32(delta)
     if x.ndim < 2:
         raise ValueError(f"lowrank: needs a matrix, got shape {list(x.shape)}")
     m = x.reshape(-1, x.shape[-1]).astype(F64)
@@ -214,18 +214,18 @@ def lowrank(delta, rank: int | None = None, energy: float | None = None):
 
 def extrapolate(delta, alpha: float = 0.0):
     """EXPO: (1+α)·ΔW (α < 0 interpolates toward the base; α = -1 removes the delta)."""
-    x = _to_f32(delta)
+    x = to_f32(delta)
     return _like(F32(1.0 + float(alpha)) * x, delta)
 
 
 def keep(delta):
     """The identity edit (useful in rules: "*norm*=keep")."""
-    return _like(_to_f32(delta), delta)
+    return _like(to_f32(delta), delta)
 
 
 def drop(delta):
     """Remove the delta (ΔW_edit = 0)."""
-    return _like(np.zeros_like(_to_f32(delta)), delta)
+    return _like(np.zeros_like(to_f32(delta)), delta)
 
 
 OPS = {"dare": dare, "dare_biased": dare_biased, "magnitude": magnitude, "bitdelta": bitdelta,
@@ -269,7 +269,7 @@ def parse_edit(text: str) -> Edit:
         key, eq, val = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"edit {text!r}: expected key=value, got {item!r}")
-        v = _value(val.strip())
+        v = parse_value(val.strip())
         params[key.strip()] = None if v == "none" else v
     try:
         return Edit(op.strip(), params)
@@ -384,10 +384,10 @@ def deltas_of(base_sd: dict, ft_sd: dict) -> dict:
         b = base_sd[name]
         if tuple(b.shape) != tuple(w.shape):
             raise ValueError(f"tensor '{name}': base shape {list(b.shape)} != fine-tune shape {list(w.shape)}")
-        if _is_torch(w):
+        if is_torch(w):
             out[name] = w.detach().float() - b.detach().float()
         else:
-            out[name] = _to_f32(w) - _to_f32(b)
+            out[name] = to_f32(w) - to_f32(b)
     return out
 
 
@@ -403,8 +403,8 @@ def edit_model(base_sd: dict, ft_sd: dict, rules, seed: int = 0, grads: dict | N
     out = dict(ft_sd)
     for name, d in edited.items():
         w = ft_sd[name]
-        if _is_torch(w):
+        if is_torch(w):
             out[name] = (base_sd[name].detach().float() + d.float()).to(w.dtype)
         else:
-            out[name] = _like(_to_f32(base_sd[name]) + _to_f32(d), w)
+            out[name] = _like(to_f32(base_sd[name]) + to_f32(d), w)
     return out

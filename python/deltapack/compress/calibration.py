@@ -17,9 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import Weights
-from .evaluation import batches, examples_of
-from .pairs import load_model
+from .. import files, reference, tensors
+from .. import reference as R
+from ..files import DeltaWriter
+from ..lm import batches, examples_of, load_model
+from ..modeldir import as_checkpoint, checkpoint_record, progress_bar
+from .allocate import Weights
+from .writer import Compressor
 
 
 def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None = None) -> dict:
@@ -228,7 +232,6 @@ def refit(enc, delta: np.ndarray, terms: list) -> object:
     signs and singular vectors stay). sign: its scale(s); levels: the magnitudes; quant: the group scales;
     lowrank with bits: the group scales of u (output side, one small system per group of rows).
     Scales that would not fit their storage type keep their old values."""
-    from . import reference, tensors
 
     if enc.codec not in REFIT_CODECS or not terms:
         return enc
@@ -288,7 +291,6 @@ def _grouped_refit(d, basis, group, terms, old):
 
 
 def _refit_sign(d, comps, p, terms):
-    from . import reference as R
 
     rows, cols = d.shape
     signs = np.where(R.sign_plus_minus(comps["signs"], cols), 1.0, -1.0)
@@ -310,7 +312,6 @@ def _refit_sign(d, comps, p, terms):
 
 
 def _refit_levels(d, comps, p, shape, terms):
-    from . import reference as R
 
     rows, cols = d.shape
     k = len(comps["levels"])
@@ -331,7 +332,6 @@ def _refit_levels(d, comps, p, shape, terms):
 
 
 def _refit_quant(d, comps, p, shape, terms):
-    from . import reference as R
 
     rows, cols = d.shape
     bits, group, e = p["bits"], p["group"], p["scale_exp"]
@@ -347,7 +347,6 @@ def _refit_quant(d, comps, p, shape, terms):
 def _refit_lowrank_u(d, comps, p, shape, terms):
     """Group scales of the u vectors: rows in one group of `group` share one scale per direction, so each
     group of rows is one r x r least-squares problem (the v side stays)."""
-    from . import reference as R
 
     rows, cols = d.shape
     group = p["group"]
@@ -388,13 +387,8 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
     terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
     before). Returns {"refitted": [names], "examples": n}."""
-    from . import files
-    from .files import DeltaWriter
-    from .checkpoint import checkpoint_record
-    from .compress import _Compressor
-    from .models import _as_checkpoint, _progress
 
-    base, ft = _as_checkpoint(base), _as_checkpoint(ft)
+    base, ft = as_checkpoint(base), as_checkpoint(ft)
     f = files.open(delta)
     rec = checkpoint_record(f)
     examples = examples_of(data)
@@ -404,7 +398,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
         model = load_model(ft.dir)
     todo = [n for n in f.keys() if rec["tensors"].get(n, {}).get("op") in ("delta", "resized")
             and f.entry(n)[0] in REFIT_CODECS]
-    reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
+    reader = Compressor(base, ft, None, threads, progress_bar(0, "", True))
     refitted = {}
     for group in ([todo] if terms is not None else _cov_groups(model, todo, max_bytes)):
         group_terms = terms if terms is not None else input_terms(model, examples, group)
@@ -417,7 +411,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
             d, _ = reader.delta_of(name, spec.get("source", name), n, False)
             if d is None:
                 continue
-            refitted[name] = refit(enc, d.reshape(enc.shape), _rows_of(group_terms[name], enc.shape))
+            refitted[name] = refit(enc, d.reshape(enc.shape), rows_of(group_terms[name], enc.shape))
     writer = DeltaWriter(out, overwrite=overwrite)
     try:
         for name in f.keys():
@@ -432,7 +426,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
     return {"refitted": sorted(refitted), "examples": len(examples), "file": os.fspath(out)}
 
 
-def _rows_of(terms, shape):
+def rows_of(terms, shape):
     """Terms cut to a delta's rows (the shared rows of a resized vocabulary)."""
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     return [Term(t.row[:rows], t.cov) for t in terms]

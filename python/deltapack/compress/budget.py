@@ -15,18 +15,24 @@ The file records the budget, the proxy and its prediction in metadata["budget"] 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
 
 import numpy as np
 
-from . import budget as B
-from . import reference
-from .compress import _Compressor, _keep_files, _lossy, _summary, _total_bytes, _write_deltas
-from .models import _INPUT_EMBEDDINGS, _OUTPUT_EMBEDDINGS, _progress
+from .. import tensors
+from ..lm import examples_of, load_model
+from ..modeldir import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, progress_bar
+from ..reference import as_matrix, widen
+from ..recipes import parse
+from . import allocate as B
+from . import calibration
+from .plan import keep_files_record, lossy, total_bytes
+from .writer import Compressor, dense_enc, summarize, write_deltas
 
-_EMBEDDINGS = frozenset(_INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS)
+_EMBEDDINGS = frozenset(INPUT_EMBEDDINGS + OUTPUT_EMBEDDINGS)
 _TRIES = 8
 _TERMS_BYTES = 1 << 30  # input covariances held at once to compare candidates after their refit
 
@@ -43,9 +49,6 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     budget_bits = bits_per_param * n_params
     examples = stats = model = None
     if data is not None:
-        from . import calibration
-        from .evaluation import examples_of
-        from .pairs import load_model
 
         if ft.dir is None:
             raise ValueError(f"{ft.path}: --data needs the fine-tune as a model directory (config.json), "
@@ -65,16 +68,16 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         return lambda name, matrix: weights_for(proxy)(name, matrix).floored(*matrix.shape)
 
     # 1. analyse
-    bar = _progress(_total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
+    bar = progress_bar(total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
     try:
-        reader = _Compressor(base, ft, None, threads, bar)
+        reader = Compressor(base, ft, None, threads, bar)
         options = {p: {} for p in proxies}
         delta = m = None
         for name, (src, shape, droppable) in lossy.items():
             delta, _ = reader.delta_of(name, src, math.prod(shape), False)
             if delta is None:
                 continue
-            m = reference.as_matrix(delta.reshape(shape))
+            m = as_matrix(delta.reshape(shape))
             for p in proxies:
                 options[p][name] = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable,
                                                     threads=threads)
@@ -87,7 +90,6 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     allocs = {p: B.allocate(options[p], target) for p in proxies}
     scores, terms = {}, None
     if data is not None and len(proxies) > 1:
-        from . import calibration
 
         scorer = calibration.Scorer(model, examples)
         # Candidates are compared as they will be written: refitted (step 4), when the layers' input
@@ -110,13 +112,12 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                                                           encoder_weights(chosen), threads, quiet,
                                                           overwrite=overwrite and data is None)
         if data is not None:  # 4. refit the free scales on the calibration data (same size)
-            from . import calibration
             refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
                                                terms=terms, note=False, overwrite=overwrite)
     finally:
         if written != out and os.path.exists(written):
             os.unlink(written)
-    summary = _summary(out, size, meta["checkpoint"], writer)
+    summary = summarize(out, size, meta["checkpoint"], writer)
     if data is not None:
         summary["refitted"] = len(refit["refitted"])
     summary["bits_per_param"] = 8 * size / n_params
@@ -137,10 +138,10 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
         record = _budget_record(bits_per_param, proxy, alloc, scores, examples)
         meta = dict(metadata or {})
         meta["budget"] = record
-        bar = _progress(_total_bytes(base, ft, plan), "compress", quiet)
+        bar = progress_bar(total_bytes(base, ft, plan), "compress", quiet)
         try:
-            c = _Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights)
-            writer, meta, fp = _write_deltas(c, plan, out, meta, keep_files, overwrite)
+            c = Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights)
+            writer, meta, fp = write_deltas(c, plan, out, meta, keep_files, overwrite)
             try:
                 size = writer.size(meta, fp)
                 if 8 * size <= budget_bits:
@@ -177,7 +178,7 @@ def _lossy_tensors(ft, base, plan, min_size) -> dict:
             continue
         fi, src = ft[name], spec.get("source", name)
         shape = fi.shape if spec["op"] == "delta" else (min(fi.shape[0], base[src].shape[0]),) + fi.shape[1:]
-        if _lossy(shape, min_size):
+        if lossy(shape, min_size):
             out[name] = (src, shape, spec["op"] == "delta")  # a resized tensor's shared rows are always stored
     return out
 
@@ -197,7 +198,6 @@ def _chooser(alloc, lossy, min_size):
             recipe = alloc.recipes.get(name)
             if recipe is None:
                 return None
-            from .recipes import parse
             return parse(recipe)
         return ("dense", {"dtype": "f32"})
     return choose
@@ -205,7 +205,6 @@ def _chooser(alloc, lossy, min_size):
 
 def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
     """Bits of what the budget does not choose: dense and new tensors, kept files, header entries."""
-    import json
 
     total = 0
     for name, spec in plan.items():
@@ -222,7 +221,7 @@ def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
         total += len(name) + 100                             # checkpoint record and budget record entries
     total += sum(len(n) + 90 for n in base.tensors)          # base fingerprint
     if keep_files:
-        files, stored = _keep_files(ft, base)
+        files, stored = keep_files_record(ft, base)
         total += len(json.dumps(files)) + stored
     return 8.0 * total
 
@@ -245,9 +244,8 @@ def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
     """{name: rebuilt fine-tune tensor (float32, rounded to the fine-tune's dtype as apply would)} for the
     lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
     so one tensor is decoded at a time."""
-    from . import tensors
 
-    reader = _Compressor(base, ft, None, threads, _progress(0, "", True))
+    reader = Compressor(base, ft, None, threads, progress_bar(0, "", True))
     for name, (src, shape, _) in lossy.items():
         fi = ft[name]
         n = math.prod(shape)
@@ -257,15 +255,12 @@ def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
             d = np.zeros(shape, np.float32)
         else:
             m = delta.reshape(shape)
-            from .recipes import parse
             codec, params = parse(recipes[name])
-            w = weights(name, reference.as_matrix(m)) if codec == "lowrank" else None
+            w = weights(name, as_matrix(m)) if codec == "lowrank" else None
             enc = tensors.encode(m, codec, threads=threads, weights=w, **params)
             if terms is not None and name in terms:
-                from .calibration import _rows_of, refit
-                enc = refit(enc, m, _rows_of(terms[name], shape))
+                enc = calibration.refit(enc, m, calibration.rows_of(terms[name], shape))
             d = tensors.decode(enc, threads=threads)
         out = np.empty(shape, fi.np_dtype)
-        tensors.apply(b, tensors.Encoded("dense", {"dtype": "f32"}, shape, "f32", {"values": d.reshape(shape)}), out=out,
-                   threads=threads)
-        yield name, fi.shape, reference.widen(out, fi.float_name).reshape(shape)
+        tensors.apply(b, dense_enc(d.reshape(shape), "f32"), out=out, threads=threads)
+        yield name, fi.shape, widen(out, fi.float_name).reshape(shape)

@@ -19,7 +19,7 @@ CHECKPOINT_VERSION = 1
 NEW_ROWS = "#new_rows"
 
 # safetensors dtype -> (deltapack float name or None, numpy dtype used to hold the bytes, size)
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": (None, np.float64, 8), "F32": ("f32", np.float32, 4), "F16": ("f16", np.float16, 2),
     "BF16": ("bf16", np.uint16, 2), "I64": (None, np.int64, 8), "I32": (None, np.int32, 4),
     "I16": (None, np.int16, 2), "I8": (None, np.int8, 1), "U64": (None, np.uint64, 8),
@@ -27,11 +27,11 @@ _ST_DTYPES = {
     "BOOL": (None, np.bool_, 1), "F8_E4M3": (None, np.uint8, 1), "F8_E5M2": (None, np.uint8, 1),
 }
 
-_FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 
-_OUTPUT_EMBEDDINGS = ("lm_head.weight",)
+OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 
-_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
+INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
                      "transformer.word_embeddings.weight", "embed_tokens.weight")
 
 BaseMismatchError = _core.BaseMismatchError  # the base given is not the one the delta was made from (ValueError)
@@ -94,11 +94,11 @@ class TensorInfo:
 
     @property
     def float_name(self):
-        return _ST_DTYPES[self.dtype][0]
+        return ST_DTYPES[self.dtype][0]
 
     @property
     def np_dtype(self):
-        return np.dtype(_ST_DTYPES[self.dtype][1])
+        return np.dtype(ST_DTYPES[self.dtype][1])
 
 
 class Checkpoint:
@@ -111,22 +111,23 @@ class Checkpoint:
     def __init__(self, path, follow_links: bool = False):
         self.path = os.fspath(path)
         self.follow_links = follow_links
-        self._files = _core.ModelFiles.open(self.path, follow_links)  # headers, index, config.json: checked in C++
-        self.dir = self.path if self._files.is_directory else None
-        self.shards = list(self._files.shards)
-        index_meta = json.loads(self._files.index_metadata)
-        self.weight_map = {} if self._files.has_index else None
-        self.index_metadata = index_meta if self._files.has_index else None
+        # The C++ reader, which checks the headers, the index and config.json
+        self.model_files = _core.ModelFiles.open(self.path, follow_links)
+        self.dir = self.path if self.model_files.is_directory else None
+        self.shards = list(self.model_files.shards)
+        index_meta = json.loads(self.model_files.index_metadata)
+        self.weight_map = {} if self.model_files.has_index else None
+        self.index_metadata = index_meta if self.model_files.has_index else None
         self.tensors: dict[str, TensorInfo] = {}
         self.shard_of: dict[str, str] = {}
-        for name, st, shape, start, nbytes, shard in self._files.tensors():
-            self.tensors[name] = TensorInfo(name, self._files.shard_path(shard), st, tuple(shape), start,
+        for name, st, shape, start, nbytes, shard in self.model_files.tensors():
+            self.tensors[name] = TensorInfo(name, self.model_files.shard_path(shard), st, tuple(shape), start,
                                             start + nbytes)
             self.shard_of[name] = shard
             if self.weight_map is not None:
                 self.weight_map[name] = shard
-        self.shard_metadata = {s: dict(self._files.shard_metadata(s)) for s in self.shards}
-        self.config = json.loads(self._files.config) if self._files.config else None
+        self.shard_metadata = {s: dict(self.model_files.shard_metadata(s)) for s in self.shards}
+        self.config = json.loads(self.model_files.config) if self.model_files.config else None
 
     def keys(self):
         return list(self.tensors)
@@ -146,7 +147,7 @@ class Checkpoint:
             out = np.empty(stop - start, info.np_dtype)
         if out.nbytes != (stop - start) * size:
             raise ValueError(f"tensor '{name}': read buffer holds {out.nbytes} bytes, need {(stop - start) * size}")
-        self._files.read(name, out, start * size)
+        self.model_files.read(name, out, start * size)
         return out
 
     def read_tensor(self, name) -> np.ndarray:
@@ -155,24 +156,36 @@ class Checkpoint:
 
     def tied_source(self, name):
         """For an output embedding missing here (tied to the input embedding), the input embedding's name."""
-        if name not in _OUTPUT_EMBEDDINGS or name in self.tensors:
+        if name not in OUTPUT_EMBEDDINGS or name in self.tensors:
             return None
         if self.config is not None and self.config.get("tie_word_embeddings") is False:
             return None
-        return next((n for n in _INPUT_EMBEDDINGS if n in self.tensors), None)
+        return next((n for n in INPUT_EMBEDDINGS if n in self.tensors), None)
 
 
-def _crc32c(arr, crc=0) -> int:
+def crc32c(arr, crc=0) -> int:
     """CRC-32C (the container's checksum) of an array's bytes."""
     return _core.crc32c(np.ascontiguousarray(arr).reshape(-1).view(np.uint8), crc)
 
 
-def _as_checkpoint(x, follow_links: bool = False):
+def as_checkpoint(x, follow_links: bool = False):
     return x if isinstance(x, Checkpoint) else Checkpoint(x, follow_links)
 
 
-def _as_delta(x):
+def as_delta(x):
     return x if isinstance(x, files.DeltaFile) else files.open(x)
+
+
+def checkpoint_record(delta) -> dict:
+    """The fine-tune layout stored in a delta file made by compress()."""
+    d = as_delta(delta)
+    rec = d.metadata.get("checkpoint") if isinstance(d.metadata, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("tensors"), dict):
+        raise files.FormatError(f"{d.path}: not a checkpoint delta (no metadata['checkpoint'] record; "
+                               "it was not made by `deltapack compress`)")
+    if rec.get("version") != CHECKPOINT_VERSION:
+        raise files.FormatError(f"{d.path}: checkpoint record version {rec.get('version')!r} is not supported")
+    return rec
 
 
 def write_torch_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -195,7 +208,7 @@ def write_torch_safetensors(path, tensors: dict, metadata: dict | None = None) -
         raise
 
 
-def _progress(total, desc, quiet):
+def progress_bar(total, desc, quiet):
     """A tqdm bar over bytes if tqdm is installed and not quiet; else a no-op object."""
     if not quiet:
         try:
@@ -215,7 +228,7 @@ def _progress(total, desc, quiet):
     return _Null()
 
 
-def _widen_into(x, float_name, out):
+def widen_into(x, float_name, out):
     """Exact float32 values of f32/f16/bf16 storage, into `out` (float32)."""
     if float_name == "bf16":  # bf16 bits are the high half of the f32 bits
         bits = out.view(np.uint32)
@@ -225,5 +238,5 @@ def _widen_into(x, float_name, out):
         out[...] = x
 
 
-def _round_to(values_f32, float_name):
+def round_to(values_f32, float_name):
     return reference.round_to(values_f32, float_name)

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters as delta files of `lowrank` deltas (the way out is deltapack.export_peft).
+"""PEFT LoRA adapters as delta files of `lowrank` deltas (the way out is deltapack.export.peft).
 
     report = import_peft("base_dir", "adapter_dir", "ft.dpk")             # LoRA factors -> lowrank deltas
 
@@ -12,8 +12,9 @@ import re
 
 import numpy as np
 
-from . import _core, compress, files, models, reference, tensors
-from .export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FLOATS, PEFT_PREFIX
+from .. import _core, files, modeldir, reference, tensors
+from ..compress.plan import fingerprint
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FLOATS, PEFT_PREFIX
 
 
 def _pattern_value(patterns: dict, module: str, default, where: str):
@@ -47,7 +48,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
     if not os.path.lexists(w_path):
         raise FileNotFoundError(f"{w_path}: no adapter weights (only adapter_model.safetensors is read)")
     _core.check_output(os.fspath(out), _core.OutputKind.DELTA_FILE, [os.fspath(base), adapter_dir], overwrite)
-    cfg = models.read_json_object(_core.resolve_in_model_dir(adapter_dir, ADAPTER_CONFIG, follow_links), cfg_path)
+    cfg = modeldir.read_json_object(_core.resolve_in_model_dir(adapter_dir, ADAPTER_CONFIG, follow_links), cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for key, why in (("use_dora", "DoRA rescales the merged weight; not a low-rank delta"),
@@ -59,8 +60,8 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
     r_cfg = cfg.get("r")  # kept in the delta's metadata (FORMAT.md §7)
     if r_cfg is not None and not (isinstance(r_cfg, int) and not isinstance(r_cfg, bool) and 1 <= r_cfg <= 1 << 20):
         raise files.FormatError(f"{cfg_path}: r is {r_cfg!r}, not an integer in [1, 2^20]")
-    base_ck = models.Checkpoint(base, follow_links)
-    ad = models.Checkpoint(_core.resolve_in_model_dir(adapter_dir, ADAPTER_WEIGHTS, follow_links))
+    base_ck = modeldir.Checkpoint(base, follow_links)
+    ad = modeldir.Checkpoint(_core.resolve_in_model_dir(adapter_dir, ADAPTER_WEIGHTS, follow_links))
     pairs: dict[str, dict] = {}
     vectors: dict[str, str] = {}   # base tensor name -> adapter tensor name holding its new value
     ignored = []
@@ -144,7 +145,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
         raise files.FormatError(f"{cfg_path}: lora_alpha is {lora_alpha!r}, not a finite number")
     peft_meta = {"r": r_cfg, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
                  "modules": modules}
-    record = {"version": models.CHECKPOINT_VERSION,
+    record = {"version": modeldir.CHECKPOINT_VERSION,
               "tensors": {n: {"op": "delta" if n in encs else "same", "dtype": i.dtype, "shape": list(i.shape)}
                           for n, i in base_ck.tensors.items()},
               "removed": [], "ft_bytes": sum(i.nbytes for i in base_ck.tensors.values()), "files": {}}
@@ -152,5 +153,5 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
     files.save(out, encs, metadata={"source": "peft", "adapter": os.path.basename(os.path.normpath(adapter_dir)),
                                    "peft": peft_meta,
                                    "checkpoint": record},
-              base=compress._fingerprint(base_ck, {}), overwrite=overwrite)
+              base=fingerprint(base_ck, {}), overwrite=overwrite)
     return {"out": os.fspath(out), "tensors": report, "ignored": ignored}

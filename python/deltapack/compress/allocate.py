@@ -12,7 +12,7 @@ tensor (`proxy_weights`):
     retention on all four at 1 bit/param of matrices; the plain Frobenius error starves embeddings and the
     first layer (33 % on one pair).
   - "fisher": r_i = Σ g_i², c_j = Σ x_j² (squared output gradients and inputs on calibration data, the
-    diagonal Kronecker-factored Fisher of the fine-tuned model, `deltapack.calibration`): ½ of it
+    diagonal Kronecker-factored Fisher of the fine-tuned model, `deltapack.compress.calibration`): ½ of it
     approximates the loss increase, in one unit for every tensor;
   - "fisher-relative": the same within a tensor, each tensor normalised to its own weighted delta;
   - "activation-relative": c_j = Σ x_j² only (how much each input is used), normalised per tensor.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reference
+from .. import lowrank, reference, tensors
 
 BITS = (1, 2, 3, 4, 5, 6, 8)   # bits per singular-vector element the planner may pick
 GROUP = 64                     # elements per f16 scale of a quantized singular vector
@@ -191,7 +191,6 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
                    elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0) -> TensorOptions:
     """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols): its top max_rank
     (default MAX_RANK) SVD directions and the element codecs."""
-    from . import tensors
 
     weights = weights or Weights()
     m = reference.as_matrix(delta)
@@ -201,7 +200,7 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
     # Beyond this rank a direction costs more than storing every element at 8 bits: never worth it.
     cap = max(1, min(full, (rows * cols * 8) // max(1, rows + cols) + 1))
     rank = min(cap, max_rank or MAX_RANK)
-    u, s, v, s2, total = reference.lowrank_svd(m, rank, r, c, seed)
+    u, s, v, s2, total = lowrank.svd(m, rank, r, c, seed)
     # ε(b): the weighted relative error of quantized directions, averaged over the top ones. Monotone bit
     # widths along the spectrum follow from one ε per width.
     n = min(len(s), _EPS_SAMPLE)
@@ -210,8 +209,8 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
         if n == 0:
             eps[b] = 0.0
             continue
-        pu, su = reference.quantize_vectors(u[:n], b, GROUP)
-        pv, sv = reference.quantize_vectors(v[:n], b, GROUP)
+        pu, su = lowrank.quantize_vectors(u[:n], b, GROUP)
+        pv, sv = lowrank.quantize_vectors(v[:n], b, GROUP)
         uh = reference.dequantize_vectors(pu, su, b, GROUP, rows).astype(np.float64)
         vh = reference.dequantize_vectors(pv, sv, b, GROUP, cols).astype(np.float64)
         ud, vd = u[:n].astype(np.float64), v[:n].astype(np.float64)

@@ -1,4 +1,4 @@
-"""Delta files as PEFT LoRA adapters (the way back is deltapack.import_peft).
+"""Delta files as PEFT LoRA adapters (the way back is deltapack.export.import_peft).
 
     report = export_peft("base_dir", "ft.dpk", "adapter_dir", rank=16)   # adapter_config.json + safetensors
 
@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import _core, files, models, reference
+from .. import _core, files, modeldir, reference
 from .finetune import FineTune, is_input_embedding, lowrank_factors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -137,7 +137,7 @@ def _write_adapter(out_dir, tensors, config, overwrite) -> None:
     writer = _core.AtomicDir(out_dir, overwrite=overwrite)
     try:
         try:
-            models.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
+            modeldir.write_torch_safetensors(os.path.join(writer.tmp, ADAPTER_WEIGHTS), tensors, {"format": "pt"})
         except OSError as ex:  # name the file the user asked for, not the hidden directory
             raise type(ex)(ex.errno, str(ex.strerror).replace(writer.tmp, out_dir)) from None
         with open(os.path.join(writer.tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:

@@ -31,7 +31,7 @@ import numpy as np
 
 import gguf
 
-from . import _core, models
+from .. import _core, modeldir
 from .finetune import FineTune, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -387,11 +387,11 @@ def _vocab_dir(model_dir, follow_links: bool):
                 continue
             st = os.stat(src)  # before opening: a FIFO would block open()
             total += st.st_size
-            if not stat.S_ISREG(st.st_mode) or st.st_size > models.MAX_JSON_FILE or total > 2 * models.MAX_JSON_FILE:
-                raise ValueError(f"{model_dir}/{name}: not a regular file of at most {models.MAX_JSON_FILE >> 20} MiB "
-                                 f"(the tokenizer files at most {2 * models.MAX_JSON_FILE >> 20} MiB together)")
+            if not stat.S_ISREG(st.st_mode) or st.st_size > modeldir.MAX_JSON_FILE or total > 2 * modeldir.MAX_JSON_FILE:
+                raise ValueError(f"{model_dir}/{name}: not a regular file of at most {modeldir.MAX_JSON_FILE >> 20} MiB "
+                                 f"(the tokenizer files at most {2 * modeldir.MAX_JSON_FILE >> 20} MiB together)")
             with open(src, "rb") as fh, open(os.path.join(tmp, name), "wb") as out:
-                out.write(fh.read(models.MAX_JSON_FILE + 1))
+                out.write(fh.read(modeldir.MAX_JSON_FILE + 1))
         yield tmp
 
 
@@ -400,7 +400,7 @@ def _tokenizer_json(vocab_dir, model_dir):
     path = os.path.join(vocab_dir, "tokenizer.json") if vocab_dir else None
     if not path or not os.path.exists(path):
         return None
-    return models.read_json_object(path, os.path.join(model_dir, "tokenizer.json"))
+    return modeldir.read_json_object(path, os.path.join(model_dir, "tokenizer.json"))
 
 
 def _split_patterns(pre) -> list[str]:

@@ -25,10 +25,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import edits as E
-from . import reference
-from .evaluation import batches, examples_of
-from .models import read_json_object
-from .pairs import load_model
+from .. import files, reference, tensors
+from ..lm import batches, examples_of, load_model
+from ..modeldir import Checkpoint, read_json_object
 
 
 @dataclass
@@ -77,7 +76,6 @@ def _base_tensors(base, names_shapes: dict):
     import torch
 
     if isinstance(base, (str, os.PathLike)):
-        from .models import Checkpoint
 
         ck = Checkpoint(base)  # deltapack's reader: the index's tensors, pread, links only inside the directory
         shapes = {k: tuple(t.shape) for k, t in ck.tensors.items()}
@@ -92,7 +90,7 @@ def _base_tensors(base, names_shapes: dict):
 
         def get(name):
             v = sd[name]
-            return (v.detach().float() if isinstance(v, torch.Tensor) else torch.as_tensor(E._to_f32(v)))
+            return (v.detach().float() if isinstance(v, torch.Tensor) else torch.as_tensor(E.to_f32(v)))
         label = "base"
     for name, shape in names_shapes.items():
         if name not in shapes:
@@ -180,7 +178,7 @@ def estimate(model, edit, data, base=None, deltas: dict | None = None, C: int = 
                 raise ValueError(f"deltas: no delta for tensor '{n}'")
             if tuple(deltas[n].shape) != tuple(p.shape):
                 raise ValueError(f"deltas: tensor '{n}' has shape {list(deltas[n].shape)}, the model {list(p.shape)}")
-        get_delta = lambda n: torch.as_tensor(E._to_f32(deltas[n]))  # noqa: E731
+        get_delta = lambda n: torch.as_tensor(E.to_f32(deltas[n]))  # noqa: E731
     else:
         get_base = _base_tensors(base, {n: tuple(p.shape) for n, p in chosen.items()})
         get_delta = lambda n: chosen[n].detach().float() - get_base(n)  # noqa: E731
@@ -369,7 +367,6 @@ def save_calibrated(delta_path, scales: dict, out_path, overwrite: bool = False)
     names of the tensors updated."""
     import numpy as np
 
-    from . import files, tensors
 
     f = files.open(delta_path)
     out, updated = {}, []

@@ -1,5 +1,5 @@
-"""A fine-tune seen through its base and a delta file, for the exporters (deltapack.export_peft,
-deltapack.export_gguf): `FineTune` reads it one tensor at a time, and `lowrank_factors` gives one
+"""A fine-tune seen through its base and a delta file, for the exporters (deltapack.export.peft,
+deltapack.export.gguf): `FineTune` reads it one tensor at a time, and `lowrank_factors` gives one
 LoRA pair per changed matrix (a `lowrank` delta as it is, other codecs by truncated SVD)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, files, models, reference, tensors
+from .. import checkpoint, files, lowrank, modeldir, reference, tensors
 
 def is_input_embedding(name: str) -> bool:
     return name.endswith("embed_tokens.weight")
@@ -26,14 +26,14 @@ class FineTune:
                  follow_links: bool = False):
         if not math.isfinite(alpha):
             raise ValueError(f"alpha {alpha} is invalid: the scale of a delta must be a finite number")
-        self.base = models.Checkpoint(base, follow_links)
+        self.base = modeldir.Checkpoint(base, follow_links)
         self.config = self.base.config or {}
         self.alpha, self.threads = float(alpha), threads
         self.delta = files.open(delta) if delta is not None else None
         self.record, self._rb = None, None
         meta = self.delta.metadata if self.delta is not None else None
         if isinstance(meta, dict) and "checkpoint" in meta:
-            self._rb = checkpoint._Rebuilder(self.base, self.delta, alpha, force=force, threads=threads)
+            self._rb = checkpoint.Rebuilder(self.base, self.delta, alpha, force=force, threads=threads)
             self.record = self._rb.record
         elif self.delta is not None:
             for name in self.delta.keys():
@@ -60,7 +60,7 @@ class FineTune:
     def float_name(self, name):
         """'f32' / 'f16' / 'bf16' of the fine-tune tensor, None for non-float tensors."""
         if self.record:
-            return models._ST_DTYPES[self.record["tensors"][name]["dtype"]][0]
+            return modeldir.ST_DTYPES[self.record["tensors"][name]["dtype"]][0]
         return self.base[name].float_name
 
     def kind(self, name) -> tuple[str, str]:
@@ -140,7 +140,7 @@ class LowRankView:
 def svd_factors(d: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """u (rows x rank), v (rank x cols), float32, with u @ v ~= d: the truncated SVD (reference.lowrank_svd:
     exact, or randomized for a small rank of a large matrix), split as sqrt(S) each side."""
-    u, s, v, _, _ = reference.lowrank_svd(np.asarray(d, np.float32), rank, seed=seed)
+    u, s, v, _, _ = lowrank.svd(np.asarray(d, np.float32), rank, seed=seed)
     root = np.sqrt(s).astype(np.float32)
     return np.ascontiguousarray((u.T * root).astype(np.float32)), np.ascontiguousarray((root[:, None] * v).astype(np.float32))
 

@@ -26,7 +26,10 @@ import atheris
 import numpy as np
 
 import deltapack as dp
-from deltapack import checkpoint, edits, export_peft, import_peft, recipes
+from deltapack import checkpoint, recipes
+from deltapack.export import import_peft
+from deltapack.export import peft as export_peft
+from deltapack.research import edits
 
 EXPECTED = (ValueError, FileNotFoundError)
 _base_dir = None

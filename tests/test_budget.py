@@ -231,3 +231,55 @@ def test_budget_file_exports_to_peft(pair, tmp_path):
             checked += 1
     assert checked > 0
     assert math.isfinite(sum(fac.rel_error for fac in view.factors))
+
+
+def test_the_analysis_svd_is_reused_when_writing(pair, tmp_path, monkeypatch):
+    """The factors found while analysing encode the chosen lowrank tensors: the SVD runs once per tensor, and
+    the file is the same whether the factors were kept in memory or spilled to disk (removed afterwards)."""
+    from deltapack import checkpoint, lowrank
+    from deltapack.compress import budget
+
+    calls = []
+    real_svd = lowrank.svd
+    monkeypatch.setattr(lowrank, "svd", lambda m, *a, **k: calls.append(m.shape) or real_svd(m, *a, **k))
+    checkpoint.compress(pair.base, pair.ft, tmp_path / "memory.dpk", budget=3.0)
+    stored = dp.open(tmp_path / "memory.dpk")
+    n_lowrank = sum(stored[n].codec == "lowrank" for n in stored.keys())
+    analysed = len(calls)
+    assert n_lowrank > 0
+    with monkeypatch.context() as m:  # control: factors not kept, so each lowrank choice runs its SVD again
+        m.setattr(budget._Factors, "put", lambda self, key, factors: None)
+        calls.clear()
+        checkpoint.compress(pair.base, pair.ft, tmp_path / "control.dpk", budget=3.0)
+        assert len(calls) - analysed >= n_lowrank  # once per write attempt (the size check may retry)
+    os.unlink(tmp_path / "control.dpk")
+
+    monkeypatch.setattr(budget, "_FACTORS_IN_MEMORY", 0)
+    spilled = []
+    real_savez = np.savez
+    monkeypatch.setattr(np, "savez", lambda path, **kw: spilled.append(path) or real_savez(path, **kw))
+    checkpoint.compress(pair.base, pair.ft, tmp_path / "disk.dpk", budget=3.0)
+    assert spilled and all(os.path.dirname(p).startswith(str(tmp_path)) for p in spilled)
+    assert (tmp_path / "disk.dpk").read_bytes() == (tmp_path / "memory.dpk").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["disk.dpk", "memory.dpk"]  # the spill directory is gone
+
+
+def test_factors_given_to_the_encoder_are_the_svd_it_would_compute():
+    from deltapack import lowrank
+
+    x = low_rank_delta(96, 80, seed=9)
+    rng = np.random.default_rng(9)
+    rw, cw = rng.uniform(0.5, 2, 96), rng.uniform(0.5, 2, 80)
+    u, s, v, _, _ = lowrank.svd(x, 12, rw, cw)
+    plain = dp.encode(x, "lowrank:bits=8/4,bands=4/8", weights=(rw, cw))
+    reused = dp.encode(x, "lowrank:bits=8/4,bands=4/8", weights=(rw, cw), factors=(u, s, v))
+    for c in plain.components:
+        np.testing.assert_array_equal(reused.components[c], plain.components[c])
+    # more directions than the rank: the first ones are used
+    u2, s2, v2, _, _ = lowrank.svd(x, 30, rw, cw)
+    wider = dp.decode(dp.encode(x, "lowrank:bits=8/4,bands=4/8", weights=(rw, cw), factors=(u2, s2, v2)))
+    assert np.linalg.norm(wider - dp.decode(plain)) < 1e-3 * np.linalg.norm(x)
+    with pytest.raises(ValueError, match="3 directions given for rank 12"):
+        dp.encode(x, "lowrank:bits=8/4,bands=4/8", factors=(u[:3], s[:3], v[:3]))
+    with pytest.raises(ValueError, match="factors apply to the lowrank codec"):
+        dp.encode(x, "sign", factors=(u, s, v))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference import as_matrix, dequantize_vectors, direction_bits, pack_bits, parse_list, round_to, vector_offset
+from .reference import as_matrix, dequantize_vectors, pack_bits, parse_list, round_to, vector_offset
 
 F32, F64 = np.float32, np.float64
 
@@ -74,17 +74,19 @@ def svd(m, rank, row_weights=None, col_weights=None, seed=0, power=2):
     else:  # a few (rows or cols) x (rank + 16) blocks at a time: no copy of M, in-place scaling
         rng = np.random.default_rng(seed)
         q = m @ (sc[:, None] * rng.standard_normal((cols, min(rank + 16, rows, cols))).astype(F32))
+        # Inside the power iterations a basis only has to span the right space (one Cholesky QR pass); the last
+        # one, which the small SVD is taken in, is orthonormal to float32 accuracy (two passes).
         q *= sr[:, None]
-        q = _orthonormal(q)
-        for _ in range(power):
+        q = _orthonormal(q, passes=1 if power else 2)
+        for i in range(power):
             q *= sr[:, None]
             p = m.T @ q                                # Wᵀ q
             p *= sc[:, None]
-            p = _orthonormal(p)
+            p = _orthonormal(p, passes=1)
             p *= sc[:, None]
             q = m @ p                                  # W p
             q *= sr[:, None]
-            q = _orthonormal(q)
+            q = _orthonormal(q, passes=2 if i == power - 1 else 1)
         q *= sr[:, None]
         small = q.T @ m
         small *= sc[None, :]
@@ -103,10 +105,10 @@ def svd(m, rank, row_weights=None, col_weights=None, seed=0, power=2):
     return np.ascontiguousarray(u, F32), s, np.ascontiguousarray(v, F32), np.square(S.astype(F64)), total
 
 
-def _orthonormal(y):
-    """An orthonormal basis of y's columns (float32), by Cholesky QR twice (only k x k extra memory); numpy's
-    QR when y is too ill-conditioned for it."""
-    for _ in range(2):
+def _orthonormal(y, passes=2):
+    """An orthonormal basis of y's columns (float32), by Cholesky QR `passes` times (only k x k extra memory);
+    numpy's QR when y is too ill-conditioned for it."""
+    for _ in range(passes):
         g = y.T.astype(F64) @ y.astype(F64) if y.shape[0] * y.shape[1] <= (1 << 22) else (y.T @ y).astype(F64)
         try:
             inv = np.linalg.inv(np.linalg.cholesky(g)).T.astype(F32)
@@ -118,24 +120,32 @@ def _orthonormal(y):
     return y
 
 
-def encode_lowrank_quant(x, bits, bands, group=64, row_weights=None, col_weights=None):
+def encode_lowrank_quant(x, bits, bands, group=64, row_weights=None, col_weights=None, factors=None):
     """Mixed-precision low rank (Delta-CoMe): SVD M ≈ Σ s_k u_k v_kᵀ (svd, optionally weighted);
     direction k of band b keeps its unit vectors in bits[b]-bit groups (quantize_vectors) and a float32
     singular value, refitted by least squares to the quantized vectors (in the same weighted norm), so
     quantization does not shrink the delta. Components: s (r,); codes (bytes): per direction its u codes
-    then its v codes, each padded to a byte; scales (r, G_rows + G_cols): its u group scales, then v's."""
+    then its v codes, each padded to a byte; scales (r, G_rows + G_cols): its u group scales, then v's.
+    factors: (u, s, v) of svd() under the same weights, with at least the rank's directions (e.g. kept from
+    the budget's analysis): used instead of computing them again."""
     m = as_matrix(x)
     rows, cols = m.shape
-    u, s, v, _, _ = svd(m, sum(parse_list(bands)), row_weights, col_weights)
+    rank = sum(parse_list(bands))
+    u, s, v = factors[:3] if factors is not None else svd(m, rank, row_weights, col_weights)[:3]
+    if len(s) < min(rank, rows, cols):
+        raise ValueError(f"lowrank: {len(s)} directions given for rank {rank}")
     codes, scales, uhat, vhat = [], [], [], []
-    for k, w in enumerate(direction_bits(bits, bands)):
-        pu, su = quantize_vectors(u[k:k + 1], w, group)
-        pv, sv = quantize_vectors(v[k:k + 1], w, group)
-        codes += [pu.reshape(-1), pv.reshape(-1)]
+    at = 0
+    for w, n in zip(parse_list(bits), parse_list(bands)):  # one band (one width) at a time
+        pu, su = quantize_vectors(u[at:at + n], w, group)
+        pv, sv = quantize_vectors(v[at:at + n], w, group)
+        codes.append(np.concatenate([pu, pv], axis=1).reshape(-1))  # per direction: its u codes, then its v's
         scales.append(np.concatenate([su, sv], axis=1))
         uhat.append(dequantize_vectors(pu, su, w, group, rows))
         vhat.append(dequantize_vectors(pv, sv, w, group, cols))
-    return {"s": _refit_singular_values(m, np.concatenate(uhat), np.concatenate(vhat), s, row_weights, col_weights),
+        at += n
+    return {"s": _refit_singular_values(m, np.concatenate(uhat), np.concatenate(vhat), s[:at], row_weights,
+                                        col_weights),
             "codes": np.concatenate(codes), "scales": np.concatenate(scales)}
 
 

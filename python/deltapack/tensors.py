@@ -78,13 +78,15 @@ class Encoded:
                 self.components)
 
 
-def encode(delta, codec: str, threads: int | None = None, weights=None, **params) -> Encoded:
+def encode(delta, codec: str, threads: int | None = None, weights=None, factors=None, **params) -> Encoded:
     """Encode a delta tensor (numpy f32/f16, or torch f32/f16/bf16) with a codec or recipe.
 
     `codec` is a codec name ("sign") or a recipe string ("sign:scope=row"); keyword arguments
     override the recipe's parameters. weights: for `lowrank` with `bits`, an optional (row, col) pair of
     positive weights; the SVD and the singular-value fit then minimise Σ row_i·col_j·error_ij² (see
-    deltapack.compress.allocate) instead of the plain squared error.
+    deltapack.compress.allocate) instead of the plain squared error. factors: for `lowrank` with `bits`, the
+    delta's (u, s, v) from deltapack.lowrank.svd under the same weights, with at least the rank's directions:
+    used instead of computing the SVD again.
     """
     name, rparams = recipes.parse(codec)
     rparams.update(params)
@@ -92,14 +94,15 @@ def encode(delta, codec: str, threads: int | None = None, weights=None, **params
     dtype = _dtype_name(delta)
     shape = tuple(int(s) for s in delta.shape)
     if name == "lowrank":
-        return _encode_lowrank(delta, shape, dtype, rparams, weights)
-    if weights is not None:
-        raise ValueError(f"weights apply to the lowrank codec with bits=..., not to {name!r}")
+        return _encode_lowrank(delta, shape, dtype, rparams, weights, factors)
+    if weights is not None or factors is not None:
+        given = "weights" if weights is not None else "factors"
+        raise ValueError(f"{given} apply to the lowrank codec with bits=..., not to {name!r}")
     canon, comps = _core.encode(name, json.dumps(rparams), delta, _threads(threads))
     return Encoded(name, json.loads(canon), shape, dtype, dict(comps))
 
 
-def _encode_lowrank(delta, shape, dtype, params, weights=None) -> Encoded:
+def _encode_lowrank(delta, shape, dtype, params, weights=None, factors=None) -> Encoded:
     canon = json.loads(_core.canonical_params("lowrank", json.dumps(params)))
     x = _as_f32_numpy(delta)
     flat = x.reshape(-1)
@@ -111,9 +114,10 @@ def _encode_lowrank(delta, shape, dtype, params, weights=None) -> Encoded:
                          f"for shape {list(shape)}")
     if "bits" in canon:
         row_w, col_w = weights if weights is not None else (None, None)
-        comps = lowrank.encode_lowrank_quant(x, canon["bits"], canon["bands"], canon["group"], row_w, col_w)
-    elif weights is not None:
-        raise ValueError("weights apply to the lowrank codec with bits=... (quantized factors)")
+        comps = lowrank.encode_lowrank_quant(x, canon["bits"], canon["bands"], canon["group"], row_w, col_w, factors)
+    elif weights is not None or factors is not None:
+        given = "weights" if weights is not None else "factors"
+        raise ValueError(f"{given} apply to the lowrank codec with bits=... (quantized factors)")
     else:
         comps = lowrank.encode_lowrank(x, canon["rank"], canon["dtype"])
     enc = Encoded("lowrank", canon, shape, dtype, comps)

@@ -146,6 +146,7 @@ class TensorOptions:
     dir_bits: dict                      # b -> stored bits of one direction
     elements: list = field(default_factory=list)  # [(recipe, bits, error)] of element codecs
     droppable: bool = True              # "not stored" is a candidate
+    factors: tuple | None = None        # (u, s, v) of the SVD, when asked for (keep_factors): the encoder reuses them
 
     def lowrank_choice(self, lam: float):
         """Bits per direction minimising Σ err + λ·bits; returns (bits list, error, size)."""
@@ -188,9 +189,11 @@ def lowrank_recipe(bits_per_direction) -> str:
 
 
 def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None, *, max_rank: int | None = None,
-                   elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0) -> TensorOptions:
+                   elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0,
+                   keep_factors: bool = False) -> TensorOptions:
     """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols): its top max_rank
-    (default MAX_RANK) SVD directions and the element codecs."""
+    (default MAX_RANK) SVD directions and the element codecs. keep_factors: keep the SVD's (u, s, v) in
+    `factors`, for encoding the lowrank choice without a second SVD."""
 
     weights = weights or Weights()
     m = reference.as_matrix(delta)
@@ -223,7 +226,8 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
             rel = np.where(hh > 0, 1 - cross ** 2 / (hh * uu * vv), 1.0)
         eps[b] = float(np.clip(rel, 0, 1).mean())
     opts = TensorOptions(name, tuple(np.shape(delta)), rows, cols, total, s2, eps,
-                         {b: direction_bits(rows, cols, b) for b in BITS}, droppable=droppable)
+                         {b: direction_bits(rows, cols, b) for b in BITS}, droppable=droppable,
+                         factors=(u, s, v) if keep_factors else None)
     # Element codecs: measured on all rows, or on evenly spaced rows of a larger tensor and scaled (their
     # size and error are sums over rows; levels' block means are then those of the sample).
     idx = np.arange(rows) if rows <= _ROW_SAMPLE else np.linspace(0, rows - 1, _ROW_SAMPLE).astype(np.int64)

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -35,6 +37,48 @@ from .writer import Compressor, dense_enc, summarize, write_deltas
 _EMBEDDINGS = frozenset(INPUT_EMBEDDINGS + OUTPUT_EMBEDDINGS)
 _TRIES = 8
 _TERMS_BYTES = 1 << 30  # input covariances held at once to compare candidates after their refit
+_FACTORS_IN_MEMORY = 256 << 20  # bytes of SVD factors kept in memory between analysis and writing; more on disk
+_FACTORS_ON_DISK = 32 << 30     # bytes beyond which factors are computed again when written
+
+
+class _Factors:
+    """The SVD factors (u, s, v) each tensor's analysis found, per proxy, kept until the file is written so
+    that writing (and each retry, and scoring the proxies' allocations) does not compute them again: the SVDs
+    are most of a budget's time. The first _FACTORS_IN_MEMORY bytes stay in memory, the rest go to a hidden
+    directory next to the output, removed at the end (a large model's factors are gigabytes)."""
+
+    def __init__(self, out):
+        self.out, self.dir, self.kept, self.in_memory, self.on_disk = out, None, {}, 0, 0
+
+    def put(self, key, factors):
+        n = sum(a.nbytes for a in factors)
+        if self.in_memory + n <= _FACTORS_IN_MEMORY:
+            self.kept[key] = factors
+            self.in_memory += n
+        elif self.on_disk + n <= _FACTORS_ON_DISK:
+            if self.dir is None:
+                out = os.path.abspath(os.fspath(self.out))
+                self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.svd", dir=os.path.dirname(out))
+            path = os.path.join(self.dir, f"{len(self.kept)}.npz")
+            np.savez(path, u=factors[0], s=factors[1], v=factors[2])
+            self.kept[key] = path
+            self.on_disk += n
+
+    def get(self, key):
+        got = self.kept.get(key)
+        if isinstance(got, str):
+            with np.load(got) as z:
+                return z["u"], z["s"], z["v"]
+        return got
+
+    def of(self, proxy):
+        """factors(name) for the Compressor: this proxy's."""
+        return lambda name: self.get((proxy, name))
+
+    def close(self):
+        self.kept.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
@@ -67,62 +111,70 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     def encoder_weights(proxy):  # (row, col) arrays, floored, as the lowrank encoder takes them
         return lambda name, matrix: weights_for(proxy)(name, matrix).floored(*matrix.shape)
 
-    # 1. analyse
-    bar = progress_bar(total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
+    factors = _Factors(out)  # the SVDs of step 1, reused by steps 2 and 3
     try:
-        reader = Compressor(base, ft, None, threads, bar)
-        options = {p: {} for p in proxies}
-        delta = m = None
-        for name, (src, shape, droppable) in lossy.items():
-            delta, _ = reader.delta_of(name, src, math.prod(shape), False)
-            if delta is None:
-                continue
-            m = as_matrix(delta.reshape(shape))
-            for p in proxies:
-                options[p][name] = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable,
-                                                    threads=threads)
-        del reader, delta, m  # its scratch buffer holds the largest delta: not twice in memory
+        # 1. analyse
+        bar = progress_bar(total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
+        try:
+            reader = Compressor(base, ft, None, threads, bar)
+            options = {p: {} for p in proxies}
+            delta = m = None
+            for name, (src, shape, droppable) in lossy.items():
+                delta, _ = reader.delta_of(name, src, math.prod(shape), False)
+                if delta is None:
+                    continue
+                m = as_matrix(delta.reshape(shape))
+                for p in proxies:
+                    opts = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable, threads=threads,
+                                            keep_factors=True)
+                    factors.put((p, name), opts.factors)
+                    opts.factors = None
+                    options[p][name] = opts
+            del reader, delta, m  # its scratch buffer holds the largest delta: not twice in memory
+        finally:
+            bar.close()
+
+        # 2. allocate (and, with data, choose the proxy by the rebuilt model's distance to the fine-tune)
+        target = budget_bits - _fixed_bits_estimate(ft, base, plan, lossy, keep_files)
+        allocs = {p: B.allocate(options[p], target) for p in proxies}
+        scores, terms = {}, None
+        if data is not None and len(proxies) > 1:
+
+            scorer = calibration.Scorer(model, examples)
+            # Candidates are compared as they will be written: refitted (step 4), when the layers' input
+            # covariances fit in memory together.
+            if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
+                terms = calibration.input_terms(model, examples, list(lossy))
+            for p, alloc in allocs.items():
+                scores[p] = scorer.score(_rebuilt(base, ft, lossy, alloc.recipes, encoder_weights(p), factors.of(p),
+                                                  threads, terms))
+            chosen = _choose_proxy(scores, len(examples))
+        else:
+            chosen = proxies[0]
+
+        # 3. write, shrinking the target while the real file is over the budget. With data the file is refitted
+        # (step 4) from a temporary name, so nothing unfitted ever stands under the final name.
+        written = out if data is None else _temporary_sibling(out)
+        try:
+            size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
+                                                              target, budget_bits, bits_per_param, chosen, scores,
+                                                              examples, lossy, min_size, metadata, keep_files,
+                                                              encoder_weights(chosen), factors.of(chosen), threads,
+                                                              quiet, overwrite=overwrite and data is None)
+            if data is not None:  # 4. refit the free scales on the calibration data (same size)
+                refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
+                                                   terms=terms, note=False, overwrite=overwrite)
+        finally:
+            if written != out and os.path.exists(written):
+                os.unlink(written)
+        summary = summarize(out, size, meta["checkpoint"], writer)
+        if data is not None:
+            summary["refitted"] = len(refit["refitted"])
+        summary["bits_per_param"] = 8 * size / n_params
+        summary["budget"] = record
+        return summary
     finally:
-        bar.close()
-
-    # 2. allocate (and, with data, choose the proxy by the rebuilt model's distance to the fine-tune)
-    target = budget_bits - _fixed_bits_estimate(ft, base, plan, lossy, keep_files)
-    allocs = {p: B.allocate(options[p], target) for p in proxies}
-    scores, terms = {}, None
-    if data is not None and len(proxies) > 1:
-
-        scorer = calibration.Scorer(model, examples)
-        # Candidates are compared as they will be written: refitted (step 4), when the layers' input
-        # covariances fit in memory together.
-        if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
-            terms = calibration.input_terms(model, examples, list(lossy))
-        for p, alloc in allocs.items():
-            scores[p] = scorer.score(_rebuilt(base, ft, lossy, alloc.recipes, encoder_weights(p), threads, terms))
-        chosen = _choose_proxy(scores, len(examples))
-    else:
-        chosen = proxies[0]
-
-    # 3. write, shrinking the target while the real file is over the budget. With data the file is refitted
-    # (step 4) from a temporary name, so nothing unfitted ever stands under the final name.
-    written = out if data is None else _temporary_sibling(out)
-    try:
-        size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
-                                                          target, budget_bits, bits_per_param, chosen, scores,
-                                                          examples, lossy, min_size, metadata, keep_files,
-                                                          encoder_weights(chosen), threads, quiet,
-                                                          overwrite=overwrite and data is None)
-        if data is not None:  # 4. refit the free scales on the calibration data (same size)
-            refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
-                                               terms=terms, note=False, overwrite=overwrite)
-    finally:
-        if written != out and os.path.exists(written):
-            os.unlink(written)
-    summary = summarize(out, size, meta["checkpoint"], writer)
-    if data is not None:
-        summary["refitted"] = len(refit["refitted"])
-    summary["bits_per_param"] = 8 * size / n_params
-    summary["budget"] = record
-    return summary
+        factors.close()
 
 
 def _temporary_sibling(path) -> str:
@@ -131,7 +183,8 @@ def _temporary_sibling(path) -> str:
 
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
-                         examples, lossy, min_size, metadata, keep_files, weights, threads, quiet, overwrite=False):
+                         examples, lossy, min_size, metadata, keep_files, weights, factors, threads, quiet,
+                         overwrite=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record)."""
     for _ in range(_TRIES):
@@ -140,7 +193,7 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
         meta["budget"] = record
         bar = progress_bar(total_bytes(base, ft, plan), "compress", quiet)
         try:
-            c = Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights)
+            c = Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights, factors=factors)
             writer, meta, fp = write_deltas(c, plan, out, meta, keep_files, overwrite)
             try:
                 size = writer.size(meta, fp)
@@ -240,7 +293,7 @@ def _budget_record(bits_per_param, proxy, alloc, scores, examples) -> dict:
     return rec
 
 
-def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
+def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, terms=None):
     """{name: rebuilt fine-tune tensor (float32, rounded to the fine-tune's dtype as apply would)} for the
     lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
     so one tensor is decoded at a time."""
@@ -256,8 +309,10 @@ def _rebuilt(base, ft, lossy, recipes, weights, threads, terms=None):
         else:
             m = delta.reshape(shape)
             codec, params = parse(recipes[name])
-            w = weights(name, as_matrix(m)) if codec == "lowrank" else None
-            enc = tensors.encode(m, codec, threads=threads, weights=w, **params)
+            quantized_lowrank = codec == "lowrank" and "bits" in params
+            w = weights(name, as_matrix(m)) if quantized_lowrank else None
+            f = factors(name) if quantized_lowrank else None
+            enc = tensors.encode(m, codec, threads=threads, weights=w, factors=f, **params)
             if terms is not None and name in terms:
                 enc = calibration.refit(enc, m, calibration.rows_of(terms[name], shape))
             d = tensors.decode(enc, threads=threads)

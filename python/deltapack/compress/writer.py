@@ -25,10 +25,11 @@ def dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
 
 class Compressor:
     """Reads base and fine-tune tensors and encodes deltas. choose(name, shape) -> (codec, params), or None
-    for a delta not stored; weights(name, matrix) -> the lowrank encoder's error weights, or None."""
+    for a delta not stored; weights(name, matrix) -> the lowrank encoder's error weights, or None;
+    factors(name) -> the delta's SVD (u, s, v) under those weights when it is known, else None."""
 
-    def __init__(self, base, ft, choose, threads, bar, weights=None):
-        self.base, self.ft, self.choose, self.weights = base, ft, choose, weights
+    def __init__(self, base, ft, choose, threads, bar, weights=None, factors=None):
+        self.base, self.ft, self.choose, self.weights, self.factors = base, ft, choose, weights, factors
         self.threads, self.bar = threads, bar
         self.crcs = {}
         self._scratch = np.empty(0, np.float32)
@@ -99,10 +100,11 @@ class Compressor:
     def encode(self, name, values_f32, shape):
         codec, params = self.choose(name, shape)
         matrix = values_f32.reshape(shape)
-        weights = self.weights(name, as_matrix(matrix)) if self.weights and codec == "lowrank" \
-            and "bits" in recipe_params(codec, params) else None
+        quantized_lowrank = codec == "lowrank" and "bits" in recipe_params(codec, params)
+        weights = self.weights(name, as_matrix(matrix)) if self.weights and quantized_lowrank else None
+        factors = self.factors(name) if self.factors and quantized_lowrank else None
         try:
-            return tensors.encode(matrix, codec, threads=self.threads, weights=weights, **params)
+            return tensors.encode(matrix, codec, threads=self.threads, weights=weights, factors=factors, **params)
         except ValueError as ex:
             raise ValueError(f"tensor '{name}' {list(shape)}: {codec}: {ex}") from None
 

@@ -6,8 +6,10 @@ Builds a synthetic bf16 checkpoint pair (embeddings 128256x4096, attention 4096x
 MLP 14336x4096, norms; embed_tokens and lm_head) as ~2 GiB shards, then for each layer count:
   - peak RSS of `deltapack compress` and `deltapack apply` (os.wait4 of the subprocess), against the
     bound 1 GiB + 3 x the largest tensor;
-  - their wall time against, in the same run, reading the same bytes with safetensors (compress:
-    base + fine-tune; apply: base read + output written with safetensors.torch.save_file).
+  - their wall time against, in the same run, two baselines: safetensors (compress: get_tensor + clone of
+    base + fine-tune; apply: base read + output written with safetensors.torch.save_file, which copies every
+    byte twice and does not fsync) and the plain bound (compress: one readinto pass over base + fine-tune into
+    a reused buffer; apply: one read of the base and one write of the same bytes, fsync'd).
 With --budget B also `deltapack compress --budget B` (time, peak RSS and size next to the recipe's).
 Needs ~3 x 5.6 GiB of disk at 8 layers; everything is deleted afterwards. Results go to
 bench/results/checkpoint.{json,md}.
@@ -97,6 +99,40 @@ def safetensors_read(dirs):
     return time.perf_counter() - t0
 
 
+def _shards(d):
+    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+
+
+def plain_read(dirs, chunk=64 << 20):
+    """Seconds to read every byte of the dirs' shards once (readinto into one reused buffer): what compress
+    cannot beat."""
+    buf = memoryview(bytearray(chunk))
+    t0 = time.perf_counter()
+    for d in dirs:
+        for path in _shards(d):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+    return time.perf_counter() - t0
+
+
+def plain_read_write(src, dst, chunk=64 << 20):
+    """Seconds to read each shard of src once and write the same bytes to dst, fsync'd: what apply cannot
+    beat (it reads the base and writes as many bytes, made durable)."""
+    buf = memoryview(bytearray(chunk))
+    os.makedirs(dst)
+    t0 = time.perf_counter()
+    for path in _shards(src):
+        with open(path, "rb", buffering=0) as f, open(os.path.join(dst, os.path.basename(path)), "wb",
+                                                        buffering=0) as g:
+            while n := f.readinto(buf):
+                g.write(buf[:n])
+            os.fsync(g.fileno())
+    t = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return t
+
+
 def safetensors_read_write(src, dst):
     """Seconds to read each shard of src and write it to dst with safetensors.torch.save_file."""
     from safetensors import safe_open
@@ -126,10 +162,12 @@ def bench(n_layers, workdir, recipe, repeats, budget=None):
         cli = [sys.executable, "-m", "deltapack.cli"]
         safetensors_read([base, ft])  # warm the page cache so both sides read from memory
         t_read, t_c, t_rw, t_a, t_nf, rss_c, rss_a = [], [], [], [], [], 0, 0
+        t_pread, t_prw = [], []
         t_b, rss_b, budget_bytes = [], 0, None
         for rep in range(repeats):  # alternate baseline and deltapack; each step starts with no dirty pages
             os.sync()
             t_read.append(safetensors_read([base, ft]))
+            t_pread.append(plain_read([base, ft]))
             os.sync()
             if os.path.exists(delta):
                 os.unlink(delta)
@@ -149,6 +187,8 @@ def bench(n_layers, workdir, recipe, repeats, budget=None):
                 os.sync()
             t_rw.append(safetensors_read_write(base, os.path.join(root, "st_out")))
             os.sync()
+            t_prw.append(plain_read_write(base, os.path.join(root, "plain_out")))
+            os.sync()
             shutil.rmtree(out, ignore_errors=True)
             t, rss = run_measured(cli + ["apply", base, delta, "-o", out, "-q"])
             t_a.append(t)
@@ -162,7 +202,8 @@ def bench(n_layers, workdir, recipe, repeats, budget=None):
                   f"{t_read[-1]:.1f} s;"
                   f" apply {t_a[-1]:.1f} s (peak RSS {rss / 2**30:.2f} GiB; --no-fsync {t_nf[-1]:.1f} s) vs "
                   f"safetensors read+write {t_rw[-1]:.1f} s", file=sys.stderr)
-        t_read, t_c, t_rw, t_a, t_nf = (float(np.median(x)) for x in (t_read, t_c, t_rw, t_a, t_nf))
+        t_read, t_c, t_rw, t_a, t_nf, t_pread, t_prw = (float(np.median(x))
+                                                        for x in (t_read, t_c, t_rw, t_a, t_nf, t_pread, t_prw))
         bound = (1 << 30) + 3 * largest
         extra = {} if budget is None else {
             "budget": budget, "budget_compress_s": float(np.median(t_b)), "budget_compress_peak_rss_bytes": rss_b,
@@ -174,6 +215,8 @@ def bench(n_layers, workdir, recipe, repeats, budget=None):
                 "compress_vs_read": t_read / t_c, "apply_s": t_a, "apply_peak_rss_bytes": rss_a,
                 "safetensors_read_write_s": t_rw, "apply_vs_read_write": t_rw / t_a,
                 "apply_no_fsync_s": t_nf, "apply_no_fsync_vs_read_write": t_rw / t_nf,
+                "plain_read_s": t_pread, "compress_vs_plain_read": t_pread / t_c,
+                "plain_read_write_fsync_s": t_prw, "apply_vs_plain_read_write": t_prw / t_a,
                 "compress_gbps": 2 * total / t_c / 1e9, "apply_gbps": 2 * total / t_a / 1e9}
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -187,22 +230,25 @@ def main():
     ap.add_argument("--budget", type=float, default=None, help="also time `compress --budget B`")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per step (median reported)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "checkpoint"))
+    ap.add_argument("--note", default="", help="what else was running on the machine (kept with the figures)")
     args = ap.parse_args()
     rows = [bench(n, args.dir, args.recipe, args.repeats, args.budget) for n in args.layers]
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
         json.dump({"meta": meta, "results": rows}, fh, indent=1)
     gib = 2 ** 30
-    lines = ["| layers | model GiB | delta MiB | compress s | vs read | compress peak RSS GiB | apply s | "
-             "vs read+write | apply --no-fsync s | vs read+write | apply peak RSS GiB | RSS bound GiB |",
-             "|" + "---|" * 12]
+    lines = ["| layers | model GiB | delta MiB | compress s | vs read | vs plain read | compress peak RSS GiB | "
+             "apply s | vs read+write | vs plain read+write | apply --no-fsync s | vs read+write | "
+             "apply peak RSS GiB | RSS bound GiB |",
+             "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['layers']} | {r['model_bytes'] / gib:.2f} | {r['delta_bytes'] / 2**20:.0f} | "
-                     f"{r['compress_s']:.1f} | {r['compress_vs_read']:.2f}x | "
+                     f"{r['compress_s']:.1f} | {r['compress_vs_read']:.2f}x | {r['compress_vs_plain_read']:.2f}x | "
                      f"{r['compress_peak_rss_bytes'] / gib:.2f} | "
-                     f"{r['apply_s']:.1f} | {r['apply_vs_read_write']:.2f}x | {r['apply_no_fsync_s']:.1f} | "
+                     f"{r['apply_s']:.1f} | {r['apply_vs_read_write']:.2f}x | {r['apply_vs_plain_read_write']:.2f}x | "
+                     f"{r['apply_no_fsync_s']:.1f} | "
                      f"{r['apply_no_fsync_vs_read_write']:.2f}x | {r['apply_peak_rss_bytes'] / gib:.2f} | "
                      f"{r['rss_bound_bytes'] / gib:.2f} |")
     if args.budget is not None:
@@ -215,7 +261,9 @@ def main():
     text = (f"# deltapack compress / apply at Llama-3-8B shapes (bf16, recipe `{args.recipe}`)\n\n"
             f"{meta}\n\n" + "\n".join(lines) + "\n\n'vs read' = time to read base + fine-tune with safetensors "
             "/ compress time; 'vs read+write' = time to read the base and write the same bytes with safetensors "
-            "/ apply time (the target is >= 0.8x). Median of the repeats; peak RSS = max over repeats of the subprocess (os.wait4 in a small launcher). apply includes fsync of every shard (safetensors' save_file does not fsync).\n")
+            "/ apply time; 'vs plain ...' = the same against the plain bound: one readinto pass over base + "
+            "fine-tune, and one read of the base plus one fsync'd write of the same bytes (the target is >= 0.8x "
+            "of each). Median of the repeats; peak RSS = max over repeats of the subprocess (os.wait4 in a small launcher). apply includes fsync of every shard (safetensors' save_file does not fsync).\n")
     with open(args.out + ".md", "w") as fh:
         fh.write(text)
     print(text)

@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -81,6 +82,24 @@ class _Factors:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Stages:
+    """The budget's stages as the progress display names them ("[2/5] analyse"): a byte bar (tqdm's rate and
+    ETA) for a stage that reads the checkpoint, a line on stderr when one without a bar starts."""
+
+    def __init__(self, names, quiet):
+        self.names, self.quiet = list(names), quiet
+
+    def label(self, name):
+        return f"[{self.names.index(name) + 1}/{len(self.names)}] {name}"
+
+    def bar(self, name, total):
+        return progress_bar(total, self.label(name), self.quiet)
+
+    def start(self, name):
+        if not self.quiet:
+            print(f"deltapack: {self.label(name)}", file=sys.stderr, flush=True)
+
+
 def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
                        metadata=None, threads=None, quiet=True, keep_files=True, overwrite=False) -> dict:
     if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
@@ -92,15 +111,18 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     n_params = sum(t.numel for t in ft.tensors.values())
     budget_bits = bits_per_param * n_params
     examples = stats = model = None
+    proxies = (proxy,) if proxy else B.PROXIES if data is not None else (B.DATA_FREE,)
+    with_data = data is not None
+    stages = _Stages(["statistics"] * with_data + ["analyse"] + ["score"] * (len(proxies) > 1) + ["write"]
+                     + ["refit"] * with_data, quiet)
     if data is not None:
-
         if ft.dir is None:
             raise ValueError(f"{ft.path}: --data needs the fine-tune as a model directory (config.json), "
                              "to run it on the calibration data")
         examples = examples_of(data)
+        stages.start("statistics")
         model = load_model(ft.dir)
         stats = calibration.fisher_weights(model, examples)
-    proxies = (proxy,) if proxy else B.PROXIES if data is not None else (B.DATA_FREE,)
     lossy = _lossy_tensors(ft, base, plan, min_size)
 
     def weights_for(proxy):
@@ -114,7 +136,8 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     factors = _Factors(out)  # the SVDs of step 1, reused by steps 2 and 3
     try:
         # 1. analyse
-        bar = progress_bar(total_bytes(base, ft, {n: plan[n] for n in lossy}), "analyse", quiet)
+        lossy_bytes = total_bytes(base, ft, {n: plan[n] for n in lossy})
+        bar = stages.bar("analyse", lossy_bytes)
         try:
             reader = Compressor(base, ft, None, threads, bar)
             options = {p: {} for p in proxies}
@@ -139,15 +162,18 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         allocs = {p: B.allocate(options[p], target) for p in proxies}
         scores, terms = {}, None
         if data is not None and len(proxies) > 1:
-
             scorer = calibration.Scorer(model, examples)
             # Candidates are compared as they will be written: refitted (step 4), when the layers' input
             # covariances fit in memory together.
             if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
                 terms = calibration.input_terms(model, examples, list(lossy))
-            for p, alloc in allocs.items():
-                scores[p] = scorer.score(_rebuilt(base, ft, lossy, alloc.recipes, encoder_weights(p), factors.of(p),
-                                                  threads, terms))
+            bar = stages.bar("score", lossy_bytes * len(proxies))
+            try:
+                for p, alloc in allocs.items():
+                    scores[p] = scorer.score(_rebuilt(base, ft, lossy, alloc.recipes, encoder_weights(p),
+                                                      factors.of(p), threads, bar, terms))
+            finally:
+                bar.close()
             chosen = _choose_proxy(scores, len(examples))
         else:
             chosen = proxies[0]
@@ -160,10 +186,15 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                                                               target, budget_bits, bits_per_param, chosen, scores,
                                                               examples, lossy, min_size, metadata, keep_files,
                                                               encoder_weights(chosen), factors.of(chosen), threads,
-                                                              quiet, overwrite=overwrite and data is None)
+                                                              stages, overwrite=overwrite and data is None)
             if data is not None:  # 4. refit the free scales on the calibration data (same size)
-                refit = calibration.calibrate_file(base, ft, written, out, examples, model=model, threads=threads,
-                                                   terms=terms, note=False, overwrite=overwrite)
+                bar = stages.bar("refit", lossy_bytes)
+                try:
+                    refit = calibration.calibrate_file(base, ft, written, out, examples, model=model,
+                                                       threads=threads, terms=terms, note=False, overwrite=overwrite,
+                                                       bar=bar)
+                finally:
+                    bar.close()
         finally:
             if written != out and os.path.exists(written):
                 os.unlink(written)
@@ -183,7 +214,7 @@ def _temporary_sibling(path) -> str:
 
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
-                         examples, lossy, min_size, metadata, keep_files, weights, factors, threads, quiet,
+                         examples, lossy, min_size, metadata, keep_files, weights, factors, threads, stages,
                          overwrite=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record)."""
@@ -191,7 +222,7 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
         record = _budget_record(bits_per_param, proxy, alloc, scores, examples)
         meta = dict(metadata or {})
         meta["budget"] = record
-        bar = progress_bar(total_bytes(base, ft, plan), "compress", quiet)
+        bar = stages.bar("write", total_bytes(base, ft, plan))
         try:
             c = Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights, factors=factors)
             writer, meta, fp = write_deltas(c, plan, out, meta, keep_files, overwrite)
@@ -293,12 +324,12 @@ def _budget_record(bits_per_param, proxy, alloc, scores, examples) -> dict:
     return rec
 
 
-def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, terms=None):
+def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=None):
     """{name: rebuilt fine-tune tensor (float32, rounded to the fine-tune's dtype as apply would)} for the
     lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
     so one tensor is decoded at a time."""
 
-    reader = Compressor(base, ft, None, threads, progress_bar(0, "", True))
+    reader = Compressor(base, ft, None, threads, bar)
     for name, (src, shape, _) in lossy.items():
         fi = ft[name]
         n = math.prod(shape)

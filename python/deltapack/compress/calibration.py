@@ -380,13 +380,13 @@ def _refit_lowrank_u(d, comps, p, shape, terms):
 
 
 def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1 << 30, threads=None,
-                   terms: dict | None = None, note: bool = True, overwrite: bool = False) -> dict:
+                   terms: dict | None = None, note: bool = True, overwrite: bool = False, bar=None) -> dict:
     """Refit the free scales (`refit`) of every tensor of a checkpoint delta file on calibration data and write
     the result to `out` (written atomically; an existing file, `delta` itself included, only with overwrite). Input covariances are gathered a group of
     layers at a time under max_bytes; the refitted tensors are held (compressed) until the file is written.
     terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
-    before). Returns {"refitted": [names], "examples": n}."""
+    before). bar: a progress bar over the bytes read. Returns {"refitted": [names], "examples": n}."""
 
     base, ft = as_checkpoint(base), as_checkpoint(ft)
     f = files.open(delta)
@@ -398,7 +398,7 @@ def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1
         model = load_model(ft.dir)
     todo = [n for n in f.keys() if rec["tensors"].get(n, {}).get("op") in ("delta", "resized")
             and f.entry(n)[0] in REFIT_CODECS]
-    reader = Compressor(base, ft, None, threads, progress_bar(0, "", True))
+    reader = Compressor(base, ft, None, threads, bar or progress_bar(0, "", True))
     refitted = {}
     for group in ([todo] if terms is not None else _cov_groups(model, todo, max_bytes)):
         group_terms = terms if terms is not None else input_terms(model, examples, group)

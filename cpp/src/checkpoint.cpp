@@ -223,6 +223,7 @@ void check_budget(const Fields& f, const json::Value& b, const std::string& wher
         f.object(*data, w);
         if (const json::Value* v = f.member(*data, "examples", w, false)) f.integer(*v, w + ".examples", 0);
         if (const json::Value* v = f.member(*data, "refit", w, false)) f.string(*v, w + ".refit");
+        if (const json::Value* v = f.member(*data, "tensors_changed", w, false)) f.integer(*v, w + ".tensors_changed", 0);
         if (const json::Value* scores = f.member(*data, "scores", w, false)) {
             f.object(*scores, w + ".scores");
             for (auto& kv : scores->obj) {

@@ -199,6 +199,9 @@ def _print_budget(b: dict, f) -> None:
         sc = ", ".join(f"{p} {100 * v.get('agreement', 0):.1f} % (KL {v.get('kl', 0):.3g})"
                        for p, v in b["data"]["scores"].items())
         print(f"  chosen on {b['data'].get('examples')} calibration examples by agreement with the fine-tune: {sc}")
+    if "tensors_changed" in b.get("data", {}):
+        print(f"  the data changed the recipe of {b['data']['tensors_changed']} tensors from the data-free allocation; "
+              "the scales were refitted")
     per = b.get("tensors") or {}
     if per:
         w = max(len(shown(n)) for n in per)
@@ -244,6 +247,9 @@ def cmd_compress(args) -> int:
                   f"predicts {100 * b['predicted_error']:.2f} % of the weighted delta lost"
                   + (f"; agrees with the fine-tune on {100 * b['data']['scores'][b['proxy']]['agreement']:.1f} % of "
                      "the calibration examples" if "scores" in b.get("data", {}) else ""))
+            if "tensors_changed" in b.get("data", {}):
+                print(f"--data: {b['data']['tensors_changed']} tensors got another recipe than the data-free "
+                      f"allocation; {s.get('refitted', 0)} tensors' scales refitted")
     return 0
 
 

@@ -177,6 +177,9 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
             chosen = _choose_proxy(scores, len(examples))
         else:
             chosen = proxies[0]
+        # what the data changed: tensors whose recipe differs from the data-free allocation's
+        changed = None if B.DATA_FREE not in allocs or data is None else \
+            sum(allocs[chosen].recipes.get(n) != allocs[B.DATA_FREE].recipes.get(n) for n in lossy)
 
         # 3. write, shrinking the target while the real file is over the budget. With data the file is refitted
         # (step 4) from a temporary name, so nothing unfitted ever stands under the final name.
@@ -184,7 +187,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         try:
             size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
                                                               target, budget_bits, bits_per_param, chosen, scores,
-                                                              examples, lossy, min_size, metadata, keep_files,
+                                                              examples, changed, lossy, min_size, metadata, keep_files,
                                                               encoder_weights(chosen), factors.of(chosen), threads,
                                                               stages, overwrite=overwrite and data is None)
             if data is not None:  # 4. refit the free scales on the calibration data (same size)
@@ -214,12 +217,12 @@ def _temporary_sibling(path) -> str:
 
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
-                         examples, lossy, min_size, metadata, keep_files, weights, factors, threads, stages,
-                         overwrite=False):
+                         examples, changed, lossy, min_size, metadata, keep_files, weights, factors, threads,
+                         stages, overwrite=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record)."""
     for _ in range(_TRIES):
-        record = _budget_record(bits_per_param, proxy, alloc, scores, examples)
+        record = _budget_record(bits_per_param, proxy, alloc, scores, examples, changed)
         meta = dict(metadata or {})
         meta["budget"] = record
         bar = stages.bar("write", total_bytes(base, ft, plan))
@@ -310,17 +313,18 @@ def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
     return 8.0 * total
 
 
-def _budget_record(bits_per_param, proxy, alloc, scores, examples) -> dict:
+def _budget_record(bits_per_param, proxy, alloc, scores, examples, changed) -> dict:
     """metadata["budget"]: what was asked, the proxy, its prediction (share of the weighted delta energy lost,
     per tensor and overall) and, with data, each proxy's agreement with the fine-tune and KL on the
-    calibration data."""
+    calibration data, and how many tensors the data gave another recipe than the data-free allocation."""
     rec = {"bits_per_param": bits_per_param, "proxy": proxy,
            "predicted_error": round(alloc.error / alloc.energy, 6) if alloc.energy else 0.0,
            "tensors": {n: round(v["error"] / v["energy"], 6) if v["energy"] else 0.0
                        for n, v in alloc.per_tensor.items()}}
     if examples is not None:
         rec["data"] = {"examples": len(examples), "refit": "least-squares",
-                       "scores": {p: {k: round(float(v), 6) for k, v in s.items()} for p, s in scores.items()}}
+                       "scores": {p: {k: round(float(v), 6) for k, v in s.items()} for p, s in scores.items()},
+                       **({} if changed is None else {"tensors_changed": changed})}
     return rec
 
 

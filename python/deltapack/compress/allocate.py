@@ -46,6 +46,7 @@ GROUP = 64                     # elements per f16 scale of a quantized singular 
 ELEMENT_CODECS = ("sign:scope=row", "levels:bits=2", "quant:bits=3,group=64", "quant:bits=4,group=64",
                   "quant:bits=8,group=128", "dense")
 _EPS_SAMPLE = 48               # directions whose quantization error estimates ε(b)
+_EPS_GROUPS = 64               # quantization groups of each vector it is measured on (evenly spaced, whole groups)
 MAX_RANK = 512                 # directions analysed per tensor (the randomized SVD's rank on large matrices)
 _ROW_SAMPLE = 2048             # rows on which element codecs are measured for larger tensors
 
@@ -176,6 +177,17 @@ class TensorOptions:
         return min(cands, key=lambda t: t[1] + lam * t[2])
 
 
+def _eps_elements(length: int) -> np.ndarray:
+    """The element indices of at most _EPS_GROUPS evenly spaced whole groups of a vector (all of a short one), in
+    order; the last group, always among them, stays last (it may be shorter)."""
+    groups = -(-length // GROUP)
+    if groups <= _EPS_GROUPS:
+        return np.arange(length)
+    pick = np.unique(np.linspace(0, groups - 1, _EPS_GROUPS).round().astype(np.int64))
+    idx = (pick[:, None] * GROUP + np.arange(GROUP)).reshape(-1)
+    return idx[idx < length]
+
+
 def lowrank_recipe(bits_per_direction) -> str:
     """`lowrank:bits=8/4,bands=3/9,group=64` from per-direction widths (0 = dropped, at the end)."""
     runs = []
@@ -207,20 +219,24 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
     # ε(b): the weighted relative error of quantized directions, averaged over the top ones. Monotone bit
     # widths along the spectrum follow from one ε per width.
     n = min(len(s), _EPS_SAMPLE)
+    # Groups are quantized independently: the error of a long vector is measured on evenly spaced whole groups
+    # of it (numpy's element-wise passes are single-threaded, and a 128k-token embedding has 2000 groups).
+    iu, iv = _eps_elements(rows), _eps_elements(cols)
+    us, vs, rs, cs = u[:n, iu], v[:n, iv], r[iu], c[iv]
     eps = {}
     for b in BITS:
         if n == 0:
             eps[b] = 0.0
             continue
-        pu, su = lowrank.quantize_vectors(u[:n], b, GROUP)
-        pv, sv = lowrank.quantize_vectors(v[:n], b, GROUP)
-        uh = reference.dequantize_vectors(pu, su, b, GROUP, rows).astype(np.float64)
-        vh = reference.dequantize_vectors(pv, sv, b, GROUP, cols).astype(np.float64)
-        ud, vd = u[:n].astype(np.float64), v[:n].astype(np.float64)
+        pu, su = lowrank.quantize_vectors(us, b, GROUP)
+        pv, sv = lowrank.quantize_vectors(vs, b, GROUP)
+        uh = reference.dequantize_vectors(pu, su, b, GROUP, len(iu)).astype(np.float64)
+        vh = reference.dequantize_vectors(pv, sv, b, GROUP, len(iv)).astype(np.float64)
+        ud, vd = us.astype(np.float64), vs.astype(np.float64)
         # Weighted |u vᵀ - a·û v̂ᵀ|² / |u vᵀ|² with the best scalar a (the encoder refits s).
-        uu, vv = (ud * ud) @ r, (vd * vd) @ c
-        uh_, vh_ = (ud * uh) @ r, (vd * vh) @ c
-        hh = ((uh * uh) @ r) * ((vh * vh) @ c)
+        uu, vv = (ud * ud) @ rs, (vd * vd) @ cs
+        uh_, vh_ = (ud * uh) @ rs, (vd * vh) @ cs
+        hh = ((uh * uh) @ rs) * ((vh * vh) @ cs)
         cross = uh_ * vh_
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(hh > 0, 1 - cross ** 2 / (hh * uu * vv), 1.0)

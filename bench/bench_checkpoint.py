@@ -124,7 +124,7 @@ def plain_read_write(src, dst, chunk=64 << 20):
     t0 = time.perf_counter()
     for path in _shards(src):
         with open(path, "rb", buffering=0) as f, open(os.path.join(dst, os.path.basename(path)), "wb",
-                                                        buffering=0) as g:
+                                                      buffering=0) as g:
             while n := f.readinto(buf):
                 g.write(buf[:n])
             os.fsync(g.fileno())

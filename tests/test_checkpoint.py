@@ -343,7 +343,7 @@ def test_bad_checkpoints_give_clear_errors(models, tmp_path):
     text = (bad / "model.safetensors.index.json").read_text()
     name = next(iter(index["weight_map"]))
     (bad / "model.safetensors.index.json").write_text(text.replace('"weight_map": {', '"weight_map": {"%s": "%s", '
-                                                                    % (name, shards[0]), 1))
+                                                                   % (name, shards[0]), 1))
     with pytest.raises(dp.FormatError, match=f'index.json: not valid JSON .*duplicate key "{name}"'):
         ck.compress(bad, models / "ft", tmp_path / "d.dpk")
     (bad / "model.safetensors.index.json").write_text(text)
@@ -598,7 +598,7 @@ def test_kept_files_bytes_are_bounded_in_all():
     files["f0.txt"]["bytes"] = [0, 32 * mib + 1]
     with pytest.raises(dp.FormatError, match=r'files\["f0.txt"\].bytes spans 33554433 bytes, over the limit'):
         _core.check_manifest_fields(json.dumps({"metadata": {"checkpoint": {"version": 1, "tensors": {},
-                                                                              "files": files}}}), "x.dpk")
+                                                                            "files": files}}}), "x.dpk")
 
 
 def test_kept_files_equal_to_the_base_are_taken_from_it(models, tmp_path):

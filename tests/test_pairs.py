@@ -133,7 +133,7 @@ def test_tasks_and_early_stop(tmp_path, monkeypatch):
                                               "ft_steps": 20, "n_eval": 16})
     monkeypatch.setattr(pairs, "N_VALIDATION", 8)
     monkeypatch.setitem(pairs.TASKS, "add", pairs.Task(pairs._add_example, pairs._add_skill, stop_at=0.0,
-                                                        max_steps_scale=5, n_eval=24))
+                                                       max_steps_scale=5, n_eval=24))
     pair = pairs.build_pair("llama", "tiny", cache_dir=tmp_path / "p", task="add")
     assert pair.task == "add" and pair.info["task"] == "add"
     assert pair.info["finetune_steps"] == pairs.STOP_EVERY  # the target (0.0) is met at the first check

@@ -32,6 +32,7 @@ from .modeldir import (FLOAT_ST, ST_DTYPES, BaseMismatchError, Checkpoint, as_ch
 __all__ = ["compress", "check_related", "apply_checkpoint", "load", "load_into", "verify", "describe",
            "checkpoint_record", "Checkpoint", "BaseMismatchError"]
 
+
 def _out_st(spec, dtype):
     """The safetensors dtype a fine-tune tensor is rebuilt in: `dtype` (f32/f16/bf16) for a float tensor
     when given, else its own."""

@@ -167,7 +167,6 @@ def _refit_singular_values(m, uhat, vhat, s0, row_weights=None, col_weights=None
     return np.asarray(s, F32)
 
 
-
 def encode_lowrank(x, rank=16, dtype="f16"):
     """The plain low-rank form (reference.encode_lowrank): u = U_r·√S_r, v = √S_r·V_rᵀ, from svd() (LAPACK's
     full SVD on small matrices, the randomized one on large)."""

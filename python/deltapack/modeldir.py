@@ -32,7 +32,7 @@ FLOAT_ST = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
-                     "transformer.word_embeddings.weight", "embed_tokens.weight")
+                    "transformer.word_embeddings.weight", "embed_tokens.weight")
 
 BaseMismatchError = _core.BaseMismatchError  # the base given is not the one the delta was made from (ValueError)
 
@@ -182,7 +182,7 @@ def checkpoint_record(delta) -> dict:
     rec = d.metadata.get("checkpoint") if isinstance(d.metadata, dict) else None
     if not isinstance(rec, dict) or not isinstance(rec.get("tensors"), dict):
         raise files.FormatError(f"{d.path}: not a checkpoint delta (no metadata['checkpoint'] record; "
-                               "it was not made by `deltapack compress`)")
+                                "it was not made by `deltapack compress`)")
     if rec.get("version") != CHECKPOINT_VERSION:
         raise files.FormatError(f"{d.path}: checkpoint record version {rec.get('version')!r} is not supported")
     return rec

@@ -72,5 +72,3 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
         finally:
             bar.close()
         return summarize(out, size, meta["checkpoint"], writer)
-
-

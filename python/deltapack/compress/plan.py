@@ -43,7 +43,6 @@ def plan_tensors(base: Checkpoint, ft: Checkpoint) -> dict:
     return plan
 
 
-
 # A fine-tune keeps its base's architecture, most of its tensors' names and shapes, and changes each
 # matrix by much less than the matrix itself (the project's pairs: at most 0.5 ‖W‖; instruction tunes of
 # 7B models ~0.01). Two independent weight matrices of equal norm differ by about √2 ‖W‖.
@@ -99,7 +98,6 @@ def check_related(base, ft, plan: dict | None = None) -> None:
                                     f"{len(changes)} matrices; fine-tunes change far less){hint}")
 
 
-
 def choose_codec(rules: Rules, name: str, shape, min_size: int):
     """Codec for a tensor's delta: the recipe for 2-D+ tensors of at least min_size elements, else dense f32."""
     if lossy(shape, min_size):
@@ -112,7 +110,6 @@ def choose_codec(rules: Rules, name: str, shape, min_size: int):
 def lossy(shape, min_size: int) -> bool:
     """Tensors a recipe or budget may encode lossily: 2-D and larger, at least min_size elements."""
     return len(shape) >= 2 and math.prod(shape) >= min_size
-
 
 
 def keep_files_record(ft: Checkpoint, base: Checkpoint, writer=None) -> tuple[dict, int]:
@@ -137,7 +134,6 @@ def keep_files_record(ft: Checkpoint, base: Checkpoint, writer=None) -> tuple[di
     return files, stored
 
 
-
 def fingerprint(base: Checkpoint, crcs: dict) -> dict:
     tensors = {}
     for name, info in base.tensors.items():
@@ -153,9 +149,6 @@ def fingerprint(base: Checkpoint, crcs: dict) -> dict:
     return fp
 
 
-
 def total_bytes(base, ft, plan) -> int:
     return sum(ft[n].nbytes + (base[s.get("source", n)].nbytes if s["op"] in ("delta", "resized") else 0)
                for n, s in plan.items())
-
-

@@ -22,7 +22,6 @@ def dense_enc(values: np.ndarray, float_name: str) -> tensors.Encoded:
     return tensors.Encoded("dense", {"dtype": float_name}, tuple(values.shape), float_name, {"values": values})
 
 
-
 class Compressor:
     """Reads base and fine-tune tensors and encodes deltas. choose(name, shape) -> (codec, params), or None
     for a delta not stored; weights(name, matrix) -> the lowrank encoder's error weights, or None;
@@ -120,10 +119,8 @@ class Compressor:
             raise ValueError(f"{self.ft.path}: tensor '{name}': {ex}") from None
 
 
-
 def recipe_params(codec, params) -> dict:
     return json.loads(_core.canonical_params(codec, json.dumps(params)))
-
 
 
 def summarize(out, size, record, writer) -> dict:
@@ -131,7 +128,6 @@ def summarize(out, size, record, writer) -> dict:
     return {"file": os.fspath(out), "file_bytes": size, "ft_bytes": record["ft_bytes"],
             "ratio": record["ft_bytes"] / max(size, 1), "stored": len(writer),
             **{op: ops.count(op) for op in ("same", "delta", "new", "resized")}, "removed": len(record["removed"])}
-
 
 
 def write_deltas(c: Compressor, plan: dict, out, metadata, keep_files, overwrite=False):

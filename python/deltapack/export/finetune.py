@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import checkpoint, files, lowrank, modeldir, reference, tensors
 
+
 def is_input_embedding(name: str) -> bool:
     return name.endswith("embed_tokens.weight")
 
@@ -142,7 +143,8 @@ def svd_factors(d: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np
     exact, or randomized for a small rank of a large matrix), split as sqrt(S) each side."""
     u, s, v, _, _ = lowrank.svd(np.asarray(d, np.float32), rank, seed=seed)
     root = np.sqrt(s).astype(np.float32)
-    return np.ascontiguousarray((u.T * root).astype(np.float32)), np.ascontiguousarray((root[:, None] * v).astype(np.float32))
+    return (np.ascontiguousarray((u.T * root).astype(np.float32)),
+            np.ascontiguousarray((root[:, None] * v).astype(np.float32)))
 
 
 def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:

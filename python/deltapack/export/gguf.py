@@ -112,6 +112,7 @@ def checked_config(config: dict, where: str, shapes: dict) -> dict:
         v = config.get(key)
         if v is not None and (not _is_int(v) or v < 0):
             fail(key, f"must be an integer >= 0 or null, not {v!r}")
+
     def f32(v):  # GGUF stores these as float32
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 3.4e38
 
@@ -387,11 +388,12 @@ def _vocab_dir(model_dir, follow_links: bool):
                 continue
             st = os.stat(src)  # before opening: a FIFO would block open()
             total += st.st_size
-            if not stat.S_ISREG(st.st_mode) or st.st_size > modeldir.MAX_JSON_FILE or total > 2 * modeldir.MAX_JSON_FILE:
-                raise ValueError(f"{model_dir}/{name}: not a regular file of at most {modeldir.MAX_JSON_FILE >> 20} MiB "
-                                 f"(the tokenizer files at most {2 * modeldir.MAX_JSON_FILE >> 20} MiB together)")
+            limit = modeldir.MAX_JSON_FILE
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit or total > 2 * limit:
+                raise ValueError(f"{model_dir}/{name}: not a regular file of at most {limit >> 20} MiB "
+                                 f"(the tokenizer files at most {2 * limit >> 20} MiB together)")
             with open(src, "rb") as fh, open(os.path.join(tmp, name), "wb") as out:
-                out.write(fh.read(modeldir.MAX_JSON_FILE + 1))
+                out.write(fh.read(limit + 1))
         yield tmp
 
 

@@ -99,7 +99,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
         r = a.shape[0] if a.ndim == 2 else 0
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or r == 0:
             raise files.FormatError(f"{w_path}: module '{mod}': factor shapes {list(a.shape)} and {list(b.shape)} "
-                                   "do not form a low-rank pair")
+                                    "do not form a low-rank pair")
         alpha_m = _pattern_value(cfg.get("alpha_pattern"), mod, cfg.get("lora_alpha", 8), cfg_path)
         if isinstance(alpha_m, bool) or not isinstance(alpha_m, (int, float)) or not math.isfinite(alpha_m):
             raise files.FormatError(f"{cfg_path}: the LoRA alpha of module '{mod}' is {alpha_m!r}, not a finite number")
@@ -117,8 +117,8 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
                              f"weight '{name}' is {list(shape)}")
         dt = dtype or (a_info.float_name if a_info.float_name == b_info.float_name else "f32")
         enc = tensors.Encoded("lowrank", {"rank": int(r), "dtype": dt}, shape, base_ck[name].float_name,
-                           {"u": reference.round_to(np.ascontiguousarray(u), dt),
-                            "v": reference.round_to(np.ascontiguousarray(v), dt)}, name)
+                              {"u": reference.round_to(np.ascontiguousarray(u), dt),
+                               "v": reference.round_to(np.ascontiguousarray(v), dt)}, name)
         tensors.decode(enc)  # validates component shapes and dtypes
         encs[name] = enc
         modules[mod] = {"scaling": float(scaling), "alpha": alpha_m, "rank": int(r)}
@@ -151,7 +151,7 @@ def import_peft(base, adapter_dir, out, dtype: str | None = None, *, overwrite: 
               "removed": [], "ft_bytes": sum(i.nbytes for i in base_ck.tensors.values()), "files": {}}
     # The adapter's directory name only: a delta file is shared, the path on this machine is nobody's business.
     files.save(out, encs, metadata={"source": "peft", "adapter": os.path.basename(os.path.normpath(adapter_dir)),
-                                   "peft": peft_meta,
-                                   "checkpoint": record},
-              base=fingerprint(base_ck, {}), overwrite=overwrite)
+                                    "peft": peft_meta,
+                                    "checkpoint": record},
+               base=fingerprint(base_ck, {}), overwrite=overwrite)
     return {"out": os.fspath(out), "tensors": report, "ignored": ignored}

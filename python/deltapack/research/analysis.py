@@ -367,7 +367,6 @@ def save_calibrated(delta_path, scales: dict, out_path, overwrite: bool = False)
     names of the tensors updated."""
     import numpy as np
 
-
     f = files.open(delta_path)
     out, updated = {}, []
     for name in f.keys():

@@ -375,7 +375,6 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
     import torch
     import transformers
 
-
     s, t = SIZES[size], TASKS[task]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and polite on a shared machine
@@ -441,7 +440,7 @@ def _build_into(out: Path, arch: str, size: str, seed: int, task: str = TASK):
             return evaluate(model, validation)["accuracy"] >= t.stop_at
 
         ft_loss, ft_steps = train_adamw(model, ft_batches, round(s["ft_steps"] * t.max_steps_scale),
-                                   s["ft_lr"] * t.lr_scale, seed + 1, stop=reached_target if validation else None)
+                                        s["ft_lr"] * t.lr_scale, seed + 1, stop=reached_target if validation else None)
         round_to_bf16_(model)
         _save(model, out / "ft")
 

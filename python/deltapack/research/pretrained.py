@@ -140,7 +140,7 @@ def model_dir_from_gguf(gguf_path, out, dtype: str = "bf16"):
             kw = dict(gguf_file=gguf_path.name)
             tok = transformers.AutoTokenizer.from_pretrained(os.fspath(gguf_path.parent), **kw)
             model = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(gguf_path.parent),
-                                                                       dtype=torch.float32, **kw)
+                                                                      dtype=torch.float32, **kw)
             # transformers marks a model loaded from a GGUF as quantized and will not save it: the same
             # weights go into a plain model of the same config.
             config = model.config

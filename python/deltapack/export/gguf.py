@@ -264,17 +264,22 @@ class _StreamWriter:
 
 # ----------------------------------------------------------------------------- LoRA adapter
 
+def _opened(base, delta, alpha, outtype, force, follow_links):
+    """The fine-tune to export, its llama.cpp architecture and checked config: every check before any work."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
+    arch = arch_of(ft.config, ft.base.path)
+    return ft, arch, checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
+
+
 def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alpha: float = 1.0,
                      quiet: bool = False, force: bool = False, overwrite: bool = False,
                      follow_links: bool = False) -> dict:
     """Write `delta` (against `base`) as a llama.cpp LoRA adapter. Returns a report with, per tensor,
     its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error.
     overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
-    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
-    arch = arch_of(ft.config, ft.base.path)   # before any work
-    config = checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
+    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links)
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
     names = _Names(arch, config)
 
@@ -579,11 +584,7 @@ def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0
                       force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model.
     overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
-    ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
-    arch = arch_of(ft.config, ft.base.path)   # before any work
-    config = checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
+    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links)
     inputs = [ft.base.path] + ([ft.delta.path] if ft.delta is not None else [])
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, inputs, overwrite)
     names = _Names(arch, config)

@@ -118,6 +118,9 @@ static EncodedRef ref_of(const PyEncoded& e) {
 NB_MODULE(_core, m) {
     m.doc() = "deltapack C++ core";
     m.attr("__version__") = DELTAPACK_VERSION;
+    // The names apply's rounding option takes, spelled by rounding_name (the one place they are written).
+    m.attr("roundings") = std::vector<std::string>{rounding_name(Rounding::Auto), rounding_name(Rounding::Nearest),
+                                                   rounding_name(Rounding::Dithered)};
     nb::exception<FormatError>(m, "FormatError", PyExc_ValueError);
     nb::exception<BaseMismatch>(m, "BaseMismatchError", PyExc_ValueError);
     // File-system failures (disk full, permission denied, a vanished shard) become OSError with errno,

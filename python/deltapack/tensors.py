@@ -146,7 +146,7 @@ def delta_product(enc: Encoded, x, alpha: float = 1.0, out=None, threads: int | 
     return out
 
 
-ROUNDINGS = ("auto", "nearest", "dithered")  # into bf16/f16 (docs/FORMAT.md §3)
+ROUNDINGS = tuple(_core.roundings)  # auto, nearest, dithered: into bf16/f16 (docs/FORMAT.md §3)
 
 
 def check_rounding(rounding: str) -> str:

@@ -155,3 +155,38 @@ def test_calibrate_file_and_cli(pair, tmp_path, capsys):
         return evaluation.evaluate(model, str(calib))["loss"]
 
     assert loss_of(fitted) < loss_of(plain)
+
+
+def test_scorer_agrees_with_the_full_head_and_restores_the_model(pair):
+    """agreement and KL from the labelled positions only equal what the full output head gives (torch,
+    computed here); a replaced parameter is the model's own again after scoring."""
+    from deltapack.research import pairs
+
+    model = lm.load_model(pair.ft)
+    examples = pairs.task_examples(pair, 40)
+    scorer = C.Scorer(model, examples, batch_size=16)
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = model.state_dict()[name].clone()
+    noisy = (before + 0.05 * torch.randn_like(before)).numpy()
+
+    def reference(weight):
+        m = lm.load_model(pair.ft)
+        with torch.no_grad():
+            m.state_dict()[name].copy_(torch.from_numpy(weight))
+            total, count, agree = 0.0, 0, 0
+            for ids, mask, labels in lm.batches(examples, 16):
+                keep = labels[:, 1:] != -100
+                p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                q = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+                total += float((p.exp() * (p - q)).sum(-1)[keep].sum())
+                count += int(keep.sum())
+                agree += int(((q.argmax(-1) == p.argmax(-1)) | ~keep).all(dim=1).sum())
+        return {"agreement": agree / len(examples), "kl": total / count}
+
+    got = scorer.score([(name, tuple(before.shape), noisy)])
+    want = reference(noisy)
+    assert got["agreement"] == want["agreement"] and got["agreement"] < 1
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-4)
+    assert torch.equal(model.state_dict()[name], before)
+    same = scorer.score([(name, tuple(before.shape), before.numpy())])
+    assert same["agreement"] == 1 and same["kl"] == pytest.approx(0, abs=1e-6)

@@ -191,7 +191,7 @@ def test_answer_logits_equal_the_full_head_at_labelled_positions(llama_pair):
     examples = lm.read_data(llama_pair.data)[:16]
     ids, mask, labels = next(lm.batches(examples))
     with torch.no_grad():
-        logits, tgt, rows = evaluation.answer_logits(model, ids, mask, labels)
+        logits, tgt, rows = lm.answer_logits(model, ids, mask, labels)
         full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     keep = labels[:, 1:] != -100
     assert torch.allclose(logits, full[keep].float(), atol=1e-5, rtol=1e-5)

@@ -109,3 +109,24 @@ def batches(examples, batch_size: int = 64):
         for j, e in enumerate(chunk):
             labels[j, :e["prompt_len"]] = -100
         yield ids, mask, labels
+
+
+def answer_logits(model, ids, mask, labels):
+    """Next-token logits (f32) at the labelled positions only, their targets and the row of each: [N, V], [N],
+    [N]. The output head runs on those positions alone, not on every token of the batch: for a 262k-token
+    vocabulary (Gemma 3) that is most of a forward pass and gigabytes of logits saved."""
+    import torch
+
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    rows = keep.nonzero()[:, 0]
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Module):
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = head(hidden[keep]).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2's output soft cap, as its forward applies it
+            logits = torch.tanh(logits / cap) * cap
+    else:  # any other causal LM: the whole head, then the labelled positions
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
+    return logits, tgt[keep], rows

@@ -34,7 +34,7 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     parameters, exact `dense` among them, that minimise a loss proxy within it
     (deltapack.compress.allocate); data: calibration examples (a JSONL path or a list, see lm.read_data) for the
     data-aware proxies, the choice among them and the refit of scales (deltapack.compress.calibration); proxy: one of
-    budget.PROXIES instead of the choice.
+    allocate.PROXIES instead of the choice.
     force: store a pair that does not look like base + fine-tune (check_related) anyway.
     overwrite: replace an existing delta file at `out` (only a deltapack file; never BASE or FT or a file in them).
     follow_links: read BASE's and FT's files through symbolic links wherever they point.

@@ -18,7 +18,7 @@ tensor (`proxy_weights`):
   - "activation-relative": c_j = Σ x_j² only (how much each input is used), normalised per tensor.
 With calibration data `deltapack compress --budget --data` allocates with each proxy, scores each rebuilt
 model against the fine-tune on that data, and keeps the data-free allocation unless another is clearly better
-there (no single proxy won on every pair; compress_budget._choose_proxy).
+there (no single proxy won on every pair; budget._choose_proxy).
 
 Candidates per tensor:
   - mixed-precision low rank: the SVD of the weighted delta (√r)·D·(√c); direction k is stored with

@@ -2,8 +2,8 @@
 
 Four steps, one tensor in memory at a time:
   1. analyse: read each matrix's delta, compute what every candidate costs and leaves under the proxy
-     (budget.tensor_options; with --data, under each of budget.PROXIES);
-  2. allocate: one Lagrange multiplier for the whole model (budget.allocate). With --data every proxy gives
+     (allocate.tensor_options; with --data, under each of allocate.PROXIES);
+  2. allocate: one Lagrange multiplier for the whole model (allocate.allocate). With --data every proxy gives
      an allocation, each is scored against the fine-tune on the calibration data, and the data-free one is
      kept unless another agrees clearly better (_choose_proxy);
   3. write: encode with the chosen recipes (the lowrank SVD weighted like the proxy), then check the real

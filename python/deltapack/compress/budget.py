@@ -187,7 +187,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         try:
             size, meta, writer, record = _write_within_budget(base, ft, plan, written, options[chosen], allocs[chosen],
                                                               target, budget_bits, bits_per_param, chosen, scores,
-                                                              examples, changed, lossy, min_size, metadata, keep_files,
+                                                              examples, changed, lossy, metadata, keep_files,
                                                               encoder_weights(chosen), factors.of(chosen), threads,
                                                               stages, overwrite=overwrite and data is None)
             if data is not None:  # 4. refit the free scales on the calibration data (same size)
@@ -217,7 +217,7 @@ def _temporary_sibling(path) -> str:
 
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
-                         examples, changed, lossy, min_size, metadata, keep_files, weights, factors, threads,
+                         examples, changed, lossy, metadata, keep_files, weights, factors, threads,
                          stages, overwrite=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record)."""
@@ -227,7 +227,7 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
         meta["budget"] = record
         bar = stages.bar("write", total_bytes(base, ft, plan))
         try:
-            c = Compressor(base, ft, _chooser(alloc, lossy, min_size), threads, bar, weights=weights, factors=factors)
+            c = Compressor(base, ft, _chooser(alloc.recipes, lossy), threads, bar, weights=weights, factors=factors)
             writer, meta, fp = write_deltas(c, plan, out, meta, keep_files, overwrite)
             try:
                 size = writer.size(meta, fp)
@@ -279,10 +279,11 @@ def _stats_for(stats, name, shape):
     return B.Weights(None if w.row is None else w.row[:rows], w.col)
 
 
-def _chooser(alloc, lossy, min_size):
+def _chooser(recipes, lossy):
+    """choose(name, shape) for the Compressor: a lossy tensor's recipe (None: not stored), else exact f32."""
     def choose(name, shape):
         if name in lossy:
-            recipe = alloc.recipes.get(name)
+            recipe = recipes.get(name)
             if recipe is None:
                 return None
             return parse(recipe)
@@ -333,7 +334,8 @@ def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=Non
     lossy tensors of one allocation, refitted when `terms` (calibration.input_terms) are given; a generator,
     so one tensor is decoded at a time."""
 
-    reader = Compressor(base, ft, None, threads, bar)
+    # the writer's encoder (the same weights and kept factors), without the writing
+    reader = Compressor(base, ft, _chooser(recipes, lossy), threads, bar, weights=weights, factors=factors)
     for name, (src, shape, _) in lossy.items():
         fi = ft[name]
         n = math.prod(shape)
@@ -343,11 +345,7 @@ def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=Non
             d = np.zeros(shape, np.float32)
         else:
             m = delta.reshape(shape)
-            codec, params = parse(recipes[name])
-            quantized_lowrank = codec == "lowrank" and "bits" in params
-            w = weights(name, as_matrix(m)) if quantized_lowrank else None
-            f = factors(name) if quantized_lowrank else None
-            enc = tensors.encode(m, codec, threads=threads, weights=w, factors=f, **params)
+            enc = reader.encode(name, m, shape)
             if terms is not None and name in terms:
                 enc = calibration.refit(enc, m, calibration.rows_of(terms[name], shape))
             d = tensors.decode(enc, threads=threads)

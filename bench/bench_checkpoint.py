@@ -86,21 +86,21 @@ def run_measured(cmd):
     return float(wall), int(maxrss) * 1024
 
 
+def _shards(d):
+    """The .safetensors files of a directory, in name order."""
+    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+
+
 def safetensors_read(dirs):
     """Seconds to read every tensor of the given HF directories with safetensors (copy out of the mmap)."""
     from safetensors import safe_open
     t0 = time.perf_counter()
     for d in dirs:
-        for f in sorted(os.listdir(d)):
-            if f.endswith(".safetensors"):
-                with safe_open(os.path.join(d, f), framework="pt") as st:
-                    for k in st.keys():
-                        st.get_tensor(k).clone()  # get_tensor may be a lazy view of the mmap: copy it out
+        for path in _shards(d):
+            with safe_open(path, framework="pt") as st:
+                for k in st.keys():
+                    st.get_tensor(k).clone()  # get_tensor may be a lazy view of the mmap: copy it out
     return time.perf_counter() - t0
-
-
-def _shards(d):
-    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
 
 
 def plain_read(dirs, chunk=64 << 20):
@@ -139,12 +139,11 @@ def safetensors_read_write(src, dst):
     from safetensors.torch import save_file
     os.makedirs(dst)
     t0 = time.perf_counter()
-    for f in sorted(os.listdir(src)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(src, f), framework="pt") as st:
-                tensors = {k: st.get_tensor(k) for k in st.keys()}
-            save_file(tensors, os.path.join(dst, f), metadata={"format": "pt"})
-            del tensors
+    for path in _shards(src):
+        with safe_open(path, framework="pt") as st:
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+        save_file(tensors, os.path.join(dst, os.path.basename(path)), metadata={"format": "pt"})
+        del tensors
     t = time.perf_counter() - t0
     shutil.rmtree(dst)
     return t

@@ -246,9 +246,10 @@ def build_pretrained_pair(base: str = "smollm2-135m", task: str = "add", large: 
         raise ValueError(f"unknown pretrained base {base!r}: neither a model directory nor one of {', '.join(BASES)}")
     t = TASKS[task]
     mix = large and name in BASES and BASES[name].large_mix
-    steps = steps or (2 * t.steps if mix else t.steps)
+    default_steps = 2 * t.steps if mix else t.steps
+    steps = steps or default_steps
     root = cache / f"{name}-{task}{'-large' if large else ''}-{seed}"
-    if steps != (2 * t.steps if mix else t.steps):
+    if steps != default_steps:
         root = root.with_name(f"{root.name}-{steps}steps")
     if not rebuild and (pair := _load(root, base_path)) is not None:
         return pair

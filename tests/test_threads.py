@@ -73,7 +73,7 @@ def test_bounded_threads_covers_blas_and_torch():
     """compress runs inside bounded_threads(threads): its BLAS and torch work stay on one thread."""
     work = """
         import torch
-        from deltapack.tensors import bounded_threads
+        from deltapack.threads import bounded_threads
         x = torch.randn(1500, 1500)
         with bounded_threads(1):
             for _ in range(3):
@@ -81,3 +81,43 @@ def test_bounded_threads_covers_blas_and_torch():
                 x @ x
     """
     assert busy_threads(MEASURE.format(textwrap.dedent(work).strip().replace("\n", "\n"))) == 1
+
+
+def test_small_lapack_calls_run_on_one_thread():
+    """lowrank.svd's full SVD of a matrix below threads.SMALL_LAPACK elements runs on one thread even when
+    the pools may use two (its second thread only spins, and steals a busy machine's free core); a larger
+    one still gets both."""
+    small = """
+        from deltapack import lowrank
+        s = m[:600, :1000].copy()
+        for _ in range(12): lowrank.svd(s, 600)
+    """
+    large = """
+        from deltapack import lowrank
+        for _ in range(2): lowrank.svd(m, 1500)
+    """
+    assert busy_threads(MEASURE.format(textwrap.dedent(small).strip())) == 1
+    assert busy_threads(MEASURE.format(textwrap.dedent(large).strip())) >= 2
+
+
+def test_torch_imported_inside_the_bound_is_bounded():
+    """compress opens its bound before --data imports torch (threadpoolctl only sees libraries already loaded):
+    load_model's bound_torch applies it then, and leaving the bound gives torch its threads back."""
+    work = """
+        from deltapack.threads import bounded_threads, bound_torch
+        with bounded_threads(1):
+            import torch
+            bound_torch(torch)
+            x = torch.randn(1500, 1500)
+            for _ in range(6):
+                x @ x
+        assert torch.get_num_threads() == os.cpu_count(), torch.get_num_threads()
+    """
+    unbounded = """
+        import torch
+        x = torch.randn(1500, 1500)
+        for _ in range(6):
+            x @ x
+    """
+    assert busy_threads(MEASURE.format(textwrap.dedent(unbounded).strip())) >= 2  # else this could not fail
+    assert busy_threads(MEASURE.format(textwrap.dedent(work).strip())) == 1

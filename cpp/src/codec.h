@@ -156,7 +156,8 @@ inline void subtract_f32(const void* ft, DType ft_dtype, const void* base, DType
     for (size_t j = 0; j < n; ++j) dst[j] -= tmp[j];
 }
 
-// Runs fn(row_begin, row_end) over [0, rows) on up to `threads` threads (0 = default).
+// Runs fn(row_begin, row_end) over consecutive pieces of [0, rows) on up to `threads` threads (0 = default);
+// fn may be called several times per thread, with pieces in any order.
 void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
                    const std::function<void(int64_t, int64_t)>& fn);
 

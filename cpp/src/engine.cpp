@@ -139,19 +139,25 @@ void parallel_rows(int64_t rows, int64_t work_per_row, int threads,
     int64_t by_work = std::max<int64_t>(1, (rows * std::max<int64_t>(work_per_row, 1)) >> 16);
     t = std::min({t, rows, by_work});
     if (t <= 1) { fn(0, rows); return; }
+    // Pieces taken in turn, not one fixed share per thread: on a machine where another process holds a core,
+    // the thread that shares it takes fewer pieces instead of making the others wait for its share (a fixed
+    // split runs at the speed of the slowest core: 2x on 2 cores with one busy, against 1.33x in pieces).
+    const int64_t pieces = std::min(rows, t * 8);
+    std::atomic<int64_t> next{0};
     std::vector<std::thread> pool;
     std::exception_ptr error;
     std::mutex mu;
-    auto share = [&](int64_t i) {
+    auto work = [&]() {
         try {
-            fn(rows * i / t, rows * (i + 1) / t);
+            for (int64_t i; (i = next.fetch_add(1)) < pieces;) fn(rows * i / pieces, rows * (i + 1) / pieces);
         } catch (...) {
+            next = pieces;  // the others stop at their next piece
             std::lock_guard<std::mutex> lock(mu);
             if (!error) error = std::current_exception();
         }
     };
-    for (int64_t i = 1; i < t; ++i) pool.emplace_back(share, i);
-    share(0);  // the calling thread takes a share too: one thread fewer to start and to compete for the cores
+    for (int64_t i = 1; i < t; ++i) pool.emplace_back(work);
+    work();  // the calling thread takes pieces too: one thread fewer to start and to compete for the cores
     for (auto& th : pool) th.join();
     if (error) std::rethrow_exception(error);
 }

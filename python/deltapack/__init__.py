@@ -7,7 +7,8 @@
     f = dp.open("ft.dpk"); f["layer.weight"]
 """
 from .files import DeltaFile, DeltaWriter, FormatError, open, save
-from .tensors import Encoded, apply, decode, delta_product, encode, set_simd, set_threads, simd, simd_available
+from .tensors import Encoded, apply, decode, delta_product, encode, set_simd, simd, simd_available
+from .threads import set_threads
 from ._core import __version__, codec_names
 from .checkpoint import load, load_into
 from .serving import Bank

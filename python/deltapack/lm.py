@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .modeldir import Checkpoint
+from .threads import bound_torch
 
 
 def load_model(model_dir, dtype=None):
@@ -18,6 +19,7 @@ def load_model(model_dir, dtype=None):
     import torch
     import transformers
 
+    bound_torch(torch)
     ck = Checkpoint(model_dir)
     state = {}
     for name, info in ck.tensors.items():

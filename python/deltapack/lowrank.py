@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .reference import as_matrix, dequantize_vectors, pack_bits, parse_list, round_to, vector_offset
+from .threads import blas_threads_for
 
 F32, F64 = np.float32, np.float64
 
@@ -68,7 +69,8 @@ def svd(m, rank, row_weights=None, col_weights=None, seed=0, power=2):
         total += float(np.square(block, dtype=F64).sum())
     rank = min(rank, rows, cols)
     if rank >= min(rows, cols) // 2 or min(rows, cols) <= 512:
-        U, S, Vt = np.linalg.svd(m * sr[:, None] * sc[None, :], full_matrices=False)
+        with blas_threads_for(m.size):
+            U, S, Vt = np.linalg.svd(m * sr[:, None] * sc[None, :], full_matrices=False)
         u, S, v = U[:, :rank].T.copy(), S[:rank], Vt[:rank].copy()
         del U, Vt
     else:  # a few (rows or cols) x (rank + 16) blocks at a time: no copy of M, in-place scaling

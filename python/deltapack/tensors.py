@@ -1,10 +1,8 @@
 """Tensors: encode a delta with a codec, decode it, apply it to a base (deltapack.files stores them)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,40 +200,3 @@ def simd_available() -> list[str]:
     return _core.simd_available()
 
 
-def set_threads(n: int) -> None:
-    """Threads for all of deltapack's work (0 = all cores): its C++ core's default, and the pools it drives,
-    bounded the same way (numpy's BLAS and OpenMP through threadpoolctl, torch's intra-op pool once torch is
-    imported): pools that ignore each other oversubscribe a busy machine (an SVD 65x slower beside one other
-    job on 2 cores)."""
-    global _pools
-    _core.set_default_threads(n)
-    if _pools is not None:
-        _pools.__exit__(None, None, None)
-        _pools = None
-    if n > 0:
-        _pools = bounded_threads(n)
-        _pools.__enter__()
-
-
-_pools = None  # set_threads' bound, until the next call
-
-
-@contextlib.contextmanager
-def bounded_threads(n: int | None):
-    """Within it, the BLAS and OpenMP pools (threadpoolctl) and torch's intra-op pool (when torch is imported)
-    use at most n threads; None or 0 changes nothing. compress runs inside one with its `threads`."""
-    if not n:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=int(n)):
-        if torch is not None:
-            torch.set_num_threads(min(int(n), before))
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(before)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-from .. import _core, tensors
+from .. import _core
+from ..threads import bounded_threads, threads_for_model
 from ..modeldir import as_checkpoint, progress_bar
 from ..recipes import Rules
 from .plan import check_related, choose_codec, plan_tensors, total_bytes
@@ -41,7 +42,7 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     Returns a summary dict (counts, bytes, ratio; with a budget also the choice and the proxy's prediction).
     """
     # BLAS (the SVDs of lowrank and of the budget's candidates) and torch (calibration) get `threads` too
-    with tensors.bounded_threads(threads):
+    with bounded_threads(threads):
         base, ft = as_checkpoint(base, follow_links), as_checkpoint(ft, follow_links)
         # User metadata under a name deltapack reads ("budget", ...) must have its type (FORMAT.md §7): said now,
         # not by the writer after all the work.
@@ -52,9 +53,11 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
             check_related(base, ft, plan)
         if budget is not None:
             from .budget import compress_to_budget  # the budget's pipeline (numpy SVDs, torch with data)
-            return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, min_size=min_size or 1,
-                                      metadata=metadata, threads=threads, quiet=quiet, keep_files=keep_files,
-                                      overwrite=overwrite)
+            threads = threads_for_model(sum(t.numel for t in ft.tensors.values()), threads)
+            with bounded_threads(threads):
+                return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy,
+                                          min_size=min_size or 1, metadata=metadata, threads=threads, quiet=quiet,
+                                          keep_files=keep_files, overwrite=overwrite)
         if data is not None:
             raise ValueError("data (calibration examples) is used with a budget; for a recipe use "
                              "`deltapack calibrate`")

@@ -16,7 +16,6 @@ Conventions (those of llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.p
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re

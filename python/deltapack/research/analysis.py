@@ -281,8 +281,6 @@ def _move(chosen, dtil, step: float):
 
 
 def _check_same_arch(model_dir, base_dir):
-    import json
-
     def cfg(d):
         path = os.path.join(os.fspath(d), "config.json")
         return read_json_object(path) if os.path.isfile(path) else None

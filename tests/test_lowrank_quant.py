@@ -200,3 +200,28 @@ def test_production_randomized_svd_finds_the_spec_truncation_on_a_large_matrix()
     assert rel(got, want) < 1e-3
     spec = R.encode_lowrank(x, rank=16, dtype="f32")
     assert rel(got, spec["u"].astype(np.float64) @ spec["v"].astype(np.float64)) < 1e-3
+
+
+@pytest.mark.parametrize("rows,cols", [(300, 4000), (4000, 300)])
+def test_full_svd_of_a_large_short_matrix_from_its_gram_matrix(rows, cols, monkeypatch):
+    """A rank of half the short side on a matrix of >= 2^20 elements takes the Gram matrix's eigenvectors
+    (float64), not LAPACK's SVD: its singular values and vectors are torch's (independent) to float32
+    accuracy over a 10^4 decay, and a rank-deficient matrix (zero rows) gives zero directions, not NaN."""
+    def no_lapack_svd(*a, **k):
+        raise AssertionError("LAPACK's SVD was called")
+
+    x = spectrum_matrix(rows, cols, seed=3)
+    monkeypatch.setattr(lowrank.np.linalg, "svd", no_lapack_svd)
+    u, s, v, _, _ = lowrank.svd(x, 150)
+    monkeypatch.undo()
+    U, S, Vh = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(x).double(), full_matrices=False))
+    np.testing.assert_allclose(s, S[:150], rtol=1e-5)
+    np.testing.assert_allclose(np.abs(np.sum(u * U[:, :150].T, axis=1)), 1, atol=1e-5)
+    np.testing.assert_allclose(np.abs(np.sum(v * Vh[:150], axis=1)), 1, atol=1e-5)
+    if rows < cols:
+        x[: rows // 2] = 0
+    else:
+        x[:, : cols // 2] = 0
+    u, s, v, _, _ = lowrank.svd(x, 150)
+    assert np.isfinite(u).all() and np.isfinite(v).all() and np.isfinite(s).all()
+    assert rel((u.T * s) @ v, torch_truncation(x, 150)) < 1e-5

@@ -23,6 +23,18 @@ struct LevelsDecoder : RowDecoder {
     }
 };
 
+// Puts keys[b*n/K, (b+1)*n/K) in block b's place for every b in [lo, hi), each block's keys in any order: only
+// which quantile block a key falls in matters, so selections (nth_element, linear time, log2 K rounds) do what a
+// sort did (on a 2048 x 14336 sample: 2.3 s for the sort). The keys are distinct (they carry their index), so
+// the blocks hold the same elements a sort would put there.
+static void select_blocks(std::vector<uint64_t>& keys, int64_t lo, int64_t hi, int64_t n, int64_t K) {
+    if (hi - lo < 2) return;
+    const int64_t mid = (lo + hi) / 2;
+    std::nth_element(keys.begin() + lo * n / K, keys.begin() + mid * n / K, keys.begin() + hi * n / K);
+    select_blocks(keys, lo, mid, n, K);
+    select_blocks(keys, mid, hi, n, K);
+}
+
 class LevelsCodec : public Codec {
 public:
     const char* name() const override { return "levels"; }
@@ -56,7 +68,7 @@ public:
             }
         });
         if (n >= (int64_t(1) << 32)) throw std::invalid_argument("levels: tensor too large (>= 2^32 elements)");
-        std::sort(keys.begin(), keys.end());
+        select_blocks(keys, 0, K, n, K);
         std::vector<uint8_t> block(static_cast<size_t>(n));
         for (int64_t b = 0; b < K; ++b)
             for (int64_t q = b * n / K; q < (b + 1) * n / K; ++q) block[keys[size_t(q)] & 0xffffffffu] = uint8_t(b);

@@ -295,3 +295,28 @@ def test_quantization_error_measured_on_sampled_groups_is_the_whole_vectors(monk
     for b in B.BITS:
         assert sampled[b] == pytest.approx(whole[b], rel=0.1, abs=1e-6), b
     assert sampled[1] > sampled[4] > sampled[8]
+
+
+def test_fisher_relative_options_are_fishers_scaled():
+    """fisher-relative's weights are fisher's times one number per tensor, so --data analyses it once: fisher's
+    candidates scaled (TensorOptions.scaled) match a separate analysis under its own weights (energies, errors
+    and the allocation they lead to)."""
+    rng = np.random.default_rng(4)
+    deltas = {f"t{i}": low_rank_delta(64 + 16 * i, 96, seed=20 + i) for i in range(3)}
+    stats = {n: B.Weights(rng.uniform(0.1, 3, d.shape[0]), rng.uniform(0.1, 3, d.shape[1])) for n, d in deltas.items()}
+    direct, scaled = {}, {}
+    for n, d in deltas.items():
+        wf, wr = (B.proxy_weights(p, d, stats[n]) for p in ("fisher", "fisher-relative"))
+        alpha = B.weight_ratio(wr, wf, *d.shape)
+        assert alpha != pytest.approx(1.0)  # else the test could not tell scaled from unscaled
+        direct[n] = B.tensor_options(n, d, wr)
+        scaled[n] = B.tensor_options(n, d, wf).scaled(alpha)
+        np.testing.assert_allclose(scaled[n].s2, direct[n].s2, rtol=1e-4)
+        assert scaled[n].energy == pytest.approx(direct[n].energy, rel=1e-6)
+        for b in B.BITS:
+            assert scaled[n].eps[b] == pytest.approx(direct[n].eps[b], rel=1e-3, abs=1e-6)
+        for (r1, b1, e1), (r2, b2, e2) in zip(scaled[n].elements, direct[n].elements):
+            assert (r1, b1) == (r2, b2) and e1 == pytest.approx(e2, rel=1e-5)
+    for bits in (0.3, 1.0, 2.5):
+        target = bits * sum(d.size for d in deltas.values())
+        assert B.allocate(scaled, target).recipes == B.allocate(direct, target).recipes

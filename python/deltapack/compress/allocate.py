@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,9 @@ _ROW_SAMPLE = 2048             # rows on which element codecs are measured for l
 
 PROXIES = ("relative", "fisher", "fisher-relative", "activation-relative")
 DATA_FREE = "relative"
+# fisher-relative weighs a tensor's errors as fisher does times one number per tensor: the same SVD directions,
+# quantization errors and choices, every error and energy scaled (TensorOptions.scaled). Its analysis is fisher's.
+SCALED_FROM = {"fisher-relative": "fisher"}
 
 
 def weight_floor(w: np.ndarray) -> np.ndarray:
@@ -90,6 +94,12 @@ def row_energy(m: np.ndarray, col: np.ndarray | None = None) -> np.ndarray:
         block = np.square(m[i:i + 4096], dtype=np.float64)
         out[i:i + 4096] = block.sum(axis=1) if col is None else block @ col
     return out
+
+
+def weight_ratio(scaled: Weights, of: Weights, rows: int, cols: int) -> float:
+    """alpha with scaled = alpha x of (weights of one tensor under SCALED_FROM's two proxies)."""
+    (r1, c1), (r0, c0) = scaled.floored(rows, cols), of.floored(rows, cols)
+    return float(r1.sum() * c1.sum() / (r0.sum() * c0.sum()))
 
 
 def proxy_weights(proxy: str, delta: np.ndarray, stats: Weights | None = None, embedding: bool = False) -> Weights:
@@ -148,6 +158,12 @@ class TensorOptions:
     elements: list = field(default_factory=list)  # [(recipe, bits, error)] of element codecs
     droppable: bool = True              # "not stored" is a candidate
     factors: tuple | None = None        # (u, s, v) of the SVD, when asked for (keep_factors): the encoder reuses them
+
+    def scaled(self, alpha: float) -> "TensorOptions":
+        """The same candidates under weights multiplied by alpha (errors and energies x alpha; the SVD's
+        directions and the relative errors ε(b) do not change)."""
+        return dataclasses.replace(self, energy=self.energy * alpha, s2=self.s2 * alpha,
+                                   elements=[(r, b, e * alpha) for r, b, e in self.elements])
 
     def lowrank_choice(self, lam: float):
         """Bits per direction minimising Σ err + λ·bits; returns (bits list, error, size)."""

@@ -72,6 +72,11 @@ class _Factors:
                 return z["u"], z["s"], z["v"]
         return got
 
+    def share(self, key, same):
+        """key's factors are those kept under `same` (a proxy that only scales another's weights)."""
+        if same in self.kept:
+            self.kept[key] = self.kept[same]
+
     def of(self, proxy):
         """factors(name) for the Compressor: this proxy's."""
         return lambda name: self.get((proxy, name))
@@ -147,9 +152,14 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                 if delta is None:
                     continue
                 m = as_matrix(delta.reshape(shape))
+                ws = {p: weights_for(p)(name, m) for p in proxies}
                 for p in proxies:
-                    opts = B.tensor_options(name, m, weights_for(p)(name, m), droppable=droppable, threads=threads,
-                                            keep_factors=True)
+                    same = B.SCALED_FROM.get(p)
+                    if same in proxies:  # the analysis of the proxy it scales (analysed first: PROXIES' order)
+                        options[p][name] = options[same][name].scaled(B.weight_ratio(ws[p], ws[same], *m.shape))
+                        factors.share((p, name), (same, name))
+                        continue
+                    opts = B.tensor_options(name, m, ws[p], droppable=droppable, threads=threads, keep_factors=True)
                     factors.put((p, name), opts.factors)
                     opts.factors = None
                     options[p][name] = opts

@@ -126,6 +126,31 @@ def test_input_terms_match_the_layers_inputs(pair):
     assert (fw[names[0]].row > 0).all() and fw[names[0]].row.shape == (model.config.hidden_size,)
 
 
+def test_fisher_output_side_is_the_squared_output_gradient(pair):
+    """The Fisher factors' output side is Σ (dL/dy)² over real tokens, as torch's autograd gives it on the same
+    batch; fisher_weights leaves the model's parameters trainable as it found them (it freezes them meanwhile)."""
+    from deltapack.research import pairs
+
+    model = lm.load_model(pair.ft)
+    examples = pairs.task_examples(pair, 20)
+    fw = C.fisher_weights(model, examples, batch_size=64)  # one batch
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    ids, mask, labels = next(lm.batches(examples, 64))
+    outs = {}
+
+    def keep(m, inp, out):
+        out.retain_grad()
+        outs["y"] = out
+
+    hook = model.model.layers[1].mlp.up_proj.register_forward_hook(keep)
+    try:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    finally:
+        hook.remove()
+    g = outs["y"].grad.double().reshape(-1, outs["y"].shape[-1])[mask.reshape(-1).bool()]
+    np.testing.assert_allclose(fw["model.layers.1.mlp.up_proj.weight"].row, (g ** 2).sum(0).numpy(), rtol=1e-5)
+
+
 def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     """A sign:scope=row delta refitted on calibration data: same size and signs, lower loss on the data."""
     from deltapack import checkpoint, cli

@@ -24,8 +24,6 @@ def set_threads(n: int) -> None:
 
 
 _pools = None  # set_threads' bound, until the next call
-
-
 _bound = None  # the innermost open bounded_threads' n
 _torch_restore = None  # torch's thread count before that bound was applied to it
 

@@ -32,9 +32,9 @@ then takes the candidate minimising error + λ·size, which is optimal for the c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np

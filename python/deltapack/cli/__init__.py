@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "by as much as the weights)")
     add_follow_links(c)
     c.add_argument("--threads", type=count, default=0, help="threads for all the work, numpy's BLAS (the budget's "
-                   "SVDs) and torch (--data) included (0 = all cores; a --budget of a model under 16 M parameters: one, "
-                   "which is as fast and does not slow down 2x when another job holds a core)")
+                   "SVDs) and torch (--data) included (0 = all cores; a --budget of a model under 16 M parameters: "
+                   "one, which is as fast and does not slow down 2x when another job holds a core)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(fn=cmd_compress)

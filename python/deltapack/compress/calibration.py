@@ -73,7 +73,10 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, inp, out: out.requires_grad_()))
+    def start_graph(m, inp, out):  # returns None: the output itself is kept, now requiring grad
+        out.requires_grad_()
+
+    hooks.append(model.get_input_embeddings().register_forward_hook(start_graph))
     for name, mod in _weight_modules(model):
         hooks += (linear_hooks if isinstance(mod, torch.nn.Linear) else embedding_hooks)(name, mod)
     was_training = model.training

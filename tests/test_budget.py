@@ -320,3 +320,38 @@ def test_fisher_relative_options_are_fishers_scaled():
     for bits in (0.3, 1.0, 2.5):
         target = bits * sum(d.size for d in deltas.values())
         assert B.allocate(scaled, target).recipes == B.allocate(direct, target).recipes
+
+
+def test_options_under_several_weightings_equal_separate_analyses():
+    """options_under encodes the element codecs once and weighs their error per weighting: the same options,
+    bit for bit, as one tensor_options call per weighting."""
+    rng = np.random.default_rng(7)
+    d = low_rank_delta(96, 80, seed=3) + 0.01 * rng.standard_normal((96, 80)).astype(np.float32)
+    weightings = {"plain": None, "a": B.Weights(rng.uniform(0.1, 3, 96), rng.uniform(0.1, 3, 80)),
+                  "b": B.Weights(None, rng.uniform(0.1, 3, 80))}
+    together = B.options_under("t", d, weightings, elements=B.ELEMENT_CODECS)
+    assert list(together) == list(weightings)
+    for key, w in weightings.items():
+        alone = B.tensor_options("t", d, w, elements=B.ELEMENT_CODECS)
+        np.testing.assert_array_equal(together[key].s2, alone.s2)
+        assert together[key].eps == alone.eps and together[key].energy == alone.energy
+        assert together[key].elements == alone.elements and len(alone.elements) == len(B.ELEMENT_CODECS)
+    assert together["a"].elements != together["plain"].elements
+
+
+def test_a_proxy_allocating_as_the_one_it_scales_is_scored_once(pair, tmp_path, monkeypatch):
+    """With fisher-relative's per-tensor factor forced to 1 it allocates exactly as fisher does: the rebuilt model
+    is the same one, scored once, and both proxies record that score."""
+    from deltapack import checkpoint
+    from deltapack.compress import calibration
+    from deltapack.research import pairs
+
+    calls = []
+    score = calibration.Scorer.score
+    monkeypatch.setattr(calibration.Scorer, "score", lambda self, *a, **k: calls.append(1) or score(self, *a, **k))
+    monkeypatch.setattr(B, "weight_ratio", lambda *a: 1.0)
+    out = tmp_path / "d.dpk"
+    checkpoint.compress(pair.base, pair.ft, out, budget=1.5, data=pairs.task_examples(pair, 32))
+    scores = dp.open(out).metadata["budget"]["data"]["scores"]
+    assert len(calls) == len(B.PROXIES) - 1
+    assert scores["fisher-relative"] == scores["fisher"] and len(scores) == len(B.PROXIES)

@@ -88,6 +88,24 @@ def test_refit_lowers_the_layer_output_error(recipe):
         assert objective(d, dp.decode(moved), terms) >= after * (1 - 1e-3)
 
 
+@pytest.mark.parametrize("recipe", ["sign:scope=row", "sign:scope=tensor", "sign:scope=group,group=16",
+                                    "levels:bits=2", "quant:bits=4,group=16", "lowrank:bits=6/3,bands=3/5,group=16"])
+def test_refit_in_row_blocks_equals_one_block(recipe, monkeypatch):
+    """The refit works a block of rows at a time: blocks of a few rows give the scales one block gives."""
+    rng = np.random.default_rng(6)
+    d = make_delta((70, 48), seed=6)
+    terms = [C.Term(rng.uniform(0.5, 2, 70), spd(48, 6)), C.Term(rng.uniform(0.5, 2, 70), None)]
+    enc = dp.encode(d, recipe)
+    whole = C.refit(enc, d, terms)
+    monkeypatch.setattr(C, "_BLOCK_ELEMENTS", 48 * 3)
+    blocked = C.refit(enc, d, terms)
+    changed = False
+    for key, value in whole.components.items():
+        np.testing.assert_array_equal(blocked.components[key], value)
+        changed |= not np.array_equal(value, enc.components[key])
+    assert changed
+
+
 def test_codecs_without_free_scales_are_unchanged():
     d = make_delta((8, 32), seed=5)
     terms = [C.Term(np.ones(8), spd(32))]
@@ -110,13 +128,17 @@ def test_input_terms_match_the_layers_inputs(pair):
     model = lm.load_model(pair.ft)
     examples = pairs.task_examples(pair, 20)
     examples[0] = {"input_ids": examples[0]["input_ids"][:4], "prompt_len": 2}  # a short one: padding
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
+             "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
     terms = C.input_terms(model, examples, names)
     ids, mask, _ = next(lm.batches(examples, 64))
     with torch.no_grad():
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[mask.bool()].double()
     want = (x.T @ x).numpy()
-    np.testing.assert_allclose(terms[names[0]][0].cov, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    for name in names[0], names[2], names[3]:  # k and v read q's input
+        (term,) = terms[name]
+        np.testing.assert_allclose(term.cov, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        assert np.array_equal(term.row, np.ones(model.get_parameter(name).shape[0]))
     counts = np.bincount(ids[mask.bool()].numpy(), minlength=model.config.vocab_size)
     (emb,) = terms[names[1]]
     assert emb.cov is None and np.array_equal(emb.row, counts)
@@ -182,11 +204,15 @@ def test_calibrate_file_and_cli(pair, tmp_path, capsys):
     assert loss_of(fitted) < loss_of(plain)
 
 
-def test_scorer_agrees_with_the_full_head_and_restores_the_model(pair):
+@pytest.mark.parametrize("top", [5, 1 << 20])
+def test_scorer_agrees_with_the_full_head_and_restores_the_model(pair, monkeypatch, top):
     """agreement and KL from the labelled positions only equal what the full output head gives (torch,
-    computed here); a replaced parameter is the model's own again after scoring."""
+    computed here), the KL over the fine-tune's `top` likeliest tokens with the rest pooled (all of them when
+    top exceeds the vocabulary); a replaced parameter is the model's own again after scoring, or stays
+    replaced when asked."""
     from deltapack.research import pairs
 
+    monkeypatch.setattr(C.Scorer, "TOP_TOKENS", top)
     model = lm.load_model(pair.ft)
     examples = pairs.task_examples(pair, 40)
     scorer = C.Scorer(model, examples, batch_size=16)
@@ -199,20 +225,32 @@ def test_scorer_agrees_with_the_full_head_and_restores_the_model(pair):
         m = lm.load_model(pair.ft)
         with torch.no_grad():
             m.state_dict()[name].copy_(torch.from_numpy(weight))
-            total, count, agree = 0.0, 0, 0
+            total, full, count, agree = 0.0, 0.0, 0, 0
             for ids, mask, labels in lm.batches(examples, 16):
                 keep = labels[:, 1:] != -100
                 p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
                 q = torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-                total += float((p.exp() * (p - q)).sum(-1)[keep].sum())
-                count += int(keep.sum())
                 agree += int(((q.argmax(-1) == p.argmax(-1)) | ~keep).all(dim=1).sum())
-        return {"agreement": agree / len(examples), "kl": total / count}
+                p, q = p[keep], q[keep]
+                # the top tokens of p as they are, every other token in one bucket
+                k = min(top, p.shape[-1])
+                inside = torch.zeros_like(p, dtype=torch.bool).scatter(-1, p.topk(k, -1).indices, True)
+                pp, qq = p.exp(), q.exp()
+                total += float((torch.where(inside, pp * (p - q), 0)).sum())
+                if k < p.shape[-1]:
+                    p_out, q_out = torch.where(inside, 0, pp).sum(-1), torch.where(inside, 0, qq).sum(-1)
+                    total += float((p_out * (p_out.log() - q_out.log())).sum())
+                full += float((pp * (p - q)).sum())
+                count += int(keep.sum())
+        return {"agreement": agree / len(examples), "kl": total / count, "full": full / count}
 
     got = scorer.score([(name, tuple(before.shape), noisy)])
     want = reference(noisy)
     assert got["agreement"] == want["agreement"] and got["agreement"] < 1
     assert got["kl"] == pytest.approx(want["kl"], rel=1e-4)
+    assert got["kl"] <= want["full"] * (1 + 1e-4) and (top < 100) == (got["kl"] < 0.999 * want["full"])
     assert torch.equal(model.state_dict()[name], before)
     same = scorer.score([(name, tuple(before.shape), before.numpy())])
     assert same["agreement"] == 1 and same["kl"] == pytest.approx(0, abs=1e-6)
+    scorer.score([(name, tuple(before.shape), noisy)], restore=False)
+    assert torch.equal(model.state_dict()[name], torch.from_numpy(noisy))

@@ -64,6 +64,11 @@ def bound_torch(torch) -> None:
     torch.set_num_threads(min(_bound, _torch_restore))
 
 
+def workers(threads: int | None) -> int:
+    """The number of threads a `threads` argument means (None or 0: the default, all cores unless set_threads)."""
+    return threads if threads and threads > 0 else _core.default_threads()
+
+
 # Below this many parameters a model's budget work (SVDs of a few hundred rows, the forward passes of --data)
 # gains little from a second thread and loses half its speed when another process holds one of the cores.
 # Measured on a 1.7 M-parameter pair, 2 cores, --budget 1.05: data-free 1.8 s on one thread and 2.0 s on two;

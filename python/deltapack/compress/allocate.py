@@ -1,6 +1,7 @@
 """Bit budgets: choose each tensor's codec and parameters to minimise a loss proxy under a size limit.
 
     opts = tensor_options(name, delta, weights)   # one tensor at a time: what each choice costs and saves
+    # (options_under: the same under several weightings, element codecs encoded once)
     alloc = allocate({name: opts, ...}, bits)      # a recipe per tensor, total size <= bits
 
 A proxy is a weighted squared error of the rebuilt delta, Σ_ij w_ij (D̂ - D)_ij², with w_ij = r_i·c_j per
@@ -35,11 +36,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import lowrank, reference, tensors
+from ..threads import SMALL_LAPACK, blas_threads_for, workers
 
 BITS = (1, 2, 3, 4, 5, 6, 8)   # bits per singular-vector element the planner may pick
 GROUP = 64                     # elements per f16 scale of a quantized singular vector
@@ -216,17 +219,53 @@ def lowrank_recipe(bits_per_direction) -> str:
             f"group={GROUP}")
 
 
-def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None, *, max_rank: int | None = None,
-                   elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0,
-                   keep_factors: bool = False) -> TensorOptions:
+def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None, **kw) -> TensorOptions:
     """The candidates of one tensor (a float32 delta of any shape, viewed as rows x cols): its top max_rank
-    (default MAX_RANK) SVD directions and the element codecs. keep_factors: keep the SVD's (u, s, v) in
-    `factors`, for encoding the lowrank choice without a second SVD."""
+    (default MAX_RANK) SVD directions and the element codecs (options_under's keywords). keep_factors: keep
+    the SVD's (u, s, v) in `factors`, for encoding the lowrank choice without a second SVD."""
+    return options_under(name, delta, {None: weights}, **kw)[None]
 
-    weights = weights or Weights()
+
+def options_under(name: str, delta: np.ndarray, weightings: dict, *, max_rank: int | None = None,
+                  elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0,
+                  keep_factors: bool = False) -> dict:
+    """{key: TensorOptions} of one tensor under several weightings ({key: Weights or None}): an SVD for each,
+    the element codecs encoded and decoded once and their error weighed by each."""
+
     m = reference.as_matrix(delta)
     rows, cols = m.shape
-    r, c = weights.floored(rows, cols)
+    floored = {k: (w or Weights()).floored(rows, cols) for k, w in weightings.items()}
+
+    def lowrank_under(key):
+        r, c = floored[key]
+        return key, _lowrank_options(name, np.shape(delta), m, r, c, max_rank, droppable, seed, keep_factors)
+
+    # A small matrix's SVD runs on one BLAS thread (threads.SMALL_LAPACK): the weightings take a thread each.
+    n = min(len(floored), workers(threads)) if m.size < SMALL_LAPACK else 1
+    if n > 1:
+        with blas_threads_for(0), ThreadPoolExecutor(n) as pool:
+            out = dict(pool.map(lowrank_under, floored))
+    else:
+        out = dict(map(lowrank_under, floored))
+    # Element codecs: measured on all rows, or on evenly spaced rows of a larger tensor and scaled (their
+    # size and error are sums over rows; levels' block means are then those of the sample).
+    idx = np.arange(rows) if rows <= _ROW_SAMPLE else np.linspace(0, rows - 1, _ROW_SAMPLE).astype(np.int64)
+    sample, scale = np.ascontiguousarray(m[idx]), rows / len(idx)
+    for recipe in elements:
+        try:
+            enc = tensors.encode(sample, recipe, threads=threads)
+        except ValueError:
+            continue
+        size = int(8 * enc.nbytes * scale) + entry_bits(name, enc.codec, enc.params, enc.components)
+        diff = tensors.decode(enc, threads=threads) - sample
+        for k, (r, c) in floored.items():
+            out[k].elements.append((recipe, size, Weights(r[idx], c).error(diff) * scale))
+    return out
+
+
+def _lowrank_options(name, shape, m, r, c, max_rank, droppable, seed, keep_factors) -> TensorOptions:
+    """A tensor's options with its low-rank candidates (the SVD of the delta weighted by r, c), no element codec."""
+    rows, cols = m.shape
     full = min(rows, cols)
     # Beyond this rank a direction costs more than storing every element at 8 bits: never worth it.
     cap = max(1, min(full, (rows * cols * 8) // max(1, rows + cols) + 1))
@@ -257,23 +296,9 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(hh > 0, 1 - cross ** 2 / (hh * uu * vv), 1.0)
         eps[b] = float(np.clip(rel, 0, 1).mean())
-    opts = TensorOptions(name, tuple(np.shape(delta)), rows, cols, total, s2, eps,
+    return TensorOptions(name, tuple(shape), rows, cols, total, s2, eps,
                          {b: direction_bits(rows, cols, b) for b in BITS}, droppable=droppable,
                          factors=(u, s, v) if keep_factors else None)
-    # Element codecs: measured on all rows, or on evenly spaced rows of a larger tensor and scaled (their
-    # size and error are sums over rows; levels' block means are then those of the sample).
-    idx = np.arange(rows) if rows <= _ROW_SAMPLE else np.linspace(0, rows - 1, _ROW_SAMPLE).astype(np.int64)
-    sample, scale = np.ascontiguousarray(m[idx]), rows / len(idx)
-    sw = Weights(r[idx], c)
-    for recipe in elements:
-        try:
-            enc = tensors.encode(sample, recipe, threads=threads)
-        except ValueError:
-            continue
-        header = entry_bits(name, enc.codec, enc.params, enc.components)
-        err = sw.error(tensors.decode(enc, threads=threads) - sample)
-        opts.elements.append((recipe, int(8 * enc.nbytes * scale) + header, err * scale))
-    return opts
 
 
 # ----------------------------------------------------------------------------- allocation

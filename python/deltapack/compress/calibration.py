@@ -26,7 +26,7 @@ from .allocate import Weights
 from .writer import Compressor
 
 
-def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None = None) -> dict:
+def fisher_weights(model, data, batch_size: int = 8, max_examples: int | None = None) -> dict:
     """{parameter name: Weights} for every Linear and Embedding weight of a causal LM (directory or module)."""
     import torch
 
@@ -73,6 +73,7 @@ def fisher_weights(model, data, batch_size: int = 16, max_examples: int | None =
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+
     def start_graph(m, inp, out):  # returns None: the output itself is kept, now requiring grad
         out.requires_grad_()
 
@@ -116,10 +117,16 @@ def _rank1(parts) -> Weights:
 class Scorer:
     """How close a rebuilt model is to the fine-tune on calibration data: agreement = the share of examples on
     which it predicts the fine-tune's greedy answer (its argmax at every labelled position), and the mean KL
-    divergence KL(fine-tune || rebuilt) of next-token distributions over the labelled tokens.
+    divergence KL(fine-tune || rebuilt) of next-token distributions over the labelled tokens, taken over the
+    fine-tune's TOP_TOKENS most likely tokens and one bucket for all the others (a lower bound of the full KL,
+    equal to it when the rest is negligible).
 
     On the project's pairs the agreement ranked candidate allocations like held-out accuracy did while the KL
     did not (docs/REPRODUCTION.md), so `compress --budget --data` ranks by agreement, then KL."""
+
+    # The fine-tune's whole next-token distributions would be labelled tokens x vocabulary floats: 280 MB for
+    # 256 short examples of SmolLM2's 49k-token vocabulary, 1.3 GB for Gemma 3's 262k.
+    TOP_TOKENS = 64
 
     def __init__(self, model, data, batch_size: int = 32):
         import torch
@@ -127,16 +134,18 @@ class Scorer:
         self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
         self.model.eval()
         self.batches = list(batches(examples_of(data), batch_size))
-        # The fine-tune's next-token distributions at the labelled positions only: at every position they would
-        # be examples x tokens x vocabulary floats (2 GB for 256 short examples of a 49k-token vocabulary).
+        self.teacher = []  # per batch: (argmax, top-k token ids, their log-probs, log-prob of the rest)
         with torch.no_grad():
-            self.teacher = [torch.log_softmax(answer_logits(self.model, i, m, lab)[0], -1)
-                            for i, m, lab in self.batches]
+            for ids, mask, labels in self.batches:
+                logp = torch.log_softmax(answer_logits(self.model, ids, mask, labels)[0], -1)
+                top, idx = logp.topk(min(self.TOP_TOKENS, logp.shape[-1]), -1)
+                self.teacher.append((logp.argmax(-1), idx, top, _log_rest(logp, idx)))
         self.params = dict(self.model.named_parameters())
 
-    def score(self, replacements) -> dict:
+    def score(self, replacements, restore: bool = True) -> dict:
         """{"agreement", "kl"} with parameters replaced by `replacements` ((name, full shape, rows) tuples: the
-        leading rows of the named parameter, float32 numpy); the fine-tune's parameters are restored after."""
+        leading rows of the named parameter, float32 numpy). restore: put the fine-tune's parameters back after
+        (a copy of each replaced one is held meanwhile); without it they stay replaced."""
         import torch
 
         saved = {}
@@ -144,16 +153,19 @@ class Scorer:
             with torch.no_grad():
                 for name, _, rows in replacements:
                     p = self.params[name]
-                    saved[name] = p.detach().clone()
-                    p[:rows.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(rows)).reshape(p[:rows.shape[0]].shape))
+                    if restore:
+                        saved[name] = p.detach().clone()
+                    head = p[:rows.shape[0]]
+                    head.copy_(torch.from_numpy(np.ascontiguousarray(rows)).reshape(head.shape))
                 total, count, agree, n = 0.0, 0, 0, 0
-                for (ids, mask, labels), teacher in zip(self.batches, self.teacher):
+                for (ids, mask, labels), (best, idx, top, rest) in zip(self.batches, self.teacher):
                     logits, _, rows = answer_logits(self.model, ids, mask, labels)
                     logq = torch.log_softmax(logits, -1)
-                    total += float((teacher.exp() * (teacher - logq)).sum())
-                    count += teacher.shape[0]
+                    pooled = torch.where(rest > -torch.inf, rest.exp() * (rest - _log_rest(logq, idx)), 0.0)
+                    total += float((top.exp() * (top - logq.gather(-1, idx))).sum() + pooled.sum())
+                    count += top.shape[0]
                     # an example agrees when no labelled position of it predicts another token
-                    differ = rows[logq.argmax(-1) != teacher.argmax(-1)]
+                    differ = rows[logq.argmax(-1) != best]
                     agree += ids.shape[0] - int(differ.unique().numel())
                     n += ids.shape[0]
         finally:
@@ -161,6 +173,13 @@ class Scorer:
                 for name, value in saved.items():
                     self.params[name].copy_(value)
         return {"agreement": agree / max(n, 1), "kl": total / max(count, 1)}
+
+
+def _log_rest(logp, idx):
+    """log of the probability outside the tokens idx, per row of log-probabilities logp."""
+    import torch
+
+    return logp.scatter(-1, idx, -torch.inf).logsumexp(-1)
 
 
 # ----------------------------------------------------------------------------- least-squares refit of scales
@@ -182,9 +201,9 @@ class Term:
 def input_terms(model, data, names, batch_size: int = 16, max_bytes: int = 1 << 30) -> dict:
     """{parameter name: [Term]} for the named Linear / Embedding weights of a causal LM, from the fine-tuned
     model on calibration data: a Linear's inputs give C = Σ x xᵀ (rows weigh 1), an Embedding's rows weigh
-    how often their token occurs (C = identity); a tied weight gets both. Input covariances are collected
-    a group of layers at a time so their float32 matrices stay under max_bytes (one pass over the data per
-    group)."""
+    how often their token occurs (C = identity); a tied weight gets both. Linears that read the same input
+    (q/k/v, gate/up) share one C. Input covariances are collected a group of layers at a time so their
+    float32 matrices stay under max_bytes (one pass over the data per group)."""
     import torch
 
     if isinstance(model, (str, os.PathLike)):
@@ -196,10 +215,16 @@ def input_terms(model, data, names, batch_size: int = 16, max_bytes: int = 1 << 
     model.eval()
     real = {}  # the current batch's attention mask, flattened: padded positions do not count
     for group in groups:
-        acc, hooks = {}, []
+        acc, same, hooks = {}, {}, []
+        last = [None, None]  # the previous Linear's input tensor and its key: q/k/v are called on one tensor
+
         for name, mod in group:
             if isinstance(mod, torch.nn.Linear):
                 def fwd(m, inp, o, name=name):
+                    if inp[0] is last[0] and last[1] != name:
+                        same[name] = last[1]
+                        return
+                    last[:] = inp[0], name
                     x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])[real["mask"]]
                     acc[(name, "linear")] = acc.get((name, "linear"), 0) + x.T @ x
             else:
@@ -212,15 +237,18 @@ def input_terms(model, data, names, batch_size: int = 16, max_bytes: int = 1 << 
                 for ids, mask, _ in batches(examples, batch_size):
                     real["mask"] = mask.reshape(-1).bool()
                     model(input_ids=ids, attention_mask=mask)
+                    last[:] = None, None
         finally:
             for h in hooks:
                 h.remove()
-        for (name, kind), value in acc.items():
-            mod = dict(group)[name]
-            if kind == "linear":
-                out.setdefault(name, []).append(Term(np.ones(mod.weight.shape[0]), value.double().numpy()))
-            else:
-                out.setdefault(name, []).append(Term(value.numpy(), None))
+        covs = {name: value.numpy() for (name, kind), value in acc.items() if kind == "linear"}
+        covs.update({name: covs[first] for name, first in same.items()})
+        for name, mod in group:  # (a module the forward never called has no term)
+            if isinstance(mod, torch.nn.Linear):
+                if name in covs:
+                    out.setdefault(name, []).append(Term(np.ones(mod.weight.shape[0]), covs[name]))
+            elif (name, "embedding") in acc:
+                out.setdefault(name, []).append(Term(acc[(name, "embedding")].numpy(), None))
     return out
 
 
@@ -244,11 +272,12 @@ def refit(enc, delta: np.ndarray, terms: list) -> object:
     (D - D̂)_iᵀ, the change of the layer's outputs on calibration inputs (least squares, closed form; codes,
     signs and singular vectors stay). sign: its scale(s); levels: the magnitudes; quant: the group scales;
     lowrank with bits: the group scales of u (output side, one small system per group of rows).
-    Scales that would not fit their storage type keep their old values."""
+    Scales that would not fit their storage type keep their old values. The work is done in float64 a block
+    of rows at a time (a float64 copy of a 49k-token embedding is 230 MB, and each codec needs a few)."""
 
     if enc.codec not in REFIT_CODECS or not terms:
         return enc
-    d = reference.as_matrix(delta).astype(np.float64)
+    d = reference.as_matrix(delta)
     comps = dict(enc.components)
     p = enc.params
     if enc.codec == "sign":
@@ -256,14 +285,26 @@ def refit(enc, delta: np.ndarray, terms: list) -> object:
     elif enc.codec == "levels":
         if len(comps["levels"]) > _MAX_LEVELS_REFIT:
             return enc
-        comps["levels"] = _refit_levels(d, comps, p, enc.shape, terms)
+        comps["levels"] = _refit_levels(d, comps, p, terms)
     elif enc.codec == "quant":
-        comps["scales"] = _refit_quant(d, comps, p, enc.shape, terms)
+        comps["scales"] = _refit_quant(d, comps, p, terms)
     elif "bits" in p:
         comps["scales"] = _refit_lowrank_u(d, comps, p, enc.shape, terms)
     else:
         return enc
     return tensors.Encoded(enc.codec, p, enc.shape, enc.dtype, comps, enc.name)
+
+
+_BLOCK_ELEMENTS = 1 << 22  # elements of a block of rows the refit holds in float64 at once
+
+
+def _row_blocks(rows, cols):
+    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+def _block_terms(terms, rows):
+    return [Term(t.row[rows], t.cov) for t in terms]
 
 
 def _solve_rows(a, b, fallback):
@@ -306,17 +347,21 @@ def _grouped_refit(d, basis, group, terms, old):
 def _refit_sign(d, comps, p, terms):
 
     rows, cols = d.shape
-    signs = np.where(R.sign_plus_minus(comps["signs"], cols), 1.0, -1.0)
     old = np.asarray(comps["scales"], np.float64)
     if p["scope"] == "group":
-        new = _grouped_refit(d, signs, p["group"], terms, old.reshape(rows, -1))
-        return new.astype(np.float32).reshape(old.shape)
+        old = old.reshape(rows, -1)
+        new = np.concatenate([
+            _grouped_refit(d[b].astype(np.float64), _signs(comps, b, cols), p["group"], _block_terms(terms, b),
+                           old[b]) for b in _row_blocks(rows, cols)])
+        return new.astype(np.float32).reshape(comps["scales"].shape)
     num = np.zeros(rows)
     den = np.zeros(rows)
-    for t in terms:
-        sc = _times_cov(signs, t)
-        num += t.row[:rows] * (sc * d).sum(1)
-        den += t.row[:rows] * (sc * signs).sum(1)
+    for b in _row_blocks(rows, cols):
+        signs, db = _signs(comps, b, cols), d[b].astype(np.float64)
+        for t in terms:
+            sc = _times_cov(signs, t)
+            num[b] += t.row[b] * (sc * db).sum(1)
+            den[b] += t.row[b] * (sc * signs).sum(1)
     if p["scope"] == "row":
         with np.errstate(divide="ignore", invalid="ignore"):
             new = np.where(den > 0, num / den, old)
@@ -324,34 +369,42 @@ def _refit_sign(d, comps, p, terms):
     return np.array([num.sum() / den.sum() if den.sum() > 0 else old[0]], np.float32)
 
 
-def _refit_levels(d, comps, p, shape, terms):
+def _signs(comps, rows, cols):
+    """±1 (float64) of a block of rows of a sign or levels code."""
+    return np.where(R.sign_plus_minus(comps["signs"][rows], cols), 1.0, -1.0)
+
+
+def _refit_levels(d, comps, p, terms):
 
     rows, cols = d.shape
     k = len(comps["levels"])
-    signs = np.where(R.sign_plus_minus(comps["signs"], cols), 1.0, -1.0)
-    idx = R.unpack_bits(comps["codes"], p["bits"] - 1, cols) if p["bits"] > 1 else np.zeros((rows, cols), np.uint32)
-    basis = [np.where(idx == j, signs, 0.0) for j in range(k)]
     a = np.zeros((k, k))
     b = np.zeros(k)
-    for t in terms:
-        w = t.row[:rows, None]
-        mc = [_times_cov(m, t) for m in basis]
-        for i in range(k):
-            b[i] += float((w * mc[i] * d).sum())
-            for j in range(k):
-                a[i, j] += float((w * mc[i] * basis[j]).sum())
+    for blk in _row_blocks(rows, cols):
+        signs, db = _signs(comps, blk, cols), d[blk].astype(np.float64)
+        idx = R.unpack_bits(comps["codes"][blk], p["bits"] - 1, cols) if p["bits"] > 1 else \
+            np.zeros(signs.shape, np.uint32)
+        basis = [np.where(idx == j, signs, 0.0) for j in range(k)]
+        for t in terms:
+            w = t.row[blk, None]
+            mc = [_times_cov(m, t) for m in basis]
+            for i in range(k):
+                b[i] += float((w * mc[i] * db).sum())
+                for j in range(k):
+                    a[i, j] += float((w * mc[i] * basis[j]).sum())
     new = _solve_rows(a[None], b[None], np.asarray(comps["levels"], np.float64)[None])[0]
     return new.astype(np.float32)
 
 
-def _refit_quant(d, comps, p, shape, terms):
+def _refit_quant(d, comps, p, terms):
 
     rows, cols = d.shape
     bits, group, e = p["bits"], p["group"], p["scale_exp"]
     qmax = (1 << (bits - 1)) - 1
-    q = R.unpack_bits(comps["codes"], bits, cols).astype(np.float64) - qmax
     old = np.ldexp(np.asarray(comps["scales"], np.float64), e)
-    new = _grouped_refit(d, q, group, terms, old)
+    new = np.concatenate([
+        _grouped_refit(d[b].astype(np.float64), R.unpack_bits(comps["codes"][b], bits, cols).astype(np.float64) - qmax,
+                       group, _block_terms(terms, b), old[b]) for b in _row_blocks(rows, cols)])
     with np.errstate(over="ignore"):
         stored = np.ldexp(new, -e).astype(np.float32).astype(np.float16)
     return np.where(np.isfinite(stored), stored, comps["scales"])
@@ -372,18 +425,18 @@ def _refit_lowrank_u(d, comps, p, shape, terms):
         unit = np.where(np.repeat(su, group, axis=1)[:, :rows].T != 0,
                         u / np.repeat(su, group, axis=1)[:, :rows].T, 0.0)  # codes·s per element: (rows, r)
     v = v.astype(np.float64)
+    vcs = [_times_cov(v, t) for t in terms]                # v̂ C (r, cols)
+    grams = [vc @ v.T for vc in vcs]                       # v̂ C v̂ᵀ
     new = su.copy()
     for g in range(gu):
         sl = slice(g * group, min(rows, (g + 1) * group))
+        dg = d[sl].astype(np.float64)
         a = np.zeros((r, r))
         b = np.zeros(r)
-        for t in terms:
-            w = t.row[sl][:, None]
-            vc = _times_cov(v, t)                           # v̂ C (r, cols)
-            gram = vc @ v.T                                 # v̂ C v̂ᵀ
-            x = unit[sl] * w                                # (n, r)
+        for t, vc, gram in zip(terms, vcs, grams):
+            x = unit[sl] * t.row[sl][:, None]              # (n, r)
             a += (x.T @ unit[sl]) * gram
-            b += np.einsum("ik,ik->k", x, d[sl] @ vc.T)
+            b += np.einsum("ik,ik->k", x, dg @ vc.T)
         new[:, g] = _solve_rows(a[None], b[None], su[:, g][None])[0]
     out = scales.copy()
     out[:, :gu] = new
@@ -395,8 +448,9 @@ def _refit_lowrank_u(d, comps, p, shape, terms):
 def calibrate_file(base, ft, delta, out, data, *, model=None, max_bytes: int = 1 << 30, threads=None,
                    terms: dict | None = None, note: bool = True, overwrite: bool = False, bar=None) -> dict:
     """Refit the free scales (`refit`) of every tensor of a checkpoint delta file on calibration data and write
-    the result to `out` (written atomically; an existing file, `delta` itself included, only with overwrite). Input covariances are gathered a group of
-    layers at a time under max_bytes; the refitted tensors are held (compressed) until the file is written.
+    the result to `out` (written atomically; an existing file, `delta` itself included, only with overwrite).
+    Input covariances are gathered a group of layers at a time under max_bytes; the refitted tensors are held
+    (compressed) until the file is written.
     terms: input_terms already gathered for these tensors (else gathered here). note: record the refit in
     metadata["calibration"] (compress --budget records it in its own budget record, so the size is known
     before). bar: a progress bar over the bytes read. Returns {"refitted": [names], "examples": n}."""

@@ -121,3 +121,10 @@ def test_torch_imported_inside_the_bound_is_bounded():
     """
     assert busy_threads(MEASURE.format(textwrap.dedent(unbounded).strip())) >= 2  # else this could not fail
     assert busy_threads(MEASURE.format(textwrap.dedent(work).strip())) == 1
+
+
+def test_a_set_threads_bound_open_at_exit_closes_quietly():
+    """set_threads' bound is still open when the interpreter exits, after torch's module is gone: no traceback."""
+    script = "import deltapack as dp, torch\ndp.set_threads(1)\nassert torch.get_num_threads() == 1\n"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

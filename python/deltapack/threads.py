@@ -48,8 +48,9 @@ def bounded_threads(n: int | None):
                 bound_torch(sys.modules["torch"])
             yield
     finally:
-        if _torch_restore is not None:
-            sys.modules["torch"].set_num_threads(_torch_restore)
+        torch = sys.modules.get("torch")  # gone when set_threads' bound closes as the interpreter exits
+        if _torch_restore is not None and torch is not None:
+            torch.set_num_threads(_torch_restore)
         _bound, _torch_restore = outer
 
 

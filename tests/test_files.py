@@ -403,3 +403,25 @@ def test_rebuild_that_overflows_is_an_error_naming_the_tensor(tmp_path):
                              {**sign.components, "scales": np.array([bad], np.float32)}, "layers.1.w")
         with pytest.raises(dp.FormatError, match="'layers.1.w': alpha x delta is .* at row 0: not a finite value"):
             dp.apply(base16.float(), hostile)
+
+
+@pytest.mark.parametrize("in_memory", [0, 3000, 1 << 20])
+def test_writer_spills_to_scratch_files_beyond_its_memory_and_writes_the_same_bytes(tmp_path, in_memory):
+    """Components are held in memory up to `in_memory` bytes, then each element size moves to a scratch file
+    (its earlier components first): every split gives the file `save` writes, which safetensors reads back."""
+    tensors = {f"t{i}": dp.encode(make_delta((20 + i, 40), seed=i), recipe)
+               for i, recipe in enumerate(["sign:scope=row", "quant:bits=4,group=16", "dense", "sign", "levels:bits=3",
+                                           "lowrank:rank=3", "sparse:p=0.3"] * 3)}
+    dp.save(tmp_path / "ref.dpk", tensors, metadata={"k": 1})
+    w = dp.DeltaWriter(tmp_path / "w.dpk", in_memory=in_memory)
+    for name, enc in tensors.items():
+        w.add(name, enc)
+    w.close(metadata={"k": 1})
+    assert (tmp_path / "w.dpk").read_bytes() == (tmp_path / "ref.dpk").read_bytes()
+    f = dp.open(tmp_path / "w.dpk")
+    with safe_open(str(tmp_path / "w.dpk"), framework="np") as st:
+        for name, enc in tensors.items():
+            for key, value in enc.components.items():
+                np.testing.assert_array_equal(st.get_tensor(f"{name}:{key}"), value)
+            np.testing.assert_array_equal(dp.decode(f[name]), dp.decode(enc))
+    assert sorted(os.listdir(tmp_path)) == ["ref.dpk", "w.dpk"]

@@ -227,7 +227,8 @@ NB_MODULE(_core, m) {
         "encoded"_a, "x"_a, "y"_a.noconvert(), "alpha"_a = 1.0f, "threads"_a = 0);
 
     nb::class_<DeltaWriter>(m, "DeltaWriter")
-        .def(nb::init<const std::string&, bool>(), "path"_a, "overwrite"_a = true)
+        .def(nb::init<const std::string&, bool, uint64_t>(), "path"_a, "overwrite"_a = true,
+             "in_memory"_a = kSpillInMemory)
         .def_prop_ro("path", &DeltaWriter::path)
         .def("__len__", &DeltaWriter::count)
         .def(

@@ -943,7 +943,8 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 
 static int size_class(size_t elem) { return elem == 8 ? 0 : elem == 4 ? 1 : elem == 2 ? 2 : 3; }
 
-DeltaWriter::DeltaWriter(const std::string& path, bool overwrite) : path_(path), out_(new AtomicFile(path, overwrite)) {}
+DeltaWriter::DeltaWriter(const std::string& path, bool overwrite, uint64_t in_memory)
+    : path_(path), out_(new AtomicFile(path, overwrite)), memory_limit_(in_memory) {}
 
 DeltaWriter::~DeltaWriter() { abort(); }
 
@@ -967,9 +968,21 @@ void DeltaWriter::add(const EncodedRef& t) {
         if (elem != 8 && elem != 4 && elem != 2 && elem != 1)
             throw std::invalid_argument(path_ + ": tensor '" + t.name + "': component '" + c.first + "' has an unsupported dtype");
         const int k = size_class(elem);
-        if (spill_fd_[k] < 0) spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
         const uint64_t n = c.second.nbytes();
-        write_fd(spill_fd_[k], c.second.data, size_t(n), path_);
+        if (spill_fd_[k] < 0 && in_memory_ + n <= memory_limit_) {
+            spill_mem_[k].emplace_back(static_cast<const char*>(c.second.data), size_t(n));
+            in_memory_ += n;
+        } else {
+            if (spill_fd_[k] < 0) {  // this size's components so far go first
+                spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
+                for (std::string& piece : spill_mem_[k]) {
+                    write_fd(spill_fd_[k], piece.data(), piece.size(), path_);
+                    in_memory_ -= piece.size();
+                }
+                spill_mem_[k].clear();
+            }
+            write_fd(spill_fd_[k], c.second.data, size_t(n), path_);
+        }
         spill_size_[k] += n;
         crc = crc32c(c.second.data, size_t(n), crc);
         comps.arr.push_back(json::Value::make_string(c.first));
@@ -1051,6 +1064,7 @@ uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
         out_->write(head.data(), head.size());
         std::vector<uint8_t> buf;
         for (int k = 0; k < 4; ++k) {
+            for (const std::string& piece : spill_mem_[k]) out_->write(piece.data(), piece.size());
             if (spill_fd_[k] < 0) continue;
             buf.resize(size_t(std::min<uint64_t>(spill_size_[k], uint64_t(64) << 20)));
             for (uint64_t done = 0; done < spill_size_[k];) {
@@ -1074,6 +1088,8 @@ uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
 void DeltaWriter::abort() {
     for (int& fd : spill_fd_)
         if (fd >= 0) ::close(fd), fd = -1;
+    for (auto& pieces : spill_mem_) pieces.clear();
+    in_memory_ = 0;
     out_.reset();
 }
 

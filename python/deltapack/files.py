@@ -38,12 +38,14 @@ def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = 
 
 
 class DeltaWriter:
-    """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added,
-    and nothing appears under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
+    """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added (its
+    components are, up to `in_memory` bytes, default 256 MiB; beyond, in scratch files), and nothing appears
+    under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
 
-    def __init__(self, path, overwrite: bool = True):
+    def __init__(self, path, overwrite: bool = True, in_memory: int | None = None):
         self.path = os.fspath(path)
-        self._w = _core.DeltaWriter(self.path, overwrite)
+        self._w = _core.DeltaWriter(self.path, overwrite) if in_memory is None else \
+            _core.DeltaWriter(self.path, overwrite, in_memory)
 
     def add(self, name: str, enc: Encoded) -> None:
         self._w.add(enc._core(name))

@@ -28,8 +28,8 @@ import numpy as np
 
 from .. import tensors
 from ..lm import examples_of, load_model
-from ..modeldir import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, progress_bar
-from ..reference import as_matrix, widen
+from ..modeldir import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, progress_bar, widen_into
+from ..reference import as_matrix
 from ..recipes import parse
 from . import allocate as B
 from . import calibration
@@ -389,4 +389,8 @@ def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=Non
             d = tensors.decode(enc, threads=threads)
         out = np.empty(shape, fi.np_dtype)
         tensors.apply(b, dense_enc(d.reshape(shape), "f32"), out=out, threads=threads)
-        yield name, fi.shape, widen(out, fi.float_name).reshape(shape)
+        del b, d  # an embedding's arrays are 100+ MB each: the fewest at once
+        rebuilt = np.empty(shape, np.float32)
+        widen_into(out, fi.float_name, rebuilt)
+        del out
+        yield name, fi.shape, rebuilt

@@ -407,8 +407,9 @@ def test_rebuild_that_overflows_is_an_error_naming_the_tensor(tmp_path):
 
 @pytest.mark.parametrize("in_memory", [0, 3000, 1 << 20])
 def test_writer_spills_to_scratch_files_beyond_its_memory_and_writes_the_same_bytes(tmp_path, in_memory):
-    """Components are held in memory up to `in_memory` bytes, then each element size moves to a scratch file
-    (its earlier components first): every split gives the file `save` writes, which safetensors reads back."""
+    """Components are held in memory up to `in_memory` bytes in all, then each element size goes on in a
+    scratch file after its pieces in memory: every split gives the file `save` writes, which safetensors reads
+    back."""
     tensors = {f"t{i}": dp.encode(make_delta((20 + i, 40), seed=i), recipe)
                for i, recipe in enumerate(["sign:scope=row", "quant:bits=4,group=16", "dense", "sign", "levels:bits=3",
                                            "lowrank:rank=3", "sparse:p=0.3"] * 3)}

@@ -972,15 +972,8 @@ void DeltaWriter::add(const EncodedRef& t) {
         if (spill_fd_[k] < 0 && in_memory_ + n <= memory_limit_) {
             spill_mem_[k].emplace_back(static_cast<const char*>(c.second.data), size_t(n));
             in_memory_ += n;
-        } else {
-            if (spill_fd_[k] < 0) {  // this size's components so far go first
-                spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
-                for (std::string& piece : spill_mem_[k]) {
-                    write_fd(spill_fd_[k], piece.data(), piece.size(), path_);
-                    in_memory_ -= piece.size();
-                }
-                spill_mem_[k].clear();
-            }
+        } else {  // this size's later components follow its pieces in memory, in a scratch file
+            if (spill_fd_[k] < 0) spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
             write_fd(spill_fd_[k], c.second.data, size_t(n), path_);
         }
         spill_size_[k] += n;
@@ -1064,11 +1057,15 @@ uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
         out_->write(head.data(), head.size());
         std::vector<uint8_t> buf;
         for (int k = 0; k < 4; ++k) {
-            for (const std::string& piece : spill_mem_[k]) out_->write(piece.data(), piece.size());
+            uint64_t on_disk = spill_size_[k];  // what the pieces in memory (this size's first) leave
+            for (const std::string& piece : spill_mem_[k]) {
+                out_->write(piece.data(), piece.size());
+                on_disk -= piece.size();
+            }
             if (spill_fd_[k] < 0) continue;
-            buf.resize(size_t(std::min<uint64_t>(spill_size_[k], uint64_t(64) << 20)));
-            for (uint64_t done = 0; done < spill_size_[k];) {
-                const uint64_t n = std::min<uint64_t>(buf.size(), spill_size_[k] - done);
+            buf.resize(size_t(std::min<uint64_t>(on_disk, uint64_t(64) << 20)));
+            for (uint64_t done = 0; done < on_disk;) {
+                const uint64_t n = std::min<uint64_t>(buf.size(), on_disk - done);
                 pread_fd(spill_fd_[k], buf.data(), n, done, path_ + " (scratch)");
                 out_->write(buf.data(), size_t(n));
                 done += n;

@@ -454,11 +454,11 @@ private:
 // once to the output, took as long as reading the 5 GiB of base and fine-tune.
 constexpr uint64_t kSpillInMemory = uint64_t(256) << 20;
 
-// Writes a delta file tensor by tensor, holding no tensor once add() returns: components are
-// spilled by element size (8, 4, 2, 1 bytes: every component stays aligned), in memory while all of them
-// fit in `in_memory` bytes, to unnamed scratch files beyond, and close() writes the header, then the
-// spills, atomically (AtomicFile). Memory stays bounded by the manifest and `in_memory`. Not closed
-// (destroyed, aborted, or close() failed): nothing remains under `path`.
+// Writes a delta file tensor by tensor, holding no tensor once add() returns: components are spilled by
+// element size (8, 4, 2, 1 bytes: every component stays aligned), in memory up to `in_memory` bytes in
+// all, then (each size after its pieces in memory) to unnamed scratch files; close() writes the header,
+// then the spills, atomically (AtomicFile). Memory stays bounded by the manifest and `in_memory`. Not
+// closed (destroyed, aborted, or close() failed): nothing remains under `path`.
 class DeltaWriter {
 public:
     // overwrite: close() may replace an existing file at `path` (as the library's save() does); otherwise close()
@@ -490,7 +490,7 @@ private:
     std::string files_;                  // add_file()'s bytes (at most kMaxKeptTotal)
     int spill_fd_[4] = {-1, -1, -1, -1};  // element sizes 8, 4, 2, 1
     uint64_t spill_size_[4] = {0, 0, 0, 0};
-    std::vector<std::string> spill_mem_[4];  // a size's components while it has no scratch file
+    std::vector<std::string> spill_mem_[4];  // a size's first components, before its scratch file
     uint64_t in_memory_ = 0;                 // bytes in spill_mem_
     uint64_t memory_limit_;
 };

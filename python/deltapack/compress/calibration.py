@@ -27,7 +27,8 @@ from .writer import Compressor
 
 
 def fisher_weights(model, data, batch_size: int = 8, max_examples: int | None = None) -> dict:
-    """{parameter name: Weights} for every Linear and Embedding weight of a causal LM (directory or module)."""
+    """{parameter name: Weights} for every Linear and Embedding weight of a causal LM (directory or module).
+    Batches of 8: the backward pass keeps every layer's activations, 0.7 GB more at 16 on a 135 M model."""
     import torch
 
     if isinstance(model, (str, os.PathLike)):

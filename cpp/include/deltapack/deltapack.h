@@ -495,7 +495,6 @@ private:
     uint64_t memory_limit_;
 };
 
-
 // ----------------------------------------------------------------------------------- checkpoints
 
 // The base given for a checkpoint delta is not the one it was made from (names, dtypes, shapes or

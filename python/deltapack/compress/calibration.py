@@ -422,9 +422,10 @@ def _refit_lowrank_u(d, comps, p, shape, terms):
     scales = np.asarray(comps["scales"]).astype(np.float64)
     gu = -(-rows // group)
     su = scales[:, :gu]                                    # (r, gu)
+    row_scales = np.repeat(su, group, axis=1)[:, :rows].T  # each row's group scale per direction: (rows, r)
     with np.errstate(divide="ignore", invalid="ignore"):
-        unit = np.where(np.repeat(su, group, axis=1)[:, :rows].T != 0,
-                        u / np.repeat(su, group, axis=1)[:, :rows].T, 0.0)  # codes·s per element: (rows, r)
+        unit = np.where(row_scales != 0, u / row_scales, 0.0)  # codes·s per element: (rows, r)
+    del row_scales
     v = v.astype(np.float64)
     vcs = [_times_cov(v, t) for t in terms]                # v̂ C (r, cols)
     grams = [vc @ v.T for vc in vcs]                       # v̂ C v̂ᵀ

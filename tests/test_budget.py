@@ -193,6 +193,34 @@ def test_compress_to_a_budget_with_data(pair, tmp_path):
     assert rec["data"]["refit"] == "least-squares" and "calibration" not in dp.open(out).metadata
 
 
+def test_with_data_what_stages_keep_may_go_to_disk(pair, tmp_path, monkeypatch):
+    """--data keeps the SVD factors and the input covariances (gathered a group of layers per pass over the
+    data) between stages in memory or in a hidden directory next to the output: the same file either way, and
+    the directory is gone afterwards."""
+    from deltapack import checkpoint
+    from deltapack.compress import budget
+    from deltapack.research import pairs
+
+    calib = pairs.task_examples(pair, 32)
+    monkeypatch.setattr(budget, "_KEPT_IN_MEMORY_WITH_DATA", 1 << 40)
+    checkpoint.compress(pair.base, pair.ft, tmp_path / "memory.dpk", budget=1.5, data=calib)
+    monkeypatch.setattr(budget, "_KEPT_IN_MEMORY_WITH_DATA", 0)
+    monkeypatch.setattr(budget, "_TERMS_GROUP_BYTES", 1)  # one layer's covariances per pass
+    passes = []
+    real = budget.calibration.input_terms_by_group
+
+    def counted(*a, **k):
+        for group in real(*a, **k):
+            passes.append(len(group))
+            yield group
+
+    monkeypatch.setattr(budget.calibration, "input_terms_by_group", counted)
+    checkpoint.compress(pair.base, pair.ft, tmp_path / "disk.dpk", budget=1.5, data=calib)
+    assert len(passes) > 3
+    assert (tmp_path / "disk.dpk").read_bytes() == (tmp_path / "memory.dpk").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["disk.dpk", "memory.dpk"]
+
+
 def test_cli_budget_and_info(pair, tmp_path, capsys):
     from deltapack import cli
 
@@ -248,7 +276,7 @@ def test_the_analysis_svd_is_reused_when_writing(pair, tmp_path, monkeypatch):
     analysed = len(calls)
     assert n_lowrank > 0
     with monkeypatch.context() as m:  # control: factors not kept, so each lowrank choice runs its SVD again
-        m.setattr(budget._Factors, "put", lambda self, key, factors: None)
+        m.setattr(budget._Spill, "put", lambda self, key, arrays: None)
         calls.clear()
         checkpoint.compress(pair.base, pair.ft, tmp_path / "control.dpk", budget=3.0)
         assert len(calls) - analysed >= n_lowrank  # once per write attempt (the size check may retry)
@@ -337,6 +365,14 @@ def test_options_under_several_weightings_equal_separate_analyses():
         assert together[key].eps == alone.eps and together[key].energy == alone.energy
         assert together[key].elements == alone.elements and len(alone.elements) == len(B.ELEMENT_CODECS)
     assert together["a"].elements != together["plain"].elements
+    # factors handed to a function as each SVD is done, not kept in the options: the same factors
+    kept = B.options_under("t", d, weightings, elements=(), keep_factors=True)
+    handed = {}
+    given = B.options_under("t", d, weightings, elements=(), keep_factors=lambda k, f: handed.setdefault(k, f))
+    assert list(handed) == list(weightings) and all(o.factors is None for o in given.values())
+    for key in weightings:
+        for a, b in zip(handed[key], kept[key].factors):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_a_proxy_allocating_as_the_one_it_scales_is_scored_once(pair, tmp_path, monkeypatch):

@@ -123,17 +123,27 @@ def pair():
 def test_input_terms_match_the_layers_inputs(pair):
     """C of layer 0's q_proj = Σ x xᵀ over the real (unpadded) tokens of its input, the input norm of the
     embeddings; the embedding's row weights are token counts; padding does not count."""
-    from deltapack.research import evaluation, pairs
+    from deltapack.research import pairs
 
     model = lm.load_model(pair.ft)
     examples = pairs.task_examples(pair, 20)
     examples[0] = {"input_ids": examples[0]["input_ids"][:4], "prompt_len": 2}  # a short one: padding
     names = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
-             "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+             "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight", "lm_head.weight"]
     terms = C.input_terms(model, examples, names)
     ids, mask, _ = next(lm.batches(examples, 64))
     with torch.no_grad():
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[mask.bool()].double()
+        # the output head's input, taken from the whole model's forward (input_terms runs the body alone)
+        seen = {}
+        hook = model.lm_head.register_forward_hook(lambda m, inp, out: seen.setdefault("h", inp[0]))
+        try:
+            model(input_ids=ids, attention_mask=mask)
+        finally:
+            hook.remove()
+        h = seen["h"][mask.bool()].double()
+    (head,) = terms["lm_head.weight"]
+    np.testing.assert_allclose(head.cov, (h.T @ h).numpy(), rtol=1e-4, atol=1e-5 * float((h.T @ h).abs().max()))
     want = (x.T @ x).numpy()
     for name in names[0], names[2], names[3]:  # k and v read q's input
         (term,) = terms[name]
@@ -146,6 +156,22 @@ def test_input_terms_match_the_layers_inputs(pair):
     fw = C.fisher_weights(model, examples)
     np.testing.assert_allclose(fw[names[0]].col, np.diag(want), rtol=1e-4)
     assert (fw[names[0]].row > 0).all() and fw[names[0]].row.shape == (model.config.hidden_size,)
+
+
+def test_a_model_stored_in_bf16_is_calibrated_in_bf16(pair, tmp_path):
+    """calibration_model keeps a bf16 checkpoint's weights bit for bit in a bf16 model (half the memory of
+    f32, and every rebuilt weight is bf16 too); an f32 checkpoint stays f32."""
+    from safetensors.torch import load_file
+
+    model = lm.load_model(pair.ft)  # float32
+    model.save_pretrained(tmp_path / "f32")
+    assert C.calibration_model(tmp_path / "f32").dtype == torch.float32
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded = C.calibration_model(tmp_path / "bf16")
+    assert loaded.dtype == torch.bfloat16
+    stored = load_file(tmp_path / "bf16" / "model.safetensors")
+    params = dict(loaded.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in stored.items() if n in params) and len(stored) > 10
 
 
 def test_fisher_output_side_is_the_squared_output_gradient(pair):

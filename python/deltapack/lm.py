@@ -13,14 +13,18 @@ from .threads import bound_torch
 
 
 def load_model(model_dir, dtype=None):
-    """A transformers causal LM from a directory (f32 by default, for training and gradients). The weights are
-    read by deltapack's reader (pread, links only inside the directory; never a memory mapping, which a file
-    truncated meanwhile would turn into SIGBUS) and handed to transformers as a state dict."""
+    """A transformers causal LM from a directory (f32 by default, for training and gradients; dtype="stored":
+    bf16 when every floating weight is stored in bf16, else f32). The weights are read by deltapack's reader
+    (pread, links only inside the directory; never a memory mapping, which a file truncated meanwhile would turn
+    into SIGBUS) and handed to transformers as a state dict."""
     import torch
     import transformers
 
     bound_torch(torch)
     ck = Checkpoint(model_dir)
+    if dtype == "stored":
+        floats = {i.dtype for i in ck.tensors.values() if i.dtype in ("F64", "F32", "F16", "BF16")}
+        dtype = torch.bfloat16 if floats == {"BF16"} else torch.float32
     state = {}
     for name, info in ck.tensors.items():
         t = torch.from_numpy(ck.read_tensor(name))
@@ -113,6 +117,17 @@ def batches(examples, batch_size: int = 64):
         yield ids, mask, labels
 
 
+def body_and_head(model):
+    """(the transformer body, the output head) of a transformers causal LM that has them as `model` and
+    `lm_head`, else (None, None): running the body alone skips the head's vocabulary-wide logits."""
+    import torch
+
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Module):
+        return body, head
+    return None, None
+
+
 def answer_logits(model, ids, mask, labels):
     """Next-token logits (f32) at the labelled positions only, their targets and the row of each: [N, V], [N],
     [N]. The output head runs on those positions alone, not on every token of the batch: for a 262k-token
@@ -122,8 +137,8 @@ def answer_logits(model, ids, mask, labels):
     tgt = labels[:, 1:]
     keep = tgt != -100
     rows = keep.nonzero()[:, 0]
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Module):
+    body, head = body_and_head(model)
+    if body is not None:
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         logits = head(hidden[keep]).float()
         cap = getattr(model.config, "final_logit_softcapping", None)

@@ -129,6 +129,7 @@ def _full_svd(w, rank):
     S, u = np.sqrt(np.maximum(e[order], 0)), vecs[:, order].T  # (rank, rows)
     inv = np.divide(1.0, S, out=np.zeros_like(S), where=S > 0)
     v = np.empty((len(S), cols), F32)
+    step = max(1, (1 << 22) // rows)  # narrower blocks here (32 MB): each makes a float64 product as large
     for j in range(0, cols, step):
         v[:, j:j + step] = (u @ w[:, j:j + step].astype(F64)) * inv[:, None]
     return u.astype(F32), S, v

@@ -230,7 +230,9 @@ def options_under(name: str, delta: np.ndarray, weightings: dict, *, max_rank: i
                   elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0,
                   keep_factors: bool = False) -> dict:
     """{key: TensorOptions} of one tensor under several weightings ({key: Weights or None}): an SVD for each,
-    the element codecs encoded and decoded once and their error weighed by each."""
+    the element codecs encoded and decoded once and their error weighed by each. keep_factors may also be a
+    function keep(key, (u, s, v)), handed each weighting's factors as soon as they exist (and not kept in the
+    options): a caller that moves them out of memory holds one weighting's at a time."""
 
     m = reference.as_matrix(delta)
     rows, cols = m.shape
@@ -238,15 +240,22 @@ def options_under(name: str, delta: np.ndarray, weightings: dict, *, max_rank: i
 
     def lowrank_under(key):
         r, c = floored[key]
-        return key, _lowrank_options(name, np.shape(delta), m, r, c, max_rank, droppable, seed, keep_factors)
+        return key, _lowrank_options(name, np.shape(delta), m, r, c, max_rank, droppable, seed, bool(keep_factors))
+
+    def handed(pairs):
+        for key, opts in pairs:
+            if callable(keep_factors):
+                keep_factors(key, opts.factors)
+                opts.factors = None
+            yield key, opts
 
     # A small matrix's SVD runs on one BLAS thread (threads.SMALL_LAPACK): the weightings take a thread each.
     n = min(len(floored), workers(threads)) if m.size < SMALL_LAPACK else 1
     if n > 1:
         with blas_threads_for(0), ThreadPoolExecutor(n) as pool:
-            out = dict(pool.map(lowrank_under, floored))
+            out = dict(handed(pool.map(lowrank_under, floored)))
     else:
-        out = dict(map(lowrank_under, floored))
+        out = dict(handed(map(lowrank_under, floored)))
     # Element codecs: measured on all rows, or on evenly spaced rows of a larger tensor and scaled (their
     # size and error are sums over rows; levels' block means are then those of the sample).
     idx = np.arange(rows) if rows <= _ROW_SAMPLE else np.linspace(0, rows - 1, _ROW_SAMPLE).astype(np.int64)

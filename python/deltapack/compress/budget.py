@@ -23,11 +23,12 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 
 from .. import tensors
-from ..lm import examples_of, load_model
+from ..lm import examples_of
 from ..modeldir import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, progress_bar, widen_into
 from ..reference import as_matrix
 from ..recipes import parse
@@ -38,43 +39,52 @@ from .writer import Compressor, dense_enc, summarize, write_deltas
 
 _EMBEDDINGS = frozenset(INPUT_EMBEDDINGS + OUTPUT_EMBEDDINGS)
 _TRIES = 8
-_TERMS_BYTES = 1 << 30  # input covariances held at once to compare candidates after their refit
+_TERMS_BYTES = 1 << 30  # input covariances gathered (and kept on disk) to compare candidates after their refit
+_TERMS_GROUP_BYTES = 256 << 20  # of them in memory at once: a pass over the data gathers each group
 _FACTORS_IN_MEMORY = 256 << 20  # bytes of SVD factors kept in memory between analysis and writing; more on disk
+# With --data the model is loaded again for scoring: what is kept meanwhile goes to disk, so that a 135 M
+# model's scoring peaks at 1.3 GB (its covariances are 0.4 GB, its factors under three proxies 2 GB).
+_KEPT_IN_MEMORY_WITH_DATA = 32 << 20
 _FACTORS_ON_DISK = 32 << 30     # bytes beyond which factors are computed again when written
 
 
-class _Factors:
-    """The SVD factors (u, s, v) each tensor's analysis found, per proxy, kept until the file is written so
-    that writing (and each retry, and scoring the proxies' allocations) does not compute them again: the SVDs
-    are most of a budget's time. The first _FACTORS_IN_MEMORY bytes stay in memory, the rest go to a hidden
-    directory next to the output, removed at the end (a large model's factors are gigabytes)."""
+class _Spill:
+    """Arrays kept from one stage to later ones (tuples of arrays, None allowed, under a key): the first
+    `in_memory` bytes stay in memory, the rest go to a hidden directory next to the output, up to `on_disk`
+    bytes (beyond, put keeps nothing: the caller computes again), all removed at close. Used for the SVD
+    factors of the analysis, which writing, each retry and scoring reuse (the SVDs are most of a budget's time;
+    a large model's are gigabytes), and for the input covariances the refit reuses."""
 
-    def __init__(self, out):
-        self.out, self.dir, self.kept, self.in_memory, self.on_disk = out, None, {}, 0, 0
+    def __init__(self, out, tag, in_memory, on_disk=_FACTORS_ON_DISK):
+        self.out, self.tag, self.dir, self.kept = out, tag, None, {}
+        self.room = {"memory": in_memory, "disk": on_disk}
 
-    def put(self, key, factors):
-        n = sum(a.nbytes for a in factors)
-        if self.in_memory + n <= _FACTORS_IN_MEMORY:
-            self.kept[key] = factors
-            self.in_memory += n
-        elif self.on_disk + n <= _FACTORS_ON_DISK:
+    def put(self, key, arrays):
+        n = sum(a.nbytes for a in arrays if a is not None)
+        if n <= self.room["memory"]:
+            self.kept[key] = arrays
+            self.room["memory"] -= n
+        elif n <= self.room["disk"]:
             if self.dir is None:
                 out = os.path.abspath(os.fspath(self.out))
-                self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.svd", dir=os.path.dirname(out))
+                self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{self.tag}", dir=os.path.dirname(out))
             path = os.path.join(self.dir, f"{len(self.kept)}.npz")
-            np.savez(path, u=factors[0], s=factors[1], v=factors[2])
+            np.savez(path, count=np.array(len(arrays)), **{f"a{i}": a for i, a in enumerate(arrays) if a is not None})
             self.kept[key] = path
-            self.on_disk += n
+            self.room["disk"] -= n
 
     def get(self, key):
         got = self.kept.get(key)
         if isinstance(got, str):
             with np.load(got) as z:
-                return z["u"], z["s"], z["v"]
+                return tuple(z[f"a{i}"] if f"a{i}" in z else None for i in range(int(z["count"])))
         return got
 
+    def __contains__(self, key):
+        return key in self.kept
+
     def share(self, key, same):
-        """key's factors are those kept under `same` (a proxy that only scales another's weights)."""
+        """key's arrays are those kept under `same` (a proxy that only scales another's weights)."""
         if same in self.kept:
             self.kept[key] = self.kept[same]
 
@@ -86,6 +96,37 @@ class _Factors:
         self.kept.clear()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _SpilledTerms(Mapping):
+    """calibration.input_terms' {name: [Term]}, kept in a _Spill as each group of them is gathered: read back
+    one tensor's at a time."""
+
+    def __init__(self, groups, spill: _Spill):
+        self.spill, self.names = spill, []
+        for terms in groups:
+            for name, ts in terms.items():
+                spill.put(name, tuple(a for t in ts for a in (t.row, t.cov)))
+                if name not in spill:
+                    raise MemoryError(f"input covariances of {name} fit neither in memory nor on disk")
+                self.names.append(name)
+            del terms, ts  # not held while the next group is gathered
+            _return_freed_memory()
+
+    def __getitem__(self, name):
+        if name not in self.spill:
+            raise KeyError(name)
+        arrays = self.spill.get(name)
+        return [calibration.Term(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
+
+    def __contains__(self, name):
+        return name in self.spill
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
 
 
 class _Stages:
@@ -116,7 +157,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         raise ValueError(f"proxy {proxy!r} needs calibration data (--data)")
     n_params = sum(t.numel for t in ft.tensors.values())
     budget_bits = bits_per_param * n_params
-    examples = stats = model = None
+    examples = stats = None
     proxies = (proxy,) if proxy else B.PROXIES if data is not None else (B.DATA_FREE,)
     with_data = data is not None
     stages = _Stages(["statistics"] * with_data + ["analyse"] + ["score"] * (len(proxies) > 1) + ["write"]
@@ -127,8 +168,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                              "to run it on the calibration data")
         examples = examples_of(data)
         stages.start("statistics")
-        model = load_model(ft.dir)
-        stats = calibration.fisher_weights(model, examples)
+        stats = calibration.fisher_weights(ft.dir, examples)  # the model is not held while analysing
         _return_freed_memory()
     lossy = _lossy_tensors(ft, base, plan, min_size)
 
@@ -140,7 +180,9 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
     def encoder_weights(proxy):  # (row, col) arrays, floored, as the lowrank encoder takes them
         return lambda name, matrix: weights_for(proxy)(name, matrix).floored(*matrix.shape)
 
-    factors = _Factors(out)  # the SVDs of step 1, reused by steps 2 and 3
+    # the SVDs of step 1, reused by steps 2 and 3; with data the input covariances of step 2, reused by step 4
+    factors = _Spill(out, "svd", _FACTORS_IN_MEMORY if data is None else _KEPT_IN_MEMORY_WITH_DATA)
+    kept_terms = _Spill(out, "cov", _KEPT_IN_MEMORY_WITH_DATA)
     try:
         # 1. analyse
         lossy_bytes = total_bytes(base, ft, {n: plan[n] for n in lossy})
@@ -158,9 +200,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                 # a proxy that scales another's weights takes that one's analysis, scaled
                 analysed = {p: ws[p] for p in proxies if B.SCALED_FROM.get(p) not in proxies}
                 for p, opts in B.options_under(name, m, analysed, droppable=droppable, threads=threads,
-                                               keep_factors=True).items():
-                    factors.put((p, name), opts.factors)
-                    opts.factors = None
+                                               keep_factors=lambda p, f: factors.put((p, name), f)).items():
                     options[p][name] = opts
                 for p in proxies:
                     if p not in analysed:
@@ -177,13 +217,16 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         allocs = {p: B.allocate(options[p], target) for p in proxies}
         scores, terms = {}, None
         if data is not None and len(proxies) > 1:
-            scorer = calibration.Scorer(model, examples)
-            # Candidates are compared as they will be written: refitted (step 4), when the layers' input
-            # covariances fit in memory together.
-            if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
-                terms = calibration.input_terms(model, examples, list(lossy))
             bar = stages.bar("score", lossy_bytes * len(proxies))
             try:
+                scorer = calibration.Scorer(ft.dir, examples)
+                # Candidates are compared as they will be written: refitted (step 4), when the layers' input
+                # covariances are not too many.
+                if sum(4 * ft[n].shape[-1] ** 2 for n in lossy) <= _TERMS_BYTES:
+                    terms = _SpilledTerms(calibration.input_terms_by_group(scorer.model, examples, list(lossy),
+                                                                           max_bytes=_TERMS_GROUP_BYTES),
+                                          kept_terms)
+                    _return_freed_memory()
                 # Every allocation replaces all the lossy tensors, so the model is not restored between them
                 # (that would hold a copy of each): the refit loads the fine-tune again if it needs it.
                 # A proxy that scales another's weights and allocates the same recipes rebuilds the same model
@@ -200,7 +243,6 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
             finally:
                 bar.close()
             del scorer
-            model = None
             _return_freed_memory()
             chosen = _choose_proxy(scores, len(examples))
         else:
@@ -221,7 +263,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
             if data is not None:  # 4. refit the free scales on the calibration data (same size)
                 bar = stages.bar("refit", lossy_bytes)
                 try:
-                    refit = calibration.calibrate_file(base, ft, written, out, examples, model=model,
+                    refit = calibration.calibrate_file(base, ft, written, out, examples,
                                                        threads=threads, terms=terms, note=False, overwrite=overwrite,
                                                        bar=bar)
                 finally:
@@ -237,6 +279,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         return summary
     finally:
         factors.close()
+        kept_terms.close()
 
 
 def _return_freed_memory():
@@ -378,7 +421,6 @@ def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=Non
         fi = ft[name]
         n = math.prod(shape)
         delta, _ = reader.delta_of(name, src, n, False)
-        b = base.read(src, stop=n).reshape(shape)
         if delta is None or recipes.get(name) is None:
             d = np.zeros(shape, np.float32)
         else:
@@ -387,9 +429,11 @@ def _rebuilt(base, ft, lossy, recipes, weights, factors, threads, bar, terms=Non
             if terms is not None and name in terms:
                 enc = calibration.refit(enc, m, calibration.rows_of(terms[name], shape))
             d = tensors.decode(enc, threads=threads)
+        # an embedding's arrays are 100+ MB each: the fewest at once (the base is read once the delta is decoded)
+        b = base.read(src, stop=n).reshape(shape)
         out = np.empty(shape, fi.np_dtype)
         tensors.apply(b, dense_enc(d.reshape(shape), "f32"), out=out, threads=threads)
-        del b, d  # an embedding's arrays are 100+ MB each: the fewest at once
+        del b, d
         rebuilt = np.empty(shape, np.float32)
         widen_into(out, fi.float_name, rebuilt)
         del out

@@ -1,4 +1,5 @@
 """Delta files: round trip, safetensors compatibility, and every kind of bad input."""
+import gc
 import json
 import os
 import struct
@@ -419,6 +420,19 @@ def test_writer_spills_to_scratch_files_beyond_its_memory_and_writes_the_same_by
         w.add(name, enc)
     w.close(metadata={"k": 1})
     assert (tmp_path / "w.dpk").read_bytes() == (tmp_path / "ref.dpk").read_bytes()
+    # Handed over: what the writer holds in memory is the caller's arrays, not copies; the caller's own
+    # references (here copies, some not contiguous) are gone and the memory reused before close.
+    w = dp.DeltaWriter(tmp_path / "h.dpk", in_memory=in_memory, handed_over=True)
+    for name, enc in tensors.items():
+        comps = {k: np.asfortranarray(v) if v.ndim == 2 else v.copy() for k, v in enc.components.items()}
+        w.add(name, dp.Encoded(enc.codec, enc.params, enc.shape, enc.dtype, comps))
+        del comps
+    gc.collect()
+    junk = [np.full(1 << 16, 0xAB, np.uint8) for _ in range(64)]
+    w.close(metadata={"k": 1})
+    del junk
+    assert (tmp_path / "h.dpk").read_bytes() == (tmp_path / "ref.dpk").read_bytes()
+    os.unlink(tmp_path / "h.dpk")
     f = dp.open(tmp_path / "w.dpk")
     with safe_open(str(tmp_path / "w.dpk"), framework="np") as st:
         for name, enc in tensors.items():

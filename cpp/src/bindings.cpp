@@ -233,12 +233,12 @@ NB_MODULE(_core, m) {
         .def("__len__", &DeltaWriter::count)
         .def(
             "add",
-            [](DeltaWriter& w, const PyEncoded& e) {
+            [](DeltaWriter& w, const PyEncoded& e, bool borrowed) {
                 EncodedRef r = ref_of(e);
                 nb::gil_scoped_release nogil;
-                w.add(r);
+                return w.add(r, borrowed);
             },
-            "encoded"_a)
+            "encoded"_a, "borrowed"_a = false)
         .def(
             "add_file", [](DeltaWriter& w, nb::bytes b) { return w.add_file(b.c_str(), b.size()); }, "data"_a)
         .def("size", &DeltaWriter::size, "extra_manifest"_a = "{}")

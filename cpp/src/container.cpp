@@ -948,7 +948,7 @@ DeltaWriter::DeltaWriter(const std::string& path, bool overwrite, uint64_t in_me
 
 DeltaWriter::~DeltaWriter() { abort(); }
 
-void DeltaWriter::add(const EncodedRef& t) {
+bool DeltaWriter::add(const EncodedRef& t, bool borrowed) {
     if (!out_) throw std::logic_error(path_ + ": tensor '" + t.name + "' added after close or abort");
     if (t.name.empty()) throw std::invalid_argument(path_ + ": a tensor has an empty name");
     if (names_.count(t.name)) throw std::invalid_argument(path_ + ": tensor '" + t.name + "' added twice");
@@ -963,6 +963,7 @@ void DeltaWriter::add(const EncodedRef& t) {
     e.set("dtype", json::Value::make_string(dtype_name(t.dtype)));
     json::Value comps = json::Value::make_array();
     uint32_t crc = 0;
+    bool referenced = false;
     for (auto& c : t.components) {  // std::map: components in byte order of their names
         const size_t elem = dtype_size(c.second.dtype);
         if (elem != 8 && elem != 4 && elem != 2 && elem != 1)
@@ -970,7 +971,11 @@ void DeltaWriter::add(const EncodedRef& t) {
         const int k = size_class(elem);
         const uint64_t n = c.second.nbytes();
         if (spill_fd_[k] < 0 && in_memory_ + n <= memory_limit_) {
-            spill_mem_[k].emplace_back(static_cast<const char*>(c.second.data), size_t(n));
+            if (borrowed)
+                spill_mem_[k].push_back({std::string(), c.second.data, size_t(n)});
+            else
+                spill_mem_[k].push_back({std::string(static_cast<const char*>(c.second.data), size_t(n)), nullptr, 0});
+            referenced |= borrowed;
             in_memory_ += n;
         } else {  // this size's later components follow its pieces in memory, in a scratch file
             if (spill_fd_[k] < 0) spill_fd_[k] = AtomicFile::scratch(dir_of(path_));
@@ -989,6 +994,7 @@ void DeltaWriter::add(const EncodedRef& t) {
     e.set("crc32c", json::Value::make_string(hex));
     names_.insert(t.name);
     entries_.emplace_back(t.name, json::dump(e));
+    return referenced;
 }
 
 std::string DeltaWriter::header(const std::string& extra_manifest) const {
@@ -1055,19 +1061,29 @@ uint64_t DeltaWriter::close(const std::string& extra_manifest, bool durable) {
     try {
         const std::string head = header(extra_manifest);
         out_->write(head.data(), head.size());
+        // Every 64 MiB the pages written so far start their writeback, so the final fsync waits for the last
+        // ones only instead of all of them.
+        uint64_t unflushed = 0;
+        auto write = [&](const void* p, size_t n) {
+            out_->write(p, n);
+            if ((unflushed += n) >= (uint64_t(64) << 20) && durable) {
+                out_->start_writeback();
+                unflushed = 0;
+            }
+        };
         std::vector<uint8_t> buf;
         for (int k = 0; k < 4; ++k) {
             uint64_t on_disk = spill_size_[k];  // what the pieces in memory (this size's first) leave
-            for (const std::string& piece : spill_mem_[k]) {
-                out_->write(piece.data(), piece.size());
+            for (const Piece& piece : spill_mem_[k]) {
+                write(piece.data(), piece.size());
                 on_disk -= piece.size();
             }
             if (spill_fd_[k] < 0) continue;
-            buf.resize(size_t(std::min<uint64_t>(on_disk, uint64_t(64) << 20)));
+            buf.resize(size_t(std::min<uint64_t>(on_disk, uint64_t(16) << 20)));  // little beside `in_memory`
             for (uint64_t done = 0; done < on_disk;) {
                 const uint64_t n = std::min<uint64_t>(buf.size(), on_disk - done);
                 pread_fd(spill_fd_[k], buf.data(), n, done, path_ + " (scratch)");
-                out_->write(buf.data(), size_t(n));
+                write(buf.data(), size_t(n));
                 done += n;
             }
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from . import _core
 from .tensors import Encoded
 
@@ -40,15 +42,25 @@ def save(path, tensors: dict, metadata: dict | None = None, base: dict | None = 
 class DeltaWriter:
     """Writes a delta file tensor by tensor (the C++ core's writer): no tensor is held once added (its
     components are, up to `in_memory` bytes, default 256 MiB; beyond, in scratch files), and nothing appears
-    under `path` unless close() succeeds. Same bytes as `save` for the same tensors."""
+    under `path` unless close() succeeds. Same bytes as `save` for the same tensors.
+    handed_over: the caller does not change a tensor's arrays once added, so the writer holds those it keeps in
+    memory instead of copying them (a sign delta of 4 Llama-3-8B-shaped layers: 229 MiB not copied)."""
 
-    def __init__(self, path, overwrite: bool = True, in_memory: int | None = None):
+    def __init__(self, path, overwrite: bool = True, in_memory: int | None = None, handed_over: bool = False):
         self.path = os.fspath(path)
         self._w = _core.DeltaWriter(self.path, overwrite) if in_memory is None else \
             _core.DeltaWriter(self.path, overwrite, in_memory)
+        self._handed_over = handed_over
+        self._held = []
 
     def add(self, name: str, enc: Encoded) -> None:
-        self._w.add(enc._core(name))
+        if not self._handed_over:
+            self._w.add(enc._core(name))
+            return
+        core = enc._core(name)
+        core = core[:5] + ({k: np.ascontiguousarray(v) for k, v in core[5].items()},)  # the arrays the core reads
+        if self._w.add(core, True):
+            self._held.append(core[5])
 
     def add_file(self, data: bytes) -> list:
         """Store a kept file's bytes; returns [begin, end], their place for the checkpoint record's `bytes`."""
@@ -64,10 +76,14 @@ class DeltaWriter:
 
     def close(self, metadata=None, base=None, durable: bool = True) -> int:
         """Write header + data and link it into place; returns the file size."""
-        return self._w.close(_extra_manifest(metadata, base), durable)
+        try:
+            return self._w.close(_extra_manifest(metadata, base), durable)
+        finally:
+            self._held.clear()
 
     def abort(self) -> None:
         self._w.abort()
+        self._held.clear()
 
 
 class DeltaFile:

@@ -467,8 +467,10 @@ public:
     ~DeltaWriter();
     // Validates the tensor, checksums it (the CRC-32C of its components, then of its entry text) and
     // spills its components. Names must be new and non-empty (they may hold ':': a stored array's key
-    // "<tensor>:<component>" splits at its last ':', as component names have none).
-    void add(const EncodedRef& tensor);
+    // "<tensor>:<component>" splits at its last ':', as component names have none). borrowed: the caller
+    // promises the components' bytes stay as they are until close() or abort(), so those held in memory are
+    // referenced, not copied; returns whether any is (the caller must then keep them alive).
+    bool add(const EncodedRef& tensor, bool borrowed = false);
     // Stores a kept file's bytes (written after every component, under kFilesKey); returns where they begin
     // there. The manifest's checkpoint record names them as {"bytes": [begin, begin + n], "sha256": ...}.
     uint64_t add_file(const void* data, size_t n);
@@ -490,7 +492,14 @@ private:
     std::string files_;                  // add_file()'s bytes (at most kMaxKeptTotal)
     int spill_fd_[4] = {-1, -1, -1, -1};  // element sizes 8, 4, 2, 1
     uint64_t spill_size_[4] = {0, 0, 0, 0};
-    std::vector<std::string> spill_mem_[4];  // a size's first components, before its scratch file
+    struct Piece {  // a component in memory: a copy, or the caller's bytes (borrowed)
+        std::string copy;
+        const void* borrowed;
+        size_t n;
+        const void* data() const { return borrowed ? borrowed : copy.data(); }
+        size_t size() const { return borrowed ? n : copy.size(); }
+    };
+    std::vector<Piece> spill_mem_[4];        // a size's first components, before its scratch file
     uint64_t in_memory_ = 0;                 // bytes in spill_mem_
     uint64_t memory_limit_;
 };

@@ -136,7 +136,8 @@ def write_deltas(c: Compressor, plan: dict, out, metadata, keep_files, overwrite
     an existing file). `plan` is not modified."""
     base, ft = c.base, c.ft
     plan = {n: dict(s) for n, s in plan.items()}
-    writer = files.DeltaWriter(out, overwrite=overwrite)
+    # every tensor added is encoded here, into arrays of its own that nothing changes afterwards
+    writer = files.DeltaWriter(out, overwrite=overwrite, handed_over=True)
     try:
         for name, spec in plan.items():
             fi = ft[name]

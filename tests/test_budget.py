@@ -221,6 +221,41 @@ def test_with_data_what_stages_keep_may_go_to_disk(pair, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["disk.dpk", "memory.dpk"]
 
 
+def test_what_is_written_is_what_was_scored(pair, tmp_path, monkeypatch):
+    """Each proxy's allocation is fitted to the real file size before it is scored: the file holds exactly the
+    recipes scored for the proxy it records, also when the header estimate is 4 KB short (the allocation
+    then shrinks before scoring, not after)."""
+    from deltapack import checkpoint
+    from deltapack.compress import budget
+    from deltapack.compress.writer import recipe_params
+    from deltapack.recipes import parse
+    from deltapack.research import pairs
+
+    scored = []
+    rebuilt = budget._rebuilt
+
+    def recording(base, ft, lossy, recipes, *a, **k):
+        scored.append(dict(recipes))
+        return rebuilt(base, ft, lossy, recipes, *a, **k)
+
+    monkeypatch.setattr(budget, "_rebuilt", recording)
+    monkeypatch.setattr(budget, "_choose_proxy", lambda scores, n: "fisher")
+    estimate = budget._fixed_bits_estimate
+    monkeypatch.setattr(budget, "_fixed_bits_estimate", lambda *a: estimate(*a) - 8 * 4096)
+    out = tmp_path / "d.dpk"
+    s = checkpoint.compress(pair.base, pair.ft, out, budget=1.5, data=pairs.task_examples(pair, 32))
+    assert s["budget"]["proxy"] == "fisher" and 8 * os.path.getsize(out) <= 1.5 * n_params(pair)
+    fisher = scored[list(B.PROXIES).index("fisher")]  # scored in PROXIES order
+    f = dp.open(out)
+    for name, recipe in fisher.items():
+        if recipe is None:
+            assert name not in f.keys()
+            continue
+        codec, params = parse(recipe)
+        want = {k: v for k, v in recipe_params(codec, params).items() if k != "scale_exp"}  # quant's is measured
+        assert f[name].codec == codec and {k: v for k, v in f[name].params.items() if k != "scale_exp"} == want
+
+
 def test_cli_budget_and_info(pair, tmp_path, capsys):
     from deltapack import cli
 

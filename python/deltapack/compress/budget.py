@@ -44,7 +44,7 @@ _TERMS_BYTES = 1 << 30  # input covariances gathered (and kept on disk) to compa
 _TERMS_GROUP_BYTES = 256 << 20  # of them in memory at once: a pass over the data gathers each group
 _FACTORS_IN_MEMORY = 256 << 20  # bytes of SVD factors kept in memory between analysis and writing; more on disk
 # With --data the model is loaded again for scoring: what is kept meanwhile goes to disk, so that a 135 M
-# model's scoring peaks at 1.3 GB (its covariances are 0.4 GB, its factors under three proxies 2 GB).
+# model's scoring peaks at 1.4 GB (its covariances are 0.4 GB, its factors under three proxies 2 GB).
 _KEPT_IN_MEMORY_WITH_DATA = 32 << 20
 _FACTORS_ON_DISK = 32 << 30     # bytes beyond which factors are computed again when written
 

@@ -58,7 +58,9 @@ class DeltaWriter:
             self._w.add(enc._core(name))
             return
         core = enc._core(name)
-        core = core[:5] + ({k: np.ascontiguousarray(v) for k, v in core[5].items()},)  # the arrays the core reads
+        # the arrays the core reads (a copy of a non-contiguous one, which it would otherwise make and drop)
+        arrays = {k: np.asarray(v) for k, v in core[5].items()}
+        core = core[:5] + ({k: a if a.flags.c_contiguous else np.ascontiguousarray(a) for k, a in arrays.items()},)
         if self._w.add(core, True):
             self._held.append(core[5])
 

@@ -426,3 +426,28 @@ def test_a_proxy_allocating_as_the_one_it_scales_is_scored_once(pair, tmp_path, 
     scores = dp.open(out).metadata["budget"]["data"]["scores"]
     assert len(calls) == len(B.PROXIES) - 1
     assert scores["fisher-relative"] == scores["fisher"] and len(scores) == len(B.PROXIES)
+
+
+def test_spilled_terms_read_back_what_was_kept(tmp_path):
+    """Input covariances kept on disk group by group (an empty group among them) read back as they were, a
+    tied weight's embedding term (no covariance) included; the directory is gone after close."""
+    from deltapack.compress import budget, calibration
+
+    rng = np.random.default_rng(0)
+    tied = [calibration.Term(rng.uniform(0, 5, 6), None), calibration.Term(np.ones(6), rng.standard_normal((4, 4)))]
+    plain = [calibration.Term(np.ones(3), rng.standard_normal((4, 4)))]
+    spill = budget._Spill(tmp_path / "out.dpk", "cov", 0)
+    terms = budget._SpilledTerms(iter([{"tied": tied}, {}, {"plain": plain}]), spill)
+    assert list(terms) == ["tied", "plain"] and "tied" in terms and "other" not in terms
+    for name, want in (("tied", tied), ("plain", plain)):
+        got = terms[name]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.row, w.row)
+            assert (g.cov is None) == (w.cov is None)
+            if w.cov is not None:
+                np.testing.assert_array_equal(g.cov, w.cov)
+    with pytest.raises(KeyError):
+        terms["other"]
+    spill.close()
+    assert os.listdir(tmp_path) == []

@@ -106,13 +106,16 @@ class _SpilledTerms(Mapping):
     def __init__(self, groups, spill: _Spill):
         self.spill, self.names = spill, []
         for terms in groups:
-            for name, ts in terms.items():
-                spill.put(name, tuple(a for t in ts for a in (t.row, t.cov)))
-                if name not in spill:
-                    raise MemoryError(f"input covariances of {name} fit neither in memory nor on disk")
-                self.names.append(name)
-            del terms, ts  # not held while the next group is gathered
+            self._keep(terms)
+            del terms  # not held while the next group is gathered
             _return_freed_memory()
+
+    def _keep(self, terms):
+        for name, ts in terms.items():
+            self.spill.put(name, tuple(a for t in ts for a in (t.row, t.cov)))
+            if name not in self.spill:
+                raise MemoryError(f"input covariances of {name} fit neither in memory nor on disk")
+            self.names.append(name)
 
     def __getitem__(self, name):
         if name not in self.spill:

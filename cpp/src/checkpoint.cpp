@@ -214,6 +214,7 @@ void check_budget(const Fields& f, const json::Value& b, const std::string& wher
     for (const char* key : {"bits_per_param", "predicted_error"})
         if (const json::Value* v = f.member(b, key, where, false)) f.number(*v, where + "." + key);
     if (const json::Value* v = f.member(b, "proxy", where, false)) f.string(*v, where + ".proxy");
+    if (const json::Value* v = f.member(b, "lora_only", where, false)) f.boolean(*v, where + ".lora_only");
     if (const json::Value* per = f.member(b, "tensors", where, false)) {
         f.object(*per, where + ".tensors");
         for (auto& kv : per->obj) f.number(kv.second, Fields::at(where + ".tensors", kv.first));

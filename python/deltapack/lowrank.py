@@ -204,3 +204,12 @@ def encode_lowrank(x, rank=16, dtype="f16"):
     u, s, v, _, _ = svd(m, rank)
     root = np.sqrt(s).astype(F32)
     return {"u": round_to(np.ascontiguousarray(u.T * root), dtype), "v": round_to(root[:, None] * v, dtype)}
+
+
+def row_energy(m: np.ndarray, col: np.ndarray | None = None) -> np.ndarray:
+    """Σ_j c_j m_ij² per row, in float64, a block of rows at a time (no squared copy of a large m)."""
+    out = np.empty(m.shape[0])
+    for i in range(0, m.shape[0], 4096):
+        block = np.square(m[i:i + 4096], dtype=np.float64)
+        out[i:i + 4096] = block.sum(axis=1) if col is None else block @ col
+    return out

@@ -171,6 +171,8 @@ def cmd_info(args) -> int:
             print(f"kept files: {', '.join(map(shown, ckpt['files']))}")
         if ckpt["files_from_base"]:
             print(f"taken from the base at apply (SHA-256 checked): {', '.join(map(shown, ckpt['files_from_base']))}")
+    if ckpt is not None:
+        _print_adapter_coverage(f.metadata["checkpoint"], {t["name"]: t["codec"] for t in tensors})
     budget = metadata.pop("budget", None) if isinstance(metadata, dict) else None
     if budget:
         _print_budget(budget, f)
@@ -185,6 +187,21 @@ def shown(name: str) -> str:
     return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
+def _print_adapter_coverage(record: dict, codecs: dict) -> None:
+    """What a LoRA adapter exported from this delta carries (export gguf-lora / peft)."""
+    from ..export.finetune import adapter_coverage
+    c = adapter_coverage(record, codecs)
+    matrices = len(c["lowrank"]) + len(c["svd"])
+    if not matrices:
+        return
+    exact = "exactly as stored" if not c["svd"] else f"{len(c['svd'])} others cut to --rank by SVD on export"
+    print(f"LoRA adapter (export gguf-lora / peft): {len(c['lowrank'])} of {matrices} matrices low rank, {exact}")
+    lost = [f"{len(c['vectors'])} vectors (norms, biases: PEFT keeps them, llama.cpp does not)"] * bool(c["vectors"])
+    lost += [f"{shown(n)} ({why})" for n, why in c["other"]]
+    if lost:
+        print(f"  not in a llama.cpp adapter: {'; '.join(lost)}")
+
+
 def _print_budget(b: dict, f) -> None:
     """What `compress --budget` chose and what its proxy predicted."""
     ft_params = None
@@ -193,8 +210,9 @@ def _print_budget(b: dict, f) -> None:
         import math
         ft_params = sum(math.prod(s["shape"]) for s in rec["tensors"].values())
     used = f" ({8 * f.nbytes / ft_params:.3f} used)" if ft_params else ""
-    print(f"budget: {b.get('bits_per_param')} bits/param{used}, proxy '{b.get('proxy')}', predicted loss of the "
-          f"weighted delta {100 * float(b.get('predicted_error', 0)):.2f} %")
+    only = ", matrices low rank only (--lora-only)" if b.get("lora_only") is True else ""
+    print(f"budget: {b.get('bits_per_param')} bits/param{used}{only}, proxy '{b.get('proxy')}', predicted loss of "
+          f"the weighted delta {100 * float(b.get('predicted_error', 0)):.2f} %")
     if b.get("data", {}).get("scores"):
         sc = ", ".join(f"{p} {100 * v.get('agreement', 0):.1f} % (KL {v.get('kl', 0):.3g})"
                        for p, v in b["data"]["scores"].items())
@@ -226,13 +244,15 @@ def cmd_compress(args) -> int:
         raise ValueError("--data goes with --budget (to fit a recipe's scales use `deltapack calibrate`)")
     if args.budget is not None and args.recipe is not None:
         raise ValueError("give either --recipe or --budget")
+    if args.lora_only and args.budget is None:
+        raise ValueError("--lora-only goes with --budget (a recipe names its codecs itself: use lowrank)")
     data = None
     if args.data is not None:
         from .analyze import load_examples
         data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint.install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
-                            min_size=args.min_size, metadata=_metadata_arg(args.metadata),
+                            lora_only=args.lora_only,                            min_size=args.min_size, metadata=_metadata_arg(args.metadata),
                             threads=args.threads or None, quiet=args.quiet, force=args.force,
                             overwrite=args.overwrite, follow_links=args.follow_links)
     if args.json:
@@ -356,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", metavar="FILE", help="with --budget: calibration data (JSONL of {\"input_ids\": "
                    "[...], \"prompt_len\"} or text, one example per line) for data-aware proxies (Fisher "
                    "sensitivities); the proxy whose rebuilt model is closest to FT on this data is kept")
+    c.add_argument("--lora-only", action="store_true", help="with --budget: choose for every matrix only "
+                   "mixed-precision low rank (any rank) or nothing, what a LoRA adapter carries, so `export "
+                   "gguf-lora` and `export peft` write the stored matrices without further loss (norms and biases "
+                   "are stored as usual; the input embedding of a tied-embedding model is not stored)")
     c.add_argument("--max-examples", type=count, default=None, help="use only the first N examples of --data")
     c.add_argument("--min-size", type=count, default=None, metavar="N",
                    help="tensors with fewer elements are stored dense (default 4096; with --budget 1: every "

@@ -7,6 +7,7 @@ import json
 from .args import add_follow_links, finite_float, model_path
 
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
+LORA_OUTTYPES = OUTTYPES + ["q5_1", "q5_0", "q4_1", "q4_0"]
 
 
 def _module(name: str, needs: str):
@@ -92,7 +93,7 @@ def register(sub) -> None:
                                      "LoRA adapter.")
     esub = exp.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
 
-    def common(p, file_help, optional_file=False, rank=False, outtype=False, output="a file"):
+    def common(p, file_help, optional_file=False, rank=False, outtype=None, output="a file"):
         p.add_argument("base", type=model_path, help="base model: Hugging Face directory (config.json + "
                        "safetensors), or a Hub id in the Hugging Face cache")
         p.add_argument("file", nargs="?" if optional_file else None, default=None, help=file_help)
@@ -103,17 +104,19 @@ def register(sub) -> None:
         if rank:
             p.add_argument("--rank", type=int, default=16, help="rank for deltas not stored low-rank (default 16)")
         if outtype:
-            p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="tensor type (default f32)")
+            p.add_argument("--outtype", choices=outtype, default="f32", help="tensor type (default f32)" + (
+                "; the block types re-quantize the factors (q4_0: 4.5 bits per value) with the rank padded to "
+                "whole 32-value blocks where that is smaller, see docs/export.md" if outtype == LORA_OUTTYPES else ""))
         p.add_argument("--alpha", type=finite_float, default=1.0, help="delta scale: base + alpha * delta (default 1)")
         p.add_argument("--force", action="store_true", help="skip the check that BASE is the delta's base")
         p.add_argument("--json", action="store_true", help="machine-readable report")
 
     g = esub.add_parser("gguf-lora", help="llama.cpp LoRA adapter", description=cmd_gguf_lora.__doc__)
-    common(g, "delta file", rank=True, outtype=True, output="a GGUF file")
+    common(g, "delta file", rank=True, outtype=LORA_OUTTYPES, output="a GGUF file")
     g.set_defaults(fn=cmd_gguf_lora)
 
     m = esub.add_parser("gguf", help="complete GGUF model (base + delta, or the base)", description=cmd_gguf.__doc__)
-    common(m, "delta file (omit to export the base)", optional_file=True, outtype=True, output="a GGUF file")
+    common(m, "delta file (omit to export the base)", optional_file=True, outtype=OUTTYPES, output="a GGUF file")
     m.set_defaults(fn=cmd_gguf)
 
     p = esub.add_parser("peft", help="PEFT LoRA adapter directory", description=cmd_peft.__doc__)

@@ -23,7 +23,7 @@ __all__ = ["compress", "check_related"]
 
 
 def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
-             min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
+             lora_only: bool = False, min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
              keep_files: bool = True, force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 
@@ -36,6 +36,9 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     (deltapack.compress.allocate); data: calibration examples (a JSONL path or a list, see lm.read_data) for the
     data-aware proxies, the choice among them and the refit of scales (deltapack.compress.calibration); proxy: one of
     allocate.PROXIES instead of the choice.
+    lora_only: with a budget, every matrix is stored low rank (mixed precision, any rank) or not at all, so that
+    `export gguf-lora` and `export peft` carry the stored matrices without further loss; the input embedding of
+    a model with tied embeddings is not stored (an adapter cannot change both of its uses).
     force: store a pair that does not look like base + fine-tune (check_related) anyway.
     overwrite: replace an existing delta file at `out` (only a deltapack file; never BASE or FT or a file in them).
     follow_links: read BASE's and FT's files through symbolic links wherever they point.
@@ -55,9 +58,11 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
             from .budget import compress_to_budget  # the budget's pipeline (numpy SVDs, torch with data)
             threads = threads_for_model(sum(t.numel for t in ft.tensors.values()), threads)
             with bounded_threads(threads):
-                return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy,
+                return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, lora_only=lora_only,
                                           min_size=min_size or 1, metadata=metadata, threads=threads, quiet=quiet,
                                           keep_files=keep_files, overwrite=overwrite)
+        if lora_only:
+            raise ValueError("lora_only chooses among low-rank candidates under a budget: give a budget")
         if data is not None:
             raise ValueError("data (calibration examples) is used with a budget; for a recipe use "
                              "`deltapack calibrate`")

@@ -90,15 +90,6 @@ class Weights:
         return float(np.einsum("i,ij,j->", r, np.square(e, dtype=np.float64), c))
 
 
-def row_energy(m: np.ndarray, col: np.ndarray | None = None) -> np.ndarray:
-    """Σ_j c_j m_ij² per row, in float64, a block of rows at a time (no squared copy of a large m)."""
-    out = np.empty(m.shape[0])
-    for i in range(0, m.shape[0], 4096):
-        block = np.square(m[i:i + 4096], dtype=np.float64)
-        out[i:i + 4096] = block.sum(axis=1) if col is None else block @ col
-    return out
-
-
 def weight_ratio(scaled: Weights, of: Weights, rows: int, cols: int) -> float:
     """alpha with scaled = alpha x of (weights of one tensor under SCALED_FROM's two proxies)."""
     (r1, c1), (r0, c0) = scaled.floored(rows, cols), of.floored(rows, cols)
@@ -111,7 +102,7 @@ def proxy_weights(proxy: str, delta: np.ndarray, stats: Weights | None = None, e
     m = np.asarray(delta, np.float32)
     rows, cols = m.shape
     if proxy == "relative":
-        per_row = row_energy(m)
+        per_row = lowrank.row_energy(m)
         if embedding:
             return Weights(1.0 / (rows * weight_floor(per_row)), None)
         return Weights(np.full(rows, 1.0 / max(float(per_row.sum()), 1e-300)), None)
@@ -123,7 +114,7 @@ def proxy_weights(proxy: str, delta: np.ndarray, stats: Weights | None = None, e
     if proxy == "activation-relative":  # an embedding's inputs are its rows (tokens)
         r, c = (r, np.ones(cols)) if embedding else (np.ones(rows), c)
     if proxy != "fisher":
-        r = r / max(float(r @ row_energy(m, c)), 1e-300)
+        r = r / max(float(r @ lowrank.row_energy(m, c)), 1e-300)
     return Weights(r, c)
 
 
@@ -194,6 +185,16 @@ class TensorOptions:
             cands.append((recipe, err, size + entry_bits(self.name, "lowrank", params, _LOWRANK_COMPONENTS)))
         cands += [(r, e, b) for r, b, e in self.elements]
         return min(cands, key=lambda t: t[1] + lam * t[2])
+
+
+def not_stored_options(name: str, delta: np.ndarray, weights: Weights | None = None) -> TensorOptions:
+    """The options of a tensor whose only candidate is "not stored" (no SVD, nothing encoded): its weighted
+    energy is the error. For a matrix that the output cannot carry (compress --budget --lora-only)."""
+    m = reference.as_matrix(delta)
+    rows, cols = m.shape
+    r, c = (weights or Weights()).floored(rows, cols)
+    return TensorOptions(name, tuple(np.shape(delta)), rows, cols, float(lowrank.row_energy(m, c) @ r),
+                         np.zeros(0), {b: 0.0 for b in BITS}, {b: direction_bits(rows, cols, b) for b in BITS})
 
 
 def _eps_elements(length: int) -> np.ndarray:

@@ -152,7 +152,8 @@ class _Stages:
 
 
 def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
-                       metadata=None, threads=None, quiet=True, keep_files=True, overwrite=False) -> dict:
+                       lora_only=False, metadata=None, threads=None, quiet=True, keep_files=True,
+                       overwrite=False) -> dict:
     if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
         raise ValueError(f"budget={bits_per_param!r}: give bits per parameter, a number in (0, 64)")
     if proxy is not None and proxy not in B.PROXIES:
@@ -175,6 +176,9 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         stats = calibration.fisher_weights(ft.dir, examples)  # the model is not held while analysing
         _return_freed_memory()
     lossy = _lossy_tensors(ft, base, plan, min_size)
+    # --lora-only: low rank or nothing, so that a LoRA adapter carries every matrix as stored
+    elements = () if lora_only else B.ELEMENT_CODECS
+    not_carried = {n for n in lossy if lora_only and n == ft.tied_source(OUTPUT_EMBEDDINGS[0])}
 
     def weights_for(proxy):
         def weights(name, matrix):
@@ -201,9 +205,14 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                     continue
                 m = as_matrix(delta.reshape(shape))
                 ws = {p: weights_for(p)(name, m) for p in proxies}
+                if name in not_carried:
+                    for p in proxies:
+                        options[p][name] = B.not_stored_options(name, m, ws[p])
+                    continue
                 # a proxy that scales another's weights takes that one's analysis, scaled
                 analysed = {p: ws[p] for p in proxies if B.SCALED_FROM.get(p) not in proxies}
-                for p, opts in B.options_under(name, m, analysed, droppable=droppable, threads=threads,
+                for p, opts in B.options_under(name, m, analysed, elements=elements, droppable=droppable,
+                                               threads=threads,
                                                keep_factors=lambda p, f: factors.put((p, name), f)).items():
                     options[p][name] = opts
                 for p in proxies:
@@ -229,7 +238,8 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                 allocs[p] = _write_within_budget(base, ft, plan, _temporary_sibling(out), options[p], allocs[p],
                                                  target, budget_bits, bits_per_param, p, placeholder, examples,
                                                  len(lossy), lossy, metadata, keep_files, encoder_weights(p),
-                                                 factors.of(p), threads, stages, fit_only=True)
+                                                 factors.of(p), threads, stages, fit_only=True,
+                                                 lora_only=lora_only)
             bar = stages.bar("score", lossy_bytes * len(proxies))
             try:
                 scorer = calibration.Scorer(ft.dir, examples)
@@ -272,7 +282,8 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                                                               target, budget_bits, bits_per_param, chosen, scores,
                                                               examples, changed, lossy, metadata, keep_files,
                                                               encoder_weights(chosen), factors.of(chosen), threads,
-                                                              stages, overwrite=overwrite and data is None)
+                                                              stages, overwrite=overwrite and data is None,
+                                                              lora_only=lora_only)
             if data is not None:  # 4. refit the free scales on the calibration data (same size)
                 bar = stages.bar("refit", lossy_bytes)
                 try:
@@ -312,12 +323,12 @@ def _temporary_sibling(path) -> str:
 
 def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bits, bits_per_param, proxy, scores,
                          examples, changed, lossy, metadata, keep_files, weights, factors, threads,
-                         stages, overwrite=False, fit_only=False):
+                         stages, overwrite=False, fit_only=False, lora_only=False):
     """Write the allocation; while the real file (header included) is over the budget, shrink the target by
     the excess and allocate again. Returns (size, metadata, writer, budget record); fit_only: the allocation
     that fits, nothing written."""
     for _ in range(_TRIES):
-        record = _budget_record(bits_per_param, proxy, alloc, scores, examples, changed)
+        record = _budget_record(bits_per_param, proxy, alloc, scores, examples, changed, lora_only)
         meta = dict(metadata or {})
         meta["budget"] = record
         bar = progress_bar(0, "", True) if fit_only else stages.bar("write", total_bytes(base, ft, plan))
@@ -412,10 +423,11 @@ def _fixed_bits_estimate(ft, base, plan, lossy, keep_files) -> float:
     return 8.0 * total
 
 
-def _budget_record(bits_per_param, proxy, alloc, scores, examples, changed) -> dict:
+def _budget_record(bits_per_param, proxy, alloc, scores, examples, changed, lora_only=False) -> dict:
     """metadata["budget"]: what was asked, the proxy, its prediction (share of the weighted delta energy lost,
     per tensor and overall) and, with data, each proxy's agreement with the fine-tune and KL on the
-    calibration data, and how many tensors the data gave another recipe than the data-free allocation."""
+    calibration data, and how many tensors the data gave another recipe than the data-free allocation;
+    "lora_only": true when the matrices were chosen among what a LoRA adapter carries."""
     rec = {"bits_per_param": bits_per_param, "proxy": proxy,
            "predicted_error": round(alloc.error / alloc.energy, 6) if alloc.energy else 0.0,
            "tensors": {n: round(v["error"] / v["energy"], 6) if v["energy"] else 0.0
@@ -424,6 +436,8 @@ def _budget_record(bits_per_param, proxy, alloc, scores, examples, changed) -> d
         rec["data"] = {"examples": len(examples), "refit": "least-squares",
                        "scores": {p: {k: round(float(v), 6) for k, v in s.items()} for p, s in scores.items()},
                        **({} if changed is None else {"tensors_changed": changed})}
+    if lora_only:
+        rec["lora_only"] = True
     return rec
 
 

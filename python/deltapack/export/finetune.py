@@ -101,6 +101,31 @@ class FineTune:
         return reference.widen(self.base.read_tensor(name), self.base[name].float_name)
 
 
+def adapter_coverage(record: dict, codecs: dict) -> dict:
+    """How a LoRA adapter exported from a checkpoint delta carries each changed tensor, from the file's checkpoint
+    record and its stored tensors' codecs ({name: codec}) alone: {"lowrank": names written as stored, "svd": names
+    cut to --rank by SVD, "vectors": changed 1-D tensors (norms, biases), "other": [(name, why)] not in it}."""
+    rec = record["tensors"]
+    tied = "lm_head.weight" not in rec
+    out = {"lowrank": [], "svd": [], "vectors": [], "other": []}
+    for name, spec in rec.items():
+        if spec.get("op") == "same":
+            continue
+        if spec.get("op") != "delta" or spec.get("source", name) != name:
+            out["other"].append((name, spec.get("op") if spec.get("source", name) == name else "rebuilt from "
+                                 f"base tensor '{spec['source']}'"))
+        elif len(spec["shape"]) == 1:
+            out["vectors"].append(name)
+        elif len(spec["shape"]) != 2:
+            out["other"].append((name, f"{len(spec['shape'])}-d tensor"))
+        elif is_input_embedding(name) and tied:
+            if name in codecs:
+                out["other"].append((name, "input embedding tied to the output projection"))
+        elif name in codecs:
+            out["lowrank" if codecs[name] == "lowrank" else "svd"].append(name)
+    return out
+
+
 # ----------------------------------------------------------------------------- LoRA factors
 
 @dataclass
@@ -130,12 +155,22 @@ class LowRankView:
     factors: list = field(default_factory=list)   # LoraFactor
     vectors: list = field(default_factory=list)   # names of changed 1-D tensors (norms, biases)
     skipped: list = field(default_factory=list)   # (name, reason): not representable as LoRA
+    energy: dict = field(default_factory=dict)    # name -> Σ (alpha·Δ)² of each changed tensor that is a delta
+
+    def lost_energy(self, names) -> float:
+        """The share of the delta's energy (Σ Δ² over every changed tensor) in `names`."""
+        total = sum(self.energy.values())
+        return sum(self.energy.get(n, 0.0) for n in names) / total if total else 0.0
 
     def report(self) -> dict:
         return {"tensors": [{"name": f.name, "rank": f.rank, "source": f.source, "rel_error": f.rel_error}
                             for f in self.factors],
                 "vectors": list(self.vectors),
-                "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+                "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+                "energy": {"svd_error": sum(self.energy[f.name] * f.rel_error ** 2 for f in self.factors)
+                           / max(sum(self.energy.values()), 1e-300),
+                           "vectors": self.lost_energy(self.vectors),
+                           "skipped": self.lost_energy(n for n, _ in self.skipped)}}
 
 
 def svd_factors(d: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +190,11 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
     if rank < 1:
         raise ValueError(f"rank must be >= 1 (got {rank})")
     view = LowRankView()
+
+    def energy(name):  # Σ (alpha·Δ)² of a stored delta, decoded a block of rows at a time
+        d = reference.as_matrix(tensors.decode(ft.delta_enc(name), threads=ft.threads))
+        view.energy[name] = float(ft.alpha) ** 2 * float(lowrank.row_energy(d).sum())
+
     for name in ft.names():
         kind, why = ft.kind(name)
         if kind == "same":
@@ -168,13 +208,16 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
             continue
         if len(shape) == 1:
             view.vectors.append(name)
+            energy(name)
             continue
         if len(shape) != 2:
             view.skipped.append((name, f"{len(shape)}-d tensor (LoRA covers matrices)"))
+            energy(name)
             continue
         if is_input_embedding(name) and ft.tied_embeddings:
             view.skipped.append((name, "input embedding tied to the output projection (a LoRA would "
                                        "change only the input side)"))
+            energy(name)
             continue
         enc = ft.delta_enc(name)
         if enc.codec == "lowrank":  # quantized factors are dequantized (f32), float ones kept in their dtype
@@ -183,13 +226,17 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
             dt = enc.params.get("dtype", "f32")
             f = LoraFactor(name, u.astype(np.float32), np.ascontiguousarray(v, np.float32), "lowrank", 0.0,
                            dt if ft.alpha == 1.0 else "f32")
+            # |u v|² = Σ (uᵀu) ∘ (v vᵀ), without the product
+            view.energy[name] = float(np.sum((f.u.T.astype(np.float64) @ f.u) * (f.v.astype(np.float64) @ f.v.T)))
         else:
             d = tensors.decode(enc, threads=ft.threads) * np.float32(ft.alpha)
             if not d.any():
                 continue
             u, v = svd_factors(d, min(rank, *shape))
-            err = float(np.linalg.norm(d - u @ v) / max(np.linalg.norm(d), 1e-30))
+            norm = np.linalg.norm(d)
+            err = float(np.linalg.norm(d - u @ v) / max(norm, 1e-30))
             f = LoraFactor(name, np.ascontiguousarray(u), np.ascontiguousarray(v), "svd", err, "f32")
+            view.energy[name] = float(norm) ** 2
         view.factors.append(f)
         if progress:
             progress(f)

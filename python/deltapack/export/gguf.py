@@ -35,6 +35,10 @@ from .finetune import FineTune, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+# An adapter's factors may also take the 32-value block types that gguf-py quantizes and llama.cpp's CPU backend
+# multiplies (tests/test_export_gguf.py loads each); the k-quants' 256-value blocks would pad every rank to 256.
+LORA_OUTTYPES = {**OUTTYPES, "q5_1": gguf.GGMLQuantizationType.Q5_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+                 "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
@@ -188,13 +192,17 @@ class _Names:
         return rows
 
 
-def _qtype_for(name: str, shape, outtype: str, notes: list) -> gguf.GGMLQuantizationType:
-    """Output type of one tensor: vectors and norms f32; q8_0 only for rows of whole 32-value blocks."""
+def _qtype_for(name: str, shape, outtype: str, notes: list | None) -> gguf.GGMLQuantizationType:
+    """Output type of one tensor: vectors and norms f32; a block type only for rows of whole blocks (else f16,
+    with a note when `notes` is a list)."""
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return gguf.GGMLQuantizationType.F32
-    q = OUTTYPES[outtype]
-    if q == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32 != 0:
-        notes.append(f"{name}: rows of {shape[-1]} values are not whole q8_0 blocks of 32; written as f16")
+    q = LORA_OUTTYPES[outtype]
+    block = gguf.GGML_QUANT_SIZES[q][0]
+    if shape[-1] % block != 0:
+        if notes is not None:
+            notes.append(f"{name}: rows of {shape[-1]} values are not whole {outtype} blocks of {block}; "
+                         "written as f16")
         return gguf.GGMLQuantizationType.F16
     return q
 
@@ -232,9 +240,10 @@ class _StreamWriter:
             self.w.write_ti_data_to_file()
             for name, shape, qtype in self.order:
                 data = np.ascontiguousarray(produce(name), dtype=np.float32)
-                if qtype == gguf.GGMLQuantizationType.Q8_0:
+                if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                 gguf.GGMLQuantizationType.BF16):
                     # gguf-py computes 1/scale in f32, which overflows for blocks of values below ~1e-37;
-                    # such values round to 0 in q8_0 anyway (its scale is f16).
+                    # such values round to 0 in a block type anyway (its scale is f16).
                     data = np.where(np.abs(data) < 1e-30, np.float32(0), data)
                 if tuple(data.shape) != shape:
                     raise ValueError(f"tensor '{name}': produced shape {list(data.shape)}, declared {list(shape)}")
@@ -263,22 +272,55 @@ class _StreamWriter:
 
 # ----------------------------------------------------------------------------- LoRA adapter
 
-def _opened(base, delta, alpha, outtype, force, follow_links):
+def _opened(base, delta, alpha, outtype, force, follow_links, outtypes=OUTTYPES):
     """The fine-tune to export, its llama.cpp architecture and checked config: every check before any work."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    if outtype not in outtypes:
+        raise ValueError(f"outtype must be one of {', '.join(outtypes)} (got {outtype!r})")
     ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)
     return ft, arch, checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
+
+
+def _lora_pair(f, gname: str, names: _Names, outtype: str):
+    """(A, B) of one factor as llama.cpp takes them (the token embedding transposed), at the rank written: for a
+    block type the rank is padded with zero directions to whole blocks when that is smaller than leaving the
+    tensors whose rows run along the rank in f16, and the directions are rescaled so that a block along the rank
+    holds values of one magnitude (B's columns of one norm; for the embedding, A's and B's columns equal)."""
+    u, v = f.u, f.v
+    embd = gname == "token_embd.weight"
+    block = gguf.GGML_QUANT_SIZES[LORA_OUTTYPES[outtype]][0]
+    if block > 1:
+        nu, nv = np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1)
+        ok = (nu > 0) & (nv > 0)
+        c = np.where(ok, np.sqrt(nv / np.where(ok, nu, 1)) if embd else 1 / np.where(ok, nu, 1), 1).astype(np.float32)
+        u, v = u * c, v / c[:, None]
+
+    def pair(rank):
+        uu = np.zeros((u.shape[0], rank), np.float32)
+        vv = np.zeros((rank, v.shape[1]), np.float32)
+        uu[:, :f.rank], vv[:f.rank] = u, v
+        if embd:   # rows looked up in A: A = u (vocab x r), B = v.T (dim x r)
+            return np.ascontiguousarray(uu), np.ascontiguousarray(vv.T)
+        return vv, np.ascontiguousarray(names.permute(f.name, uu))
+
+    def size(rank):
+        a_shape, b_shape = ((u.shape[0], rank), (v.shape[1], rank)) if embd else ((rank, v.shape[1]), (u.shape[0], rank))
+        return sum(_nbytes(sh, _qtype_for(gname, sh, outtype, None)) for sh in (a_shape, b_shape))
+
+    padded = -(-f.rank // block) * block
+    return pair(padded if size(padded) < size(f.rank) else f.rank)
 
 
 def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alpha: float = 1.0,
                      quiet: bool = False, force: bool = False, overwrite: bool = False,
                      follow_links: bool = False) -> dict:
     """Write `delta` (against `base`) as a llama.cpp LoRA adapter. Returns a report with, per tensor,
-    its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error.
-    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
-    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links)
+    its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error, and the
+    share of the delta's energy the adapter does not carry (vectors, skipped tensors, SVD error).
+    outtype: f32 (exact), f16, bf16 or a block type of LORA_OUTTYPES (the rank padded to whole blocks where that
+    is smaller). overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links
+    wherever they point."""
+    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links, LORA_OUTTYPES)
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
     names = _Names(arch, config)
 
@@ -290,25 +332,25 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     if not view.factors:
         raise ValueError(f"{ft.delta.path}: no matrix delta to write as a LoRA adapter "
                          f"({len(view.skipped)} not representable, {len(view.vectors)} vectors)")
-    common = Counter(f.rank for f in view.factors).most_common(1)[0][0]
-    notes, entries, kept = [], {}, []
+    notes, pairs, kept = [], {}, []
     for f in view.factors:
         gname = names.gguf_name(f.name)
         if gname is None:
             view.skipped.append((f.name, f"no GGUF name for this tensor in {arch.name}"))
             continue
         kept.append(f)
-        # llama.cpp scales every pair by alpha / r: fold r / alpha into B so each tensor keeps its own rank.
-        u = f.u if f.rank == common else f.u * np.float32(f.rank / common)
-        if gname == "token_embd.weight":   # rows looked up in A: A = u (vocab x r), B = v.T (dim x r)
-            a, b = np.ascontiguousarray(u), np.ascontiguousarray(f.v.T)
-        else:
-            a, b = f.v, np.ascontiguousarray(names.permute(f.name, u))
-        entries[gname + ".lora_a"] = a
-        entries[gname + ".lora_b"] = b
+        pairs[gname] = _lora_pair(f, gname, names, outtype)
     view.factors = kept
     if not kept:
         raise ValueError(f"{ft.delta.path}: none of its matrix deltas has a tensor name in llama.cpp's {arch.name}")
+    # llama.cpp scales every pair by alpha / r, r its rank in the file: fold r / alpha into B so each pair keeps
+    # its own rank.
+    written = {g: b.shape[1] for g, (a, b) in pairs.items()}
+    common = Counter(written.values()).most_common(1)[0][0]
+    entries = {}
+    for gname, (a, b) in pairs.items():
+        entries[gname + ".lora_a"] = a
+        entries[gname + ".lora_b"] = b if written[gname] == common else b * np.float32(written[gname] / common)
     sw = _StreamWriter(out, arch.name, overwrite)
     sw.w.add_type(gguf.GGUFType.ADAPTER)
     sw.w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -324,7 +366,15 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     for n in view.vectors:
         _say(f"not in the adapter: {n} (vector; LoRA covers matrices)", quiet)
     rep = view.report()
-    rep.update(out=os.fspath(out), arch=arch.name, alpha=float(common), notes=notes)
+    e = rep["energy"]
+    _say(f"the adapter carries {100 * (1 - e['vectors'] - e['skipped'] - e['svd_error']):.2f} % of the delta's energy "
+         f"(sum of squares); not carried: vectors {100 * e['vectors']:.2f} %, other tensors {100 * e['skipped']:.2f} %"
+         f", SVD to rank {rank} {100 * e['svd_error']:.2f} %" + ("" if outtype == "f32" else
+                                                                   f", before rounding to {outtype}"), quiet)
+    for t in rep["tensors"]:
+        t["rank_in_file"] = written[names.gguf_name(t["name"])]
+    rep.update(out=os.fspath(out), arch=arch.name, alpha=float(common), outtype=outtype, notes=notes,
+               bytes=os.path.getsize(out))
     return rep
 
 

@@ -1,0 +1,135 @@
+"""Adapter-exact budgets (`compress --budget B --lora-only`) and what an adapter carries: the delta's matrices reach
+PEFT and llama.cpp as stored, the adapters' block types stay close to the exact f32 adapter, and the energy an
+adapter drops is reported as numpy computes it from the decoded deltas."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+import deltapack as dp  # noqa: E402
+from deltapack import checkpoint, cli  # noqa: E402
+from deltapack.export.gguf import export_gguf_lora, export_gguf_model  # noqa: E402
+
+pairs = pytest.importorskip("deltapack.research.pairs")
+PROMPT = [256] + list(b"kqzvm>")   # BOS + a task prompt of the tiny pairs (byte tokens)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])   # untied and tied embeddings
+def lora_only(request, tmp_path_factory):
+    pair = pairs.build_pair(request.param, "tiny")
+    tmp = tmp_path_factory.mktemp(f"lora_only_{request.param}")
+    s = checkpoint.compress(pair.base, pair.ft, tmp / "lo.dpk", budget=1.1, lora_only=True)
+    return pair, tmp, s
+
+
+def _tied(pair):
+    return json.loads((pair.base / "config.json").read_text()).get("tie_word_embeddings", False)
+
+
+def test_every_stored_matrix_is_low_rank_within_the_budget(lora_only):
+    pair, tmp, s = lora_only
+    f = dp.open(tmp / "lo.dpk")
+    rec = f.metadata["checkpoint"]["tensors"]
+    params = sum(int(np.prod(t["shape"])) for t in rec.values())
+    assert 8 * f.nbytes <= 1.1 * params
+    codecs = {n: f[n].codec for n in f.keys()}
+    matrices = [n for n in codecs if len(rec[n]["shape"]) == 2]
+    assert matrices and all(codecs[n] == "lowrank" for n in matrices)
+    assert all(codecs[n] == "dense" for n in codecs if len(rec[n]["shape"]) == 1)  # norms and biases as usual
+    assert f.metadata["budget"]["lora_only"] is True
+    if _tied(pair):   # the tied input embedding changed but is not stored: an adapter cannot change both its uses
+        assert "model.embed_tokens.weight" in rec and "model.embed_tokens.weight" not in codecs
+    # and an unrestricted budget on the same pair does choose other codecs, so the restriction is real
+    free = checkpoint.compress(pair.base, pair.ft, tmp / "free.dpk", budget=1.1)
+    g = dp.open(tmp / "free.dpk")
+    assert "lora_only" not in g.metadata["budget"] and free["file_bytes"] <= 1.1 * params / 8
+    free_codecs = {n: g[n].codec for n in g.keys() if len(rec[n]["shape"]) == 2}
+    assert set(free_codecs.values()) != {"lowrank"} or "model.embed_tokens.weight" in free_codecs
+
+
+def test_info_says_the_adapter_carries_the_matrices_as_stored(lora_only, capsys):
+    pair, tmp, _ = lora_only
+    assert cli.main(["info", str(tmp / "lo.dpk")]) == 0
+    out = capsys.readouterr().out
+    assert "matrices low rank, exactly as stored" in out and "--lora-only" in out
+    assert "input embedding tied" not in out   # not stored: nothing is left out of the adapter but vectors
+    checkpoint.compress(pair.base, pair.ft, tmp / "sign.dpk", recipe="*.mlp.*=sign;*=lowrank:rank=4", min_size=1000)
+    assert cli.main(["info", str(tmp / "sign.dpk")]) == 0
+    out = capsys.readouterr().out
+    assert "6 others cut to --rank by SVD on export" in out  # 2 layers x 3 MLP matrices
+    assert ("model.embed_tokens.weight (input embedding tied to the output projection)" in out) == _tied(pair)
+
+
+def test_peft_and_gguf_adapters_carry_the_stored_factors(lora_only):
+    """Every factor pair in both adapters multiplies out to the stored delta (as deltapack decodes it)."""
+    pair, tmp, _ = lora_only
+    from safetensors.torch import load_file
+
+    from deltapack.export.peft import export_peft
+    f = dp.open(tmp / "lo.dpk")
+    want = {n: dp.decode(f[n]) for n in f.keys() if f[n].codec == "lowrank"}
+    rep = export_peft(pair.base, tmp / "lo.dpk", tmp / "peft")
+    assert {t["source"] for t in rep["tensors"]} == {"lowrank"}
+    st = {k: v.double().numpy() for k, v in load_file(tmp / "peft" / "adapter_model.safetensors").items()}
+    for name, d in want.items():
+        mod = "base_model.model." + name.removesuffix(".weight")
+        if f"{mod}.lora_A.weight" in st:
+            got = st[f"{mod}.lora_B.weight"] @ st[f"{mod}.lora_A.weight"]
+        else:   # an untied embedding: lora_embedding_A (r x vocab), lora_embedding_B (dim x r)
+            got = (st[f"{mod}.lora_embedding_B"] @ st[f"{mod}.lora_embedding_A"]).T
+        np.testing.assert_allclose(got, d, rtol=0, atol=1e-6 * np.abs(d).max())
+    rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "a.gguf", quiet=True)
+    assert {t["source"] for t in rep["tensors"]} == {"lowrank"}
+    assert {t["name"] for t in rep["tensors"]} == set(want)
+
+
+def test_energy_not_carried_is_reported(lora_only):
+    pair, tmp, _ = lora_only
+    f = dp.open(tmp / "lo.dpk")
+    energy = {n: float(np.square(dp.decode(f[n]), dtype=np.float64).sum()) for n in f.keys()}
+    total = sum(energy.values())
+    vectors = sum(e for n, e in energy.items() if len(f[n].shape) == 1)
+    rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "b.gguf", quiet=True)
+    assert rep["energy"]["vectors"] == pytest.approx(vectors / total, rel=1e-5) and vectors > 0
+    assert rep["energy"]["svd_error"] == 0 and rep["energy"]["skipped"] == 0
+
+
+BLOCK_TYPES = {"q8_0": 0.01, "q5_1": 0.03, "q5_0": 0.04, "q4_1": 0.05, "q4_0": 0.05}
+
+
+def test_block_type_adapters_load_in_llama_cpp_close_to_f32(lora_only, tmp_path):
+    """Each block type loads and runs in llama.cpp; its logits stay within a bound (of the largest logit) of the f32
+    adapter's, which equals the torch model rebuilt from the stored matrices; ranks are padded to whole blocks."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pair, tmp, _ = lora_only
+    base = tmp_path / "base.gguf"
+    export_gguf_model(pair.base, None, base, quiet=True)
+
+    def logits(adapter=None):
+        llm = llama_cpp.Llama(model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=64,
+                              n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
+        llm.eval(PROMPT)
+        return np.array(llm.scores[:len(PROMPT)], dtype=np.float64)
+
+    export_gguf_lora(pair.base, tmp / "lo.dpk", tmp_path / "f32.gguf", quiet=True)
+    exact = logits(tmp_path / "f32.gguf")
+    effect = np.abs(exact - logits()).max()
+    assert effect > 0.05 * np.abs(exact).max()   # the adapter matters, so the bounds below mean something
+    sizes = {}
+    for outtype, bound in BLOCK_TYPES.items():
+        path = tmp_path / f"{outtype}.gguf"
+        rep = export_gguf_lora(pair.base, tmp / "lo.dpk", path, outtype=outtype, quiet=True)
+        sizes[outtype] = rep["bytes"]
+        diff = np.abs(logits(path) - exact).max()
+        assert diff <= bound * np.abs(exact).max(), (outtype, diff)
+        tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        for t in rep["tensors"]:
+            assert t["rank_in_file"] >= t["rank"]
+        for name, t in tensors.items():
+            if t.tensor_type.name != "F16":
+                assert t.tensor_type.name == outtype.upper() and t.shape[0] % 32 == 0
+    assert sizes["q4_0"] < sizes["q5_0"] < sizes["q8_0"] < (tmp_path / "f32.gguf").stat().st_size

@@ -60,7 +60,7 @@ def test_info_says_the_adapter_carries_the_matrices_as_stored(lora_only, capsys)
     checkpoint.compress(pair.base, pair.ft, tmp / "sign.dpk", recipe="*.mlp.*=sign;*=lowrank:rank=4", min_size=1000)
     assert cli.main(["info", str(tmp / "sign.dpk")]) == 0
     out = capsys.readouterr().out
-    assert "6 others cut to --rank by SVD on export" in out  # 2 layers x 3 MLP matrices
+    assert "the others (6) cut to --rank by SVD on export" in out  # 2 layers x 3 MLP matrices
     assert ("model.embed_tokens.weight (input embedding tied to the output projection)" in out) == _tied(pair)
 
 

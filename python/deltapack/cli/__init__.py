@@ -194,7 +194,8 @@ def _print_adapter_coverage(record: dict, codecs: dict) -> None:
     matrices = len(c["lowrank"]) + len(c["svd"])
     if not matrices:
         return
-    exact = "exactly as stored" if not c["svd"] else f"{len(c['svd'])} others cut to --rank by SVD on export"
+    n = len(c["svd"])
+    exact = "exactly as stored" if not n else f"the other{'s' * (n > 1)} ({n}) cut to --rank by SVD on export"
     print(f"LoRA adapter (export gguf-lora / peft): {len(c['lowrank'])} of {matrices} matrices low rank, {exact}")
     lost = [f"{len(c['vectors'])} vectors (norms, biases: PEFT keeps them, llama.cpp does not)"] * bool(c["vectors"])
     lost += [f"{shown(n)} ({why})" for n, why in c["other"]]
@@ -252,7 +253,7 @@ def cmd_compress(args) -> int:
         data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint.install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
-                            lora_only=args.lora_only,                            min_size=args.min_size, metadata=_metadata_arg(args.metadata),
+                            lora_only=args.lora_only, min_size=args.min_size, metadata=_metadata_arg(args.metadata),
                             threads=args.threads or None, quiet=args.quiet, force=args.force,
                             overwrite=args.overwrite, follow_links=args.follow_links)
     if args.json:

@@ -23,7 +23,8 @@ __all__ = ["compress", "check_related"]
 
 
 def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
-             lora_only: bool = False, min_size: int | None = None, metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
+             lora_only: bool = False, min_size: int | None = None, metadata: dict | None = None,
+             threads: int | None = None, quiet: bool = True,
              keep_files: bool = True, force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 

@@ -304,7 +304,8 @@ def _lora_pair(f, gname: str, names: _Names, outtype: str):
         return vv, np.ascontiguousarray(names.permute(f.name, uu))
 
     def size(rank):
-        a_shape, b_shape = ((u.shape[0], rank), (v.shape[1], rank)) if embd else ((rank, v.shape[1]), (u.shape[0], rank))
+        a_shape, b_shape = ((u.shape[0], rank), (v.shape[1], rank)) if embd else \
+            ((rank, v.shape[1]), (u.shape[0], rank))
         return sum(_nbytes(sh, _qtype_for(gname, sh, outtype, None)) for sh in (a_shape, b_shape))
 
     padded = -(-f.rank // block) * block
@@ -369,8 +370,8 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     e = rep["energy"]
     _say(f"the adapter carries {100 * (1 - e['vectors'] - e['skipped'] - e['svd_error']):.2f} % of the delta's energy "
          f"(sum of squares); not carried: vectors {100 * e['vectors']:.2f} %, other tensors {100 * e['skipped']:.2f} %"
-         f", SVD to rank {rank} {100 * e['svd_error']:.2f} %" + ("" if outtype == "f32" else
-                                                                   f", before rounding to {outtype}"), quiet)
+         f", SVD to rank {rank} {100 * e['svd_error']:.2f} %"
+         + ("" if outtype == "f32" else f", before rounding to {outtype}"), quiet)
     for t in rep["tensors"]:
         t["rank_in_file"] = written[names.gguf_name(t["name"])]
     rep.update(out=os.fspath(out), arch=arch.name, alpha=float(common), outtype=outtype, notes=notes,

@@ -53,7 +53,7 @@ def _torch_model(base_dir, delta=None, matrices_only=False, tied=False):
         if matrices_only and (len(spec["shape"]) != 2 or (tied and name == "model.embed_tokens.weight")):
             continue
         enc = f[name]
-        if enc.codec == "lowrank":
+        if enc.codec == "lowrank" and "u" in enc.components:   # float factors: their product in float64
             u = torch.from_numpy(reference.widen(enc.components["u"], enc.params["dtype"])).double()
             v = torch.from_numpy(reference.widen(enc.components["v"], enc.params["dtype"])).double()
             d = (u @ v).float()

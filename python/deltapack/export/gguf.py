@@ -281,19 +281,22 @@ def _opened(base, delta, alpha, outtype, force, follow_links, outtypes=OUTTYPES)
     return ft, arch, checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
 
 
+def _balanced(u, v, embd: bool):
+    """u·c, v/c with c per direction: B's columns of one norm, or for the embedding A's and B's columns equal."""
+    nu, nv = np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1)
+    ok = (nu > 0) & (nv > 0)
+    c = np.where(ok, np.sqrt(nv / np.where(ok, nu, 1)) if embd else 1 / np.where(ok, nu, 1), 1).astype(np.float32)
+    return u * c, v / c[:, None]
+
+
 def _lora_pair(f, gname: str, names: _Names, outtype: str):
     """(A, B) of one factor as llama.cpp takes them (the token embedding transposed), at the rank written: for a
     block type the rank is padded with zero directions to whole blocks when that is smaller than leaving the
     tensors whose rows run along the rank in f16, and the directions are rescaled so that a block along the rank
     holds values of one magnitude (B's columns of one norm; for the embedding, A's and B's columns equal)."""
-    u, v = f.u, f.v
     embd = gname == "token_embd.weight"
     block = gguf.GGML_QUANT_SIZES[LORA_OUTTYPES[outtype]][0]
-    if block > 1:
-        nu, nv = np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1)
-        ok = (nu > 0) & (nv > 0)
-        c = np.where(ok, np.sqrt(nv / np.where(ok, nu, 1)) if embd else 1 / np.where(ok, nu, 1), 1).astype(np.float32)
-        u, v = u * c, v / c[:, None]
+    u, v = _balanced(f.u, f.v, embd) if block > 1 else (f.u, f.v)
 
     def pair(rank):
         uu = np.zeros((u.shape[0], rank), np.float32)

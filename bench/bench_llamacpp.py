@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 
 PAIRS = ["llama:small:add", "qwen2:small:add", "mistral:small:add"]
 BUDGETS = [0.5, 1.1, 2.1]
-BLOCK_TYPES = ["q8_0", "q5_0", "q4_0"]
+BLOCK_TYPES = ["q8_0", "q5_0", "q5_0/q4_0", "q4_0"]   # A/B: the input side A is the more sensitive
 
 
 def log(msg):
@@ -72,7 +72,7 @@ def llama_logits(base_gguf, adapter, ids):
     return out
 
 
-def quality(spec, budgets, tmp):
+def quality(spec, budgets, tmp, rank_multiple):
     from size_quality import build, evaluate_delta
 
     from deltapack import checkpoint, lm
@@ -94,7 +94,7 @@ def quality(spec, budgets, tmp):
     probe = examples[0]["input_ids"]
     for b in budgets:
         point = {"bits": b}
-        for kind, kw in (("unrestricted", {}), ("lora_only", {"lora_only": True})):
+        for kind, kw in (("unrestricted", {}), ("lora_only", {"lora_only": True, "rank_multiple": rank_multiple})):
             path = os.path.join(tmp, f"{kind}-{b}.dpk")
             checkpoint.compress(pair.base, pair.ft, path, budget=b, **kw)
             acc = evaluate_delta(pair, path, examples, model)["accuracy"]
@@ -103,7 +103,7 @@ def quality(spec, budgets, tmp):
         delta = os.path.join(tmp, f"lora_only-{b}.dpk")
         adapters = {}
         for outtype in ["f32"] + BLOCK_TYPES:
-            path = os.path.join(tmp, f"adapter-{b}-{outtype}.gguf")
+            path = os.path.join(tmp, f"adapter-{b}-{outtype.replace('/', '-')}.gguf")
             rep = export_gguf_lora(pair.base, delta, path, outtype=outtype, quiet=True)
             acc = llama_accuracy(base_gguf, path, examples)
             adapters[outtype] = {"bytes": rep["bytes"], "accuracy": acc,
@@ -111,7 +111,7 @@ def quality(spec, budgets, tmp):
                                  "energy_not_carried": rep["energy"]["vectors"] + rep["energy"]["skipped"]}
         exact = llama_logits(base_gguf, os.path.join(tmp, f"adapter-{b}-f32.gguf"), probe)
         for outtype in BLOCK_TYPES:
-            got = llama_logits(base_gguf, os.path.join(tmp, f"adapter-{b}-{outtype}.gguf"), probe)
+            got = llama_logits(base_gguf, os.path.join(tmp, f"adapter-{b}-{outtype.replace('/', '-')}.gguf"), probe)
             adapters[outtype]["max_logit_change"] = float(abs(got - exact).max() / abs(exact).max())
         for a in adapters.values():
             a["kept"] = a["retention"] / point["lora_only"]["retention"] if point["lora_only"]["retention"] else None
@@ -132,7 +132,7 @@ def rss_mib(pid):
     return float("nan")
 
 
-def serving(pair, budgets, tmp, requests, n_predict):
+def serving(pair, budgets, tmp, requests, n_predict, rank_multiple):
     import llama_server
 
     from deltapack import checkpoint
@@ -144,7 +144,7 @@ def serving(pair, budgets, tmp, requests, n_predict):
     adapters, merged = [], os.path.join(tmp, "merged.gguf")
     for b in budgets[-2:]:
         delta = os.path.join(tmp, f"serve-{b}.dpk")
-        checkpoint.compress(pair.base, pair.ft, delta, budget=b, lora_only=True)
+        checkpoint.compress(pair.base, pair.ft, delta, budget=b, lora_only=True, rank_multiple=rank_multiple)
         adapters.append(os.path.join(tmp, f"serve-{b}.gguf"))
         export_gguf_lora(pair.base, delta, adapters[-1], quiet=True)
     export_gguf_model(pair.base, delta, merged, quiet=True)
@@ -189,7 +189,8 @@ def markdown(results, server) -> str:
              "pair's held-out examples (exact match); `kept` = retention through llama.cpp / retention of the same "
              "delta through `deltapack apply`; size = adapter bytes / delta file bytes.", ""]
     for res in results:
-        lines += [f"## {res['pair']} (base {res['base']:.3f}, fine-tune {res['ft']:.3f}, {res['examples']} examples)",
+        lines += [f"## {res['pair']} (base {res['base']:.3f}, fine-tune {res['ft']:.3f}, {res['examples']} examples; "
+                  f"--lora-only --rank-multiple {res['rank_multiple']})",
                   "", "| bits | --budget (bits used) | --lora-only (bits used) | llama.cpp f32: kept, size | "
                   + " | ".join(f"{t}: kept, size, max logit change" for t in BLOCK_TYPES) + " | not carried (energy) |",
                   "|---|---|---|---|" + "---|" * len(BLOCK_TYPES) + "---|"]
@@ -220,6 +221,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=PAIRS)
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    ap.add_argument("--rank-multiple", type=int, default=32, help="of the --lora-only budgets (default 32)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--requests", type=int, default=16)
@@ -235,11 +237,12 @@ def main():
                 continue
             d = os.path.join(tmp, spec.replace(":", "_"))
             os.mkdir(d)
-            res, pair = quality(spec, args.budgets, d)
+            res, pair = quality(spec, args.budgets, d, args.rank_multiple)
+            res["rank_multiple"] = args.rank_multiple
             results.append(res)
             first = first or pair
         if not args.skip_server:
-            server = serving(first, args.budgets, tmp, args.requests, args.n_predict)
+            server = serving(first, args.budgets, tmp, args.requests, args.n_predict, args.rank_multiple)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "llamacpp.json"), "w") as fh:
         json.dump({"quality": results, "server": server}, fh, indent=1)

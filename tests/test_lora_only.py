@@ -133,3 +133,47 @@ def test_block_type_adapters_load_in_llama_cpp_close_to_f32(lora_only, tmp_path)
             if t.tensor_type.name != "F16":
                 assert t.tensor_type.name == outtype.upper() and t.shape[0] % 32 == 0
     assert sizes["q4_0"] < sizes["q5_0"] < sizes["q8_0"] < (tmp_path / "f32.gguf").stat().st_size
+
+
+def test_rank_multiple_fills_adapter_blocks_without_padding(tmp_path, capsys):
+    """--rank-multiple 32: every stored rank is a multiple of 32 (or every direction of the matrix), so a block-type
+    adapter holds the stored ranks as they are; the file stays within the budget."""
+    pair = pairs.build_pair("llama", "tiny")
+    out = tmp_path / "m.dpk"
+    assert cli.main(["compress", str(pair.base), str(pair.ft), "-o", str(out), "--budget", "2.1", "--lora-only",
+                     "--rank-multiple", "32", "-q"]) == 0
+    f = dp.open(out)
+    rec = f.metadata["checkpoint"]["tensors"]
+    assert 8 * f.nbytes <= 2.1 * sum(int(np.prod(t["shape"])) for t in rec.values())
+    ranks = {n: f[n].params["rank"] for n in f.keys() if f[n].codec == "lowrank"}
+    assert ranks and all(r % 32 == 0 or r == min(f[n].shape) for n, r in ranks.items())
+    rep = export_gguf_lora(pair.base, out, tmp_path / "a.gguf", outtype="q5_0/q4_0", quiet=True)
+    assert all(t["rank_in_file"] == t["rank"] for t in rep["tensors"])
+    for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors:   # f16 only where rows are not whole blocks (176)
+        want = "Q5_0" if t.name.endswith("lora_a") else "Q4_0"
+        assert t.tensor_type.name == (want if t.shape[0] % 32 == 0 else "F16"), t.name
+        assert t.shape[0] % 32 == 0 or ".ffn_down.weight.lora_a" in t.name
+    # a recipe names its codecs itself: --lora-only and --rank-multiple need --budget
+    assert cli.main(["compress", str(pair.base), str(pair.ft), "-o", str(tmp_path / "r.dpk"), "--rank-multiple",
+                     "32"]) == 1
+    assert "go with --budget" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="outtype must be one of .*A_TYPE/B_TYPE"):
+        export_gguf_lora(pair.base, out, tmp_path / "b.gguf", outtype="q4_k")
+
+
+def test_whole_multiples_round_to_the_cheaper_side():
+    """The allocator's rounding of a kept rank, against a brute force over every kept count and width."""
+    from deltapack.compress.allocate import BITS, TensorOptions
+    rng = np.random.default_rng(0)
+    s2 = np.sort(rng.exponential(size=40))[::-1] * 100
+    eps = {b: 0.5 ** (2 * b) for b in BITS}
+    opts = TensorOptions("w", (64, 40), 64, 40, float(s2.sum()), s2, eps, {b: 104 * b + 64 for b in BITS},
+                         rank_multiple=16)
+    for lam in (1e-3, 1e-2, 0.05, 0.2, 1.0):
+        bits, err, size = opts.lowrank_choice(lam)
+        k = int((bits > 0).sum())
+        assert k in (0, 16, 32, 40)
+        best = min(((s2[:n] * [eps[b] for b in w]).sum() + s2[n:].sum() + lam * sum(104 * b + 64 for b in w))
+                   for n in (0, 16, 32, 40)
+                   for w in [[min(BITS, key=lambda b: s2[i] * eps[b] + lam * (104 * b + 64)) for i in range(n)]])
+        assert err + lam * size == pytest.approx(best, rel=1e-9), lam

@@ -245,15 +245,16 @@ def cmd_compress(args) -> int:
         raise ValueError("--data goes with --budget (to fit a recipe's scales use `deltapack calibrate`)")
     if args.budget is not None and args.recipe is not None:
         raise ValueError("give either --recipe or --budget")
-    if args.lora_only and args.budget is None:
-        raise ValueError("--lora-only goes with --budget (a recipe names its codecs itself: use lowrank)")
+    if (args.lora_only or args.rank_multiple != 1) and args.budget is None:
+        raise ValueError("--lora-only and --rank-multiple go with --budget (a recipe names its codecs itself: use "
+                         "lowrank)")
     data = None
     if args.data is not None:
         from .analyze import load_examples
         data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint.install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
-                            lora_only=args.lora_only, min_size=args.min_size, metadata=_metadata_arg(args.metadata),
+                            lora_only=args.lora_only, rank_multiple=args.rank_multiple, min_size=args.min_size, metadata=_metadata_arg(args.metadata),
                             threads=args.threads or None, quiet=args.quiet, force=args.force,
                             overwrite=args.overwrite, follow_links=args.follow_links)
     if args.json:
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixed-precision low rank (any rank) or nothing, what a LoRA adapter carries, so `export "
                    "gguf-lora` and `export peft` write the stored matrices without further loss (norms and biases "
                    "are stored as usual; the input embedding of a tied-embedding model is not stored)")
+    c.add_argument("--rank-multiple", type=count, default=1, metavar="N", help="with --budget: every low rank "
+                   "kept is a multiple of N (or the whole rank analysed); 32 fills the blocks of a q8_0/q5_0/q4_0 GGUF "
+                   "adapter without zero padding (default 1)")
     c.add_argument("--max-examples", type=count, default=None, help="use only the first N examples of --data")
     c.add_argument("--min-size", type=count, default=None, metavar="N",
                    help="tensors with fewer elements are stored dense (default 4096; with --budget 1: every "

@@ -103,10 +103,14 @@ def register(sub) -> None:
         add_follow_links(p)
         if rank:
             p.add_argument("--rank", type=int, default=16, help="rank for deltas not stored low-rank (default 16)")
-        if outtype:
-            p.add_argument("--outtype", choices=outtype, default="f32", help="tensor type (default f32)" + (
-                "; the block types re-quantize the factors (q4_0: 4.5 bits per value) with the rank padded to "
-                "whole 32-value blocks where that is smaller, see docs/export.md" if outtype == LORA_OUTTYPES else ""))
+        if outtype == OUTTYPES:
+            p.add_argument("--outtype", choices=OUTTYPES, default="f32", help="tensor type (default f32)")
+        elif outtype:
+            p.add_argument("--outtype", default="f32", metavar="TYPE[/TYPE]", help="factor type: one of "
+                           f"{', '.join(outtype)} (default f32, exact), or A's type/B's type, e.g. q5_0/q4_0 (A, the "
+                           "input side, is the more sensitive). The block types re-quantize the factors (q4_0: 4.5 "
+                           "bits per value), the rank padded to whole 32-value blocks where that is smaller than f16 "
+                           "(compress --rank-multiple 32 makes padding unneeded); see docs/export.md")
         p.add_argument("--alpha", type=finite_float, default=1.0, help="delta scale: base + alpha * delta (default 1)")
         p.add_argument("--force", action="store_true", help="skip the check that BASE is the delta's base")
         p.add_argument("--json", action="store_true", help="machine-readable report")

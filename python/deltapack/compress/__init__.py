@@ -23,8 +23,8 @@ __all__ = ["compress", "check_related"]
 
 
 def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None, data=None, proxy=None,
-             lora_only: bool = False, min_size: int | None = None, metadata: dict | None = None,
-             threads: int | None = None, quiet: bool = True,
+             lora_only: bool = False, rank_multiple: int = 1, min_size: int | None = None,
+             metadata: dict | None = None, threads: int | None = None, quiet: bool = True,
              keep_files: bool = True, force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Store fine-tune `ft` as a delta against `base` in the delta file `out` (written atomically).
 
@@ -40,6 +40,8 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     lora_only: with a budget, every matrix is stored low rank (mixed precision, any rank) or not at all, so that
     `export gguf-lora` and `export peft` carry the stored matrices without further loss; the input embedding of
     a model with tied embeddings is not stored (an adapter cannot change both of its uses).
+    rank_multiple: with a budget, every low rank kept is a multiple of this (32: whole blocks of a q8_0, q5_0 or
+    q4_0 GGUF adapter, which then needs no zero padding).
     force: store a pair that does not look like base + fine-tune (check_related) anyway.
     overwrite: replace an existing delta file at `out` (only a deltapack file; never BASE or FT or a file in them).
     follow_links: read BASE's and FT's files through symbolic links wherever they point.
@@ -60,10 +62,11 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
             threads = threads_for_model(sum(t.numel for t in ft.tensors.values()), threads)
             with bounded_threads(threads):
                 return compress_to_budget(base, ft, out, plan, budget, data=data, proxy=proxy, lora_only=lora_only,
+                                          rank_multiple=rank_multiple,
                                           min_size=min_size or 1, metadata=metadata, threads=threads, quiet=quiet,
                                           keep_files=keep_files, overwrite=overwrite)
-        if lora_only:
-            raise ValueError("lora_only chooses among low-rank candidates under a budget: give a budget")
+        if lora_only or rank_multiple != 1:
+            raise ValueError("lora_only and rank_multiple choose among low-rank candidates under a budget: give a budget")
         if data is not None:
             raise ValueError("data (calibration examples) is used with a budget; for a recipe use "
                              "`deltapack calibrate`")

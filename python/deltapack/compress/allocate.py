@@ -152,6 +152,7 @@ class TensorOptions:
     elements: list = field(default_factory=list)  # [(recipe, bits, error)] of element codecs
     droppable: bool = True              # "not stored" is a candidate
     factors: tuple | None = None        # (u, s, v) of the SVD, when asked for (keep_factors): the encoder reuses them
+    rank_multiple: int = 1              # the low rank kept is a multiple of this (or every direction analysed)
 
     def scaled(self, alpha: float) -> "TensorOptions":
         """The same candidates under weights multiplied by alpha (errors and energies x alpha; the SVD's
@@ -169,11 +170,35 @@ class TensorOptions:
             take = cost < best_cost
             best_cost = np.where(take, cost, best_cost)
             best_b = np.where(take, b, best_b)
+        if self.rank_multiple > 1:
+            best_b = self._whole_multiples(best_b, lam)
         kept = best_b > 0
         err = float(self.energy - s2[kept].sum() + (s2[kept] * np.array([self.eps[b] for b in best_b[kept]])).sum()) \
             if kept.any() else self.energy
         size = sum(self.dir_bits[int(b)] for b in best_b[kept])
         return best_b, max(err, 0.0), size
+
+    def _whole_multiples(self, best_b, lam):
+        """best_b with the number of kept directions rounded down or up to a multiple of rank_multiple, whichever
+        costs less (error + λ·bits): down drops the last kept directions, up keeps the next ones, each at its
+        best width. A quantized LoRA adapter then needs no zero directions to fill its blocks."""
+        g, k, n = self.rank_multiple, int((best_b > 0).sum()), len(self.s2)
+        if k % g == 0 or k == n:
+            return best_b
+
+        eps = np.array([1.0] + [self.eps.get(b, 1.0) for b in range(1, max(BITS) + 1)])   # by width; 0 = dropped
+        bits = np.array([0.0] + [self.dir_bits.get(b, 0.0) for b in range(1, max(BITS) + 1)])
+
+        def cost(b):
+            return float((self.s2 * eps[b] + lam * bits[b]).sum())
+
+        down = best_b.copy()
+        down[np.flatnonzero(best_b > 0)[k // g * g:]] = 0
+        up = best_b.copy()
+        more = np.flatnonzero(best_b == 0)[:min(k // g * g + g, n) - k]
+        widths = np.array(BITS)
+        up[more] = widths[np.argmin(self.s2[more, None] * eps[widths] + lam * bits[widths], axis=1)]
+        return min((down, up), key=cost)
 
     def best(self, lam: float):
         """(recipe or None, error, bits) minimising error + λ·bits over every candidate."""
@@ -229,7 +254,7 @@ def tensor_options(name: str, delta: np.ndarray, weights: Weights | None = None,
 
 def options_under(name: str, delta: np.ndarray, weightings: dict, *, max_rank: int | None = None,
                   elements=ELEMENT_CODECS, droppable: bool = True, threads=None, seed: int = 0,
-                  keep_factors: bool = False) -> dict:
+                  keep_factors: bool = False, rank_multiple: int = 1) -> dict:
     """{key: TensorOptions} of one tensor under several weightings ({key: Weights or None}): an SVD for each,
     the element codecs encoded and decoded once and their error weighed by each. keep_factors may also be a
     function keep(key, (u, s, v)), handed each weighting's factors as soon as they exist (and not kept in the
@@ -241,7 +266,9 @@ def options_under(name: str, delta: np.ndarray, weightings: dict, *, max_rank: i
 
     def lowrank_under(key):
         r, c = floored[key]
-        return key, _lowrank_options(name, np.shape(delta), m, r, c, max_rank, droppable, seed, bool(keep_factors))
+        opts = _lowrank_options(name, np.shape(delta), m, r, c, max_rank, droppable, seed, bool(keep_factors))
+        opts.rank_multiple = rank_multiple
+        return key, opts
 
     def handed(pairs):
         for key, opts in pairs:

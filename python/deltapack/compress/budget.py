@@ -152,8 +152,10 @@ class _Stages:
 
 
 def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None, proxy=None, min_size=4096,
-                       lora_only=False, metadata=None, threads=None, quiet=True, keep_files=True,
+                       lora_only=False, rank_multiple=1, metadata=None, threads=None, quiet=True, keep_files=True,
                        overwrite=False) -> dict:
+    if not (isinstance(rank_multiple, int) and 1 <= rank_multiple <= 4096):
+        raise ValueError(f"rank_multiple={rank_multiple!r}: give an integer from 1 to 4096")
     if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
         raise ValueError(f"budget={bits_per_param!r}: give bits per parameter, a number in (0, 64)")
     if proxy is not None and proxy not in B.PROXIES:
@@ -212,7 +214,7 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                 # a proxy that scales another's weights takes that one's analysis, scaled
                 analysed = {p: ws[p] for p in proxies if B.SCALED_FROM.get(p) not in proxies}
                 for p, opts in B.options_under(name, m, analysed, elements=elements, droppable=droppable,
-                                               threads=threads,
+                                               threads=threads, rank_multiple=rank_multiple,
                                                keep_factors=lambda p, f: factors.put((p, name), f)).items():
                     options[p][name] = opts
                 for p in proxies:

@@ -272,31 +272,30 @@ class _StreamWriter:
 
 # ----------------------------------------------------------------------------- LoRA adapter
 
-def _opened(base, delta, alpha, outtype, force, follow_links, outtypes=OUTTYPES):
+def _opened(base, delta, alpha, force, follow_links):
     """The fine-tune to export, its llama.cpp architecture and checked config: every check before any work."""
-    if outtype not in outtypes:
-        raise ValueError(f"outtype must be one of {', '.join(outtypes)} (got {outtype!r})")
     ft = FineTune(base, delta, alpha, force=force, follow_links=follow_links)
     arch = arch_of(ft.config, ft.base.path)
     return ft, arch, checked_config(ft.config, ft.base.path, {n: ft.shape(n) for n in ft.names()})
 
 
-def _balanced(u, v, embd: bool):
-    """u·c, v/c with c per direction: B's columns of one norm, or for the embedding A's and B's columns equal."""
-    nu, nv = np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1)
-    ok = (nu > 0) & (nv > 0)
-    c = np.where(ok, np.sqrt(nv / np.where(ok, nu, 1)) if embd else 1 / np.where(ok, nu, 1), 1).astype(np.float32)
-    return u * c, v / c[:, None]
+def adapter_types(outtype: str) -> tuple[str, str]:
+    """(type of A, type of B) from an adapter's --outtype: one type for both, or 'A_TYPE/B_TYPE'."""
+    types = tuple(outtype.split("/")) if isinstance(outtype, str) else ()
+    types = types * 2 if len(types) == 1 else types
+    if len(types) != 2 or not all(t in LORA_OUTTYPES for t in types):
+        raise ValueError(f"outtype must be one of {', '.join(LORA_OUTTYPES)}, or two of them as A_TYPE/B_TYPE "
+                         f"(got {outtype!r})")
+    return types
 
 
-def _lora_pair(f, gname: str, names: _Names, outtype: str):
-    """(A, B) of one factor as llama.cpp takes them (the token embedding transposed), at the rank written: for a
-    block type the rank is padded with zero directions to whole blocks when that is smaller than leaving the
-    tensors whose rows run along the rank in f16, and the directions are rescaled so that a block along the rank
-    holds values of one magnitude (B's columns of one norm; for the embedding, A's and B's columns equal)."""
+def _lora_pair(f, gname: str, names: _Names, types: tuple[str, str]):
+    """(A, B) of one factor as llama.cpp takes them (the token embedding transposed), at the rank written: with a
+    block type on a tensor whose rows run along the rank, the rank is padded with zero directions to whole blocks
+    when that is smaller than writing that tensor in f16."""
+    u, v = f.u, f.v
     embd = gname == "token_embd.weight"
-    block = gguf.GGML_QUANT_SIZES[LORA_OUTTYPES[outtype]][0]
-    u, v = _balanced(f.u, f.v, embd) if block > 1 else (f.u, f.v)
+    block = max(gguf.GGML_QUANT_SIZES[LORA_OUTTYPES[t]][0] for t in types)
 
     def pair(rank):
         uu = np.zeros((u.shape[0], rank), np.float32)
@@ -309,7 +308,7 @@ def _lora_pair(f, gname: str, names: _Names, outtype: str):
     def size(rank):
         a_shape, b_shape = ((u.shape[0], rank), (v.shape[1], rank)) if embd else \
             ((rank, v.shape[1]), (u.shape[0], rank))
-        return sum(_nbytes(sh, _qtype_for(gname, sh, outtype, None)) for sh in (a_shape, b_shape))
+        return sum(_nbytes(sh, _qtype_for(gname, sh, t, None)) for sh, t in zip((a_shape, b_shape), types))
 
     padded = -(-f.rank // block) * block
     return pair(padded if size(padded) < size(f.rank) else f.rank)
@@ -322,9 +321,10 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error, and the
     share of the delta's energy the adapter does not carry (vectors, skipped tensors, SVD error).
     outtype: f32 (exact), f16, bf16 or a block type of LORA_OUTTYPES (the rank padded to whole blocks where that
-    is smaller). overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links
+    is smaller), or 'A_TYPE/B_TYPE' (e.g. 'q5_0/q4_0': A, the input side, is the more sensitive). overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links
     wherever they point."""
-    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links, LORA_OUTTYPES)
+    types = adapter_types(outtype)
+    ft, arch, config = _opened(base, delta, alpha, force, follow_links)
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
     names = _Names(arch, config)
 
@@ -343,7 +343,7 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
             view.skipped.append((f.name, f"no GGUF name for this tensor in {arch.name}"))
             continue
         kept.append(f)
-        pairs[gname] = _lora_pair(f, gname, names, outtype)
+        pairs[gname] = _lora_pair(f, gname, names, types)
     view.factors = kept
     if not kept:
         raise ValueError(f"{ft.delta.path}: none of its matrix deltas has a tensor name in llama.cpp's {arch.name}")
@@ -361,7 +361,7 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     sw.w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(common))
     sw.w.add_name(f"deltapack LoRA of {os.path.basename(os.fspath(delta))}")
     for name, arr in entries.items():
-        sw.declare(name, arr.shape, _qtype_for(name, arr.shape, outtype, notes))
+        sw.declare(name, arr.shape, _qtype_for(name, arr.shape, types[name.endswith(".lora_b")], notes))
     sw.write(lambda name: entries[name])
     for n in notes:
         _say(n, quiet)
@@ -637,7 +637,9 @@ def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0
                       force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
     """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model.
     overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
-    ft, arch, config = _opened(base, delta, alpha, outtype, force, follow_links)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    ft, arch, config = _opened(base, delta, alpha, force, follow_links)
     inputs = [ft.base.path] + ([ft.delta.path] if ft.delta is not None else [])
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, inputs, overwrite)
     names = _Names(arch, config)

@@ -13,6 +13,7 @@ gguf = pytest.importorskip("gguf")
 import deltapack as dp  # noqa: E402
 from deltapack import checkpoint, cli  # noqa: E402
 from deltapack.export.gguf import export_gguf_lora, export_gguf_model  # noqa: E402
+from test_export_gguf import _torch_logits, _torch_model  # noqa: E402
 
 pairs = pytest.importorskip("deltapack.research.pairs")
 PROMPT = [256] + list(b"kqzvm>")   # BOS + a task prompt of the tiny pairs (byte tokens)
@@ -98,12 +99,15 @@ def test_energy_not_carried_is_reported(lora_only):
     assert rep["energy"]["svd_error"] == 0 and rep["energy"]["skipped"] == 0
 
 
-BLOCK_TYPES = {"q8_0": 0.01, "q5_1": 0.03, "q5_0": 0.04, "q4_1": 0.05, "q4_0": 0.05}
+# max |Δlogit| / max |logit| from the f32 adapter, per type
+OUTTYPES = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 0.01, "q5_1": 0.03, "q5_0": 0.04, "q4_1": 0.05, "q4_0": 0.05,
+            "q5_0/q4_0": 0.05}
 
 
-def test_block_type_adapters_load_in_llama_cpp_close_to_f32(lora_only, tmp_path):
-    """Each block type loads and runs in llama.cpp; its logits stay within a bound (of the largest logit) of the f32
-    adapter's, which equals the torch model rebuilt from the stored matrices; ranks are padded to whole blocks."""
+def test_adapter_types_load_in_llama_cpp_close_to_f32(lora_only, tmp_path):
+    """Each adapter type loads and runs in llama.cpp; its logits stay within a bound (of the largest logit) of the
+    f32 adapter's, which equals the torch model rebuilt from the stored matrices; block types' ranks are padded to
+    whole blocks."""
     llama_cpp = pytest.importorskip("llama_cpp")
     pair, tmp, _ = lora_only
     base = tmp_path / "base.gguf"
@@ -117,11 +121,13 @@ def test_block_type_adapters_load_in_llama_cpp_close_to_f32(lora_only, tmp_path)
 
     export_gguf_lora(pair.base, tmp / "lo.dpk", tmp_path / "f32.gguf", quiet=True)
     exact = logits(tmp_path / "f32.gguf")
+    want = _torch_logits(_torch_model(pair.base, tmp / "lo.dpk", matrices_only=True, tied=_tied(pair)), PROMPT)
+    assert np.abs(exact - want).max() <= 1e-3 * np.abs(want).max()
     effect = np.abs(exact - logits()).max()
     assert effect > 0.05 * np.abs(exact).max()   # the adapter matters, so the bounds below mean something
     sizes = {}
-    for outtype, bound in BLOCK_TYPES.items():
-        path = tmp_path / f"{outtype}.gguf"
+    for outtype, bound in OUTTYPES.items():
+        path = tmp_path / f"{outtype.replace('/', '-')}.gguf"
         rep = export_gguf_lora(pair.base, tmp / "lo.dpk", path, outtype=outtype, quiet=True)
         sizes[outtype] = rep["bytes"]
         diff = np.abs(logits(path) - exact).max()
@@ -130,8 +136,11 @@ def test_block_type_adapters_load_in_llama_cpp_close_to_f32(lora_only, tmp_path)
         for t in rep["tensors"]:
             assert t["rank_in_file"] >= t["rank"]
         for name, t in tensors.items():
-            if t.tensor_type.name != "F16":
-                assert t.tensor_type.name == outtype.upper() and t.shape[0] % 32 == 0
+            want = outtype.split("/")[name.endswith(".lora_b")].upper() if "/" in outtype else outtype.upper()
+            if want.startswith("Q"):   # a block type, or f16 where rows are not whole blocks
+                assert t.tensor_type.name in (want, "F16") and (t.tensor_type.name == "F16") == (t.shape[0] % 32 > 0)
+            else:
+                assert t.tensor_type.name == want
     assert sizes["q4_0"] < sizes["q5_0"] < sizes["q8_0"] < (tmp_path / "f32.gguf").stat().st_size
 
 

@@ -178,9 +178,11 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         stats = calibration.fisher_weights(ft.dir, examples)  # the model is not held while analysing
         _return_freed_memory()
     lossy = _lossy_tensors(ft, base, plan, min_size)
-    # --lora-only: low rank or nothing, so that a LoRA adapter carries every matrix as stored
+    # --lora-only: low rank or nothing, so that a LoRA adapter carries every matrix as stored; a tied input
+    # embedding is not stored at all (a resized one keeps its shared rows: not droppable, and in no adapter anyway)
     elements = () if lora_only else B.ELEMENT_CODECS
-    not_carried = {n for n in lossy if lora_only and n == ft.tied_source(OUTPUT_EMBEDDINGS[0])}
+    not_carried = {n for n, (_, _, droppable) in lossy.items()
+                   if lora_only and droppable and n == ft.tied_source(OUTPUT_EMBEDDINGS[0])}
 
     def weights_for(proxy):
         def weights(name, matrix):

@@ -186,3 +186,15 @@ def test_whole_multiples_round_to_the_cheaper_side():
                    for n in (0, 16, 32, 40)
                    for w in [[min(BITS, key=lambda b: s2[i] * eps[b] + lam * (104 * b + 64)) for i in range(n)]])
         assert err + lam * size == pytest.approx(best, rel=1e-9), lam
+
+
+def test_lora_only_with_calibration_data(tmp_path):
+    """With --data every proxy chooses among low-rank candidates, and the refit keeps the matrices low rank."""
+    pair = pairs.build_pair("qwen2", "tiny")
+    s = checkpoint.compress(pair.base, pair.ft, tmp_path / "d.dpk", budget=1.1, lora_only=True,
+                            data=pairs.task_examples(pair, 64))
+    f = dp.open(tmp_path / "d.dpk")
+    assert {f[n].codec for n in f.keys() if len(f[n].shape) == 2} == {"lowrank"}
+    assert "model.embed_tokens.weight" not in f.keys()   # qwen2's tied embedding
+    assert s["budget"]["lora_only"] is True and set(s["budget"]["data"]["scores"]) == {
+        "relative", "fisher", "fisher-relative", "activation-relative"}

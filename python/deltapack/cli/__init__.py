@@ -254,7 +254,8 @@ def cmd_compress(args) -> int:
         data = load_examples(args.data, args.ft, args.max_examples)
     checkpoint.install_sigterm()
     s = checkpoint.compress(args.base, args.ft, args.output, args.recipe or "sign", budget=args.budget, data=data,
-                            lora_only=args.lora_only, rank_multiple=args.rank_multiple, min_size=args.min_size, metadata=_metadata_arg(args.metadata),
+                            lora_only=args.lora_only, rank_multiple=args.rank_multiple, min_size=args.min_size,
+                            metadata=_metadata_arg(args.metadata),
                             threads=args.threads or None, quiet=args.quiet, force=args.force,
                             overwrite=args.overwrite, follow_links=args.follow_links)
     if args.json:

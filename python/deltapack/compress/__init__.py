@@ -66,7 +66,8 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
                                           min_size=min_size or 1, metadata=metadata, threads=threads, quiet=quiet,
                                           keep_files=keep_files, overwrite=overwrite)
         if lora_only or rank_multiple != 1:
-            raise ValueError("lora_only and rank_multiple choose among low-rank candidates under a budget: give a budget")
+            raise ValueError("lora_only and rank_multiple choose among low-rank candidates under a budget: "
+                             "give a budget")
         if data is not None:
             raise ValueError("data (calibration examples) is used with a budget; for a recipe use "
                              "`deltapack calibrate`")

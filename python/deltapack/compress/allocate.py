@@ -214,7 +214,7 @@ class TensorOptions:
 
 def not_stored_options(name: str, delta: np.ndarray, weights: Weights | None = None) -> TensorOptions:
     """The options of a tensor whose only candidate is "not stored" (no SVD, nothing encoded): its weighted
-    energy is the error. For a matrix that the output cannot carry (compress --budget --lora-only)."""
+    energy is the error. For a matrix that no LoRA adapter carries (compress --budget --lora-only)."""
     m = reference.as_matrix(delta)
     rows, cols = m.shape
     r, c = (weights or Weights()).floored(rows, cols)

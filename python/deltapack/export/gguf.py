@@ -36,7 +36,7 @@ from .finetune import FineTune, lowrank_factors
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 # An adapter's factors may also take the 32-value block types that gguf-py quantizes and llama.cpp's CPU backend
-# multiplies (tests/test_export_gguf.py loads each); the k-quants' 256-value blocks would pad every rank to 256.
+# multiplies (tests/test_lora_only.py loads each); the k-quants' 256-value blocks would pad every rank to 256.
 LORA_OUTTYPES = {**OUTTYPES, "q5_1": gguf.GGMLQuantizationType.Q5_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
                  "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -321,8 +321,8 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error, and the
     share of the delta's energy the adapter does not carry (vectors, skipped tensors, SVD error).
     outtype: f32 (exact), f16, bf16 or a block type of LORA_OUTTYPES (the rank padded to whole blocks where that
-    is smaller), or 'A_TYPE/B_TYPE' (e.g. 'q5_0/q4_0': A, the input side, is the more sensitive). overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links
-    wherever they point."""
+    is smaller), or 'A_TYPE/B_TYPE' (e.g. 'q5_0/q4_0': A, the input side, is the more sensitive).
+    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
     types = adapter_types(outtype)
     ft, arch, config = _opened(base, delta, alpha, force, follow_links)
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)

@@ -42,14 +42,12 @@ def test_every_stored_matrix_is_low_rank_within_the_budget(lora_only):
     assert matrices and all(codecs[n] == "lowrank" for n in matrices)
     assert all(codecs[n] == "dense" for n in codecs if len(rec[n]["shape"]) == 1)  # norms and biases as usual
     assert f.metadata["budget"]["lora_only"] is True
-    if _tied(pair):   # the tied input embedding changed but is not stored: an adapter cannot change both its uses
-        assert "model.embed_tokens.weight" in rec and "model.embed_tokens.weight" not in codecs
     # and an unrestricted budget on the same pair does choose other codecs, so the restriction is real
     free = checkpoint.compress(pair.base, pair.ft, tmp / "free.dpk", budget=1.1)
     g = dp.open(tmp / "free.dpk")
     assert "lora_only" not in g.metadata["budget"] and free["file_bytes"] <= 1.1 * params / 8
-    free_codecs = {n: g[n].codec for n in g.keys() if len(rec[n]["shape"]) == 2}
-    assert set(free_codecs.values()) != {"lowrank"} or "model.embed_tokens.weight" in free_codecs
+    assert {g[n].codec for n in g.keys() if len(rec[n]["shape"]) == 2} != {"lowrank"} or \
+        g.nbytes != f.nbytes   # the unrestricted choice differs
 
 
 def test_info_says_the_adapter_carries_the_matrices_as_stored(lora_only, capsys):
@@ -57,26 +55,32 @@ def test_info_says_the_adapter_carries_the_matrices_as_stored(lora_only, capsys)
     assert cli.main(["info", str(tmp / "lo.dpk")]) == 0
     out = capsys.readouterr().out
     assert "matrices low rank, exactly as stored" in out and "--lora-only" in out
-    assert "input embedding tied" not in out   # not stored: nothing is left out of the adapter but vectors
+    assert ("model.embed_tokens.weight: input embedding tied" in out) == (
+        _tied(pair) and "model.embed_tokens.weight" in dp.open(tmp / "lo.dpk").keys())
     checkpoint.compress(pair.base, pair.ft, tmp / "sign.dpk", recipe="*.mlp.*=sign;*=lowrank:rank=4", min_size=1000)
     assert cli.main(["info", str(tmp / "sign.dpk")]) == 0
     out = capsys.readouterr().out
     assert "the others (6) cut to --rank by SVD on export" in out  # 2 layers x 3 MLP matrices
-    assert ("model.embed_tokens.weight (input embedding tied to the output projection)" in out) == _tied(pair)
+    assert ("model.embed_tokens.weight: input embedding tied to the output projection" in out) == _tied(pair)
 
 
 def test_peft_and_gguf_adapters_carry_the_stored_factors(lora_only):
-    """Every factor pair in both adapters multiplies out to the stored delta (as deltapack decodes it)."""
+    """Every factor pair in both adapters multiplies out to the stored delta (as deltapack decodes it); a tied
+    embedding, when the budget stored it, only in the GGUF adapter with --untied-output."""
     pair, tmp, _ = lora_only
     from safetensors.torch import load_file
 
     from deltapack.export.peft import export_peft
     f = dp.open(tmp / "lo.dpk")
     want = {n: dp.decode(f[n]) for n in f.keys() if f[n].codec == "lowrank"}
+    tied = {"model.embed_tokens.weight"} & set(want) if _tied(pair) else set()
     rep = export_peft(pair.base, tmp / "lo.dpk", tmp / "peft")
     assert {t["source"] for t in rep["tensors"]} == {"lowrank"}
+    assert {t["name"] for t in rep["tensors"]} == set(want) - tied
     st = {k: v.double().numpy() for k, v in load_file(tmp / "peft" / "adapter_model.safetensors").items()}
     for name, d in want.items():
+        if name in tied:
+            continue
         mod = "base_model.model." + name.removesuffix(".weight")
         if f"{mod}.lora_A.weight" in st:
             got = st[f"{mod}.lora_B.weight"] @ st[f"{mod}.lora_A.weight"]
@@ -85,7 +89,12 @@ def test_peft_and_gguf_adapters_carry_the_stored_factors(lora_only):
         np.testing.assert_allclose(got, d, rtol=0, atol=1e-6 * np.abs(d).max())
     rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "a.gguf", quiet=True)
     assert {t["source"] for t in rep["tensors"]} == {"lowrank"}
+    assert {t["name"] for t in rep["tensors"]} == set(want) - tied
+    rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "u.gguf", quiet=True, untied_output=True)
     assert {t["name"] for t in rep["tensors"]} == set(want)
+    names = {t.name for t in gguf.GGUFReader(tmp / "u.gguf").tensors}
+    if tied:   # the embedding on both its uses
+        assert {"token_embd.weight.lora_a", "output.weight.lora_a"} <= names
 
 
 def test_energy_not_carried_is_reported(lora_only):
@@ -96,7 +105,10 @@ def test_energy_not_carried_is_reported(lora_only):
     vectors = sum(e for n, e in energy.items() if len(f[n].shape) == 1)
     rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "b.gguf", quiet=True)
     assert rep["energy"]["vectors"] == pytest.approx(vectors / total, rel=1e-5) and vectors > 0
-    assert rep["energy"]["svd_error"] == 0 and rep["energy"]["skipped"] == 0
+    tied = energy.get("model.embed_tokens.weight", 0.0) if _tied(pair) else 0.0
+    assert rep["energy"]["svd_error"] == 0 and rep["energy"]["skipped"] == pytest.approx(tied / total, rel=1e-5)
+    rep = export_gguf_lora(pair.base, tmp / "lo.dpk", tmp / "c.gguf", quiet=True, untied_output=True)
+    assert rep["energy"]["skipped"] == 0
 
 
 # max |Δlogit| / max |logit| from the f32 adapter, per type
@@ -195,6 +207,40 @@ def test_lora_only_with_calibration_data(tmp_path):
                             data=pairs.task_examples(pair, 64))
     f = dp.open(tmp_path / "d.dpk")
     assert {f[n].codec for n in f.keys() if len(f[n].shape) == 2} == {"lowrank"}
-    assert "model.embed_tokens.weight" not in f.keys()   # qwen2's tied embedding
     assert s["budget"]["lora_only"] is True and set(s["budget"]["data"]["scores"]) == {
         "relative", "fisher", "fisher-relative", "activation-relative"}
+
+
+def test_untied_output_carries_a_tied_embedding_in_llama_cpp(tmp_path):
+    """qwen2's tied embedding: with a base GGUF that holds the output projection as its own tensor and an adapter
+    carrying the embedding's delta on both uses, llama.cpp gives the logits of the torch model whose tied weight
+    (input and output at once) took the delta."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pair = pairs.build_pair("qwen2", "tiny")
+    delta = tmp_path / "lr.dpk"
+    checkpoint.compress(pair.base, pair.ft, delta, recipe="*=lowrank:rank=8", min_size=1000)
+    assert "model.embed_tokens.weight" in dp.open(delta).keys()
+    assert cli.main(["export", "gguf", str(pair.base), "-o", str(tmp_path / "base.gguf"), "--untied-output"]) == 0
+    assert cli.main(["export", "gguf-lora", str(pair.base), str(delta), "-o", str(tmp_path / "a.gguf"),
+                     "--untied-output"]) == 0
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(pair.base, dtype=torch.float32).eval()
+    f = dp.open(delta)
+    with torch.no_grad():
+        params = dict(model.named_parameters())   # one parameter for the tied pair
+        for name in f.keys():
+            if len(f[name].shape) == 2:
+                params[name] += torch.from_numpy(dp.decode(f[name]))
+    want = _torch_logits(model, PROMPT)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "a.gguf"), n_ctx=64,
+                          n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
+    llm.eval(PROMPT)
+    got = np.array(llm.scores[:len(PROMPT)], dtype=np.float64)
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    # the adapter without its output pair, on the tied base, misses the output side by far more
+    export_gguf_model(pair.base, None, tmp_path / "tied.gguf", quiet=True)
+    export_gguf_lora(pair.base, delta, tmp_path / "b.gguf", quiet=True)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "tied.gguf"), lora_path=str(tmp_path / "b.gguf"), n_ctx=64,
+                          n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
+    llm.eval(PROMPT)
+    assert np.abs(np.array(llm.scores[:len(PROMPT)]) - want).max() > 1e-2 * np.abs(want).max()

@@ -197,10 +197,10 @@ def _print_adapter_coverage(record: dict, codecs: dict) -> None:
     n = len(c["svd"])
     exact = "exactly as stored" if not n else f"the other{'s' * (n > 1)} ({n}) cut to --rank by SVD on export"
     print(f"LoRA adapter (export gguf-lora / peft): {len(c['lowrank'])} of {matrices} matrices low rank, {exact}")
-    lost = [f"{len(c['vectors'])} vectors (norms, biases: PEFT keeps them, llama.cpp does not)"] * bool(c["vectors"])
-    lost += [f"{shown(n)} ({why})" for n, why in c["other"]]
-    if lost:
-        print(f"  not in a llama.cpp adapter: {'; '.join(lost)}")
+    if c["vectors"]:
+        print(f"  {len(c['vectors'])} changed vectors (norms, biases): PEFT carries them, a llama.cpp adapter does not")
+    for n, why in c["other"]:
+        print(f"  {shown(n)}: {why}")
 
 
 def _print_budget(b: dict, f) -> None:
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora-only", action="store_true", help="with --budget: choose for every matrix only "
                    "mixed-precision low rank (any rank) or nothing, what a LoRA adapter carries, so `export "
                    "gguf-lora` and `export peft` write the stored matrices without further loss (norms and biases "
-                   "are stored as usual; the input embedding of a tied-embedding model is not stored)")
+                   "are stored as usual; a tied embedding reaches only llama.cpp, with --untied-output on export)")
     c.add_argument("--rank-multiple", type=count, default=1, metavar="N", help="with --budget: every low rank "
                    "kept is a multiple of N (or the whole rank analysed); 32 fills the blocks of a q8_0/q5_0/q4_0 GGUF "
                    "adapter without zero padding (default 1)")

@@ -51,7 +51,7 @@ def cmd_gguf_lora(args) -> int:
     m = _module("export.gguf", "gguf")
     rep = m.export_gguf_lora(args.base, args.file, args.output, rank=args.rank, outtype=args.outtype,
                              alpha=args.alpha, quiet=args.json, force=args.force, overwrite=args.overwrite,
-                             follow_links=args.follow_links)
+                             follow_links=args.follow_links, untied_output=args.untied_output)
     return _print(rep, args.json, _lora_summary(rep, f"llama.cpp adapter for {rep['arch']}, alpha {rep['alpha']:g}"))
 
 
@@ -60,7 +60,7 @@ def cmd_gguf(args) -> int:
     m = _module("export.gguf", "gguf")
     rep = m.export_gguf_model(args.base, args.file, args.output, outtype=args.outtype, alpha=args.alpha,
                               quiet=args.json, force=args.force, overwrite=args.overwrite,
-                              follow_links=args.follow_links)
+                              follow_links=args.follow_links, untied_output=args.untied_output)
     return _print(rep, args.json, f"wrote {rep['out']}: {rep['arch']} model, {rep['tensors']} tensors, "
                                   f"{rep['outtype']}, vocabulary from {rep['vocab']}")
 
@@ -117,10 +117,15 @@ def register(sub) -> None:
 
     g = esub.add_parser("gguf-lora", help="llama.cpp LoRA adapter", description=cmd_gguf_lora.__doc__)
     common(g, "delta file", rank=True, outtype=LORA_OUTTYPES, output="a GGUF file")
+    g.add_argument("--untied-output", action="store_true", help="a tied embedding's delta on both its uses (token "
+                   "embedding and output projection); needs a base GGUF exported with --untied-output")
     g.set_defaults(fn=cmd_gguf_lora)
 
     m = esub.add_parser("gguf", help="complete GGUF model (base + delta, or the base)", description=cmd_gguf.__doc__)
     common(m, "delta file (omit to export the base)", optional_file=True, outtype=OUTTYPES, output="a GGUF file")
+    m.add_argument("--untied-output", action="store_true", help="write a tied-embedding model's output projection "
+                   "as a tensor of its own (output.weight), so adapters made with gguf-lora --untied-output can change "
+                   "it (one more embedding-sized tensor)")
     m.set_defaults(fn=cmd_gguf)
 
     p = esub.add_parser("peft", help="PEFT LoRA adapter directory", description=cmd_peft.__doc__)

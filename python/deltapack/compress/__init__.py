@@ -38,8 +38,8 @@ def compress(base, ft, out, recipe: str = "sign", *, budget: float | None = None
     data-aware proxies, the choice among them and the refit of scales (deltapack.compress.calibration); proxy: one of
     allocate.PROXIES instead of the choice.
     lora_only: with a budget, every matrix is stored low rank (mixed precision, any rank) or not at all, so that
-    `export gguf-lora` and `export peft` carry the stored matrices without further loss; the input embedding of
-    a model with tied embeddings is not stored (an adapter cannot change both of its uses).
+    `export gguf-lora` and `export peft` carry the stored matrices without further loss (a tied embedding: only
+    llama.cpp, through `export gguf --untied-output` and `export gguf-lora --untied-output`).
     rank_multiple: with a budget, every low rank kept is a multiple of this (32: whole blocks of a q8_0, q5_0 or
     q4_0 GGUF adapter, which then needs no zero padding).
     force: store a pair that does not look like base + fine-tune (check_related) anyway.

@@ -212,16 +212,6 @@ class TensorOptions:
         return min(cands, key=lambda t: t[1] + lam * t[2])
 
 
-def not_stored_options(name: str, delta: np.ndarray, weights: Weights | None = None) -> TensorOptions:
-    """The options of a tensor whose only candidate is "not stored" (no SVD, nothing encoded): its weighted
-    energy is the error. For a matrix that no LoRA adapter carries (compress --budget --lora-only)."""
-    m = reference.as_matrix(delta)
-    rows, cols = m.shape
-    r, c = (weights or Weights()).floored(rows, cols)
-    return TensorOptions(name, tuple(np.shape(delta)), rows, cols, float(lowrank.row_energy(m, c) @ r),
-                         np.zeros(0), {b: 0.0 for b in BITS}, {b: direction_bits(rows, cols, b) for b in BITS})
-
-
 def _eps_elements(length: int) -> np.ndarray:
     """The element indices of at most _EPS_GROUPS evenly spaced whole groups of a vector (all of a short one), in
     order; the last group, always among them, stays last (it may be shorter)."""

@@ -178,11 +178,8 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
         stats = calibration.fisher_weights(ft.dir, examples)  # the model is not held while analysing
         _return_freed_memory()
     lossy = _lossy_tensors(ft, base, plan, min_size)
-    # --lora-only: low rank or nothing, so that a LoRA adapter carries every matrix as stored; a tied input
-    # embedding is not stored at all (a resized one keeps its shared rows: not droppable, and in no adapter anyway)
+    # --lora-only: low rank or nothing, so that a LoRA adapter carries every matrix as stored
     elements = () if lora_only else B.ELEMENT_CODECS
-    not_carried = {n for n, (_, _, droppable) in lossy.items()
-                   if lora_only and droppable and n == ft.tied_source(OUTPUT_EMBEDDINGS[0])}
 
     def weights_for(proxy):
         def weights(name, matrix):
@@ -209,10 +206,6 @@ def compress_to_budget(base, ft, out, plan, bits_per_param: float, *, data=None,
                     continue
                 m = as_matrix(delta.reshape(shape))
                 ws = {p: weights_for(p)(name, m) for p in proxies}
-                if name in not_carried:
-                    for p in proxies:
-                        options[p][name] = B.not_stored_options(name, m, ws[p])
-                    continue
                 # a proxy that scales another's weights takes that one's analysis, scaled
                 analysed = {p: ws[p] for p in proxies if B.SCALED_FROM.get(p) not in proxies}
                 for p, opts in B.options_under(name, m, analysed, elements=elements, droppable=droppable,

@@ -112,15 +112,16 @@ def adapter_coverage(record: dict, codecs: dict) -> dict:
         if spec.get("op") == "same":
             continue
         if spec.get("op") != "delta" or spec.get("source", name) != name:
-            out["other"].append((name, spec.get("op") if spec.get("source", name) == name else "rebuilt from "
-                                 f"base tensor '{spec['source']}'"))
+            out["other"].append((name, f"{spec.get('op')} tensor, in no adapter" if spec.get("source", name) == name
+                                 else f"rebuilt from base tensor '{spec['source']}', in no adapter"))
         elif len(spec["shape"]) == 1:
             out["vectors"].append(name)
         elif len(spec["shape"]) != 2:
-            out["other"].append((name, f"{len(spec['shape'])}-d tensor"))
+            out["other"].append((name, f"{len(spec['shape'])}-d tensor, in no adapter"))
         elif is_input_embedding(name) and tied:
             if name in codecs:
-                out["other"].append((name, "input embedding tied to the output projection"))
+                out["other"].append((name, "input embedding tied to the output projection: llama.cpp carries it "
+                                           "with export gguf and gguf-lora --untied-output, PEFT does not"))
         elif name in codecs:
             out["lowrank" if codecs[name] == "lowrank" else "svd"].append(name)
     return out
@@ -182,11 +183,12 @@ def svd_factors(d: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np
             np.ascontiguousarray((root[:, None] * v).astype(np.float32)))
 
 
-def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
+def lowrank_factors(ft: FineTune, rank: int = 16, progress=None, tied_embedding: bool = False) -> LowRankView:
     """LoRA factors for every changed matrix of `ft` (lowrank deltas as they are, others by SVD at `rank`).
 
-    The input embedding of a model with tied embeddings is skipped: a LoRA on it would change only the
-    input side in PEFT and llama.cpp, while the delta changes the output projection too."""
+    The input embedding of a model with tied embeddings is skipped unless tied_embedding (the caller writes its
+    factors for both uses): a LoRA on it alone would change only the input side in PEFT and llama.cpp, while the
+    delta changes the output projection too."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1 (got {rank})")
     view = LowRankView()
@@ -214,9 +216,10 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None) -> LowRankView:
             view.skipped.append((name, f"{len(shape)}-d tensor (LoRA covers matrices)"))
             energy(name)
             continue
-        if is_input_embedding(name) and ft.tied_embeddings:
+        if is_input_embedding(name) and ft.tied_embeddings and not tied_embedding:
             view.skipped.append((name, "input embedding tied to the output projection (a LoRA would "
-                                       "change only the input side)"))
+                                       "change only the input side; llama.cpp: export gguf and gguf-lora "
+                                       "--untied-output)"))
             energy(name)
             continue
         enc = ft.delta_enc(name)

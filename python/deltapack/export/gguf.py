@@ -31,7 +31,7 @@ import numpy as np
 import gguf
 
 from .. import _core, modeldir
-from .finetune import FineTune, lowrank_factors
+from .finetune import FineTune, is_input_embedding, lowrank_factors
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -316,13 +316,15 @@ def _lora_pair(f, gname: str, names: _Names, types: tuple[str, str]):
 
 def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alpha: float = 1.0,
                      quiet: bool = False, force: bool = False, overwrite: bool = False,
-                     follow_links: bool = False) -> dict:
+                     follow_links: bool = False, untied_output: bool = False) -> dict:
     """Write `delta` (against `base`) as a llama.cpp LoRA adapter. Returns a report with, per tensor,
     its rank, whether it was stored low-rank or approximated by SVD, and the approximation's error, and the
     share of the delta's energy the adapter does not carry (vectors, skipped tensors, SVD error).
     outtype: f32 (exact), f16, bf16 or a block type of LORA_OUTTYPES (the rank padded to whole blocks where that
     is smaller), or 'A_TYPE/B_TYPE' (e.g. 'q5_0/q4_0': A, the input side, is the more sensitive).
-    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
+    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point.
+    untied_output: for a model with tied embeddings, carry the embedding's delta on both of its uses, the token
+    embedding and the output projection; the adapter then needs a base exported with untied_output=True."""
     types = adapter_types(outtype)
     ft, arch, config = _opened(base, delta, alpha, force, follow_links)
     _core.check_output(os.fspath(out), _core.OutputKind.GGUF_FILE, [ft.base.path, ft.delta.path], overwrite)
@@ -332,7 +334,7 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
         if f.source == "svd":
             _say(f"{f.name}: rank {f.rank} SVD, relative error {f.rel_error:.4f}", quiet)
 
-    view = lowrank_factors(ft, rank, show)
+    view = lowrank_factors(ft, rank, show, tied_embedding=untied_output)
     if not view.factors:
         raise ValueError(f"{ft.delta.path}: no matrix delta to write as a LoRA adapter "
                          f"({len(view.skipped)} not representable, {len(view.vectors)} vectors)")
@@ -344,6 +346,8 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
             continue
         kept.append(f)
         pairs[gname] = _lora_pair(f, gname, names, types)
+        if gname == "token_embd.weight" and ft.tied_embeddings:   # untied_output: its output use too
+            pairs["output.weight"] = _lora_pair(f, "output.weight", names, types)
     view.factors = kept
     if not kept:
         raise ValueError(f"{ft.delta.path}: none of its matrix deltas has a tensor name in llama.cpp's {arch.name}")
@@ -634,9 +638,12 @@ def _write_vocab_of(w: gguf.GGUFWriter, arch: Arch, config: dict, model_dir, qui
 
 
 def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0, quiet: bool = False,
-                      force: bool = False, overwrite: bool = False, follow_links: bool = False) -> dict:
+                      force: bool = False, overwrite: bool = False, follow_links: bool = False,
+                      untied_output: bool = False) -> dict:
     """Write the fine-tune (base + alpha * delta, any codec; delta=None: the base) as a complete GGUF model.
-    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point."""
+    overwrite: replace an existing GGUF file at `out`; follow_links: read BASE through links wherever they point.
+    untied_output: a model with tied embeddings gets its output projection as a tensor of its own (output.weight,
+    a copy of the embedding), so that adapters written with export_gguf_lora(untied_output=True) can change it."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
     ft, arch, config = _opened(base, delta, alpha, force, follow_links)
@@ -659,6 +666,8 @@ def export_gguf_model(base, delta, out, outtype: str = "f32", alpha: float = 1.0
             raise ValueError(f"{ft.base.path}: tensor '{name}' is not a float tensor")
         shape = ft.shape(name)
         plan.append((name, gname, shape, _qtype_for(gname, shape, outtype, notes)))
+        if untied_output and ft.tied_embeddings and is_input_embedding(name):
+            plan.append((name, "output.weight", shape, _qtype_for("output.weight", shape, outtype, notes)))
     sw = _StreamWriter(out, arch.name, overwrite)
     sw.w.add_type(gguf.GGUFType.MODEL)
     label = os.path.basename(os.path.normpath(os.fspath(base)))

@@ -33,6 +33,8 @@ sys.path.insert(0, HERE)
 PAIRS = ["llama:small:add", "qwen2:small:add", "mistral:small:add"]
 BUDGETS = [0.5, 1.1, 2.1]
 BLOCK_TYPES = ["q8_0", "q5_0", "q5_0/q4_0", "q4_0"]   # A/B: the input side A is the more sensitive
+DELTAS = {"unrestricted": {}, "lora_only": {"lora_only": True},
+          "lora_only_32": {"lora_only": True, "rank_multiple": 32}}
 
 
 def log(msg):
@@ -72,7 +74,7 @@ def llama_logits(base_gguf, adapter, ids):
     return out
 
 
-def quality(spec, budgets, tmp, rank_multiple):
+def quality(spec, budgets, tmp):
     from size_quality import build, evaluate_delta
 
     from deltapack import checkpoint, lm
@@ -86,7 +88,7 @@ def quality(spec, budgets, tmp, rank_multiple):
     gain = m_ft["accuracy"] - m_base["accuracy"]
     n_params = sum(t.numel for t in checkpoint.Checkpoint(pair.ft).tensors.values())
     base_gguf = os.path.join(tmp, "base.gguf")
-    export_gguf_model(pair.base, None, base_gguf, quiet=True)
+    export_gguf_model(pair.base, None, base_gguf, quiet=True, untied_output=True)   # a tied embedding too
     acc_llama_base = llama_accuracy(base_gguf, None, examples)
     res = {"pair": spec, "base": m_base["accuracy"], "ft": m_ft["accuracy"], "llama_base": acc_llama_base,
            "examples": len(examples), "points": []}
@@ -94,33 +96,34 @@ def quality(spec, budgets, tmp, rank_multiple):
     probe = examples[0]["input_ids"]
     for b in budgets:
         point = {"bits": b}
-        for kind, kw in (("unrestricted", {}), ("lora_only", {"lora_only": True, "rank_multiple": rank_multiple})):
+        for kind, kw in DELTAS.items():
             path = os.path.join(tmp, f"{kind}-{b}.dpk")
             checkpoint.compress(pair.base, pair.ft, path, budget=b, **kw)
             acc = evaluate_delta(pair, path, examples, model)["accuracy"]
             point[kind] = {"bits_per_param": 8 * os.path.getsize(path) / n_params, "bytes": os.path.getsize(path),
-                           "accuracy": acc, "retention": (acc - m_base["accuracy"]) / gain}
-        delta = os.path.join(tmp, f"lora_only-{b}.dpk")
-        adapters = {}
-        for outtype in ["f32"] + BLOCK_TYPES:
-            path = os.path.join(tmp, f"adapter-{b}-{outtype.replace('/', '-')}.gguf")
-            rep = export_gguf_lora(pair.base, delta, path, outtype=outtype, quiet=True)
-            acc = llama_accuracy(base_gguf, path, examples)
-            adapters[outtype] = {"bytes": rep["bytes"], "accuracy": acc,
-                                 "retention": (acc - acc_llama_base) / gain,
-                                 "energy_not_carried": rep["energy"]["vectors"] + rep["energy"]["skipped"]}
-        exact = llama_logits(base_gguf, os.path.join(tmp, f"adapter-{b}-f32.gguf"), probe)
-        for outtype in BLOCK_TYPES:
-            got = llama_logits(base_gguf, os.path.join(tmp, f"adapter-{b}-{outtype.replace('/', '-')}.gguf"), probe)
-            adapters[outtype]["max_logit_change"] = float(abs(got - exact).max() / abs(exact).max())
-        for a in adapters.values():
-            a["kept"] = a["retention"] / point["lora_only"]["retention"] if point["lora_only"]["retention"] else None
-            a["size_vs_delta"] = a["bytes"] / point["lora_only"]["bytes"]
-        point["adapters"] = adapters
+                           "accuracy": acc, "retention": (acc - m_base["accuracy"]) / gain, "adapters": {}}
+        for kind, outtypes in (("lora_only", ["f32"]), ("lora_only_32", ["f32"] + BLOCK_TYPES)):
+            delta, adapters = os.path.join(tmp, f"{kind}-{b}.dpk"), point[kind]["adapters"]
+            for outtype in outtypes:
+                path = os.path.join(tmp, f"adapter-{kind}-{b}-{outtype.replace('/', '-')}.gguf")
+                rep = export_gguf_lora(pair.base, delta, path, outtype=outtype, quiet=True, untied_output=True)
+                acc = llama_accuracy(base_gguf, path, examples)
+                retention = (acc - acc_llama_base) / gain
+                adapters[outtype] = {"bytes": rep["bytes"], "accuracy": acc, "retention": retention,
+                                     "kept": retention / point[kind]["retention"] if point[kind]["retention"] else None,
+                                     "size_vs_delta": rep["bytes"] / point[kind]["bytes"],
+                                     "energy_not_carried": rep["energy"]["vectors"] + rep["energy"]["skipped"]}
+                if outtype != "f32":
+                    got, exact = (llama_logits(base_gguf, os.path.join(tmp, f"adapter-{kind}-{b}-{t}.gguf"), probe)
+                                  for t in (outtype.replace("/", "-"), "f32"))
+                    adapters[outtype]["max_logit_change"] = float(abs(got - exact).max() / abs(exact).max())
         res["points"].append(point)
         log(f"[{spec}] {b} bits: --budget {100 * point['unrestricted']['retention']:.1f} %, --lora-only "
-            f"{100 * point['lora_only']['retention']:.1f} %; through llama.cpp "
-            + ", ".join(f"{t} {100 * a['retention']:.1f} % ({a['size_vs_delta']:.2f}x)" for t, a in adapters.items()))
+            f"{100 * point['lora_only']['retention']:.1f} % (llama.cpp f32 "
+            f"{100 * point['lora_only']['adapters']['f32']['retention']:.1f} %), --rank-multiple 32 "
+            f"{100 * point['lora_only_32']['retention']:.1f} %; through llama.cpp "
+            + ", ".join(f"{t} {100 * a['retention']:.1f} % ({a['size_vs_delta']:.2f}x)"
+                        for t, a in point["lora_only_32"]["adapters"].items()))
     return res, pair
 
 
@@ -132,7 +135,7 @@ def rss_mib(pid):
     return float("nan")
 
 
-def serving(pair, budgets, tmp, requests, n_predict, rank_multiple):
+def serving(pair, budgets, tmp, requests, n_predict):
     import llama_server
 
     from deltapack import checkpoint
@@ -140,13 +143,13 @@ def serving(pair, budgets, tmp, requests, n_predict, rank_multiple):
 
     binary = llama_server.build(quiet=False)
     base_gguf = os.path.join(tmp, "serve-base.gguf")
-    export_gguf_model(pair.base, None, base_gguf, quiet=True)
+    export_gguf_model(pair.base, None, base_gguf, quiet=True, untied_output=True)
     adapters, merged = [], os.path.join(tmp, "merged.gguf")
     for b in budgets[-2:]:
         delta = os.path.join(tmp, f"serve-{b}.dpk")
-        checkpoint.compress(pair.base, pair.ft, delta, budget=b, lora_only=True, rank_multiple=rank_multiple)
+        checkpoint.compress(pair.base, pair.ft, delta, budget=b, lora_only=True, rank_multiple=32)
         adapters.append(os.path.join(tmp, f"serve-{b}.gguf"))
-        export_gguf_lora(pair.base, delta, adapters[-1], quiet=True)
+        export_gguf_lora(pair.base, delta, adapters[-1], outtype="q5_0", quiet=True, untied_output=True)
     export_gguf_model(pair.base, delta, merged, quiet=True)
     from deltapack import lm
     prompts = [ex["input_ids"][:ex["prompt_len"]] for ex in lm.read_data(pair.data)[:requests]]
@@ -186,27 +189,31 @@ def serving(pair, budgets, tmp, requests, n_predict, rank_multiple):
 
 def markdown(results, server) -> str:
     lines = ["# deltapack in llama.cpp", "", "Generated by `python bench/bench_llamacpp.py`. Gain retention on the "
-             "pair's held-out examples (exact match); `kept` = retention through llama.cpp / retention of the same "
-             "delta through `deltapack apply`; size = adapter bytes / delta file bytes.", ""]
+             "pair's held-out examples (exact match), with the bits per parameter used; `kept` = retention through "
+             "llama.cpp / retention of the same delta through `deltapack apply`; `size` = adapter bytes / delta file "
+             "bytes; `logit` = the largest logit change from the f32 adapter over the largest logit, on one example. "
+             "Base GGUF and adapters with --untied-output.", ""]
     for res in results:
-        lines += [f"## {res['pair']} (base {res['base']:.3f}, fine-tune {res['ft']:.3f}, {res['examples']} examples; "
-                  f"--lora-only --rank-multiple {res['rank_multiple']})",
-                  "", "| bits | --budget (bits used) | --lora-only (bits used) | llama.cpp f32: kept, size | "
-                  + " | ".join(f"{t}: kept, size, max logit change" for t in BLOCK_TYPES) + " | not carried (energy) |",
-                  "|---|---|---|---|" + "---|" * len(BLOCK_TYPES) + "---|"]
+        lines += [f"## {res['pair']} (base {res['base']:.3f}, fine-tune {res['ft']:.3f}, {res['examples']} examples)",
+                  "", "| bits | --budget | --lora-only | llama.cpp f32 kept | --lora-only --rank-multiple 32 | "
+                  + " | ".join(f"{t}: kept, size, logit" for t in ["f32"] + BLOCK_TYPES) + " | not carried (energy) |",
+                  "|---|---|---|---|---|" + "---|" * (len(BLOCK_TYPES) + 1) + "---|"]
         for p in res["points"]:
-            a = p["adapters"]
-            cells = [f"{100 * a['f32']['kept']:.1f} %, {a['f32']['size_vs_delta']:.2f}x"]
-            cells += [f"{100 * a[t]['kept']:.1f} %, {a[t]['size_vs_delta']:.2f}x, {a[t]['max_logit_change']:.1e}"
-                      for t in BLOCK_TYPES]
-            u, lo = p["unrestricted"], p["lora_only"]
-            lines.append(f"| {p['bits']} | {100 * u['retention']:.1f} % ({u['bits_per_param']:.2f}) | "
-                         f"{100 * lo['retention']:.1f} % ({lo['bits_per_param']:.2f}) | " + " | ".join(cells)
+            u, lo, lo32 = p["unrestricted"], p["lora_only"], p["lora_only_32"]
+            a = lo32["adapters"]
+            cells = [f"{100 * a[t]['kept']:.1f} %, {a[t]['size_vs_delta']:.2f}x"
+                     + (f", {a[t]['max_logit_change']:.1e}" if "max_logit_change" in a[t] else "")
+                     for t in ["f32"] + BLOCK_TYPES]
+            first = " | ".join(f"{100 * d['retention']:.1f} % ({d['bits_per_param']:.2f})" for d in (u, lo))
+            lines.append(f"| {p['bits']} | {first} | {100 * lo['adapters']['f32']['kept']:.1f} % | "
+                         f"{100 * lo32['retention']:.1f} % "
+                         f"({lo32['bits_per_param']:.2f}) | " + " | ".join(cells)
                          + f" | {100 * a['f32']['energy_not_carried']:.2f} % |")
         lines.append("")
     if server:
         lines += ["## llama-server", "", f"{server['requests']} requests of {server['n_predict']} tokens, one slot, "
-                  "2 threads; median of the server's own predicted tokens/s.", "", "| configuration | tokens/s | "
+                  "2 threads; median of the server's own predicted tokens/s; q5_0 adapters of `--budget 1.1` and "
+                  "`--budget 2.1` (`--lora-only --rank-multiple 32`).", "", "| configuration | tokens/s | "
                   "ms per request |", "|---|---|---|"]
         for k, v in server["tokens_per_s"].items():
             lines.append(f"| {k} | {v['median']:.1f} | {1000 * v['wall_median_s']:.1f} |")
@@ -221,7 +228,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=PAIRS)
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
-    ap.add_argument("--rank-multiple", type=int, default=32, help="of the --lora-only budgets (default 32)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--requests", type=int, default=16)
@@ -237,12 +243,11 @@ def main():
                 continue
             d = os.path.join(tmp, spec.replace(":", "_"))
             os.mkdir(d)
-            res, pair = quality(spec, args.budgets, d, args.rank_multiple)
-            res["rank_multiple"] = args.rank_multiple
+            res, pair = quality(spec, args.budgets, d)
             results.append(res)
             first = first or pair
         if not args.skip_server:
-            server = serving(first, args.budgets, tmp, args.requests, args.n_predict, args.rank_multiple)
+            server = serving(first, args.budgets, tmp, args.requests, args.n_predict)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "llamacpp.json"), "w") as fh:
         json.dump({"quality": results, "server": server}, fh, indent=1)

@@ -244,3 +244,4 @@ def test_untied_output_carries_a_tied_embedding_in_llama_cpp(tmp_path):
                           n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
     llm.eval(PROMPT)
     assert np.abs(np.array(llm.scores[:len(PROMPT)]) - want).max() > 1e-2 * np.abs(want).max()
+    llm.close()

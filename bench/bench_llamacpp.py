@@ -249,6 +249,12 @@ def main():
         if not args.skip_server:
             server = serving(first, args.budgets, tmp, args.requests, args.n_predict)
     os.makedirs(RESULTS, exist_ok=True)
+    previous = os.path.join(RESULTS, "llamacpp.json")
+    if os.path.exists(previous):   # a part skipped keeps its last figures
+        with open(previous) as fh:
+            old = json.load(fh)
+        results = old.get("quality", []) if args.skip_quality else results
+        server = old.get("server") if args.skip_server else server
     with open(os.path.join(RESULTS, "llamacpp.json"), "w") as fh:
         json.dump({"quality": results, "server": server}, fh, indent=1)
     with open(os.path.join(RESULTS, "llamacpp.md"), "w") as fh:

@@ -377,8 +377,8 @@ def export_gguf_lora(base, delta, out, rank: int = 16, outtype: str = "f32", alp
     e = rep["energy"]
     _say(f"the adapter carries {100 * (1 - e['vectors'] - e['skipped'] - e['svd_error']):.2f} % of the delta's energy "
          f"(sum of squares); not carried: vectors {100 * e['vectors']:.2f} %, other tensors {100 * e['skipped']:.2f} %"
-         f", SVD to rank {rank} {100 * e['svd_error']:.2f} %"
-         + ("" if outtype == "f32" else f", before rounding to {outtype}"), quiet)
+         + (f", SVD to rank {rank} {100 * e['svd_error']:.2f} %" if any(f.source == "svd" for f in kept) else "")
+         + ("" if outtype == "f32" else f"; the factors then rounded to {outtype}"), quiet)
     for t in rep["tensors"]:
         t["rank_in_file"] = written[names.gguf_name(t["name"])]
     rep.update(out=os.fspath(out), arch=arch.name, alpha=float(common), outtype=outtype, notes=notes,

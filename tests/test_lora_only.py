@@ -13,10 +13,10 @@ gguf = pytest.importorskip("gguf")
 import deltapack as dp  # noqa: E402
 from deltapack import checkpoint, cli  # noqa: E402
 from deltapack.export.gguf import export_gguf_lora, export_gguf_model  # noqa: E402
-from test_export_gguf import _torch_logits, _torch_model  # noqa: E402
+# llama.cpp and torch logits on the tiny pairs' prompt, as tests/test_export_gguf.py reads them
+from test_export_gguf import PROMPT, _llama, _llama_logits, _torch_logits, _torch_model  # noqa: E402
 
 pairs = pytest.importorskip("deltapack.research.pairs")
-PROMPT = [256] + list(b"kqzvm>")   # BOS + a task prompt of the tiny pairs (byte tokens)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])   # untied and tied embeddings
@@ -120,16 +120,13 @@ def test_adapter_types_load_in_llama_cpp_close_to_f32(lora_only, tmp_path):
     """Each adapter type loads and runs in llama.cpp; its logits stay within a bound (of the largest logit) of the
     f32 adapter's, which equals the torch model rebuilt from the stored matrices; block types' ranks are padded to
     whole blocks."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     pair, tmp, _ = lora_only
     base = tmp_path / "base.gguf"
     export_gguf_model(pair.base, None, base, quiet=True)
 
     def logits(adapter=None):
-        llm = llama_cpp.Llama(model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=64,
-                              n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
-        llm.eval(PROMPT)
-        return np.array(llm.scores[:len(PROMPT)], dtype=np.float64)
+        return _llama_logits(_llama(base, adapter))
 
     export_gguf_lora(pair.base, tmp / "lo.dpk", tmp_path / "f32.gguf", quiet=True)
     exact = logits(tmp_path / "f32.gguf")
@@ -215,7 +212,7 @@ def test_untied_output_carries_a_tied_embedding_in_llama_cpp(tmp_path):
     """qwen2's tied embedding: with a base GGUF that holds the output projection as its own tensor and an adapter
     carrying the embedding's delta on both uses, llama.cpp gives the logits of the torch model whose tied weight
     (input and output at once) took the delta."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     pair = pairs.build_pair("qwen2", "tiny")
     delta = tmp_path / "lr.dpk"
     checkpoint.compress(pair.base, pair.ft, delta, recipe="*=lowrank:rank=8", min_size=1000)
@@ -232,16 +229,10 @@ def test_untied_output_carries_a_tied_embedding_in_llama_cpp(tmp_path):
             if len(f[name].shape) == 2:
                 params[name] += torch.from_numpy(dp.decode(f[name]))
     want = _torch_logits(model, PROMPT)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "a.gguf"), n_ctx=64,
-                          n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
-    llm.eval(PROMPT)
-    got = np.array(llm.scores[:len(PROMPT)], dtype=np.float64)
+    got = _llama_logits(_llama(tmp_path / "base.gguf", tmp_path / "a.gguf"))
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
     # the adapter without its output pair, on the tied base, misses the output side by far more
     export_gguf_model(pair.base, None, tmp_path / "tied.gguf", quiet=True)
     export_gguf_lora(pair.base, delta, tmp_path / "b.gguf", quiet=True)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "tied.gguf"), lora_path=str(tmp_path / "b.gguf"), n_ctx=64,
-                          n_batch=64, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
-    llm.eval(PROMPT)
-    assert np.abs(np.array(llm.scores[:len(PROMPT)]) - want).max() > 1e-2 * np.abs(want).max()
-    llm.close()
+    got = _llama_logits(_llama(tmp_path / "tied.gguf", tmp_path / "b.gguf"))
+    assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()

@@ -334,10 +334,10 @@ def _write_within_budget(base, ft, plan, out, options, alloc, target, budget_bit
             writer, meta, fp = write_deltas(c, plan, out, meta, keep_files, overwrite)
             try:
                 size = writer.size(meta, fp)
-                if 8 * size <= budget_bits and fit_only:
-                    writer.abort()
-                    return alloc
                 if 8 * size <= budget_bits:
+                    if fit_only:
+                        writer.abort()
+                        return alloc
                     return writer.close(metadata=meta, base=fp), meta, writer, record
             except BaseException:
                 writer.abort()

@@ -15,6 +15,22 @@ def is_input_embedding(name: str) -> bool:
     return name.endswith("embed_tokens.weight")
 
 
+def ties_embeddings(names) -> bool:
+    """A fine-tune's tensor names tie the output projection to the input embedding (Hugging Face then stores no
+    lm_head tensor)."""
+    return "lm_head.weight" not in names
+
+
+def lora_role(name: str, shape, tied: bool) -> str:
+    """How a LoRA adapter takes a changed tensor: 'vector' (1-D: norms, biases), 'n-d' (not a matrix), 'tied
+    embedding' (an input embedding that is also the output projection, `tied`) or 'matrix' (one LoRA pair)."""
+    if len(shape) == 1:
+        return "vector"
+    if len(shape) != 2:
+        return "n-d"
+    return "tied embedding" if tied and is_input_embedding(name) else "matrix"
+
+
 # ----------------------------------------------------------------------------- the fine-tune
 
 class FineTune:
@@ -47,8 +63,8 @@ class FineTune:
 
     @property
     def tied_embeddings(self) -> bool:
-        """The output projection is the input embedding (Hugging Face then stores no lm_head tensor)."""
-        return "lm_head.weight" not in self.names()
+        """The output projection is the input embedding."""
+        return ties_embeddings(self.names())
 
     def names(self) -> list[str]:
         return list(self.record["tensors"]) if self.record else self.base.keys()
@@ -106,7 +122,7 @@ def adapter_coverage(record: dict, codecs: dict) -> dict:
     record and its stored tensors' codecs ({name: codec}) alone: {"lowrank": names written as stored, "svd": names
     cut to --rank by SVD, "vectors": changed 1-D tensors (norms, biases), "other": [(name, why)] not in it}."""
     rec = record["tensors"]
-    tied = "lm_head.weight" not in rec
+    tied = ties_embeddings(rec)
     out = {"lowrank": [], "svd": [], "vectors": [], "other": []}
     for name, spec in rec.items():
         if spec.get("op") == "same":
@@ -114,15 +130,18 @@ def adapter_coverage(record: dict, codecs: dict) -> dict:
         if spec.get("op") != "delta" or spec.get("source", name) != name:
             out["other"].append((name, f"{spec.get('op')} tensor, in no adapter" if spec.get("source", name) == name
                                  else f"rebuilt from base tensor '{spec['source']}', in no adapter"))
-        elif len(spec["shape"]) == 1:
+            continue
+        role = lora_role(name, spec["shape"], tied)
+        if role == "vector":
             out["vectors"].append(name)
-        elif len(spec["shape"]) != 2:
+        elif role == "n-d":
             out["other"].append((name, f"{len(spec['shape'])}-d tensor, in no adapter"))
-        elif is_input_embedding(name) and tied:
-            if name in codecs:
-                out["other"].append((name, "input embedding tied to the output projection: llama.cpp carries it "
-                                           "with export gguf and gguf-lora --untied-output, PEFT does not"))
-        elif name in codecs:
+        elif name not in codecs:   # changed, yet not stored (a budget dropped it)
+            continue
+        elif role == "tied embedding":
+            out["other"].append((name, "input embedding tied to the output projection: llama.cpp carries it "
+                                       "with export gguf and gguf-lora --untied-output, PEFT does not"))
+        else:
             out["lowrank" if codecs[name] == "lowrank" else "svd"].append(name)
     return out
 
@@ -208,18 +227,16 @@ def lowrank_factors(ft: FineTune, rank: int = 16, progress=None, tied_embedding:
         if ft.float_name(name) is None:
             view.skipped.append((name, "not a float tensor"))
             continue
-        if len(shape) == 1:
+        role = lora_role(name, shape, ft.tied_embeddings and not tied_embedding)
+        if role == "vector":
             view.vectors.append(name)
-            energy(name)
-            continue
-        if len(shape) != 2:
+        elif role == "n-d":
             view.skipped.append((name, f"{len(shape)}-d tensor (LoRA covers matrices)"))
-            energy(name)
-            continue
-        if is_input_embedding(name) and ft.tied_embeddings and not tied_embedding:
+        elif role == "tied embedding":
             view.skipped.append((name, "input embedding tied to the output projection (a LoRA would "
                                        "change only the input side; llama.cpp: export gguf and gguf-lora "
                                        "--untied-output)"))
+        if role != "matrix":
             energy(name)
             continue
         enc = ft.delta_enc(name)

@@ -178,6 +178,15 @@ void Bank::delta_rows(const std::string& name, const std::string& tensor, const 
         std::fill(out, out + size_t(n * m.cols), 0.0f);
 }
 
+std::unique_ptr<DeviceDelta> Bank::to_device(const std::string& name, const std::string& tensor, int device,
+                                             void* stream) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    base_of(tensor);
+    const CheckpointDelta& c = fine_tune(name);
+    if (c.tensor(tensor).kind != TensorKind::Delta) return nullptr;
+    return std::make_unique<DeviceDelta>(c.delta().get(tensor, false).ref, device, stream);
+}
+
 void Bank::mixed_product(const std::string& tensor, const std::vector<std::string>& names, const int32_t* which,
                          const float* x, int64_t batch, float alpha, float* y, int threads) const {
     std::shared_lock<std::shared_mutex> lock(mu_);

@@ -88,6 +88,28 @@ static nb::object owned_numpy(const Array& a) {
     return to_numpy(a.ref, owner, false);
 }
 
+// Any C-contiguous array on any device: a DeviceDelta's inputs and outputs (checked by on_device).
+using DeviceArray = nb::ndarray<nb::c_contig>;
+
+// The data of `a`, which must lie where `d` computes: on its GPU, or in host memory for the host emulation; with
+// `shape` where given.
+static void* on_device(const DeviceDelta& d, const DeviceArray& a, const char* what,
+                       const std::vector<int64_t>* shape = nullptr) {
+    const bool host = d.device() == kHostEmulation;
+    const int want = host ? nb::device::cpu::value : nb::device::cuda::value;
+    if (a.device_type() != want || (!host && a.device_id() != d.device()))
+        throw std::invalid_argument("tensor '" + d.name() + "': " + what + " must be " +
+                                    (host ? std::string("in host memory (host emulation)")
+                                          : "on CUDA device " + std::to_string(d.device())));
+    if (shape) {
+        std::vector<int64_t> have;
+        for (size_t i = 0; i < a.ndim(); ++i) have.push_back(a.shape(i));
+        if (have != *shape)
+            throw std::invalid_argument("tensor '" + d.name() + "': " + what + " does not have the delta's shape");
+    }
+    return a.data();
+}
+
 // (name, codec, params, shape, dtype, components) as passed from Python.
 using PyEncoded = std::tuple<std::string, std::string, std::string, std::vector<int64_t>, std::string,
                              std::map<std::string, InArray>>;
@@ -466,11 +488,86 @@ NB_MODULE(_core, m) {
             },
             "name"_a, "tensor"_a, "rows"_a, "out"_a, "alpha"_a = 1.0f)
         .def(
+            "to_device",
+            [](const Bank& b, const std::string& name, const std::string& tensor, int device, uintptr_t stream) {
+                nb::gil_scoped_release nogil;
+                return b.to_device(name, tensor, device, reinterpret_cast<void*>(stream));
+            },
+            "name"_a, "tensor"_a, "device"_a, "stream"_a = 0)
+        .def(
             "tensor",  // a numpy view of the live buffer; it keeps the bank alive
             [](nb::handle self, const std::string& name) {
                 return to_numpy(nb::cast<Bank&>(self).tensor(name), self, false);
             },
             "name"_a);
+
+    // CUDA (docs/cuda.md): arrays on the DeviceDelta's GPU (DLPack: torch CUDA tensors), or host arrays for the host
+    // emulation (device -1); streams as integers (torch.cuda.Stream.cuda_stream).
+    m.def("cuda_built", &cuda_built);
+    m.def("cuda_device_count", &cuda_device_count);
+    m.attr("HOST_EMULATION") = kHostEmulation;
+    nb::class_<DeviceDelta>(m, "DeviceDelta")
+        .def(
+            "__init__",
+            [](DeviceDelta* self, const PyEncoded& e, int device, uintptr_t stream) {
+                EncodedRef r = ref_of(e);
+                nb::gil_scoped_release nogil;
+                new (self) DeviceDelta(r, device, reinterpret_cast<void*>(stream));
+            },
+            "encoded"_a, "device"_a, "stream"_a = 0)
+        .def_prop_ro("name", &DeviceDelta::name)
+        .def_prop_ro("shape", &DeviceDelta::shape)
+        .def_prop_ro("device", &DeviceDelta::device)
+        .def_prop_ro("device_bytes", &DeviceDelta::device_bytes)
+        .def(
+            "apply",
+            [](const DeviceDelta& d, const DeviceArray& base, DeviceArray out, float alpha, const std::string& rounding,
+               uintptr_t stream) {
+                const void* b = on_device(d, base, "base", &d.shape());
+                void* o = on_device(d, out, "out", &d.shape());
+                ApplyParams p = apply_default_params();
+                p.alpha = alpha;
+                p.rounding = rounding_from_name(rounding);
+                const DType bt = dtype_of(base), ot = dtype_of(out);
+                nb::gil_scoped_release nogil;
+                d.apply(b, bt, o, ot, p, reinterpret_cast<void*>(stream));
+            },
+            "base"_a, "out"_a, "alpha"_a = 1.0f, "rounding"_a = "auto", "stream"_a = 0)
+        .def(
+            "decode",
+            [](const DeviceDelta& d, DeviceArray out, uintptr_t stream) {
+                if (dtype_of(out) != DType::F32) throw std::invalid_argument("tensor '" + d.name() + "': decode output must be f32");
+                void* o = on_device(d, out, "out", &d.shape());
+                nb::gil_scoped_release nogil;
+                d.decode(static_cast<float*>(o), reinterpret_cast<void*>(stream));
+            },
+            "out"_a, "stream"_a = 0);
+    // jobs: (DeviceDelta, x, y) with x batch x cols and y batch x rows, f32 on the deltas' device.
+    using DeviceJobs = std::vector<std::tuple<const DeviceDelta*, DeviceArray, DeviceArray>>;
+    auto device_jobs = [](const DeviceJobs& jobs) {
+        std::vector<DeviceProductJob> out;
+        for (const auto& [d, x, y] : jobs) {
+            const int64_t batch = batch_of("device_products: tensor '" + d->name() + "'", d->shape(),
+                                           dtype_of(x) == DType::F32 ? int64_t(x.size()) : -1,
+                                           dtype_of(y) == DType::F32 ? int64_t(y.size()) : -1);
+            out.push_back(DeviceProductJob{d, static_cast<const float*>(on_device(*d, x, "x")), batch,
+                                           static_cast<float*>(on_device(*d, y, "y"))});
+        }
+        return out;
+    };
+    m.def(
+        "device_products_workspace", [device_jobs](const DeviceJobs& jobs) { return device_products_workspace(device_jobs(jobs)); },
+        "jobs"_a);
+    m.def(
+        "device_products",
+        [device_jobs](const DeviceJobs& jobs, float alpha, DeviceArray workspace, uintptr_t stream) {
+            std::vector<DeviceProductJob> js = device_jobs(jobs);
+            void* w = js.empty() ? nullptr : on_device(*js[0].delta, workspace, "workspace");
+            const uint64_t bytes = workspace.nbytes();
+            nb::gil_scoped_release nogil;
+            device_products(js, alpha, w, bytes, reinterpret_cast<void*>(stream));
+        },
+        "jobs"_a, "alpha"_a, "workspace"_a, "stream"_a = 0);
 
     nb::class_<AtomicDir>(m, "AtomicDir")
         .def(nb::init<const std::string&, bool>(), "path"_a, "overwrite"_a = false)

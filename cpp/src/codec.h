@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "deltapack/deltapack.h"
+#include "cuda/delta_view.h"
 #include "json.h"
 #include "kernels.h"
 
@@ -25,6 +26,8 @@ struct RowDecoder {
     virtual ~RowDecoder() = default;
     virtual int rows_per_block() const { return 1; }
     virtual void decode(int64_t row0, int nrows, float* dst, const Kernels& k) const = 0;
+    // The packed form as the CUDA kernels (and their host emulation) read it: pointers to the components.
+    virtual DeltaView view() const = 0;
     // A rebuild of rows [row0, row0 + nrows) straight from the packed form: out = round(base + alpha * delta),
     // the bits decode + add_round would give. False where the codec has none or declines (the engine then
     // decodes the rows and adds them, and reports any error).
@@ -135,6 +138,19 @@ bool plausible_shape(const std::vector<int64_t>& shape);
 
 // std::invalid_argument("alpha nan is invalid: ...") unless alpha is finite: every entry point that scales a delta.
 void check_alpha(float alpha);
+
+// The rules every rebuild (CPU and GPU) shares: f32/f16/bf16 in and out, in place only in one dtype, no partial
+// overlap (std::invalid_argument naming the tensor); whether `rounding` dithers into `out`; the errors a damaged delta
+// causes (FormatError naming the tensor and the row).
+void check_apply_buffers(const std::string& tensor, const void* base, DType base_dtype, const void* out,
+                         DType out_dtype, int64_t numel);
+bool dithers(const EncodedRef& e, DType out, Rounding rounding);
+FormatError bad_step_error(const std::string& tensor, const std::string& value, int64_t row);
+FormatError f16_overflow_error(const std::string& tensor, int64_t row);
+
+// The validated delta as the CUDA kernels read it (RowDecoder::view, with the matrix's rows and columns): pointers
+// into e's components. FormatError as apply.
+DeltaView describe(const EncodedRef& e);
 
 // The checks of a delta file's manifest beyond its tensors: the fields deltapack itself reads from the metadata
 // (the checkpoint record, the budget, calibration and PEFT records) and the base fingerprint have the types and

@@ -284,8 +284,7 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
     // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
     // read-for-ownership traffic). In place, the lines are already cached by the base read.
     const bool stream = b0 != o0 && size_t(nrows * cols) * osz >= (size_t(8) << 20);
-    const bool dither = ot != DType::F32 && (params.rounding == Rounding::Dithered ||
-                                             (params.rounding == Rounding::Auto && e.codec != "dense"));
+    const bool dither = dithers(e, ot, params.rounding);
     parallel_rows(nrows, cols, params.threads, [&](int64_t l0, int64_t l1) {
         std::vector<float> scratch(size_t(step * cols)), sums(dither ? scratch.size() : 0);
         for (int64_t l = l0; l < l1; l += step) {
@@ -312,22 +311,52 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
                 // a damaged or hostile delta: an error beats silent infinities (the output is not used)
                 size_t bad = 0;
                 while (std::fabs(params.alpha * scratch[bad]) <= kMaxStep) ++bad;
-                throw FormatError("tensor '" + e.name + "': alpha x delta is " +
-                                  std::to_string(params.alpha * scratch[bad]) + " at row " +
-                                  std::to_string(r + int64_t(bad) / std::max<int64_t>(cols, 1)) +
-                                  ": not a finite value a fine-tune can hold (a damaged or hostile delta)");
+                throw bad_step_error(e.name, std::to_string(params.alpha * scratch[bad]),
+                                     r + int64_t(bad) / std::max<int64_t>(cols, 1));
             }
             if (ot == DType::F16) {  // f16's range (65504) is the one a real rebuild can leave
                 const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(orow), brow, bt,
                                                     scratch.data(), params.alpha, m);
-                if (at < m)
-                    throw FormatError("tensor '" + e.name + "': base + alpha x delta overflows float16 at row " +
-                                      std::to_string(r + int64_t(at) / std::max<int64_t>(cols, 1)) +
-                                      " (rebuild in f32 or bf16)");
+                if (at < m) throw f16_overflow_error(e.name, r + int64_t(at) / std::max<int64_t>(cols, 1));
             }
         }
         if (stream) store_fence();
     });
+}
+
+FormatError bad_step_error(const std::string& tensor, const std::string& value, int64_t row) {
+    return FormatError("tensor '" + tensor + "': alpha x delta is " + value + " at row " + std::to_string(row) +
+                       ": not a finite value a fine-tune can hold (a damaged or hostile delta)");
+}
+
+FormatError f16_overflow_error(const std::string& tensor, int64_t row) {
+    return FormatError("tensor '" + tensor + "': base + alpha x delta overflows float16 at row " + std::to_string(row) +
+                       " (rebuild in f32 or bf16)");
+}
+
+void check_apply_buffers(const std::string& tensor, const void* base, DType base_dtype, const void* out,
+                         DType out_dtype, int64_t numel) {
+    for (DType t : {base_dtype, out_dtype})
+        if (!is_float_dtype(t))
+            throw std::invalid_argument("tensor '" + tensor + "': dtype " + dtype_name(t) +
+                                        " is not supported (f32, f16, bf16)");
+    const auto* b0 = static_cast<const uint8_t*>(base);
+    const auto* o0 = static_cast<const uint8_t*>(out);
+    if (b0 == o0 && base_dtype != out_dtype)
+        throw std::invalid_argument("tensor '" + tensor + "': in-place apply needs out and base of the same dtype");
+    if (b0 != o0 && o0 < b0 + size_t(numel) * dtype_size(base_dtype) && b0 < o0 + size_t(numel) * dtype_size(out_dtype))
+        throw std::invalid_argument("tensor '" + tensor + "': out partially overlaps base");
+}
+
+bool dithers(const EncodedRef& e, DType out, Rounding rounding) {
+    return out != DType::F32 && (rounding == Rounding::Dithered || (rounding == Rounding::Auto && e.codec != "dense"));
+}
+
+DeltaView describe(const EncodedRef& e) {
+    const Prepared p = prepare(e);
+    DeltaView v = p.dec->view();
+    v.rows = p.m.rows, v.cols = p.m.cols;
+    return v;
 }
 
 void check_alpha(float alpha) {
@@ -340,39 +369,25 @@ void check_alpha(float alpha) {
 
 void apply(const EncodedRef& e, const ArrayRef& base, const ArrayRef& out, ApplyParams params) {
     check_alpha(params.alpha);
-    for (const ArrayRef* a : {&base, &out}) {
-        if (!is_float_dtype(a->dtype))
-            throw std::invalid_argument("tensor '" + e.name + "': " + (a == &base ? "base" : "out") + " dtype " +
-                                        dtype_name(a->dtype) + " is not supported (f32, f16, bf16)");
+    for (const ArrayRef* a : {&base, &out})
         if (a->shape != e.shape)
             throw std::invalid_argument("tensor '" + e.name + "': " + (a == &base ? "base" : "out") + " shape " +
                                         shape_str(a->shape) + " does not match the delta's shape " +
                                         shape_str(e.shape));
-    }
-    const uint8_t* b0 = static_cast<const uint8_t*>(base.data);
-    uint8_t* o0 = static_cast<uint8_t*>(out.data);
-    const bool same = b0 == o0;
-    if (same && base.dtype != out.dtype)
-        throw std::invalid_argument("tensor '" + e.name + "': in-place apply needs out and base of the same dtype");
-    if (!same && o0 < b0 + base.nbytes() && b0 < o0 + out.nbytes())
-        throw std::invalid_argument("tensor '" + e.name + "': out partially overlaps base");
+    check_apply_buffers(e.name, base.data, base.dtype, out.data, out.dtype, base.numel());
     const Prepared p = prepare(e);
-    apply_prepared(p, e, 0, p.m.rows, b0, base.dtype, o0, out.dtype, params);
+    apply_prepared(p, e, 0, p.m.rows, static_cast<const uint8_t*>(base.data), base.dtype,
+                   static_cast<uint8_t*>(out.data), out.dtype, params);
 }
 
 void apply_rows(const EncodedRef& e, int64_t row0, int64_t nrows, const void* base, DType base_dtype, void* out,
                 DType out_dtype, ApplyParams params) {
     check_alpha(params.alpha);
-    for (DType t : {base_dtype, out_dtype})
-        if (!is_float_dtype(t))
-            throw std::invalid_argument("tensor '" + e.name + "': dtype " + dtype_name(t) +
-                                        " is not supported (f32, f16, bf16)");
     const Prepared p = prepare(e);
     if (row0 < 0 || nrows < 0 || row0 > p.m.rows || nrows > p.m.rows - row0)
         throw std::out_of_range("tensor '" + e.name + "': rows [" + std::to_string(row0) + ", +" +
                                 std::to_string(nrows) + ") of " + std::to_string(p.m.rows));
-    if (base == out && base_dtype != out_dtype)
-        throw std::invalid_argument("tensor '" + e.name + "': in-place apply needs out and base of the same dtype");
+    check_apply_buffers(e.name, base, base_dtype, out, out_dtype, nrows * p.m.cols);
     apply_prepared(p, e, row0, nrows, static_cast<const uint8_t*>(base), base_dtype, static_cast<uint8_t*>(out),
                    out_dtype, params);
 }

@@ -11,12 +11,7 @@ void to_f32(const void* src, DType t, float* dst, size_t n) {
 
 bool add_round(const void* base, DType bt, const float* d, float alpha, void* out, DType ot, size_t n, bool) {
     bool ok = true;
-    for (size_t i = 0; i < n; ++i) {
-        float t = alpha * d[i];
-        ok &= std::fabs(t) <= kMaxStep;
-        float s = load_one(base, bt, i) + t;
-        store_one(out, ot, i, s);
-    }
+    for (size_t i = 0; i < n; ++i) store_one(out, ot, i, rebuild_sum(load_one(base, bt, i), alpha, d[i], ok));
     return ok;
 }
 

@@ -143,6 +143,59 @@ void delta_products(const std::vector<ProductJob>& jobs, float alpha, int thread
 // out (n x cols, f32) = alpha * the rows `rows` of D (an embedding's rows for a batch's tokens).
 void delta_rows(const EncodedRef& enc, const int64_t* rows, int64_t n, float alpha, float* out);
 
+// ----------------------------------------------------------------------------------- CUDA (docs/cuda.md)
+
+// The rebuild and the batch products on a GPU, with the CPU engine's numerics: the same bits as apply, decode and
+// delta_products. Built when the library is compiled with a CUDA toolkit (CMake DELTAPACK_CUDA=AUTO|ON|OFF).
+bool cuda_built();
+int cuda_device_count();  // visible GPUs; 0 when not built with CUDA, or without a driver or device
+// The device number that runs the kernels' bodies on the CPU instead, over host memory, block by block and
+// thread by thread (host emulation: how tests check the kernels where there is no GPU; slow).
+constexpr int kHostEmulation = -1;
+
+// One delta tensor on one GPU: validated as apply validates it, then its components copied to device memory the
+// object owns (the copy is complete when the constructor returns: `enc`'s memory may go). Pointers given to its
+// methods are device memory of that GPU (host memory for kHostEmulation); `stream` is a cudaStream_t (null: the
+// default stream). One call at a time per object.
+class DeviceDelta {
+public:
+    DeviceDelta(const EncodedRef& enc, int device, void* stream = nullptr);
+    ~DeviceDelta();
+    DeviceDelta(const DeviceDelta&) = delete;
+    DeviceDelta& operator=(const DeviceDelta&) = delete;
+
+    const std::string& name() const;
+    const std::vector<int64_t>& shape() const;
+    int device() const;
+    uint64_t device_bytes() const;  // the components as held on the device
+
+    // out = round(base + alpha * delta), as apply (params.threads is unused): base and out of the delta's shape,
+    // f32/f16/bf16, out may be base. Waits for the stream to report a damaged delta (FormatError, as apply).
+    void apply(const void* base, DType base_dtype, void* out, DType out_dtype,
+               ApplyParams params = apply_default_params(), void* stream = nullptr) const;
+    // out (f32, the delta's shape) = the delta. Queued on the stream; does not wait.
+    void decode(float* out, void* stream = nullptr) const;
+
+private:
+    friend struct DeviceProducts;
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// A mixed batch on the GPU, as delta_products: y (batch x rows, f32, device) += alpha * x (batch x cols) times the
+// job's delta transposed, every delta of one shape and on one device. The bits of delta_products on the CPU.
+// `workspace`: device memory of at least device_products_workspace(jobs) bytes, the caller's (sign: the sums of x
+// per scale span; lowrank: v x), so nothing is allocated per call. Queued on the stream; does not wait.
+struct DeviceProductJob {
+    const DeviceDelta* delta;
+    const float* x;
+    int64_t batch;
+    float* y;
+};
+uint64_t device_products_workspace(const std::vector<DeviceProductJob>& jobs);
+void device_products(const std::vector<DeviceProductJob>& jobs, float alpha, void* workspace, uint64_t workspace_bytes,
+                     void* stream = nullptr);
+
 // out[i] = f32(ft[i]) - f32(base[i]): the delta of two f32/f16/bf16 arrays of the same size (any shapes),
 // one IEEE f32 subtraction per element, on `threads` threads (0: the default).
 void delta_f32(const ArrayRef& ft, const ArrayRef& base, float* out, int threads = 0);
@@ -697,6 +750,11 @@ public:
     // f32; each fine-tune's rows are gathered and its packed delta read once.
     void mixed_product(const std::string& tensor, const std::vector<std::string>& names, const int32_t* which,
                        const float* x, int64_t batch, float alpha, float* y, int threads = 0) const;
+
+    // Fine-tune `name`'s delta of `tensor` copied to a GPU (kHostEmulation: host memory), for a bank that serves
+    // from GPU memory (docs/cuda.md); null where the fine-tune leaves the tensor unchanged.
+    std::unique_ptr<DeviceDelta> to_device(const std::string& name, const std::string& tensor, int device,
+                                           void* stream = nullptr) const;
 
     std::vector<std::string> tensor_names() const { return base_->keys(); }
     ArrayRef tensor(const std::string& name);  // the live buffer (stable for the bank's life)

@@ -11,6 +11,12 @@ struct DenseDecoder : RowDecoder {
     void decode(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
         k.to_f32(values + size_t(r0 * cols) * dtype_size(dtype), dtype, dst, size_t(nrows * cols));
     }
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::Dense;
+        v.part[0] = values, v.dtype = dtype;
+        return v;
+    }
 };
 
 class DenseCodec : public Codec {

@@ -21,6 +21,13 @@ struct LevelsDecoder : RowDecoder {
                             size_t(cols), levels, out);
         }
     }
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::Levels;
+        v.part[0] = signs, v.part[1] = levels, v.part[2] = codes;
+        v.row_bytes = sign_bytes, v.code_bytes = code_bytes, v.bits = width;
+        return v;
+    }
 };
 
 // Puts keys[b*n/K, (b+1)*n/K) in block b's place for every b in [lo, hi), each block's keys in any order: only

@@ -72,6 +72,12 @@ struct LowrankDecoder : LowrankRowsDecoder {
     void u_rows(int64_t r0, int nrows, float* dst, const Kernels& k) const override {
         k.to_f32(u + size_t(r0 * rank) * dtype_size(dt), dt, dst, size_t(nrows * rank));
     }
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::Lowrank;
+        v.part[0] = u, v.part[1] = v_stored, v.dtype = dt, v.rank = rank;
+        return v;
+    }
 };
 
 // One direction's quantized singular vector: `bits`-wide codes, one f16 scale per `group` elements.
@@ -92,6 +98,17 @@ struct QuantLowrankDecoder : LowrankRowsDecoder {
     std::vector<QuantVector> u, vq;  // one per direction
     const float* s;
     int64_t group;
+    const uint8_t* codes;     // all directions' codes
+    const uint16_t* scales;   // all directions' scales
+    std::vector<int64_t> bits, bands;
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::LowrankQuant;
+        v.part[0] = codes, v.part[1] = scales, v.part[2] = s;
+        v.rank = rank, v.group = group, v.nbands = int32_t(bands.size());
+        for (size_t b = 0; b < bands.size(); ++b) v.band_bits[b] = uint8_t(bits[b]), v.band_size[b] = int32_t(bands[b]);
+        return v;
+    }
     void widen_v(float* dst, const Kernels& k) const override {
         for (int64_t d = 0; d < rank; ++d)
             for (int64_t c0 = 0; c0 < cols; c0 += group) {
@@ -222,6 +239,7 @@ public:
                 bad_component(e, "the shape and bands need more code bytes than any file can hold");
         }
         const auto* codes = static_cast<const uint8_t*>(need(e, "codes", DType::U8, {total}).data);
+        d->codes = codes, d->scales = sc, d->bits = bits, d->bands = bands;
         int64_t dir = 0, at = 0;
         for (size_t b = 0; b < bands.size(); ++b) {
             const int w = int(bits[b]);

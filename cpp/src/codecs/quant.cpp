@@ -29,6 +29,13 @@ struct QuantDecoder : RowDecoder {
             }
         }
     }
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::Quant;
+        v.part[0] = codes, v.part[1] = scales;
+        v.row_bytes = row_bytes, v.group = group, v.ngroups = ngroups, v.bits = bits, v.scale_exp = scale_exp;
+        return v;
+    }
 };
 
 class QuantCodec : public Codec {

@@ -28,6 +28,14 @@ struct SignDecoder : RowDecoder {
         }
     }
 
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = DeltaView::Sign;
+        v.part[0] = signs, v.part[1] = scales;
+        v.row_bytes = row_bytes, v.group = group, v.ngroups = ngroups, v.scope = scope;
+        return v;
+    }
+
     // The scale of row r in span g: scales[r * scale_row_stride() + (g for group scales, else 0)].
     size_t scale_row_stride() const { return scope == 0 ? 0 : scope == 1 ? 1 : size_t(ngroups); }
     const float* scale_at(int64_t r, int64_t g) const {

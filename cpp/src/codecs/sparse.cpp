@@ -45,6 +45,13 @@ struct SparseDecoder : RowDecoder {
             k.gaps_scatter(gaps + e0, w, size_t(count), out, size_t(cols));
         }
     }
+    DeltaView view() const override {
+        DeltaView v;
+        v.kind = mask ? DeltaView::SparseBitmap : DeltaView::SparseGaps;
+        v.part[0] = rowptr, v.part[1] = mask ? mask : gaps, v.part[2] = values, v.part[3] = vscale;
+        v.row_bytes = mask_bytes, v.dtype = vt;
+        return v;
+    }
 };
 
 class SparseCodec : public Codec {

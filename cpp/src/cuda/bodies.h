@@ -1,0 +1,399 @@
+// The CUDA kernels' bodies: what one thread computes, as DP_HD functions of its item index. cuda/device.cu wraps
+// each in a __global__ kernel; cuda/emulate.cpp runs the same body over the same grid on the CPU (host emulation:
+// tests compare it bit for bit with the CPU engine on machines without a GPU). The numerics are the CPU engine's:
+// decode in f32, f32(base) + alpha * d with one product and one sum, one rounding (element.h), and the batch
+// products' summation orders of Kernels::dots / sign_tables + table_sums (kernels.h), so the device results are
+// the CPU's bits.
+#pragma once
+
+#include <cstdint>
+
+#include "../element.h"
+#include "delta_view.h"
+
+namespace deltapack::cuda {
+
+// ------------------------------------------------------------------------------------------ launch arithmetic
+
+// A launch: `blocks` x `threads` threads over `items` items, for each of `jobs` jobs (gridDim.y). Thread t of block
+// b takes items first_item, first_item + item_stride, ...: a grid-stride loop in 64-bit arithmetic, so a grid of
+// at most kMaxBlocks blocks covers any count (a tensor of 2^31 or more elements included).
+struct Grid {
+    uint32_t blocks = 1, threads = 1, jobs = 1;
+    uint64_t items = 0;
+};
+constexpr uint32_t kThreadsPerBlock = 256;
+constexpr uint32_t kMaxBlocks = 65536;  // 16.7 M threads: every SM of a large GPU full many times over
+constexpr uint32_t kMaxJobs = 65535;    // gridDim.y's limit
+
+inline Grid grid_for(uint64_t items, uint32_t jobs = 1) {
+    Grid g;
+    g.items = items;
+    g.threads = kThreadsPerBlock;
+    const uint64_t blocks = (items + g.threads - 1) / g.threads;
+    g.blocks = uint32_t(blocks < 1 ? 1 : blocks > kMaxBlocks ? kMaxBlocks : blocks);
+    g.jobs = jobs;
+    return g;
+}
+DP_HD uint64_t first_item(const Grid& g, uint32_t block, uint32_t thread) { return uint64_t(block) * g.threads + thread; }
+DP_HD uint64_t item_stride(const Grid& g) { return uint64_t(g.blocks) * g.threads; }
+
+// The grid-stride loop every kernel runs: body(job, item) for this thread's items.
+template <class Body>
+DP_HD void run_items(const Body& body, const Grid& g, uint32_t job, uint32_t block, uint32_t thread) {
+    for (uint64_t i = first_item(g, block, thread); i < g.items; i += item_stride(g)) body(job, i);
+}
+
+// First failure wins: the lowest index reported to a slot (initialised to ~0).
+DP_HD void report_index(unsigned long long* slot, uint64_t index) {
+#if defined(__CUDA_ARCH__)
+    atomicMin(slot, (unsigned long long)index);
+#else
+    if (index < *slot) *slot = index;  // the emulation runs one thread at a time
+#endif
+}
+
+DP_HD int64_t packed_bytes(int64_t n, int width) { return (n * width + 7) / 8; }
+
+// ------------------------------------------------------------------------------------------ decoding
+
+// Element (r, c) of the delta as f32, for every codec but sparse (whose values need the row walked: SparseRow).
+DP_HD float lowrank_u(const DeltaView& v, int64_t r, int64_t k);
+DP_HD float lowrank_v(const DeltaView& v, int64_t k, int64_t c);
+
+DP_HD float delta_element(const DeltaView& v, int64_t r, int64_t c) {
+    switch (v.kind) {
+        case DeltaView::Sign: {  // bit ? s : -s, s the scale of the row's span
+            const auto* signs = static_cast<const uint8_t*>(v.part[0]);
+            const auto* scales = static_cast<const float*>(v.part[1]);
+            const float s = v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + c / v.group];
+            return bit_at(signs + r * v.row_bytes, uint64_t(c)) ? s : -s;
+        }
+        case DeltaView::Levels: {  // (sign bit ? 1 : -1) * table[code]
+            const auto* signs = static_cast<const uint8_t*>(v.part[0]);
+            const auto* table = static_cast<const float*>(v.part[1]);
+            const auto* codes = static_cast<const uint8_t*>(v.part[2]);
+            const float m = table[v.bits ? read_code(codes + r * v.code_bytes, v.bits, size_t(c)) : 0];
+            return bit_at(signs + r * v.row_bytes, uint64_t(c)) ? m : -m;
+        }
+        case DeltaView::Quant: {  // (code - qmax) * f16 scale * 2^scale_exp
+            const auto* codes = static_cast<const uint8_t*>(v.part[0]);
+            const auto* scales = static_cast<const uint16_t*>(v.part[1]);
+            const float qmax = float((1 << (v.bits - 1)) - 1);
+            const float s = scale_by_pow2(f16_to_f32(scales[r * v.ngroups + c / v.group]), v.scale_exp);
+            return (float(read_code(codes + r * v.row_bytes, v.bits, size_t(c))) - qmax) * s;
+        }
+        case DeltaView::Dense: return load_one(v.part[0], v.dtype, size_t(r * v.cols + c));
+        case DeltaView::Lowrank:
+        case DeltaView::LowrankQuant: {  // sum over k of u[r, k] * v[k, c], k in order, from +0
+            float acc = 0.0f;
+            for (int64_t k = 0; k < v.rank; ++k) acc = acc + lowrank_u(v, r, k) * lowrank_v(v, k, c);
+            return acc;
+        }
+        default: return 0.0f;  // sparse: not element-wise
+    }
+}
+
+// A quantized direction k: where its codes and scales lie, and its width.
+struct QuantDirection {
+    const uint8_t* u_codes;
+    const uint8_t* v_codes;
+    const uint16_t* u_scales;
+    const uint16_t* v_scales;
+    int bits;
+    DP_HD float offset() const { return float((1 << bits) - 1) * 0.5f; }
+};
+
+DP_HD QuantDirection quant_direction(const DeltaView& v, int64_t k) {
+    const int64_t ugroups = (v.rows + v.group - 1) / v.group, vgroups = (v.cols + v.group - 1) / v.group;
+    int64_t at = 0, first = 0;
+    int b = 0;
+    for (; b + 1 < v.nbands && k >= first + v.band_size[b]; ++b) {
+        at += v.band_size[b] * (packed_bytes(v.rows, v.band_bits[b]) + packed_bytes(v.cols, v.band_bits[b]));
+        first += v.band_size[b];
+    }
+    const int w = v.band_bits[b];
+    const int64_t ub = packed_bytes(v.rows, w), vb = packed_bytes(v.cols, w);
+    at += (k - first) * (ub + vb);
+    const auto* codes = static_cast<const uint8_t*>(v.part[0]);
+    const auto* scales = static_cast<const uint16_t*>(v.part[1]) + k * (ugroups + vgroups);
+    return QuantDirection{codes + at, codes + at + ub, scales, scales + ugroups, w};
+}
+
+DP_HD float lowrank_u(const DeltaView& v, int64_t r, int64_t k) {
+    if (v.kind == DeltaView::Lowrank) return load_one(v.part[0], v.dtype, size_t(r * v.rank + k));
+    const QuantDirection q = quant_direction(v, k);  // (code - offset) * scale, times the singular value
+    const float u = (float(read_code(q.u_codes, q.bits, size_t(r))) - q.offset()) * f16_to_f32(q.u_scales[r / v.group]);
+    return u * static_cast<const float*>(v.part[2])[k];
+}
+
+DP_HD float lowrank_v(const DeltaView& v, int64_t k, int64_t c) {
+    if (v.kind == DeltaView::Lowrank) return load_one(v.part[1], v.dtype, size_t(k * v.cols + c));
+    const QuantDirection q = quant_direction(v, k);
+    return (float(read_code(q.v_codes, q.bits, size_t(c))) - q.offset()) * f16_to_f32(q.v_scales[c / v.group]);
+}
+
+// One sparse row's values column by column (0 where nothing is stored), in the CPU's order of entries.
+struct SparseRow {
+    const DeltaView* v;
+    const uint8_t* index;  // the row's mask bytes, or its gaps
+    int64_t entry, end;    // the next entry, and the row's end
+    int64_t next_col;      // gaps: the column of the next entry
+    float vscale;
+    DP_HD SparseRow() : v(nullptr), index(nullptr), entry(0), end(0), next_col(-1), vscale(1.0f) {}
+    DP_HD SparseRow(const DeltaView& view, int64_t r) : v(&view) {
+        const auto* rowptr = static_cast<const int64_t*>(view.part[0]);
+        entry = rowptr[r], end = rowptr[r + 1];
+        vscale = view.part[3] ? static_cast<const float*>(view.part[3])[r] : 1.0f;
+        const auto* idx = static_cast<const uint8_t*>(view.part[1]);
+        index = view.kind == DeltaView::SparseBitmap ? idx + r * view.row_bytes : idx;
+        next_col = view.kind == DeltaView::SparseGaps && entry < end ? int64_t(index[entry]) : -1;
+    }
+    // The value of column c; called for c = 0, 1, ... in order.
+    DP_HD float at(int64_t c) {
+        if (v->kind == DeltaView::SparseBitmap) {
+            if (!bit_at(index, uint64_t(c))) return 0.0f;
+            return sparse_value(v->part[2], v->dtype, size_t(entry++), vscale);
+        }
+        if (c != next_col) return 0.0f;
+        const float x = sparse_value(v->part[2], v->dtype, size_t(entry++), vscale);
+        next_col = entry < end ? c + 1 + int64_t(index[entry]) : -1;
+        return x;  // a +0 filler is the 0 of an empty column
+    }
+};
+
+DP_HD bool is_sparse(const DeltaView& v) { return v.kind == DeltaView::SparseBitmap || v.kind == DeltaView::SparseGaps; }
+
+// ------------------------------------------------------------------------------------------ apply and decode
+
+// out = round(base + alpha * delta) over a whole tensor: base and out device arrays of the delta's shape (out may
+// be base). errors[0]: the lowest flat index where |alpha * d| exceeds kMaxStep; errors[1]: the lowest where an
+// f16 output became infinite from a finite base. The rounding is dithered (by the flat index) when `dither`.
+struct ApplyArgs {
+    DeltaView v;
+    const void* base;
+    void* out;
+    DType base_dtype, out_dtype;
+    float alpha;
+    bool dither;
+    unsigned long long* errors;
+};
+
+DP_HD void finish_element(const ApplyArgs& a, uint64_t i, float d) {
+    const float b = load_one(a.base, a.base_dtype, size_t(i));
+    bool ok = true;
+    const float s = rebuild_sum(b, a.alpha, d, ok);
+    if (!ok) report_index(a.errors, i);
+    if (a.dither && a.out_dtype != DType::F32) {
+        const uint64_t h = dither_bits(i);
+        static_cast<uint16_t*>(a.out)[i] = a.out_dtype == DType::BF16 ? f32_to_bf16_dithered(s, h) : f32_to_f16_dithered(s, h);
+    } else {
+        store_one(a.out, a.out_dtype, size_t(i), s);
+    }
+    if (a.out_dtype == DType::F16 && a.alpha * d != 0.0f && is_finite_f32(b) &&
+        (static_cast<const uint16_t*>(a.out)[i] & 0x7c00u) == 0x7c00u)
+        report_index(a.errors + 1, i);
+}
+
+// Item: a flat element index (every codec but sparse).
+struct ApplyElements {
+    ApplyArgs a;
+    DP_HD void operator()(uint32_t, uint64_t i) const {
+        const int64_t r = int64_t(i / uint64_t(a.v.cols)), c = int64_t(i % uint64_t(a.v.cols));
+        finish_element(a, i, delta_element(a.v, r, c));
+    }
+};
+
+// Item: a row (sparse: the row is walked in order; each element is still read and written by this thread only).
+struct ApplySparseRows {
+    ApplyArgs a;
+    DP_HD void operator()(uint32_t, uint64_t r) const {
+        SparseRow row(a.v, int64_t(r));
+        for (int64_t c = 0; c < a.v.cols; ++c) finish_element(a, r * uint64_t(a.v.cols) + uint64_t(c), row.at(c));
+    }
+};
+
+// decode: out (f32, rows x cols) = the delta.
+struct DecodeElements {
+    DeltaView v;
+    float* out;
+    DP_HD void operator()(uint32_t, uint64_t i) const {
+        out[i] = delta_element(v, int64_t(i / uint64_t(v.cols)), int64_t(i % uint64_t(v.cols)));
+    }
+};
+struct DecodeSparseRows {
+    DeltaView v;
+    float* out;
+    DP_HD void operator()(uint32_t, uint64_t r) const {
+        SparseRow row(v, int64_t(r));
+        for (int64_t c = 0; c < v.cols; ++c) out[r * uint64_t(v.cols) + uint64_t(c)] = row.at(c);
+    }
+};
+
+// ------------------------------------------------------------------------------------------ batch products
+
+// One job of a mixed batch: y[b * rows + r] += alpha * (delta row r . x[b * cols ...]) for b < batch, as
+// delta_products on the CPU computes it (the same bits). scratch: the job's share of the caller's workspace
+// (product_scratch_floats), filled by ProductPrepass before ProductRows reads it.
+struct ProductJobArgs {
+    DeltaView v;
+    const float* x;
+    float* y;
+    int64_t batch;
+    float* scratch;
+};
+constexpr int kMaxProductJobs = 16;  // fine-tunes in one launch (kernel parameters hold them by value)
+struct ProductArgs {
+    ProductJobArgs job[kMaxProductJobs];
+    int jobs;
+    float alpha;
+};
+
+// Sign: a scale's span is whole groups of 4 columns (the group size is a multiple of 8).
+DP_HD int64_t sign_span_groups(const DeltaView& v) {
+    const int64_t cols = v.scope == 2 ? v.group : v.cols;
+    return (cols + 3) / 4 > 1 ? (cols + 3) / 4 : 1;
+}
+DP_HD int64_t sign_spans(const DeltaView& v) {
+    return v.cols ? ((v.cols + 3) / 4 + sign_span_groups(v) - 1) / sign_span_groups(v) : 1;
+}
+// The sum of x over the columns of group q (4 of them, fewer at the end) whose bits are set in m, added in column
+// order to +0: the entry sign_tables holds.
+DP_HD float group_sum(const float* x, int64_t cols, int64_t q, unsigned m) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < 4 && 4 * q + c < cols; ++c)
+        if ((m >> c) & 1u) s = s + x[4 * q + c];
+    return s;
+}
+DP_HD float scale_of_span(const DeltaView& v, int64_t r, int64_t g) {
+    const auto* scales = static_cast<const float*>(v.part[1]);
+    return v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + g];
+}
+
+// Floats of workspace a job needs: sign, the sums of x over each span ([span][batch row]); lowrank, v x
+// ([direction][batch row]); other codecs none.
+DP_HD int64_t product_scratch_floats(const DeltaView& v, int64_t batch) {
+    if (v.kind == DeltaView::Sign) return sign_spans(v) * batch;
+    if (v.kind == DeltaView::Lowrank || v.kind == DeltaView::LowrankQuant) return v.rank * batch;
+    return 0;
+}
+// Items of the prepass of a job (the largest over the jobs sets the launch).
+DP_HD int64_t prepass_items(const DeltaView& v, int64_t batch) { return product_scratch_floats(v, batch); }
+
+// Item (job, s): sign, scratch[s] = the sum of x_b over span g (s = g * batch + b) as table_sums over all-ones bits;
+// lowrank, scratch[s] = v_d . x_b (s = d * batch + b) in Kernels::dots' 16-lane order.
+struct ProductPrepass {
+    ProductArgs p;
+    DP_HD void operator()(uint32_t j, uint64_t s) const {
+        const ProductJobArgs& job = p.job[j];
+        const DeltaView& v = job.v;
+        if (int64_t(s) >= product_scratch_floats(v, job.batch)) return;
+        const int64_t b = int64_t(s) % job.batch, which = int64_t(s) / job.batch;
+        const float* x = job.x + b * v.cols;
+        if (v.kind == DeltaView::Sign) {
+            const int64_t per = sign_span_groups(v), groups = (v.cols + 3) / 4;
+            float acc = 0.0f;
+            for (int64_t q = which * per; q < groups && q < (which + 1) * per; ++q) acc = acc + group_sum(x, v.cols, q, 15u);
+            job.scratch[s] = acc;
+            return;
+        }
+        float lanes[16] = {0};
+        for (int64_t c = 0; c < v.cols; ++c) lanes[c & 15] = lanes[c & 15] + lowrank_v(v, which, c) * x[c];
+        for (int half = 8; half >= 1; half /= 2)
+            for (int l = 0; l < half; ++l) lanes[l] = lanes[l] + lanes[l + half];
+        job.scratch[s] = lanes[0];
+    }
+};
+
+// Item (job, r): row r's products with every batch row of the job, added to y.
+struct ProductRows {
+    ProductArgs p;
+    static constexpr int kChunk = 4;  // batch rows per pass over the delta row (registers)
+    DP_HD void operator()(uint32_t j, uint64_t item) const {
+        const ProductJobArgs& job = p.job[j];
+        const DeltaView& v = job.v;
+        const int64_t r = int64_t(item);
+        if (r >= v.rows) return;
+        for (int64_t b0 = 0; b0 < job.batch; b0 += kChunk) {
+            const int nb = int(job.batch - b0 < kChunk ? job.batch - b0 : kChunk);
+            float acc[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (v.kind == DeltaView::Sign) sign_row(job, r, b0, nb, acc);
+            else if (v.kind == DeltaView::Lowrank || v.kind == DeltaView::LowrankQuant) lowrank_row(job, r, b0, nb, acc);
+            else decoded_row(job, r, b0, nb, acc);
+            for (int b = 0; b < nb; ++b) {
+                float& out = job.y[(b0 + b) * v.rows + r];
+                out = out + p.alpha * acc[b];
+            }
+        }
+    }
+    // Sign: for each span, s * (2 * (sum of x over the set bits) - (sum of x over the span)), spans in order.
+    DP_HD static void sign_row(const ProductJobArgs& job, int64_t r, int64_t b0, int nb, float* acc) {
+        const DeltaView& v = job.v;
+        const auto* bits = static_cast<const uint8_t*>(v.part[0]) + r * v.row_bytes;
+        const int64_t per = sign_span_groups(v), groups = (v.cols + 3) / 4, spans = sign_spans(v);
+        for (int64_t g = 0; g < spans; ++g) {
+            float set[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t q = g * per; q < groups && q < (g + 1) * per; ++q) {
+                const unsigned m = (bits[q >> 1] >> ((q & 1) * 4)) & 15u;
+                for (int b = 0; b < nb; ++b) set[b] = set[b] + group_sum(job.x + (b0 + b) * v.cols, v.cols, q, m);
+            }
+            const float s = scale_of_span(v, r, g);
+            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + s * (2.0f * set[b] - job.scratch[g * job.batch + b0 + b]);
+        }
+    }
+    // Lowrank: u[r] . (v x_b), directions in order.
+    DP_HD static void lowrank_row(const ProductJobArgs& job, int64_t r, int64_t b0, int nb, float* acc) {
+        for (int64_t d = 0; d < job.v.rank; ++d) {
+            const float u = lowrank_u(job.v, r, d);
+            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + u * job.scratch[d * job.batch + b0 + b];
+        }
+    }
+    // Other codecs: the decoded row's dot with x_b in Kernels::dots' 16-lane order.
+    DP_HD static void decoded_row(const ProductJobArgs& job, int64_t r, int64_t b0, int nb, float* acc) {
+        const DeltaView& v = job.v;
+        float lanes[kChunk][16];
+        for (int b = 0; b < kChunk; ++b)
+            for (int l = 0; l < 16; ++l) lanes[b][l] = 0.0f;
+        SparseRow row = is_sparse(v) ? SparseRow(v, r) : SparseRow();
+        for (int64_t c = 0; c < v.cols; ++c) {
+            const float d = is_sparse(v) ? row.at(c) : delta_element(v, r, c);
+            for (int b = 0; b < nb; ++b) lanes[b][c & 15] = lanes[b][c & 15] + d * job.x[(b0 + b) * v.cols + c];
+        }
+        for (int b = 0; b < nb; ++b) {
+            for (int half = 8; half >= 1; half /= 2)
+                for (int l = 0; l < half; ++l) lanes[b][l] = lanes[b][l] + lanes[b][l + half];
+            acc[b] = lanes[b][0];
+        }
+    }
+};
+
+// ------------------------------------------------------------------------------------------ launches
+
+// Which kernels a call runs, over which grids: one plan for the GPU (cuda/device.cu) and its host emulation
+// (cuda/emulate.cpp). launch(body, grid) runs `body` over the grid; a grid of no items is not launched.
+template <class Launch>
+void plan_apply(const ApplyArgs& a, Launch launch) {
+    const uint64_t rows = uint64_t(a.v.rows), cols = uint64_t(a.v.cols);
+    if (is_sparse(a.v)) launch(ApplySparseRows{a}, grid_for(rows * (cols ? 1 : 0)));
+    else launch(ApplyElements{a}, grid_for(rows * cols));
+}
+template <class Launch>
+void plan_decode(const DeltaView& v, float* out, Launch launch) {
+    const uint64_t rows = uint64_t(v.rows), cols = uint64_t(v.cols);
+    if (is_sparse(v)) launch(DecodeSparseRows{v, out}, grid_for(rows * (cols ? 1 : 0)));
+    else launch(DecodeElements{v, out}, grid_for(rows * cols));
+}
+// All jobs share the delta's shape; the prepass fills every job's scratch before the rows read it.
+template <class Launch>
+void plan_products(const ProductArgs& p, Launch launch) {
+    if (p.jobs == 0) return;
+    int64_t prepass = 0;
+    for (int j = 0; j < p.jobs; ++j) {
+        const int64_t n = prepass_items(p.job[j].v, p.job[j].batch);
+        prepass = n > prepass ? n : prepass;
+    }
+    if (prepass) launch(ProductPrepass{p}, grid_for(uint64_t(prepass), uint32_t(p.jobs)));
+    launch(ProductRows{p}, grid_for(uint64_t(p.job[0].v.rows), uint32_t(p.jobs)));
+}
+
+}  // namespace deltapack::cuda

@@ -1,7 +1,8 @@
 """The C and C++ checks, built by CMake and run by CTest (DELTAPACK_TESTS=ON): every kernel of every
 SIMD path against the scalar path (natively, and for AArch64 cross-compiled and run under qemu-user,
 skipped where that toolchain is missing), the C API from plain C99 against a static and a shared
-library, and several threads rebuilding from one delta file.
+library, several threads rebuilding from one delta file, and the CUDA path's launch arithmetic and host
+emulation (cuda_check; with CUDA when CMake finds a toolkit).
 
 native_build() is the one CMake build of a session; test_c_api_ctypes.py and test_install.py use it too."""
 import os
@@ -188,11 +189,12 @@ def run_ctest(build, name, timeout=600):
 
 
 @NEEDS_TOOLS
-@pytest.mark.parametrize("name", ["kernel_check", "c_api_check", "c_api_check_shared", "thread_check"])
+@pytest.mark.parametrize("name", ["kernel_check", "c_api_check", "c_api_check_shared", "thread_check", "cuda_check"])
 def test_ctest(tmp_path_factory, name):
     out = run_ctest(native_build(tmp_path_factory), name)
     expected = {"kernel_check": "all kernels identical", "c_api_check": "C API: all checks passed",
-                "c_api_check_shared": "C API: all checks passed", "thread_check": "threaded rebuilds identical"}[name]
+                "c_api_check_shared": "C API: all checks passed", "thread_check": "threaded rebuilds identical",
+                "cuda_check": "cuda checks passed"}[name]
     assert expected in out
 
 

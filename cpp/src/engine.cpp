@@ -342,6 +342,7 @@ void check_apply_buffers(const std::string& tensor, const void* base, DType base
                                         " is not supported (f32, f16, bf16)");
     const auto* b0 = static_cast<const uint8_t*>(base);
     const auto* o0 = static_cast<const uint8_t*>(out);
+    if (numel == 0) return;  // nothing to read or write (empty arrays may share any address)
     if (b0 == o0 && base_dtype != out_dtype)
         throw std::invalid_argument("tensor '" + tensor + "': in-place apply needs out and base of the same dtype");
     if (b0 != o0 && o0 < b0 + size_t(numel) * dtype_size(base_dtype) && b0 < o0 + size_t(numel) * dtype_size(out_dtype))

@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from . import _core
+from . import _core, cuda
 
 
 def _mix(which, alpha) -> list:
@@ -43,12 +43,22 @@ class Bank:
     while others may switch holds `with bank.reading():` (and does not call activate inside it). One rows()
     block at a time per bank (it is refused while another is open)."""
 
-    def __init__(self, base, cache_bytes: int = 0):
+    def __init__(self, base, cache_bytes: int = 0, device=None):
         """cache_bytes: keep the rebuilt tensors of recently used mixes up to this many bytes, so switching back
-        to one copies instead of rebuilding (0: no cache)."""
+        to one copies instead of rebuilding (0: no cache; CPU banks only).
+
+        device: None or "cpu" (the buffers in host memory), or a CUDA device ("cuda", "cuda:1"): the buffers and
+        the fine-tunes' deltas live on that GPU, activate() rebuilds there and a patched model's mixed batches
+        run the CUDA batch-product kernels (docs/cuda.md); "emulate" runs that path on the CPU (tests)."""
+        self._target = None if device is None or str(device) == "cpu" else cuda.Target(device)
+        if cache_bytes and self._target is not None:
+            raise ValueError("bank: cache_bytes is for a CPU bank (a GPU bank rebuilds faster than it would copy)")
         self._b = _core.Bank(os.fspath(base))
         if cache_bytes:
             self._b.set_cache_budget(int(cache_bytes))
+        self._on_device = {}  # GPU bank: (fine-tune, tensor) -> DeviceDelta, or None where it changes nothing
+        self._pristine = {}   # GPU bank: tensor -> the base, kept from its first rewrite on
+        self._device_mix, self._device_rewritten = [], []
         self._torch = None
         self._readers = threading.local()
         self._rows = None  # the current mixed batch: a list of (fine-tune or None) per batch row
@@ -63,7 +73,10 @@ class Bank:
 
     def remove(self, name: str) -> None:
         """Forget fine-tune `name` (refused while it is active)."""
+        if any(n == name for n, _ in self._device_mix):
+            raise ValueError(f"bank: fine-tune '{name}' is active; activate another mix first")
         self._b.remove(name)
+        self._on_device = {k: v for k, v in self._on_device.items() if k[0] != name}
         self._generation += 1
 
     @property
@@ -71,9 +84,16 @@ class Bank:
         return self._b.fine_tunes()
 
     @property
+    def device(self):
+        """Where the buffers live: a torch.device."""
+        import torch
+
+        return self._target.device if self._target is not None else torch.device("cpu")
+
+    @property
     def active(self) -> dict:
         """The mix the buffers hold: {name: alpha}; {} for the base."""
-        return dict(self._b.active())
+        return dict(self._device_mix if self._target is not None else self._b.active())
 
     def activate(self, which=None, alpha: float = 1.0, threads: int | None = None) -> dict:
         """Make the buffers hold `which`: a fine-tune name (scaled by alpha), a {name: alpha} dict, or None
@@ -83,13 +103,16 @@ class Bank:
             raise RuntimeError("bank.activate inside bank.reading() on the same thread would wait for itself")
         if self._rows is not None:
             raise RuntimeError("bank.activate inside bank.rows(): the mixed batch needs the base in the buffers")
-        self._b.activate(_mix(which, alpha), 0 if threads is None else int(threads))
+        if self._target is not None:
+            self._activate_on_device(_mix(which, alpha))
+        else:
+            self._b.activate(_mix(which, alpha), 0 if threads is None else int(threads))
         return self.state_dict()
 
     @property
     def last_rewritten(self) -> list[str]:
         """The tensors the last activate() rebuilt (the others were not written)."""
-        return self._b.last_rewritten()
+        return list(self._device_rewritten) if self._target is not None else self._b.last_rewritten()
 
     @property
     def cache_bytes(self) -> int:
@@ -116,6 +139,9 @@ class Bank:
 
         ref = self.state_dict()[name]
         out = torch.empty_like(ref)
+        if self._target is not None:
+            self._rebuild_on_device(_mix(which, alpha), name, out)
+            return out
         self._b.rebuild(_mix(which, alpha), name, out.view(torch.int16) if out.dtype == torch.bfloat16 else out)
         return out
 
@@ -124,7 +150,7 @@ class Bank:
         return self._b.tensor(name)
 
     def state_dict(self) -> dict:
-        """name -> torch tensor viewing the bank's buffers (the same objects on every call)."""
+        """name -> torch tensor viewing the bank's buffers (the same objects on every call; on the bank's device)."""
         if self._torch is None:
             import torch
 
@@ -132,9 +158,56 @@ class Bank:
             for name in self._b.tensor_names():
                 arr = self._b.tensor(name)
                 t = torch.from_numpy(arr)
-                out[name] = t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+                t = t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+                out[name] = t if self._target is None else t.to(self._target.device, copy=True)
             self._torch = out
         return self._torch
+
+    # ------------------------------------------------------------------------------ a bank on a GPU
+
+    def device_delta(self, name: str, tensor: str):
+        """Fine-tune `name`'s delta of `tensor` on the bank's GPU (a _core.DeviceDelta, copied there on first use),
+        or None where the fine-tune leaves the tensor unchanged."""
+        key = (name, tensor)
+        if key not in self._on_device:
+            self._on_device[key] = self._b.to_device(name, tensor, self._target.index, self._target.stream())
+        return self._on_device[key]
+
+    def _base_on_device(self, tensor: str):
+        """The base of `tensor` on the device: its live buffer until a mix first rewrites it, then the copy kept."""
+        return self._pristine.get(tensor, self.state_dict()[tensor])
+
+    def _rebuild_on_device(self, mix: list, tensor: str, out) -> None:
+        """out = `tensor` as the CPU bank rebuilds it: the first delta from the base, the next ones on top, each
+        rounded once (the same kernels' bits)."""
+        source = self._base_on_device(tensor)
+        stream = self._target.stream()
+        for name, alpha in mix:
+            d = self.device_delta(name, tensor)
+            if d is None:
+                continue
+            d.apply(source, out, alpha, "auto", stream)
+            source = out
+        if source is not out:
+            out.copy_(source)
+
+    def _activate_on_device(self, mix: list) -> None:
+        unknown = [n for n, _ in mix if n not in set(self.fine_tunes)]
+        if unknown:
+            raise ValueError(f"bank: no fine-tune named '{unknown[0]}'")
+        sd = self.state_dict()
+        previous = self._device_mix
+        touched = [t for t in sd if any(self._b.touches(n, t) for n, _ in previous + mix)]
+        try:
+            for t in touched:
+                if t not in self._pristine:
+                    self._pristine[t] = sd[t].clone()
+                self._rebuild_on_device(mix, t, sd[t])
+        except Exception:
+            for t in touched:  # the previous mix again, as the CPU bank keeps it on an error
+                self._rebuild_on_device(previous, t, sd[t])
+            raise
+        self._device_mix, self._device_rewritten = list(mix), touched
 
     def bind(self, model):
         """Make `model`'s parameters and buffers views of the bank's (tied ones included): every later
@@ -191,7 +264,7 @@ class Bank:
         with self._rows_lock:
             if self._rows is not None:
                 raise RuntimeError("bank.rows: already inside rows() (one mixed batch at a time)")
-            if self._b.active():
+            if self.active:
                 raise RuntimeError(f"bank.rows: the buffers hold {self.active}; activate(None) first (a mixed batch "
                                    "adds each row's delta to the base)")
             self._rows = _Rows(self, names, float(alpha))
@@ -250,17 +323,37 @@ def _linear_forward(bank: Bank, module, own: dict):
             return y
         per_row = x[0].numel() // x.shape[-1]  # tokens per batch row
         xs = x.reshape(-1, x.shape[-1]).float().contiguous()
-        d = torch.zeros(xs.shape[0], y.shape[-1], dtype=torch.float32)
-        if by_weight:
+        d = torch.zeros(xs.shape[0], y.shape[-1], dtype=torch.float32, device=y.device)
+        if by_weight and bank._target is not None:
+            _device_products(bank, rows, weight, by_weight, per_row, xs, d)
+        elif by_weight:
             which = rows.which.repeat_interleave(per_row) if per_row > 1 else rows.which
             bank._b.mixed_product(weight, rows.unique, which, xs, d, rows.alpha)
         for name in by_bias:
             db = torch.empty(1, y.shape[-1], dtype=torch.float32)
             bank._b.delta_rows(name, bias, torch.zeros(1, dtype=torch.long), db, rows.alpha)
-            d.view(x.shape[0], per_row, -1)[rows.groups[name]] += db
+            d.view(x.shape[0], per_row, -1)[rows.groups[name].to(d.device)] += db.to(d.device)
         return (y.reshape(d.shape).float() + d).to(y.dtype).reshape(y.shape)
 
     return run
+
+
+def _device_products(bank: Bank, rows: _Rows, weight: str, names: list, per_row: int, xs, d) -> None:
+    """d[token rows of fine-tune n] = alpha * x @ D_n.T for each n in names, in one launch of the CUDA batch-product
+    kernels (Bank.mixed_product's bits: each row's product is added to zeros)."""
+    import torch
+
+    jobs, at = [], []
+    for name in names:
+        batch_rows = rows.groups[name]
+        token_rows = (batch_rows[:, None] * per_row + torch.arange(per_row)).reshape(-1).to(xs.device)
+        x = xs.index_select(0, token_rows).contiguous()
+        jobs.append((bank.device_delta(name, weight), x, torch.zeros(x.shape[0], d.shape[1], dtype=torch.float32,
+                                                                     device=xs.device)))
+        at.append(token_rows)
+    cuda.run_products(jobs, rows.alpha, bank._target)
+    for (_, _, y), token_rows in zip(jobs, at):
+        d.index_copy_(0, token_rows, y)
 
 
 def _embedding_forward(bank: Bank, module, own: dict):
@@ -276,11 +369,11 @@ def _embedding_forward(bank: Bank, module, own: dict):
             return y
         rows.check(ids.shape[0], module)
         for name in rows.touching(weight):
-            idx = rows.groups[name]
-            tokens = ids[idx].reshape(-1).to(torch.long).contiguous()
+            idx = rows.groups[name].to(ids.device)
+            tokens = ids[idx].reshape(-1).to(device="cpu", dtype=torch.long).contiguous()
             d = torch.empty(tokens.shape[0], y.shape[-1], dtype=torch.float32)
-            bank._b.delta_rows(name, weight, tokens, d, rows.alpha)
-            _add_rows(y, idx, d)
+            bank._b.delta_rows(name, weight, tokens, d, rows.alpha)  # a few rows: on the CPU
+            _add_rows(y, idx, d.to(y.device))
         return y
 
     return run

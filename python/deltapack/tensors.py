@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _core, lowrank, recipes, reference
+from . import _core, cuda, lowrank, recipes, reference
 
 _FLOAT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -30,7 +30,7 @@ def _dtype_name(x) -> str:
 def _contiguous(x):
     if is_torch(x):
         if x.device.type != "cpu":
-            raise ValueError(f"tensor is on {x.device}; deltapack's engine runs on the CPU")
+            raise ValueError(f"tensor is on {x.device}; deltapack runs on the CPU and on CUDA devices")
         return x.detach().contiguous()
     return np.ascontiguousarray(x)
 
@@ -57,6 +57,8 @@ class Encoded:
     dtype: str
     components: dict = field(repr=False)
     name: str = "<tensor>"
+    # Copies of the components on GPUs, by device number (deltapack.cuda.to_device): made on first use there.
+    device_copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -133,7 +135,10 @@ def decode(enc: Encoded, threads: int | None = None) -> np.ndarray:
 def delta_product(enc: Encoded, x, alpha: float = 1.0, out=None, threads: int | None = None) -> np.ndarray:
     """out += alpha * x @ D.T, for the delta's (rows, cols) matrix view D (a linear layer's delta part of its
     output), straight from the packed form: nothing is rebuilt. x: float32 (batch, cols); out: float32
-    (batch, rows), zeros when None. f32 sums in a fixed order, the same bits on every SIMD path. Returns out."""
+    (batch, rows), zeros when None. f32 sums in a fixed order, the same bits on every SIMD path. Returns out.
+    A torch CUDA x runs on its GPU (deltapack.cuda.delta_product)."""
+    if cuda.is_cuda(x):
+        return cuda.delta_product(enc, x, alpha, out)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = reference.rows_cols(enc.shape)
     if x.ndim != 2 or x.shape[1] != cols:
@@ -158,13 +163,15 @@ def apply(base, enc: Encoded, alpha: float = 1.0, out=None, threads: int | None 
     by `rounding`, "auto" (dithered for a lossy codec, nearest for dense), "nearest" or "dithered"
     (docs/FORMAT.md §3; reference.apply is the rule).
 
-    base/out: numpy f32/f16 (uint16 = bf16 bits) or torch f32/f16/bf16 of the delta's shape;
-    `out=base` updates in place. Returns `out`.
+    base/out: numpy f32/f16 (uint16 = bf16 bits) or torch f32/f16/bf16 of the delta's shape, torch CUDA tensors
+    included (deltapack.cuda: the same bits); `out=base` updates in place. Returns `out`.
     """
     if tuple(base.shape) != tuple(enc.shape):
         raise ValueError(f"tensor '{enc.name}': base shape {list(base.shape)} does not match the delta's "
                          f"shape {list(enc.shape)}")
     _dtype_name(base)
+    if cuda.is_cuda(base):  # the CUDA kernels, on base's GPU and its current stream
+        return cuda.apply(base, enc, alpha, out, check_rounding(rounding))
     if is_torch(base):
         base_c = _contiguous(base)
         if out is None:

@@ -15,6 +15,9 @@ void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Kernel parameters travel by value: a batch's 16 deltas' views fit the 32 KiB that CUDA 12.1+ allows (Volta on).
+static_assert(sizeof(ProductRows) + sizeof(Grid) <= 32764, "kernel parameters over 32 KiB");
+
 template <class Body>
 __global__ void __launch_bounds__(kThreadsPerBlock) run_kernel(const Body body, const Grid g) {
     run_items(body, g, blockIdx.y, blockIdx.x, threadIdx.x);

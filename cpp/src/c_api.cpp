@@ -36,6 +36,11 @@ struct dp_checkpoint {
     std::vector<std::string> names;
 };
 
+struct dp_device_delta {
+    std::unique_ptr<deltapack::DeviceDelta> delta;
+    std::string where;  // file and tensor, for errors
+};
+
 struct dp_bank {
     std::unique_ptr<deltapack::Bank> bank;
     std::string path;
@@ -739,6 +744,94 @@ int dp_bank_unlock_shared(const dp_bank* b) {
             fail("dp_bank_unlock_shared: this thread holds no shared lock on this bank");
         b->bank->unlock_shared();
         if (--it->second == 0) g_bank_reads.erase(it);
+        return 0;
+    });
+}
+
+// ----------------------------------------------------------------------------- CUDA
+
+int dp_cuda_built(void) { return deltapack::cuda_built() ? 1 : 0; }
+
+int dp_cuda_device_count(void) {
+    return guarded(0, [&] { return deltapack::cuda_device_count(); });
+}
+
+dp_device_delta* dp_device_delta_open(const dp_file* f, const char* name, int device, int verify, void* stream) {
+    return guarded<dp_device_delta*>(nullptr, [&] {
+        need(f, "dp_device_delta_open", "f");
+        need(name, "dp_device_delta_open", "name");
+        auto d = std::make_unique<dp_device_delta>();
+        d->where = tensor_where(f, name);
+        const deltapack::DeltaTensor e = f->file->get(name, verify != 0);
+        d->delta = std::make_unique<deltapack::DeviceDelta>(e.ref, device, stream);
+        return d.release();
+    });
+}
+
+void dp_device_delta_close(dp_device_delta* d) { delete d; }
+
+int dp_device_apply(const dp_device_delta* d, const void* base, size_t base_size, dp_dtype base_dtype, void* out,
+                    size_t out_size, dp_dtype out_dtype, dp_apply_params params, void* stream) {
+    return guarded(-1, [&] {
+        need(d, "dp_device_apply", "d");
+        need(base, "dp_device_apply", "base");
+        need(out, "dp_device_apply", "out");
+        const deltapack::DType bt = float_dtype(base_dtype, d->where, "base"), ot = float_dtype(out_dtype, d->where, "out");
+        check_size(d->where, "base", d->delta->shape(), bt, base_size);
+        check_size(d->where, "out", d->delta->shape(), ot, out_size);
+        d->delta->apply(base, bt, out, ot, engine_params(params), stream);
+        return 0;
+    });
+}
+
+int dp_device_decode(const dp_device_delta* d, float* out, size_t out_size, void* stream) {
+    return guarded(-1, [&] {
+        need(d, "dp_device_decode", "d");
+        need(out, "dp_device_decode", "out");
+        check_size(d->where, "out", d->delta->shape(), deltapack::DType::F32, out_size);
+        d->delta->decode(out, stream);
+        return 0;
+    });
+}
+
+namespace {
+// The jobs of a C mixed batch; x and y unchecked (device memory) beyond NULL where the batch is not empty.
+std::vector<deltapack::DeviceProductJob> device_jobs(size_t n, const dp_device_delta* const* d, const float* const* x,
+                                                     const int64_t* batch, float* const* y, const char* fn) {
+    if (n) {
+        need(d, fn, "d");
+        need(batch, fn, "batch");
+    }
+    std::vector<deltapack::DeviceProductJob> jobs;
+    for (size_t i = 0; i < n; ++i) {
+        need(d[i], fn, "a d[i]");
+        if (batch[i] < 0) fail(std::string(fn) + ": batch[" + std::to_string(i) + "] is negative");
+        const float* xi = x ? x[i] : nullptr;
+        float* yi = y ? y[i] : nullptr;
+        if (x && batch[i]) need(xi, fn, "an x[i]");
+        if (y && batch[i]) need(yi, fn, "a y[i]");
+        jobs.push_back(deltapack::DeviceProductJob{d[i]->delta.get(), xi, batch[i], yi});
+    }
+    return jobs;
+}
+}  // namespace
+
+int64_t dp_device_products_workspace(size_t n, const dp_device_delta* const* d, const int64_t* batch) {
+    return guarded<int64_t>(-1, [&] {
+        return int64_t(deltapack::device_products_workspace(
+            device_jobs(n, d, nullptr, batch, nullptr, "dp_device_products_workspace")));
+    });
+}
+
+int dp_device_products(size_t n, const dp_device_delta* const* d, const float* const* x, const int64_t* batch,
+                       float* const* y, float alpha, void* workspace, size_t workspace_size, void* stream) {
+    return guarded(-1, [&] {
+        if (n) {
+            need(x, "dp_device_products", "x");
+            need(y, "dp_device_products", "y");
+        }
+        deltapack::device_products(device_jobs(n, d, x, batch, y, "dp_device_products"), alpha, workspace,
+                                   workspace_size, stream);
         return 0;
     });
 }

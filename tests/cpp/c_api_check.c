@@ -192,6 +192,59 @@ static void check_apply_and_decode(dp_file* f) {
     free(base); free(ref); free(ref32); free(dec); free(out); free(out32); free(zeros);
 }
 
+/* The CUDA entry points through the host emulation (the same code as on a GPU; tests/test_cuda.py runs them on a
+ * GPU through Python): dp_device_apply and dp_device_decode give dp_apply's and dp_decode's bytes. */
+static void check_device(dp_file* f) {
+    size_t base_size, ref_size, dec_size;
+    uint16_t* base = slurp("base_w.raw", &base_size);
+    void* ref = slurp("ref_w_bf16.raw", &ref_size);
+    float* dec = slurp("decode_w.raw", &dec_size);
+    const size_t n = 37 * 70;
+    uint16_t* out = malloc(n * 2);
+    float* out32 = malloc(n * 4);
+    float x[2 * 70], y[2 * 37] = {0}, want[2 * 37];
+    int64_t batch = 2;
+    unsigned char workspace[4096];
+    struct dp_apply_params p = dp_apply_default_params();
+    dp_device_delta* d = dp_device_delta_open(f, "w", DP_HOST_EMULATION, 1, NULL);
+    const dp_device_delta* ds[1];
+    const float* xs[1];
+    float* ys[1];
+    size_t i, j, need;
+    int close = 1;
+    p.alpha = 0.5f;
+    CHECK(d != NULL);
+    if (!d) return;
+    CHECK(dp_cuda_built() == 0 || dp_cuda_built() == 1);
+    CHECK(dp_cuda_device_count() >= 0);
+    CHECK(dp_device_apply(d, base, n * 2, DP_BF16, out, n * 2, DP_BF16, p, NULL) == 0 && same_bytes(out, ref, n * 2));
+    CHECK(dp_device_decode(d, out32, n * 4, NULL) == 0 && same_bytes(out32, dec, n * 4));
+    for (i = 0; i < 2 * 70; ++i) x[i] = (float)((int)(i * 37 % 11) - 5) / 4.0f;
+    for (i = 0; i < 2; ++i)
+        for (j = 0; j < 37; ++j) {
+            double s = 0;
+            size_t c;
+            for (c = 0; c < 70; ++c) s += (double)x[i * 70 + c] * dec[j * 70 + c];
+            want[i * 37 + j] = (float)(0.75 * s);
+        }
+    ds[0] = d, xs[0] = x, ys[0] = y;
+    need = (size_t)dp_device_products_workspace(1, ds, &batch);
+    CHECK(need > 0 && need <= sizeof workspace);
+    CHECK(dp_device_products(1, ds, xs, &batch, ys, 0.75f, workspace, need, NULL) == 0);
+    for (i = 0; i < 2 * 37; ++i) close &= fabs(y[i] - want[i]) <= 1e-5 * (1.0 + fabs(want[i]));
+    CHECK(close);
+    CHECK_ERROR(dp_device_apply(d, base, n * 2 - 2, DP_BF16, out, n * 2, DP_BF16, p, NULL) == -1,
+                "tensor 'w': base holds 5178 bytes, expected 5180");
+    CHECK_ERROR(dp_device_products(1, ds, xs, &batch, ys, 0.75f, workspace, need - 1, NULL) == -1, "the batch needs");
+    CHECK_ERROR(dp_device_decode(NULL, out32, n * 4, NULL) == -1, "d is NULL");
+    CHECK_ERROR(dp_device_delta_open(f, "nope", DP_HOST_EMULATION, 1, NULL) == NULL, "no tensor 'nope'");
+    if (dp_cuda_device_count() == 0)
+        CHECK_ERROR(dp_device_delta_open(f, "w", 0, 1, NULL) == NULL, dp_cuda_built() ? "is not visible" : "without CUDA");
+    dp_device_delta_close(d);
+    dp_device_delta_close(NULL);
+    free(base); free(ref); free(dec); free(out); free(out32);
+}
+
 static const char* const base_names[] = {"w", "b", "q", "s", "i", "extra"};
 
 static void check_base(dp_file* f) {
@@ -713,6 +766,7 @@ int main(int argc, char** argv) {
     if (f) {
         check_file_accessors(f);
         check_apply_and_decode(f);
+        check_device(f);
         check_base(f);
         check_checkpoint(f);
         dp_file_close(f);

@@ -322,6 +322,41 @@ DELTAPACK_API int dp_bank_mixed_product(const dp_bank* bank, const char* tensor,
 DELTAPACK_API int dp_bank_delta_rows(const dp_bank* bank, const char* fine_tune, const char* tensor,
                                      const int64_t* rows, size_t n, float alpha, float* out, size_t out_count);
 
+/* ------------------------------------------------------------------------------ CUDA (docs/cuda.md) */
+
+/* The rebuild and the mixed-batch products on a GPU, with the CPU's numerics: the same bits as dp_apply,
+ * dp_decode and dp_bank_mixed_product. Buffers passed to these functions are device memory of the delta's GPU
+ * (host memory for DP_HOST_EMULATION); their sizes are still given, and checked, in bytes. `stream` is a
+ * cudaStream_t (NULL: the default stream). One call at a time per dp_device_delta. */
+typedef struct dp_device_delta dp_device_delta;  /* one delta tensor's components copied to one GPU */
+
+/* The device number that runs the kernels' bodies on the CPU over host memory (host emulation: tests). */
+#define DP_HOST_EMULATION (-1)
+/* 1 when the library was built with the CUDA kernels, else 0. */
+DELTAPACK_API int dp_cuda_built(void);
+/* Visible GPUs: 0 when not built with CUDA, or without a driver or device. */
+DELTAPACK_API int dp_cuda_device_count(void);
+/* Copies tensor `name` of f to GPU `device` (its CRC-32C checked first when verify is non-zero; validated as
+ * dp_apply validates it); the copy is complete on return. NULL on failure. */
+DELTAPACK_API dp_device_delta* dp_device_delta_open(const dp_file* f, const char* name, int device, int verify,
+                                                    void* stream);
+DELTAPACK_API void dp_device_delta_close(dp_device_delta* d);
+/* As dp_apply, on the device (params.threads and params.verify are not used). Waits for the stream, so that
+ * a damaged delta is reported (-1 and dp_last_error, as dp_apply). */
+DELTAPACK_API int dp_device_apply(const dp_device_delta* d, const void* base, size_t base_size,
+                                  enum dp_dtype base_dtype, void* out, size_t out_size, enum dp_dtype out_dtype,
+                                  struct dp_apply_params params, void* stream);
+/* out (float32, out_size = numel * 4 bytes) = the decoded delta. Queued on the stream; returns at once. */
+DELTAPACK_API int dp_device_decode(const dp_device_delta* d, float* out, size_t out_size, void* stream);
+/* A mixed batch on the device: for each job i < n, y[i] (batch[i] x rows, f32) += alpha * x[i] (batch[i] x
+ * cols) times the delta d[i] transposed; every delta of one shape and on one GPU. workspace: device memory of
+ * at least dp_device_products_workspace(n, d, batch) bytes (nothing is allocated per call). Queued on the
+ * stream; returns at once. */
+DELTAPACK_API int64_t dp_device_products_workspace(size_t n, const dp_device_delta* const* d, const int64_t* batch);
+DELTAPACK_API int dp_device_products(size_t n, const dp_device_delta* const* d, const float* const* x,
+                                     const int64_t* batch, float* const* y, float alpha, void* workspace,
+                                     size_t workspace_size, void* stream);
+
 /* Keeps the rebuilt tensors of recently activated mixes up to `bytes` in all (least recently used dropped
  * first), so switching back to one copies them instead of rebuilding; 0 (the default) keeps none. */
 DELTAPACK_API int dp_bank_set_cache_budget(dp_bank* bank, uint64_t bytes);

@@ -152,6 +152,8 @@ void device_products(const std::vector<DeviceProductJob>& jobs, float alpha, voi
     if (workspace_bytes < device_products_workspace(jobs))
         throw std::invalid_argument("device_products: the workspace holds " + std::to_string(workspace_bytes) +
                                     " bytes; the batch needs " + std::to_string(device_products_workspace(jobs)));
+    if (!workspace && device_products_workspace(jobs))
+        throw std::invalid_argument("device_products: the workspace is null");
     const cuda::Runtime& rt = DeviceProducts::runtime(first);
     rt.select(first.device());
     auto* scratch = static_cast<uint8_t*>(workspace);

@@ -118,10 +118,12 @@ def test_emulated_errors_are_the_cpu_engines():
     other = dp.encode(make_delta((8, 5)), "sign")
     with pytest.raises(ValueError, match="a 8 x 5 delta among 5 x 8 ones"):
         dp.cuda.products([(enc, torch.zeros(1, 8), None), (other, torch.zeros(1, 5), None)], device=EMULATE)
-    dd = _core.DeviceDelta(enc._core(), -1)
+    assert _core.device_products_workspace([(_core.DeviceDelta(enc._core(), -1), torch.zeros(2, 8),
+                                             torch.zeros(2, 5))]) == 0  # sign: no workspace
+    dd = _core.DeviceDelta(dp.encode(make_delta((5, 8)), "lowrank", rank=2)._core(), -1)
     x, y = torch.zeros(2, 8), torch.zeros(2, 5)
     need = _core.device_products_workspace([(dd, x, y)])
-    assert need > 0
+    assert need >= 2 * 2 * 17 * 4  # v x in 16 lanes and folded, rank 2 x batch 2 (each job 256-byte aligned)
     with pytest.raises(ValueError, match=f"the workspace holds {need - 1} bytes; the batch needs {need}"):
         _core.device_products([(dd, x, y)], 1.0, torch.empty(need - 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="needs f32 x of batch x 8 and f32 y of batch x 5"):

@@ -244,8 +244,8 @@ struct DecodeSparseRows {
 // ------------------------------------------------------------------------------------------ batch products
 
 // One job of a mixed batch: y[b * rows + r] += alpha * (delta row r . x[b * cols ...]) for b < batch, as
-// delta_products on the CPU computes it (the same bits). scratch: the job's share of the caller's workspace
-// (product_scratch_floats), filled by ProductPrepass before ProductRows reads it.
+// delta_products on the CPU computes it (the same bits, so a GPU bank serves exactly what a CPU bank does).
+// scratch: the job's share of the caller's workspace (product_scratch_floats), filled by the lowrank prepass.
 struct ProductJobArgs {
     DeltaView v;
     const float* x;
@@ -259,6 +259,8 @@ struct ProductArgs {
     int jobs;
     float alpha;
 };
+
+DP_HD bool is_lowrank(const DeltaView& v) { return v.kind == DeltaView::Lowrank || v.kind == DeltaView::LowrankQuant; }
 
 // Sign: a scale's span is whole groups of 4 columns (the group size is a multiple of 8).
 DP_HD int64_t sign_span_groups(const DeltaView& v) {
@@ -281,82 +283,90 @@ DP_HD float scale_of_span(const DeltaView& v, int64_t r, int64_t g) {
     return v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + g];
 }
 
-// Floats of workspace a job needs: sign, the sums of x over each span ([span][batch row]); lowrank, v x
-// ([direction][batch row]); other codecs none.
+// Workspace floats a job needs: lowrank, v x_b per direction in Kernels::dots' 16 lanes, then folded ([direction]
+// [batch row][16], then [direction][batch row]); other codecs none.
 DP_HD int64_t product_scratch_floats(const DeltaView& v, int64_t batch) {
-    if (v.kind == DeltaView::Sign) return sign_spans(v) * batch;
-    if (v.kind == DeltaView::Lowrank || v.kind == DeltaView::LowrankQuant) return v.rank * batch;
-    return 0;
+    return is_lowrank(v) ? v.rank * batch * 17 : 0;
 }
-// Items of the prepass of a job (the largest over the jobs sets the launch).
-DP_HD int64_t prepass_items(const DeltaView& v, int64_t batch) { return product_scratch_floats(v, batch); }
+DP_HD const float* lowrank_vx(const ProductJobArgs& job) { return job.scratch + job.v.rank * job.batch * 16; }
 
-// Item (job, s): sign, scratch[s] = the sum of x_b over span g (s = g * batch + b) as table_sums over all-ones bits;
-// lowrank, scratch[s] = v_d . x_b (s = d * batch + b) in Kernels::dots' 16-lane order.
-struct ProductPrepass {
+// Lowrank prepass, item (job, s) with s = (d * batch + b) * 16 + lane: lane `lane` of v_d . x_b, the products of
+// the columns c = lane (mod 16) added in order from +0 (one lane of Kernels::dots).
+struct LowrankLanes {
     ProductArgs p;
     DP_HD void operator()(uint32_t j, uint64_t s) const {
         const ProductJobArgs& job = p.job[j];
         const DeltaView& v = job.v;
-        if (int64_t(s) >= product_scratch_floats(v, job.batch)) return;
-        const int64_t b = int64_t(s) % job.batch, which = int64_t(s) / job.batch;
+        if (!is_lowrank(v) || int64_t(s) >= v.rank * job.batch * 16) return;
+        const int64_t lane = int64_t(s % 16), b = int64_t(s / 16) % job.batch, d = int64_t(s / 16) / job.batch;
         const float* x = job.x + b * v.cols;
-        if (v.kind == DeltaView::Sign) {
-            const int64_t per = sign_span_groups(v), groups = (v.cols + 3) / 4;
-            float acc = 0.0f;
-            for (int64_t q = which * per; q < groups && q < (which + 1) * per; ++q) acc = acc + group_sum(x, v.cols, q, 15u);
-            job.scratch[s] = acc;
-            return;
-        }
-        float lanes[16] = {0};
-        for (int64_t c = 0; c < v.cols; ++c) lanes[c & 15] = lanes[c & 15] + lowrank_v(v, which, c) * x[c];
+        float acc = 0.0f;
+        for (int64_t c = lane; c < v.cols; c += 16) acc = acc + lowrank_v(v, d, c) * x[c];
+        job.scratch[s] = acc;
+    }
+};
+// Item (job, t) with t = d * batch + b: the 16 lanes folded as Kernels::dots folds them (+8, +4, +2, +1).
+struct LowrankFold {
+    ProductArgs p;
+    DP_HD void operator()(uint32_t j, uint64_t t) const {
+        const ProductJobArgs& job = p.job[j];
+        if (!is_lowrank(job.v) || int64_t(t) >= job.v.rank * job.batch) return;
+        float lanes[16];
+        for (int l = 0; l < 16; ++l) lanes[l] = job.scratch[t * 16 + uint64_t(l)];
         for (int half = 8; half >= 1; half /= 2)
             for (int l = 0; l < half; ++l) lanes[l] = lanes[l] + lanes[l + half];
-        job.scratch[s] = lanes[0];
+        job.scratch[job.v.rank * job.batch * 16 + int64_t(t)] = lanes[0];
     }
 };
 
-// Item (job, r): row r's products with every batch row of the job, added to y.
+// Item (job, (chunk, r)): row r's products with kChunk batch rows of the job (chunk c: rows kChunk c ..), added to y.
+// Consecutive threads take consecutive rows of one chunk, so they read the same x values at once.
 struct ProductRows {
     ProductArgs p;
     static constexpr int kChunk = 4;  // batch rows per pass over the delta row (registers)
+    DP_HD static int64_t chunks(int64_t batch) { return (batch + kChunk - 1) / kChunk; }
     DP_HD void operator()(uint32_t j, uint64_t item) const {
         const ProductJobArgs& job = p.job[j];
         const DeltaView& v = job.v;
-        const int64_t r = int64_t(item);
-        if (r >= v.rows) return;
-        for (int64_t b0 = 0; b0 < job.batch; b0 += kChunk) {
-            const int nb = int(job.batch - b0 < kChunk ? job.batch - b0 : kChunk);
-            float acc[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (v.kind == DeltaView::Sign) sign_row(job, r, b0, nb, acc);
-            else if (v.kind == DeltaView::Lowrank || v.kind == DeltaView::LowrankQuant) lowrank_row(job, r, b0, nb, acc);
-            else decoded_row(job, r, b0, nb, acc);
-            for (int b = 0; b < nb; ++b) {
-                float& out = job.y[(b0 + b) * v.rows + r];
-                out = out + p.alpha * acc[b];
-            }
+        const int64_t r = int64_t(item % uint64_t(v.rows)), b0 = int64_t(item / uint64_t(v.rows)) * kChunk;
+        if (b0 >= job.batch) return;
+        const int nb = int(job.batch - b0 < kChunk ? job.batch - b0 : kChunk);
+        float acc[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (v.kind == DeltaView::Sign) sign_row(job, r, b0, nb, acc);
+        else if (is_lowrank(v)) lowrank_row(job, r, b0, nb, acc);
+        else decoded_row(job, r, b0, nb, acc);
+        for (int b = 0; b < nb; ++b) {
+            float& out = job.y[(b0 + b) * v.rows + r];
+            out = out + p.alpha * acc[b];
         }
     }
-    // Sign: for each span, s * (2 * (sum of x over the set bits) - (sum of x over the span)), spans in order.
+    // Sign: for each span, s * (2 * (sum of x over the set bits) - (sum of x over the span)), spans in order; both
+    // sums as table_sums adds them, group after group from +0 (the span's sum beside the row's: independent adds
+    // that cost a latency-bound thread little, and no pass over x before).
     DP_HD static void sign_row(const ProductJobArgs& job, int64_t r, int64_t b0, int nb, float* acc) {
         const DeltaView& v = job.v;
         const auto* bits = static_cast<const uint8_t*>(v.part[0]) + r * v.row_bytes;
         const int64_t per = sign_span_groups(v), groups = (v.cols + 3) / 4, spans = sign_spans(v);
         for (int64_t g = 0; g < spans; ++g) {
-            float set[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float set[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f}, all[kChunk] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int64_t q = g * per; q < groups && q < (g + 1) * per; ++q) {
                 const unsigned m = (bits[q >> 1] >> ((q & 1) * 4)) & 15u;
-                for (int b = 0; b < nb; ++b) set[b] = set[b] + group_sum(job.x + (b0 + b) * v.cols, v.cols, q, m);
+                for (int b = 0; b < nb; ++b) {
+                    const float* x = job.x + (b0 + b) * v.cols;
+                    set[b] = set[b] + group_sum(x, v.cols, q, m);
+                    all[b] = all[b] + group_sum(x, v.cols, q, 15u);
+                }
             }
             const float s = scale_of_span(v, r, g);
-            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + s * (2.0f * set[b] - job.scratch[g * job.batch + b0 + b]);
+            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + s * (2.0f * set[b] - all[b]);
         }
     }
     // Lowrank: u[r] . (v x_b), directions in order.
     DP_HD static void lowrank_row(const ProductJobArgs& job, int64_t r, int64_t b0, int nb, float* acc) {
+        const float* vx = lowrank_vx(job);
         for (int64_t d = 0; d < job.v.rank; ++d) {
             const float u = lowrank_u(job.v, r, d);
-            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + u * job.scratch[d * job.batch + b0 + b];
+            for (int b = 0; b < nb; ++b) acc[b] = acc[b] + u * vx[d * job.batch + b0 + b];
         }
     }
     // Other codecs: the decoded row's dot with x_b in Kernels::dots' 16-lane order.
@@ -394,17 +404,22 @@ void plan_decode(const DeltaView& v, float* out, Launch launch) {
     if (is_sparse(v)) launch(DecodeSparseRows{v, out}, grid_for(rows * (cols ? 1 : 0)));
     else launch(DecodeElements{v, out}, grid_for(runs_of(v)));
 }
-// All jobs share the delta's shape; the prepass fills every job's scratch before the rows read it.
+// All jobs share the delta's shape. Lowrank jobs first compute v x (16 lanes, then folded); every job's rows
+// then run in one launch.
 template <class Launch>
 void plan_products(const ProductArgs& p, Launch launch) {
-    if (p.jobs == 0) return;
-    int64_t prepass = 0;
+    if (p.jobs == 0 || p.job[0].v.rows == 0) return;
+    int64_t vx = 0, chunks = 0;
     for (int j = 0; j < p.jobs; ++j) {
-        const int64_t n = prepass_items(p.job[j].v, p.job[j].batch);
-        prepass = n > prepass ? n : prepass;
+        const ProductJobArgs& job = p.job[j];
+        if (is_lowrank(job.v) && job.v.rank * job.batch > vx) vx = job.v.rank * job.batch;
+        chunks = ProductRows::chunks(job.batch) > chunks ? ProductRows::chunks(job.batch) : chunks;
     }
-    if (prepass) launch(ProductPrepass{p}, grid_for(uint64_t(prepass), uint32_t(p.jobs)));
-    launch(ProductRows{p}, grid_for(uint64_t(p.job[0].v.rows), uint32_t(p.jobs)));
+    if (vx) {
+        launch(LowrankLanes{p}, grid_for(uint64_t(vx) * 16, uint32_t(p.jobs)));
+        launch(LowrankFold{p}, grid_for(uint64_t(vx), uint32_t(p.jobs)));
+    }
+    launch(ProductRows{p}, grid_for(uint64_t(chunks) * uint64_t(p.job[0].v.rows), uint32_t(p.jobs)));
 }
 
 }  // namespace deltapack::cuda

@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export DELTAPACK_THREADS=${DELTAPACK_THREADS:-8}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
 nvcc --version | tail -2 | tee -a "$OUT/gpu.txt"

@@ -285,8 +285,12 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
     // read-for-ownership traffic). In place, the lines are already cached by the base read.
     const bool stream = b0 != o0 && size_t(nrows * cols) * osz >= (size_t(8) << 20);
     const bool dither = dithers(e, ot, params.rounding);
+    // f16 in place: the rows are rounded into scratch first, so that the overflow check below still reads the base
+    // (it tells an infinity the delta made from one the base had).
+    const bool staged = ot == DType::F16 && b0 == o0;
     parallel_rows(nrows, cols, params.threads, [&](int64_t l0, int64_t l1) {
         std::vector<float> scratch(size_t(step * cols)), sums(dither ? scratch.size() : 0);
+        std::vector<uint16_t> staging(staged ? scratch.size() : 0);
         for (int64_t l = l0; l < l1; l += step) {
             const int64_t r = row0 + l;
             int n = int(std::min(step, l1 - l));
@@ -295,12 +299,13 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
             if (!dither && p.dec->add_rows(r, n, brow, bt, params.alpha, orow, ot, stream, k)) continue;
             p.dec->decode(r, n, scratch.data(), k);
             const size_t m = size_t(n * cols);
+            uint8_t* dst = staged ? reinterpret_cast<uint8_t*>(staging.data()) : orow;
             // Dithered: the same f32 sums (an f32 output is one rounding), then rounded element by element.
             const bool ok =
                 dither ? k.add_round(brow, bt, scratch.data(), params.alpha, sums.data(), DType::F32, m, false)
-                       : k.add_round(brow, bt, scratch.data(), params.alpha, orow, ot, m, stream);
+                       : k.add_round(brow, bt, scratch.data(), params.alpha, dst, ot, m, stream);
             if (dither) {
-                uint16_t* o = reinterpret_cast<uint16_t*>(orow);
+                uint16_t* o = reinterpret_cast<uint16_t*>(dst);
                 const uint64_t first = uint64_t(r) * uint64_t(cols);
                 if (ot == DType::BF16)
                     for (size_t j = 0; j < m; ++j) o[j] = f32_to_bf16_dithered(sums[j], dither_bits(first + j));
@@ -315,10 +320,11 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
                                      r + int64_t(bad) / std::max<int64_t>(cols, 1));
             }
             if (ot == DType::F16) {  // f16's range (65504) is the one a real rebuild can leave
-                const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(orow), brow, bt,
+                const size_t at = first_f16_overflow(reinterpret_cast<const uint16_t*>(dst), brow, bt,
                                                     scratch.data(), params.alpha, m);
                 if (at < m) throw f16_overflow_error(e.name, r + int64_t(at) / std::max<int64_t>(cols, 1));
             }
+            if (staged) std::memcpy(orow, dst, m * osz);
         }
         if (stream) store_fence();
     });

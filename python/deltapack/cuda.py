@@ -2,11 +2,11 @@
 with the CPU engine's numerics (the same bits as deltapack.apply / decode / delta_product on the CPU).
 
     dp.apply(base_cuda, enc)             # deltapack.apply routes CUDA tensors here
-    dp.cuda.decode(enc, "cuda")          # the delta as an f32 CUDA tensor
-    dp.cuda.delta_product(enc, x_cuda)   # y = x @ D.T from the packed delta
+    dp.decode(enc, device="cuda")        # the delta as an f32 CUDA tensor (deltapack.decode routes here)
+    dp.delta_product(enc, x_cuda)        # y = x @ D.T from the packed delta, on x's GPU
     dp.Bank(base, device="cuda")         # a bank whose buffers and deltas live on the GPU
 
-The first call for a tensor on a GPU copies its components there (Encoded.to_device); they stay while the Encoded
+The first call for a tensor on a GPU copies its components there (to_device); they stay while the Encoded
 lives, so later calls copy nothing. device="emulate" runs the same kernels' bodies on the CPU over host tensors
 (host emulation: slow; it is how the CUDA path is tested on machines without a GPU).
 """

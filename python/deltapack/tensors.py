@@ -125,8 +125,11 @@ def _encode_lowrank(delta, shape, dtype, params, weights=None, factors=None) -> 
     return enc
 
 
-def decode(enc: Encoded, threads: int | None = None) -> np.ndarray:
-    """The delta as a float32 numpy array of its original shape."""
+def decode(enc: Encoded, threads: int | None = None, device=None):
+    """The delta as a float32 numpy array of its original shape; with a CUDA `device` ("cuda", "cuda:1"), as a
+    float32 torch tensor on that GPU (deltapack.cuda.decode: the same bits)."""
+    if device is not None and str(device) != "cpu":
+        return cuda.decode(enc, device)
     out = np.empty(enc.shape, dtype=np.float32)
     _core.decode(enc._core(), out, _threads(threads))
     return out

@@ -12,7 +12,7 @@ shift || true
 TARGETS=" ${*:-delta_file params record recipes peft checkpoint python_record kernels threads} "
 BUILD=build-fuzz
 LIMITS=(-rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -seed="${FUZZ_SEED:-0}")  # seed 0: random
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_FUZZ=ON >/dev/null
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_FUZZ=ON -DDELTAPACK_CUDA=OFF >/dev/null
 cmake --build "$BUILD" --target fuzz_delta_file fuzz_params fuzz_record kernel_check_sanitized >/dev/null
 mkdir -p "$BUILD/findings"
 for target in delta_file params record; do
@@ -41,7 +41,7 @@ if [[ $TARGETS == *" kernels "* ]]; then
 fi
 # The threaded rebuilds under ThreadSanitizer.
 if [[ $TARGETS == *" threads "* ]]; then
-  cmake -S . -B build-tsan -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_TSAN=ON >/dev/null
+  cmake -S . -B build-tsan -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAPACK_TSAN=ON -DDELTAPACK_CUDA=OFF >/dev/null
   cmake --build build-tsan --target thread_check >/dev/null
   (cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ./thread_check | tail -1)
 fi

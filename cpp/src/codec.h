@@ -160,7 +160,6 @@ DeltaView describe(const EncodedRef& e);
 constexpr uint64_t kUnknownSize = ~uint64_t(0);
 void check_manifest_fields(const json::Value& manifest, const std::string& path, uint64_t stored_files);
 
-inline int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
 inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
 // dst = f32(ft) - f32(base) over n elements, one IEEE f32 subtraction each (the delta compress stores);

@@ -165,6 +165,9 @@ DP_HD float rebuild_sum(float base, float alpha, float d, bool& ok) {
     return base + t;
 }
 
+// Bytes of `cols` codes `width` bits wide, packed LSB-first (a row of signs, codes, a mask).
+DP_HD int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
+
 DP_HD bool bit_at(const uint8_t* bits, uint64_t j) { return (bits[j >> 3] >> (j & 7)) & 1u; }  // LSB-first
 
 }  // namespace deltapack

@@ -64,7 +64,7 @@ int main() {
     DeltaView big;
     big.rows = int64_t(1) << 31, big.cols = 13;
     check(cuda::runs_of(big) == (uint64_t(1) << 32), "runs of a 2^31 x 13 tensor");
-    check(cuda::packed_bytes(int64_t(1) << 40, 3) == (int64_t(3) << 37), "packed bytes of 2^40 3-bit codes");
+    check(packed_row_bytes(int64_t(1) << 40, 3) == (int64_t(3) << 37), "packed bytes of 2^40 3-bit codes");
 
     const int devices = cuda_device_count();
     const std::vector<Case> cases = {{"sign", "{\"scope\":\"group\",\"group\":16}"}, {"sign", "{\"scope\":\"row\"}"},

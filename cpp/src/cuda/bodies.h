@@ -24,7 +24,6 @@ struct Grid {
 };
 constexpr uint32_t kThreadsPerBlock = 256;
 constexpr uint32_t kMaxBlocks = 65536;  // 16.7 M threads: every SM of a large GPU full many times over
-constexpr uint32_t kMaxJobs = 65535;    // gridDim.y's limit
 
 inline Grid grid_for(uint64_t items, uint32_t jobs = 1) {
     Grid g;
@@ -52,8 +51,6 @@ DP_HD void report_index(unsigned long long* slot, uint64_t index) {
     if (index < *slot) *slot = index;  // the emulation runs one thread at a time
 #endif
 }
-
-DP_HD int64_t packed_bytes(int64_t n, int width) { return (n * width + 7) / 8; }
 
 // ------------------------------------------------------------------------------------------ decoding
 
@@ -109,11 +106,11 @@ DP_HD QuantDirection quant_direction(const DeltaView& v, int64_t k) {
     int64_t at = 0, first = 0;
     int b = 0;
     for (; b + 1 < v.nbands && k >= first + v.band_size[b]; ++b) {
-        at += v.band_size[b] * (packed_bytes(v.rows, v.band_bits[b]) + packed_bytes(v.cols, v.band_bits[b]));
+        at += v.band_size[b] * (packed_row_bytes(v.rows, v.band_bits[b]) + packed_row_bytes(v.cols, v.band_bits[b]));
         first += v.band_size[b];
     }
     const int w = v.band_bits[b];
-    const int64_t ub = packed_bytes(v.rows, w), vb = packed_bytes(v.cols, w);
+    const int64_t ub = packed_row_bytes(v.rows, w), vb = packed_row_bytes(v.cols, w);
     at += (k - first) * (ub + vb);
     const auto* codes = static_cast<const uint8_t*>(v.part[0]);
     const auto* scales = static_cast<const uint16_t*>(v.part[1]) + k * (ugroups + vgroups);

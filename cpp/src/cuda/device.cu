@@ -32,7 +32,12 @@ void launch(const Body& body, const Grid& g, cudaStream_t stream) {
 
 struct Gpu : Runtime {
     const char* name() const override { return "cuda"; }
-    void select(int device) const override { check(cudaSetDevice(device), "cudaSetDevice"); }
+    int select(int device) const override {
+        int previous = 0;
+        check(cudaGetDevice(&previous), "cudaGetDevice");
+        if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+        return previous;
+    }
     void* alloc(size_t bytes, void* stream) const override {
         void* p = nullptr;
         check(cudaMallocAsync(&p, bytes ? bytes : 1, cudaStream_t(stream)), "cudaMallocAsync");

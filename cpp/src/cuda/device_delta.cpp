@@ -43,9 +43,11 @@ struct DeviceDelta::Impl {
     unsigned long long* errors = nullptr;  // 2 slots after the components: see cuda::ApplyArgs
     std::mutex mu;                         // apply's error slots: one call at a time
     ~Impl() {
-        if (memory) {
-            rt->select(device);
+        if (!memory) return;
+        try {
+            cuda::DeviceScope scope(*rt, device);
             rt->release(memory, nullptr);
+        } catch (...) {  // a destructor reports nothing; the driver frees the memory with the context
         }
     }
 };
@@ -69,7 +71,7 @@ DeviceDelta::DeviceDelta(const EncodedRef& enc, int device, void* stream) : impl
         at += aligned(found->nbytes());
     }
     d.bytes = at + 2 * sizeof(unsigned long long);
-    d.rt->select(device);
+    cuda::DeviceScope scope(*d.rt, device);
     d.memory = d.rt->alloc(d.bytes, stream);
     auto* base = static_cast<uint8_t*>(d.memory);
     size_t next = 0;
@@ -99,7 +101,7 @@ void DeviceDelta::apply(const void* base, DType base_dtype, void* out, DType out
     cuda::ApplyArgs a{d.view, base, out, base_dtype, out_dtype, params.alpha,
                       dithers(named, out_dtype, params.rounding), d.errors};
     std::lock_guard<std::mutex> lock(d.mu);
-    d.rt->select(d.device);
+    cuda::DeviceScope scope(*d.rt, d.device);
     unsigned long long first[2] = {~0ull, ~0ull};
     d.rt->to_device(d.errors, first, sizeof first, stream);
     d.rt->apply(a, stream);
@@ -111,7 +113,7 @@ void DeviceDelta::apply(const void* base, DType base_dtype, void* out, DType out
 }
 
 void DeviceDelta::decode(float* out, void* stream) const {
-    impl_->rt->select(impl_->device);
+    cuda::DeviceScope scope(*impl_->rt, impl_->device);
     impl_->rt->decode(impl_->view, out, stream);
 }
 
@@ -155,7 +157,7 @@ void device_products(const std::vector<DeviceProductJob>& jobs, float alpha, voi
     if (!workspace && device_products_workspace(jobs))
         throw std::invalid_argument("device_products: the workspace is null");
     const cuda::Runtime& rt = DeviceProducts::runtime(first);
-    rt.select(first.device());
+    cuda::DeviceScope scope(rt, first.device());
     auto* scratch = static_cast<uint8_t*>(workspace);
     for (size_t j0 = 0; j0 < jobs.size(); j0 += cuda::kMaxProductJobs) {  // launches of up to 16 fine-tunes
         cuda::ProductArgs p{};

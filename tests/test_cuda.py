@@ -51,6 +51,24 @@ def test_emulated_kernels_rebuild_the_cpu_engines_bits(codec, params, shape):
     assert np.array_equal(bits(dp.decode(enc, device=EMULATE)), bits(dp.decode(enc)))
 
 
+@pytest.mark.parametrize("codec,params", CONFIGS, ids=[id_of(c) for c in CONFIGS])
+def test_emulated_kernels_in_16_byte_pieces_and_element_by_element(codec, params):
+    """Rows of whole 8-column runs on 16-byte aligned memory move in 16-byte loads and stores; other memory element
+    by element. Both give the CPU's bits (here the same tensors at an aligned and at a shifted address)."""
+    enc = _encoded(codec, params, (6, 64))
+    for dtype in TORCH:
+        storage = torch.zeros(6 * 64 + 1, dtype=TORCH[dtype])
+        for offset in (0, 1):  # torch allocations are 64-byte aligned: offset 1 is not 16-byte aligned
+            base = storage[offset:offset + 6 * 64].view(6, 64)
+            base.copy_(_base((6, 64), dtype))
+            out = torch.empty(6 * 64 + 1, dtype=TORCH[dtype])[offset:offset + 6 * 64].view(6, 64)
+            got = dp.cuda.apply(base, enc, alpha=0.5, out=out, device=EMULATE)
+            assert np.array_equal(bits(got), bits(dp.apply(base.clone(), enc, alpha=0.5))), (dtype, offset)
+    decoded = torch.empty(6 * 64 + 1)[1:].view(6, 64)
+    _core.DeviceDelta(enc._core(), -1).decode(decoded)
+    assert np.array_equal(bits(decoded), bits(dp.decode(enc)))
+
+
 @pytest.mark.parametrize("shape", [(37, 301), (9, 16), (45,), (70, 13)], ids=str)
 @pytest.mark.parametrize("codec,params", CONFIGS, ids=[id_of(c) for c in CONFIGS])
 def test_emulated_products_are_delta_products(codec, params, shape):

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../element.h"
 #include "delta_view.h"
@@ -173,23 +174,29 @@ struct ApplyArgs {
     DType base_dtype, out_dtype;
     float alpha;
     bool dither;
+    bool aligned_runs;  // cols % 8 == 0 and base, out 16-byte aligned: runs move in 16-byte loads and stores
     unsigned long long* errors;
 };
 
-DP_HD void finish_element(const ApplyArgs& a, uint64_t i, float d) {
-    const float b = load_one(a.base, a.base_dtype, size_t(i));
+// Element i's output bits (f32, or f16/bf16 in the low 16 bits) from its base value b and delta value d, with the
+// CPU engine's arithmetic; the failures reported as it finds them.
+DP_HD uint32_t rebuilt_bits(const ApplyArgs& a, uint64_t i, float b, float d) {
     bool ok = true;
     const float s = rebuild_sum(b, a.alpha, d, ok);
     if (!ok) report_index(a.errors, i);
-    if (a.dither && a.out_dtype != DType::F32) {
-        const uint64_t h = dither_bits(i);
-        static_cast<uint16_t*>(a.out)[i] = a.out_dtype == DType::BF16 ? f32_to_bf16_dithered(s, h) : f32_to_f16_dithered(s, h);
-    } else {
-        store_one(a.out, a.out_dtype, size_t(i), s);
-    }
-    if (a.out_dtype == DType::F16 && a.alpha * d != 0.0f && is_finite_f32(b) &&
-        (static_cast<const uint16_t*>(a.out)[i] & 0x7c00u) == 0x7c00u)
+    uint32_t o;
+    if (a.out_dtype == DType::F32) o = f32_to_bits(s);
+    else if (a.dither) o = a.out_dtype == DType::BF16 ? f32_to_bf16_dithered(s, dither_bits(i)) : f32_to_f16_dithered(s, dither_bits(i));
+    else o = a.out_dtype == DType::BF16 ? f32_to_bf16(s) : f32_to_f16(s);
+    if (a.out_dtype == DType::F16 && a.alpha * d != 0.0f && is_finite_f32(b) && (o & 0x7c00u) == 0x7c00u)
         report_index(a.errors + 1, i);
+    return o;
+}
+
+DP_HD void finish_element(const ApplyArgs& a, uint64_t i, float d) {
+    const uint32_t o = rebuilt_bits(a, i, load_one(a.base, a.base_dtype, size_t(i)), d);
+    if (a.out_dtype == DType::F32) static_cast<uint32_t*>(a.out)[i] = o;
+    else static_cast<uint16_t*>(a.out)[i] = uint16_t(o);
 }
 
 // Element-wise kernels take a run of kRun consecutive columns of one row per item (one byte of sign bits; one
@@ -204,11 +211,56 @@ DP_HD void for_run(const DeltaView& v, uint64_t item, F f) {
     for (int64_t c = c0; c < c1; ++c) f(r, c, uint64_t(r) * uint64_t(v.cols) + uint64_t(c));
 }
 
+// 16 bytes at once: one load or store instruction per thread on the GPU, so that a warp's accesses are whole
+// consecutive lines (element by element, each of 8 stores would write a 2-byte piece of 16 lines).
+DP_HD void copy16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+    *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+#else
+    std::memcpy(dst, src, 16);
+#endif
+}
+// The kRun elements from element i0 of a 16-byte aligned array of dtype t, as bits (f32, or f16/bf16 in the low 16).
+DP_HD void load_run(const void* p, DType t, uint64_t i0, uint32_t* bits) {
+    if (t == DType::F32) {
+        copy16(bits, static_cast<const uint32_t*>(p) + i0);
+        copy16(bits + 4, static_cast<const uint32_t*>(p) + i0 + 4);
+        return;
+    }
+    uint16_t half[kRun];
+    copy16(half, static_cast<const uint16_t*>(p) + i0);
+    for (int k = 0; k < kRun; ++k) bits[k] = half[k];
+}
+DP_HD void store_run(void* p, DType t, uint64_t i0, const uint32_t* bits) {
+    if (t == DType::F32) {
+        copy16(static_cast<uint32_t*>(p) + i0, bits);
+        copy16(static_cast<uint32_t*>(p) + i0 + 4, bits + 4);
+        return;
+    }
+    uint16_t half[kRun];
+    for (int k = 0; k < kRun; ++k) half[k] = uint16_t(bits[k]);
+    copy16(static_cast<uint16_t*>(p) + i0, half);
+}
+DP_HD float value_of(uint32_t bits, DType t) {
+    return t == DType::F32 ? bits_to_f32(bits) : t == DType::F16 ? f16_to_f32(uint16_t(bits)) : bf16_to_f32(uint16_t(bits));
+}
+
 // Item: a run of columns (every codec but sparse).
 struct ApplyElements {
     ApplyArgs a;
     DP_HD void operator()(uint32_t, uint64_t item) const {
-        for_run(a.v, item, [this](int64_t r, int64_t c, uint64_t i) { finish_element(a, i, delta_element(a.v, r, c)); });
+        if (!a.aligned_runs) {
+            for_run(a.v, item, [this](int64_t r, int64_t c, uint64_t i) { finish_element(a, i, delta_element(a.v, r, c)); });
+            return;
+        }
+        const uint64_t per_row = uint64_t(a.v.cols / kRun);  // whole runs
+        const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+        const uint64_t i0 = uint64_t(r) * uint64_t(a.v.cols) + uint64_t(c0);
+        uint32_t bits[kRun];
+        load_run(a.base, a.base_dtype, i0, bits);
+        for (int k = 0; k < kRun; ++k)
+            bits[k] = rebuilt_bits(a, i0 + uint64_t(k), value_of(bits[k], a.base_dtype), delta_element(a.v, r, c0 + k));
+        store_run(a.out, a.out_dtype, i0, bits);
     }
 };
 
@@ -225,10 +277,24 @@ struct ApplySparseRows {
 struct DecodeElements {
     DeltaView v;
     float* out;
+    bool aligned_runs;  // cols % 8 == 0 and out 16-byte aligned
     DP_HD void operator()(uint32_t, uint64_t item) const {
-        for_run(v, item, [this](int64_t r, int64_t c, uint64_t i) { out[i] = delta_element(v, r, c); });
+        if (!aligned_runs) {
+            for_run(v, item, [this](int64_t r, int64_t c, uint64_t i) { out[i] = delta_element(v, r, c); });
+            return;
+        }
+        const uint64_t per_row = uint64_t(v.cols / kRun);
+        const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+        uint32_t bits[kRun];
+        for (int k = 0; k < kRun; ++k) bits[k] = f32_to_bits(delta_element(v, r, c0 + k));
+        store_run(out, DType::F32, uint64_t(r) * uint64_t(v.cols) + uint64_t(c0), bits);
     }
 };
+
+// Whether an element-wise kernel over a delta of `cols` columns may move whole runs in 16-byte pieces.
+inline bool runs_align(int64_t cols, const void* a, const void* b) {
+    return cols % kRun == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+}
 struct DecodeSparseRows {
     DeltaView v;
     float* out;
@@ -399,7 +465,7 @@ template <class Launch>
 void plan_decode(const DeltaView& v, float* out, Launch launch) {
     const uint64_t rows = uint64_t(v.rows), cols = uint64_t(v.cols);
     if (is_sparse(v)) launch(DecodeSparseRows{v, out}, grid_for(rows * (cols ? 1 : 0)));
-    else launch(DecodeElements{v, out}, grid_for(runs_of(v)));
+    else launch(DecodeElements{v, out, runs_align(v.cols, out, out)}, grid_for(runs_of(v)));
 }
 // All jobs share the delta's shape. Lowrank jobs first compute v x (16 lanes, then folded); every job's rows
 // then run in one launch.

@@ -98,8 +98,8 @@ void DeviceDelta::apply(const void* base, DType base_dtype, void* out, DType out
     check_apply_buffers(d.name, base, base_dtype, out, out_dtype, numel);
     EncodedRef named;  // what the rounding rule reads
     named.codec = d.codec;
-    cuda::ApplyArgs a{d.view, base, out, base_dtype, out_dtype, params.alpha,
-                      dithers(named, out_dtype, params.rounding), d.errors};
+    cuda::ApplyArgs a{d.view, base, out, base_dtype, out_dtype, params.alpha, dithers(named, out_dtype, params.rounding),
+                      cuda::runs_align(d.view.cols, base, out), d.errors};
     std::lock_guard<std::mutex> lock(d.mu);
     cuda::DeviceScope scope(*d.rt, d.device);
     unsigned long long first[2] = {~0ull, ~0ull};

@@ -190,6 +190,11 @@ def test_emulated_bank_activates_the_cpu_banks_bits(banks):
         assert np.array_equal(bits(rebuilt), bits(cpu.rebuild({"b": 0.5}, "model.layers.0.mlp.up_proj.weight")))
     with pytest.raises(ValueError, match="no fine-tune named 'zzz'"):
         emulated.activate("zzz")
+    with pytest.raises(ValueError, match="use state_dict"):
+        emulated.numpy("model.norm.weight")
+    with emulated.reading():
+        with pytest.raises(RuntimeError, match="would wait for itself"):
+            emulated.activate("a")
     emulated.activate("a")
     with pytest.raises(ValueError, match="fine-tune 'a' is active"):
         emulated.remove("a")

@@ -59,6 +59,7 @@ class Bank:
         self._on_device = {}  # GPU bank: (fine-tune, tensor) -> DeviceDelta, or None where it changes nothing
         self._pristine = {}   # GPU bank: tensor -> the base, kept from its first rewrite on
         self._device_mix, self._device_rewritten = [], []
+        self._device_lock = threading.RLock()  # GPU bank: activate, add, remove and readers one at a time
         self._torch = None
         self._readers = threading.local()
         self._rows = None  # the current mixed batch: a list of (fine-tune or None) per batch row
@@ -73,10 +74,11 @@ class Bank:
 
     def remove(self, name: str) -> None:
         """Forget fine-tune `name` (refused while it is active)."""
-        if any(n == name for n, _ in self._device_mix):
-            raise ValueError(f"bank: fine-tune '{name}' is active; activate another mix first")
-        self._b.remove(name)
-        self._on_device = {k: v for k, v in self._on_device.items() if k[0] != name}
+        with self._device_lock:
+            if any(n == name for n, _ in self._device_mix):
+                raise ValueError(f"bank: fine-tune '{name}' is active; activate another mix first")
+            self._b.remove(name)
+            self._on_device = {k: v for k, v in self._on_device.items() if k[0] != name}
         self._generation += 1
 
     @property
@@ -104,7 +106,8 @@ class Bank:
         if self._rows is not None:
             raise RuntimeError("bank.activate inside bank.rows(): the mixed batch needs the base in the buffers")
         if self._target is not None:
-            self._activate_on_device(_mix(which, alpha))
+            with self._device_lock:
+                self._activate_on_device(_mix(which, alpha))
         else:
             self._b.activate(_mix(which, alpha), 0 if threads is None else int(threads))
         return self.state_dict()
@@ -124,14 +127,22 @@ class Bank:
 
     @contextlib.contextmanager
     def reading(self):
-        """Hold while reading the buffers from one thread when another may call activate(): the switch waits."""
-        self._b.lock_shared()
+        """Hold while reading the buffers from one thread when another may call activate(): the switch waits.
+        (On a GPU bank, readers also wait for each other.)"""
+        lock = self._device_lock if self._target is not None else None
+        if lock is not None:
+            lock.acquire()
+        else:
+            self._b.lock_shared()
         self._readers.depth = getattr(self._readers, "depth", 0) + 1
         try:
             yield self
         finally:
             self._readers.depth -= 1
-            self._b.unlock_shared()
+            if lock is not None:
+                lock.release()
+            else:
+                self._b.unlock_shared()
 
     def rebuild(self, which, name: str, alpha: float = 1.0):
         """Tensor `name` as the mix `which` has it (see activate), in new memory: the buffers are not touched."""
@@ -146,7 +157,9 @@ class Bank:
         return out
 
     def numpy(self, name: str) -> np.ndarray:
-        """The live buffer of tensor `name` as numpy (bf16 as uint16 bits), without a copy."""
+        """The live buffer of tensor `name` as numpy (bf16 as uint16 bits), without a copy (a CPU bank's)."""
+        if self._target is not None:
+            raise ValueError("bank.numpy: a GPU bank's buffers are on the GPU; use state_dict()")
         return self._b.tensor(name)
 
     def state_dict(self) -> dict:

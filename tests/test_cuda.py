@@ -158,6 +158,17 @@ def test_a_damaged_delta_is_refused_before_anything_is_copied():
         _core.DeviceDelta(enc._core(), -1)
 
 
+def test_components_sharing_an_address_are_copied_whole():
+    """Empty components may start where another one does (here views of rowptr's memory): the copy to the device
+    takes the whole component there, not an empty one, or the kernels would read past what was copied."""
+    rowptr = np.zeros(41, np.int64)
+    enc = dp.Encoded("sparse", {"p": 0.9, "mode": "random", "seed": 0, "values": "f16", "index": "gaps"}, (40, 200),
+                     "f32", {"rowptr": rowptr, "values": rowptr.view(np.float16)[:0], "gaps": rowptr.view(np.uint8)[:0]})
+    base = _base((40, 200), "f32")
+    want = dp.apply(base, enc, alpha=2.0)
+    assert np.array_equal(bits(dp.cuda.apply(base, enc, alpha=2.0, device=EMULATE)), bits(want))
+
+
 @pytest.mark.skipif(GPU, reason="checks the refusals of a machine without a GPU")
 def test_without_a_gpu_device_calls_say_why():
     enc = dp.encode(make_delta((5, 8)), "sign")

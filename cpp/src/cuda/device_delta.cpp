@@ -63,9 +63,9 @@ DeviceDelta::DeviceDelta(const EncodedRef& enc, int device, void* stream) : impl
     size_t at = 0;
     for (const void* p : d.view.part) {
         if (!p) continue;
-        const ArrayRef* found = nullptr;
+        const ArrayRef* found = nullptr;  // the largest component starting there (an empty one may share its address)
         for (const auto& kv : enc.components)
-            if (kv.second.data == p) found = &kv.second;
+            if (kv.second.data == p && (!found || kv.second.nbytes() > found->nbytes())) found = &kv.second;
         if (!found) throw std::logic_error("tensor '" + enc.name + "': a codec's view points outside its components");
         parts.push_back({found, at});
         at += aligned(found->nbytes());

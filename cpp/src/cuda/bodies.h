@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include "../element.h"
 #include "delta_view.h"
@@ -212,11 +213,15 @@ DP_HD void for_run(const DeltaView& v, uint64_t item, F f) {
 }
 
 // 16 bytes at once: one load or store instruction per thread on the GPU, so that a warp's accesses are whole
-// consecutive lines (element by element, each of 8 stores would write a 2-byte piece of 16 lines).
+// consecutive lines (element by element, each of 8 stores would write a 2-byte piece of 16 lines). Both addresses
+// 16-byte aligned (local arrays too: alignas(16)), as the GPU requires of a 16-byte access.
 DP_HD void copy16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__)
     *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
 #else
+    // The emulation holds the device to its rule: a misaligned 16-byte access is a fault there.
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16)
+        throw std::logic_error("a 16-byte access at an address that is not 16-byte aligned (a fault on a GPU)");
     std::memcpy(dst, src, 16);
 #endif
 }
@@ -227,7 +232,7 @@ DP_HD void load_run(const void* p, DType t, uint64_t i0, uint32_t* bits) {
         copy16(bits + 4, static_cast<const uint32_t*>(p) + i0 + 4);
         return;
     }
-    uint16_t half[kRun];
+    alignas(16) uint16_t half[kRun];
     copy16(half, static_cast<const uint16_t*>(p) + i0);
     for (int k = 0; k < kRun; ++k) bits[k] = half[k];
 }
@@ -237,7 +242,7 @@ DP_HD void store_run(void* p, DType t, uint64_t i0, const uint32_t* bits) {
         copy16(static_cast<uint32_t*>(p) + i0 + 4, bits + 4);
         return;
     }
-    uint16_t half[kRun];
+    alignas(16) uint16_t half[kRun];
     for (int k = 0; k < kRun; ++k) half[k] = uint16_t(bits[k]);
     copy16(static_cast<uint16_t*>(p) + i0, half);
 }
@@ -256,7 +261,7 @@ struct ApplyElements {
         const uint64_t per_row = uint64_t(a.v.cols / kRun);  // whole runs
         const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
         const uint64_t i0 = uint64_t(r) * uint64_t(a.v.cols) + uint64_t(c0);
-        uint32_t bits[kRun];
+        alignas(16) uint32_t bits[kRun];  // whole 16-byte pieces (copy16)
         load_run(a.base, a.base_dtype, i0, bits);
         for (int k = 0; k < kRun; ++k)
             bits[k] = rebuilt_bits(a, i0 + uint64_t(k), value_of(bits[k], a.base_dtype), delta_element(a.v, r, c0 + k));
@@ -285,7 +290,7 @@ struct DecodeElements {
         }
         const uint64_t per_row = uint64_t(v.cols / kRun);
         const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
-        uint32_t bits[kRun];
+        alignas(16) uint32_t bits[kRun];  // whole 16-byte pieces (copy16)
         for (int k = 0; k < kRun; ++k) bits[k] = f32_to_bits(delta_element(v, r, c0 + k));
         store_run(out, DType::F32, uint64_t(r) * uint64_t(v.cols) + uint64_t(c0), bits);
     }

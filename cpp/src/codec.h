@@ -144,7 +144,7 @@ void check_alpha(float alpha);
 // causes (FormatError naming the tensor and the row).
 void check_apply_buffers(const std::string& tensor, const void* base, DType base_dtype, const void* out,
                          DType out_dtype, int64_t numel);
-bool dithers(const EncodedRef& e, DType out, Rounding rounding);
+bool dithers(const std::string& codec, DType out, Rounding rounding);
 FormatError bad_step_error(const std::string& tensor, const std::string& value, int64_t row);
 FormatError f16_overflow_error(const std::string& tensor, int64_t row);
 

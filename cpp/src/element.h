@@ -165,6 +165,24 @@ DP_HD float rebuild_sum(float base, float alpha, float d, bool& ok) {
     return base + t;
 }
 
+// Sixteen lanes of a sum folded to one, lane i += lane i+8, +4, +2, +1 (the order of Kernels::dots in f32 and of
+// Kernels::abs_sum in f64).
+template <class T>
+DP_HD T fold_16_lanes(T lanes[16]) {
+    for (int half = 8; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
+    return lanes[0];
+}
+
+// The sum of x over the columns of group q (4q .. 4q + 3, fewer at the end of n) whose bits are set in m, added in
+// column order to +0: an entry of a sign table (Kernels::sign_tables).
+DP_HD float group_sum(const float* x, int64_t n, int64_t q, unsigned m) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < 4 && 4 * q + c < n; ++c)
+        if ((m >> c) & 1u) s = s + x[4 * q + c];
+    return s;
+}
+
 // Bytes of `cols` codes `width` bits wide, packed LSB-first (a row of signs, codes, a mask).
 DP_HD int64_t packed_row_bytes(int64_t cols, int width) { return (cols * width + 7) / 8; }
 

@@ -284,7 +284,7 @@ static void apply_prepared(const Prepared& p, const EncodedRef& e, int64_t row0,
     // A large out-of-place output will not be re-read soon: stream it past the caches (saves the
     // read-for-ownership traffic). In place, the lines are already cached by the base read.
     const bool stream = b0 != o0 && size_t(nrows * cols) * osz >= (size_t(8) << 20);
-    const bool dither = dithers(e, ot, params.rounding);
+    const bool dither = dithers(e.codec, ot, params.rounding);
     // f16 in place: the rows are rounded into scratch first, so that the overflow check below still reads the base
     // (it tells an infinity the delta made from one the base had).
     const bool staged = ot == DType::F16 && b0 == o0;
@@ -355,8 +355,8 @@ void check_apply_buffers(const std::string& tensor, const void* base, DType base
         throw std::invalid_argument("tensor '" + tensor + "': out partially overlaps base");
 }
 
-bool dithers(const EncodedRef& e, DType out, Rounding rounding) {
-    return out != DType::F32 && (rounding == Rounding::Dithered || (rounding == Rounding::Auto && e.codec != "dense"));
+bool dithers(const std::string& codec, DType out, Rounding rounding) {
+    return out != DType::F32 && (rounding == Rounding::Dithered || (rounding == Rounding::Auto && codec != "dense"));
 }
 
 DeltaView describe(const EncodedRef& e) {

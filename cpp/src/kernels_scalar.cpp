@@ -36,34 +36,18 @@ void levels_expand(const uint8_t* signs, const uint8_t* codes, int w, size_t n, 
     }
 }
 
-void fold_lanes(double lanes[16]) {
-    for (int half = 8; half >= 1; half /= 2)
-        for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
-}
-
-static float fold_lanes_f32(float lanes[16]) {
-    for (int half = 8; half >= 1; half /= 2)
-        for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
-    return lanes[0];
-}
+void fold_lanes(double lanes[16]) { fold_16_lanes(lanes); }
 
 float dot_tail(float lanes[16], const float* a, const float* x, size_t j0, size_t n) {
     for (size_t j = j0; j < n; ++j) lanes[j & 15] = lanes[j & 15] + a[j] * x[j];
-    return fold_lanes_f32(lanes);
+    return fold_16_lanes(lanes);
 }
 
 void sign_tables(const float* x, size_t ldx, int nx, size_t n, float* t) {
     for (size_t q = 0; 4 * q < n; ++q)
-        for (int b = 0; b < nx; ++b) {
-            const float* xq = x + size_t(b) * ldx + 4 * q;
-            const int have = int(std::min<size_t>(4, n - 4 * q));
-            for (int m = 0; m < 16; ++m) {
-                float s = 0.0f;
-                for (int c = 0; c < have; ++c)
-                    if ((m >> c) & 1) s = s + xq[c];
-                t[(q * size_t(nx) + size_t(b)) * 16 + size_t(m)] = s;
-            }
-        }
+        for (int b = 0; b < nx; ++b)
+            for (unsigned m = 0; m < 16; ++m)
+                t[(q * size_t(nx) + size_t(b)) * 16 + m] = group_sum(x + size_t(b) * ldx, int64_t(n), int64_t(q), m);
 }
 
 void table_sums(const uint8_t* bits, size_t bits_stride, int nrows, const float* t, int nx, size_t n,

@@ -50,10 +50,6 @@ class Target:
         self.index = d.index if d.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", self.index)
 
-    @classmethod
-    def of(cls, tensor) -> "Target":
-        return cls(tensor.device)
-
     @property
     def emulated(self) -> bool:
         return self.index == _core.HOST_EMULATION

@@ -205,7 +205,8 @@ class Bank:
             out.copy_(source)
 
     def _activate_on_device(self, mix: list) -> None:
-        unknown = [n for n, _ in mix if n not in set(self.fine_tunes)]
+        known = set(self.fine_tunes)
+        unknown = [n for n, _ in mix if n not in known]
         if unknown:
             raise ValueError(f"bank: no fine-tune named '{unknown[0]}'")
         sd = self.state_dict()

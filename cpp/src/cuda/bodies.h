@@ -60,12 +60,17 @@ DP_HD void report_index(unsigned long long* slot, uint64_t index) {
 DP_HD float lowrank_u(const DeltaView& v, int64_t r, int64_t k);
 DP_HD float lowrank_v(const DeltaView& v, int64_t k, int64_t c);
 
+// Sign: the scale of row r's span g (the tensor's, the row's, or group g's).
+DP_HD float scale_of_span(const DeltaView& v, int64_t r, int64_t g) {
+    const auto* scales = static_cast<const float*>(v.part[1]);
+    return v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + g];
+}
+
 DP_HD float delta_element(const DeltaView& v, int64_t r, int64_t c) {
     switch (v.kind) {
         case DeltaView::Sign: {  // bit ? s : -s, s the scale of the row's span
             const auto* signs = static_cast<const uint8_t*>(v.part[0]);
-            const auto* scales = static_cast<const float*>(v.part[1]);
-            const float s = v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + c / v.group];
+            const float s = scale_of_span(v, r, v.scope == 2 ? c / v.group : 0);
             return bit_at(signs + r * v.row_bytes, uint64_t(c)) ? s : -s;
         }
         case DeltaView::Levels: {  // (sign bit ? 1 : -1) * table[code]
@@ -204,10 +209,15 @@ DP_HD void finish_element(const ApplyArgs& a, uint64_t i, float d) {
 // 64-bit division per run, not per element: the GPU emulates it in tens of instructions).
 constexpr int64_t kRun = 8;
 DP_HD uint64_t runs_of(const DeltaView& v) { return uint64_t(v.rows) * uint64_t((v.cols + kRun - 1) / kRun); }
+// Run `item`'s row r and first column c0.
+DP_HD void run_at(const DeltaView& v, uint64_t item, int64_t& r, int64_t& c0) {
+    const uint64_t per_row = uint64_t((v.cols + kRun - 1) / kRun);
+    r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+}
 template <class F>
 DP_HD void for_run(const DeltaView& v, uint64_t item, F f) {
-    const uint64_t per_row = uint64_t((v.cols + kRun - 1) / kRun);
-    const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+    int64_t r, c0;
+    run_at(v, item, r, c0);
     const int64_t c1 = c0 + kRun < v.cols ? c0 + kRun : v.cols;
     for (int64_t c = c0; c < c1; ++c) f(r, c, uint64_t(r) * uint64_t(v.cols) + uint64_t(c));
 }
@@ -258,8 +268,8 @@ struct ApplyElements {
             for_run(a.v, item, [this](int64_t r, int64_t c, uint64_t i) { finish_element(a, i, delta_element(a.v, r, c)); });
             return;
         }
-        const uint64_t per_row = uint64_t(a.v.cols / kRun);  // whole runs
-        const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+        int64_t r, c0;  // a whole run
+        run_at(a.v, item, r, c0);
         const uint64_t i0 = uint64_t(r) * uint64_t(a.v.cols) + uint64_t(c0);
         alignas(16) uint32_t bits[kRun];  // whole 16-byte pieces (copy16)
         load_run(a.base, a.base_dtype, i0, bits);
@@ -288,8 +298,8 @@ struct DecodeElements {
             for_run(v, item, [this](int64_t r, int64_t c, uint64_t i) { out[i] = delta_element(v, r, c); });
             return;
         }
-        const uint64_t per_row = uint64_t(v.cols / kRun);
-        const int64_t r = int64_t(item / per_row), c0 = int64_t(item % per_row) * kRun;
+        int64_t r, c0;  // a whole run
+        run_at(v, item, r, c0);
         alignas(16) uint32_t bits[kRun];  // whole 16-byte pieces (copy16)
         for (int k = 0; k < kRun; ++k) bits[k] = f32_to_bits(delta_element(v, r, c0 + k));
         store_run(out, DType::F32, uint64_t(r) * uint64_t(v.cols) + uint64_t(c0), bits);
@@ -338,18 +348,6 @@ DP_HD int64_t sign_span_groups(const DeltaView& v) {
 DP_HD int64_t sign_spans(const DeltaView& v) {
     return v.cols ? ((v.cols + 3) / 4 + sign_span_groups(v) - 1) / sign_span_groups(v) : 1;
 }
-// The sum of x over the columns of group q (4 of them, fewer at the end) whose bits are set in m, added in column
-// order to +0: the entry sign_tables holds.
-DP_HD float group_sum(const float* x, int64_t cols, int64_t q, unsigned m) {
-    float s = 0.0f;
-    for (int64_t c = 0; c < 4 && 4 * q + c < cols; ++c)
-        if ((m >> c) & 1u) s = s + x[4 * q + c];
-    return s;
-}
-DP_HD float scale_of_span(const DeltaView& v, int64_t r, int64_t g) {
-    const auto* scales = static_cast<const float*>(v.part[1]);
-    return v.scope == 0 ? scales[0] : v.scope == 1 ? scales[r] : scales[r * v.ngroups + g];
-}
 
 // Workspace floats a job needs: lowrank, v x_b per direction in Kernels::dots' 16 lanes, then folded ([direction]
 // [batch row][16], then [direction][batch row]); other codecs none.
@@ -381,9 +379,7 @@ struct LowrankFold {
         if (!is_lowrank(job.v) || int64_t(t) >= job.v.rank * job.batch) return;
         float lanes[16];
         for (int l = 0; l < 16; ++l) lanes[l] = job.scratch[t * 16 + uint64_t(l)];
-        for (int half = 8; half >= 1; half /= 2)
-            for (int l = 0; l < half; ++l) lanes[l] = lanes[l] + lanes[l + half];
-        job.scratch[job.v.rank * job.batch * 16 + int64_t(t)] = lanes[0];
+        job.scratch[job.v.rank * job.batch * 16 + int64_t(t)] = fold_16_lanes(lanes);
     }
 };
 
@@ -448,11 +444,7 @@ struct ProductRows {
             const float d = is_sparse(v) ? row.at(c) : delta_element(v, r, c);
             for (int b = 0; b < nb; ++b) lanes[b][c & 15] = lanes[b][c & 15] + d * job.x[(b0 + b) * v.cols + c];
         }
-        for (int b = 0; b < nb; ++b) {
-            for (int half = 8; half >= 1; half /= 2)
-                for (int l = 0; l < half; ++l) lanes[b][l] = lanes[b][l] + lanes[b][l + half];
-            acc[b] = lanes[b][0];
-        }
+        for (int b = 0; b < nb; ++b) acc[b] = fold_16_lanes(lanes[b]);
     }
 };
 

@@ -96,9 +96,7 @@ void DeviceDelta::apply(const void* base, DType base_dtype, void* out, DType out
     check_alpha(params.alpha);
     const int64_t numel = d.view.rows * d.view.cols;
     check_apply_buffers(d.name, base, base_dtype, out, out_dtype, numel);
-    EncodedRef named;  // what the rounding rule reads
-    named.codec = d.codec;
-    cuda::ApplyArgs a{d.view, base, out, base_dtype, out_dtype, params.alpha, dithers(named, out_dtype, params.rounding),
+    cuda::ApplyArgs a{d.view, base, out, base_dtype, out_dtype, params.alpha, dithers(d.codec, out_dtype, params.rounding),
                       cuda::runs_align(d.view.cols, base, out), d.errors};
     std::lock_guard<std::mutex> lock(d.mu);
     cuda::DeviceScope scope(*d.rt, d.device);
